@@ -1,0 +1,109 @@
+"""Argument checks shared by the layers and the functional form.
+
+Every check runs before any computation and raises ``TypeError`` (wrong kind of object or dtype) or
+``ValueError`` (wrong value, shape or device) with the offending argument's name in the message.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` as ``int`` if it is an integer ``>= minimum``; raise otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_memory_budget(memory_budget: Any) -> int:
+    """Validate a temporary-memory budget given in bytes."""
+    return check_positive_int("memory_budget", memory_budget, minimum=1)
+
+
+def check_float_tensor(name: str, tensor: Any) -> torch.Tensor:
+    """Require a tensor of one of the supported floating-point dtypes."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating-point dtype among "
+            f"{[str(d) for d in FLOAT_DTYPES]}, got {tensor.dtype}"
+        )
+    return tensor
+
+
+def check_same_device_dtype(reference_name: str, reference: torch.Tensor, **others: Any) -> None:
+    """Require every tensor in ``others`` to share ``reference``'s device and dtype."""
+    for name, tensor in others.items():
+        if tensor is None:
+            continue
+        if tensor.device != reference.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {reference_name} is on {reference.device}; "
+                "move them to one device"
+            )
+        if tensor.dtype != reference.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but {reference_name} has dtype "
+                f"{reference.dtype}; cast one of them (no implicit precision change is made)"
+            )
+
+
+def check_group_index(
+    group_index: Any,
+    in_features: int,
+    *,
+    num_groups: int | None = None,
+    fan_in: int | None = None,
+    name: str = "group_index",
+) -> torch.Tensor:
+    """Validate a ``[num_groups, fan_in]`` index matrix of distinct features per row.
+
+    Reads the values (range and duplicate checks), so on a GPU this synchronises with the host;
+    callers that own the index validate it once and cache the result.
+    """
+    if not isinstance(group_index, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(group_index).__name__}")
+    if group_index.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {group_index.dtype}")
+    if group_index.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [num_groups, fan_in], got shape {tuple(group_index.shape)}")
+    rows, cols = group_index.shape
+    if num_groups is not None and rows != num_groups:
+        raise ValueError(f"{name} must have {num_groups} rows (one per group), got {rows}")
+    if fan_in is not None and cols != fan_in:
+        raise ValueError(f"{name} must have {fan_in} columns (fan_in), got {cols}")
+    if rows == 0 or cols == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(group_index.shape)}")
+    if cols > in_features:
+        raise ValueError(f"{name} has fan_in {cols} > in_features {in_features}")
+    low, high = int(group_index.min()), int(group_index.max())
+    if low < 0 or high >= in_features:
+        raise ValueError(
+            f"{name} entries must lie in [0, {in_features}), found values in [{low}, {high}]"
+        )
+    if cols > 1:
+        ordered = group_index.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if bool(repeated.any()):
+            row = int(repeated.nonzero()[0, 0])
+            raise ValueError(
+                f"{name} row {row} contains duplicate feature indices; the fan_in entries of a "
+                "group must be distinct"
+            )
+    return group_index
+
+
+def num_groups_for(out_features: int, group_size: int) -> int:
+    """Number of groups of ``group_size`` labels needed for ``out_features`` labels."""
+    return math.ceil(out_features / group_size)

@@ -1,0 +1,193 @@
+"""The group-shared fixed fan-in layer as an ``nn.Module``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._checks import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_group_index,
+    check_memory_budget,
+    check_positive_int,
+    num_groups_for,
+)
+
+__all__ = ["GroupSharedFanIn", "sample_group_index"]
+
+
+def _rows_per_chunk(in_features: int, budget: int = 64 * 2**20) -> int:
+    return max(1, budget // (4 * in_features))
+
+
+def sample_group_index(
+    num_groups: int,
+    in_features: int,
+    fan_in: int,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device | str] = None,
+) -> Tensor:
+    """Draw ``fan_in`` distinct features (without replacement) for every group.
+
+    Returns an int32 ``[num_groups, fan_in]`` tensor whose rows are sorted ascending (sorted rows
+    make the gathers of every kernel read memory in order). Rows are drawn in chunks so that the
+    temporary random matrix stays small for millions of groups.
+    """
+    num_groups = check_positive_int("num_groups", num_groups)
+    in_features = check_positive_int("in_features", in_features)
+    fan_in = check_positive_int("fan_in", fan_in)
+    if fan_in > in_features:
+        raise ValueError(f"fan_in={fan_in} must be <= in_features={in_features}")
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    out = torch.empty(num_groups, fan_in, dtype=torch.int32, device=draw_device)
+    step = _rows_per_chunk(in_features)
+    for r0 in range(0, num_groups, step):
+        r1 = min(num_groups, r0 + step)
+        keys = torch.rand(r1 - r0, in_features, generator=generator, device=draw_device)
+        chosen = keys.topk(fan_in, dim=1, sorted=False).indices
+        out[r0:r1] = chosen.sort(dim=1).values.to(torch.int32)
+    return out.to(device) if device is not None else out
+
+
+def _uniform_(tensor: Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
+    """``tensor.uniform_(-bound, bound)`` drawing from ``generator`` even if it lives elsewhere."""
+    with torch.no_grad():
+        if generator is None or generator.device == tensor.device:
+            tensor.uniform_(-bound, bound, generator=generator)
+        else:
+            draw = torch.empty(tensor.shape, dtype=torch.float32, device=generator.device)
+            tensor.copy_(draw.uniform_(-bound, bound, generator=generator))
+
+
+class GroupSharedFanIn(nn.Module):
+    """Group-shared fixed fan-in sparse linear layer (HASTE).
+
+    ``out_features`` labels are split into ``num_groups = ceil(out_features / group_size)`` groups of
+    ``group_size`` consecutive labels. All labels of a group read the same ``fan_in`` input features
+    (``group_index[g]``) but keep their own weights, so the layer has ``out_features * fan_in`` weights
+    instead of ``out_features * in_features``. ``group_size=1`` is standard per-label fixed fan-in.
+
+    The last group is padded up to ``group_size`` labels; the padding labels' weights are zero,
+    receive an exactly-zero gradient and their logits are never returned.
+
+    Args:
+        in_features: input width ``H``.
+        out_features: number of labels ``L``.
+        fan_in: inputs per label ``K``, ``1 <= fan_in <= in_features``.
+        group_size: labels per group ``G`` (default 32).
+        bias: learn a per-label bias.
+        device, dtype: factory arguments, as for ``nn.Linear``.
+        generator: random generator for the index sampling and the weight initialisation.
+        memory_budget: bound in bytes on the temporaries of the pure-PyTorch path (default 256 MiB).
+
+    Shape:
+        input ``[..., in_features]`` -> output ``[..., out_features]``.
+    """
+
+    weight: Tensor
+    group_index: Tensor
+    bias: Optional[Tensor]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fan_in: int,
+        group_size: int = 32,
+        bias: bool = True,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+        memory_budget: int = F.DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.fan_in = check_positive_int("fan_in", fan_in)
+        self.group_size = check_positive_int("group_size", group_size)
+        if self.fan_in > self.in_features:
+            raise ValueError(f"fan_in={fan_in} must be <= in_features={in_features}")
+        self.memory_budget = check_memory_budget(memory_budget)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups_for(self.out_features, self.group_size)
+        self.weight = nn.Parameter(torch.empty(self.num_groups * self.group_size, self.fan_in, **factory))
+        self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
+        self.register_buffer(
+            "group_index",
+            sample_group_index(self.num_groups, self.in_features, self.fan_in, generator=generator).to(
+                self.weight.device
+            ),
+        )
+        self._validated_index: Optional[tuple[int, int]] = self._index_key()
+        self.reset_parameters(generator=generator)
+
+    @property
+    def padded_out_features(self) -> int:
+        """``num_groups * group_size``: rows of ``weight``, padding labels included."""
+        return self.num_groups * self.group_size
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Uniform(+-1/sqrt(fan_in)) weights and bias (``nn.Linear``'s rule on the true fan-in)."""
+        bound = 1.0 / math.sqrt(self.fan_in)
+        _uniform_(self.weight, bound, generator)
+        if self.bias is not None:
+            _uniform_(self.bias, bound, generator)
+        self.zero_padding_()
+
+    @torch.no_grad()
+    def zero_padding_(self) -> None:
+        """Set the weights of the padding labels of the last group to exactly zero."""
+        self.weight[self.out_features :].zero_()
+
+    def _index_key(self) -> tuple[int, int]:
+        # In-place edits bump ``_version`` and ``load_state_dict`` copies in place, so any change to
+        # the index after validation is noticed and the index is checked again before use.
+        return (self.group_index.data_ptr(), self.group_index._version)
+
+    def check_group_index(self) -> None:
+        """Validate ``group_index`` (shape, dtype, range, distinct rows); cached until it changes."""
+        key = self._index_key()
+        if key != self._validated_index:
+            check_group_index(
+                self.group_index, self.in_features, num_groups=self.num_groups, fan_in=self.fan_in
+            )
+            self._validated_index = self._index_key()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_float_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}"
+            )
+        self.check_group_index()
+        return F.group_shared_fanin(
+            x,
+            self.weight,
+            self.group_index,
+            self.bias,
+            self.out_features,
+            memory_budget=self.memory_budget,
+            check_index=False,
+        )
+
+    def to_dense(self) -> Tensor:
+        """The equivalent masked dense weight ``[out_features, in_features]`` (differentiable)."""
+        self.check_group_index()
+        rows = self.group_index.long().repeat_interleave(self.group_size, dim=0)[: self.out_features]
+        dense = self.weight.new_zeros(self.out_features, self.in_features)
+        return dense.scatter(1, rows, self.weight[: self.out_features])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
+            f"group_size={self.group_size}, num_groups={self.num_groups}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,333 @@
+"""Dense head + group-shared sparse tail output layer (SPEC section 2)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._checks import check_float_tensor, check_memory_budget, check_positive_int, check_same_device_dtype
+from .gsfi import GroupSharedFanIn, _uniform_
+
+__all__ = ["HeadTailOutput", "FeatureSlice"]
+
+FeatureSlice = Union[slice, tuple[int, int], None]
+
+
+def _as_numpy_1d(name: str, values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        array = np.asarray(values)
+    except Exception as exc:  # pragma: no cover - numpy's own message is kept
+        raise TypeError(f"{name} must be array-like, got {type(values).__name__}") from exc
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    return array
+
+
+def _resolve_slice(name: str, features: FeatureSlice, in_features: int) -> tuple[int, int]:
+    if features is None:
+        return 0, in_features
+    if isinstance(features, slice):
+        if features.step not in (None, 1):
+            raise ValueError(f"{name} must be a contiguous slice (step 1), got {features}")
+        start, stop, _ = features.indices(in_features)
+    elif isinstance(features, (tuple, list)) and len(features) == 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in features
+    ):
+        start, stop = int(features[0]), int(features[1])
+    else:
+        raise TypeError(f"{name} must be None, a slice or a (start, stop) pair, got {features!r}")
+    if not 0 <= start < stop <= in_features:
+        raise ValueError(f"{name}={features!r} must select a non-empty range inside [0, {in_features})")
+    return start, stop
+
+
+class HeadTailOutput(nn.Module):
+    """Extreme multi-label output layer: dense head over frequent labels, GSFI tail over the rest.
+
+    Labels are sorted by training frequency (descending, ties by label id). The most frequent
+    ``head_ratio`` fraction, rounded up to a multiple of ``group_size``, is scored by a dense
+    ``nn.Linear``; the remaining labels by a :class:`GroupSharedFanIn`. Inside the layer labels live
+    in an internal order (head first, then tail; tail labels in group order when ``label_groups`` is
+    given, else in frequency order). Everything that comes out (logits, top-k ids) and goes in
+    (label ids) uses the ORIGINAL label ids.
+
+    Args:
+        in_features: encoder output width.
+        label_frequencies: ``[num_labels]`` non-negative training counts (array-like).
+        head_ratio: fraction of labels in the dense head, ``0 <= head_ratio <= 1``.
+        fan_in: inputs per tail label.
+        group_size: labels per tail group.
+        head_features, tail_features: optional input slices (``slice`` or ``(start, stop)``) read by
+            the head and the tail, e.g. the official "private features" split of a 768-wide encoder:
+            ``tail_features=(0, 384), head_features=(384, 768)``. Default: all features.
+        label_groups: optional per-label group ids ``[num_labels]`` (integers). Tail labels with the
+            same id are placed next to each other, groups in increasing id order, so that each GSFI
+            group holds labels of one semantic group; entries of head labels are ignored. Compute the
+            groups on the tail labels, in sizes of ``group_size``, so that they line up.
+        bias: learn biases.
+        device, dtype, generator: as for :class:`GroupSharedFanIn`.
+        memory_budget: bound in bytes on temporaries of the pure-PyTorch path and of :meth:`topk`.
+    """
+
+    label_permutation: Tensor
+    label_position: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        label_frequencies: Union[Tensor, np.ndarray, Sequence[float]],
+        *,
+        head_ratio: float,
+        fan_in: int,
+        group_size: int,
+        head_features: FeatureSlice = None,
+        tail_features: FeatureSlice = None,
+        label_groups: Union[Tensor, np.ndarray, Sequence[int], None] = None,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+        memory_budget: int = F.DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.group_size = check_positive_int("group_size", group_size)
+        self.fan_in = check_positive_int("fan_in", fan_in)
+        self.memory_budget = check_memory_budget(memory_budget)
+        freq = _as_numpy_1d("label_frequencies", label_frequencies)
+        if not np.issubdtype(freq.dtype, np.number) or np.issubdtype(freq.dtype, np.complexfloating):
+            raise TypeError(f"label_frequencies must be real numbers, got dtype {freq.dtype}")
+        freq = freq.astype(np.float64)
+        if not np.all(np.isfinite(freq)) or np.any(freq < 0):
+            raise ValueError("label_frequencies must be finite and non-negative")
+        if isinstance(head_ratio, bool) or not isinstance(head_ratio, numbers.Real):
+            raise TypeError(f"head_ratio must be a real number, got {type(head_ratio).__name__}")
+        if not 0.0 <= float(head_ratio) <= 1.0:
+            raise ValueError(f"head_ratio must be in [0, 1], got {head_ratio}")
+        self.num_labels = int(freq.size)
+        self.head_ratio = float(head_ratio)
+        self.head_slice = _resolve_slice("head_features", head_features, self.in_features)
+        self.tail_slice = _resolve_slice("tail_features", tail_features, self.in_features)
+
+        head_count = math.ceil(round(self.head_ratio * self.num_labels, 9))
+        head_count = min(self.num_labels, math.ceil(head_count / self.group_size) * self.group_size)
+        self.num_head_labels = head_count
+        self.num_tail_labels = self.num_labels - head_count
+
+        ids = np.arange(self.num_labels)
+        by_frequency = np.lexsort((ids, -freq))
+        head_ids = by_frequency[:head_count]
+        tail_ids = by_frequency[head_count:]
+        if label_groups is not None:
+            tail_ids = self._tail_in_group_order(label_groups, tail_ids, freq)
+        permutation = torch.from_numpy(np.concatenate([head_ids, tail_ids]).astype(np.int64))
+        position = torch.empty_like(permutation)
+        position[permutation] = torch.arange(self.num_labels)
+        self.register_buffer("label_permutation", permutation.to(device))
+        self.register_buffer("label_position", position.to(device))
+
+        factory = {"device": device, "dtype": dtype}
+        self.head: Optional[nn.Linear] = None
+        self.tail: Optional[GroupSharedFanIn] = None
+        if self.num_head_labels:
+            head_width = self.head_slice[1] - self.head_slice[0]
+            self.head = nn.Linear(head_width, self.num_head_labels, bias=bias, **factory)
+            if generator is not None:
+                bound = 1.0 / math.sqrt(head_width)
+                _uniform_(self.head.weight, bound, generator)
+                if self.head.bias is not None:
+                    _uniform_(self.head.bias, bound, generator)
+        if self.num_tail_labels:
+            tail_width = self.tail_slice[1] - self.tail_slice[0]
+            if self.fan_in > tail_width:
+                raise ValueError(f"fan_in={fan_in} must be <= the tail input width {tail_width}")
+            self.tail = GroupSharedFanIn(
+                tail_width,
+                self.num_tail_labels,
+                self.fan_in,
+                self.group_size,
+                bias=bias,
+                generator=generator,
+                memory_budget=memory_budget,
+                **factory,
+            )
+
+    def _tail_in_group_order(self, label_groups: Any, tail_ids: np.ndarray, freq: np.ndarray) -> np.ndarray:
+        groups = _as_numpy_1d("label_groups", label_groups)
+        if groups.size != self.num_labels:
+            raise ValueError(
+                f"label_groups must have one entry per label ({self.num_labels}), got {groups.size}"
+            )
+        if not np.issubdtype(groups.dtype, np.integer):
+            raise TypeError(f"label_groups must hold integer group ids, got dtype {groups.dtype}")
+        tail_groups = groups[tail_ids]
+        order = np.lexsort((tail_ids, -freq[tail_ids], tail_groups))
+        tail_ids = tail_ids[order]
+        ordered_groups = tail_groups[order]
+        # A GSFI group that mixes two semantic groups shares one input pattern between unrelated
+        # labels; it still works, but it usually means the groups were built on all labels.
+        full = (ordered_groups.size // self.group_size) * self.group_size
+        if full:
+            blocks = ordered_groups[:full].reshape(-1, self.group_size)
+            mixed = int(np.count_nonzero(blocks.min(axis=1) != blocks.max(axis=1)))
+            if mixed:
+                warnings.warn(
+                    f"{mixed} of {blocks.shape[0]} tail groups mix labels of different label_groups "
+                    f"ids; build the groups on the tail labels in sizes of group_size={self.group_size}",
+                    stacklevel=3,
+                )
+        return tail_ids
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> Tensor:
+        check_float_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
+        parameter = next(iter(self.parameters()), None)
+        if parameter is not None:
+            check_same_device_dtype("weight", parameter, x=x)
+        return x.reshape(-1, self.in_features)
+
+    def _head_input(self, x2d: Tensor) -> Tensor:
+        return x2d[:, self.head_slice[0] : self.head_slice[1]]
+
+    def _tail_input(self, x2d: Tensor) -> Tensor:
+        return x2d[:, self.tail_slice[0] : self.tail_slice[1]]
+
+    def _check_labels(self, labels: Any) -> Tensor:
+        if not isinstance(labels, Tensor):
+            labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of label ids, got dtype {labels.dtype}")
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_labels}) (num_labels), found values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        return labels.to(self.label_position.device, torch.long)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[..., num_labels]`` in original label order."""
+        lead = x.shape[:-1]
+        x2d = self._check_input(x)
+        parts = []
+        if self.head is not None:
+            parts.append((self.label_permutation[: self.num_head_labels], self.head(self._head_input(x2d))))
+        if self.tail is not None:
+            parts.append((self.label_permutation[self.num_head_labels :], self.tail(self._tail_input(x2d))))
+        # Scatter each part straight to its original columns: no permuted copy of the full logits.
+        out = x2d.new_empty(x2d.shape[0], self.num_labels, dtype=parts[0][1].dtype)
+        for columns, logits in parts:
+            out.index_copy_(1, columns, logits)
+        return out.reshape(*lead, self.num_labels)
+
+    def logits_for(self, x: Tensor, labels: Union[Tensor, Sequence[int]]) -> Tensor:
+        """Logits ``[..., len(labels)]`` of the given original label ids only (differentiable).
+
+        Computes just the requested columns, e.g. positives plus sampled negatives.
+        """
+        lead = x.shape[:-1]
+        x2d = self._check_input(x)
+        labels = self._check_labels(labels)
+        positions = self.label_position[labels]
+        in_head = positions < self.num_head_labels
+        head_cols = in_head.nonzero().flatten()
+        tail_cols = (~in_head).nonzero().flatten()
+        parts = []
+        if head_cols.numel():
+            rows = positions[head_cols]
+            head = self.head
+            bias = head.bias.index_select(0, rows) if head.bias is not None else None
+            parts.append((head_cols, nn.functional.linear(self._head_input(x2d), head.weight.index_select(0, rows), bias)))
+        if tail_cols.numel():
+            tail = self.tail
+            tail.check_group_index()
+            logits = F.group_shared_fanin_columns(
+                self._tail_input(x2d),
+                tail.weight,
+                tail.group_index,
+                positions[tail_cols] - self.num_head_labels,
+                tail.bias,
+                memory_budget=self.memory_budget,
+            )
+            parts.append((tail_cols, logits))
+        dtype = parts[0][1].dtype if parts else x2d.dtype
+        out = x2d.new_empty(x2d.shape[0], labels.numel(), dtype=dtype)
+        for columns, logits in parts:
+            out.index_copy_(1, columns, logits)
+        return out.reshape(*lead, labels.numel())
+
+    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` ``(scores, label ids)`` per row, sorted by descending score, original ids.
+
+        Streams over the tail in chunks of groups and keeps a running top-k, so the full
+        ``[batch, num_labels]`` logits are never materialised (nor permuted).
+        """
+        k = check_positive_int("k", k)
+        if k > self.num_labels:
+            raise ValueError(f"k={k} must be <= num_labels={self.num_labels}")
+        lead = x.shape[:-1]
+        x2d = self._check_input(x)
+        best_scores: Optional[Tensor] = None
+        best_positions: Optional[Tensor] = None
+
+        def merge(scores: Tensor, offset: int) -> None:
+            nonlocal best_scores, best_positions
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            positions = top.indices + offset
+            if best_scores is not None:
+                scores_all = torch.cat([best_scores, top.values], dim=1)
+                positions_all = torch.cat([best_positions, positions], dim=1)
+                top = scores_all.topk(min(k, scores_all.shape[1]), dim=1)
+                positions = positions_all.gather(1, top.indices)
+            best_scores, best_positions = top.values, positions
+
+        if self.head is not None:
+            merge(self.head(self._head_input(x2d)), 0)
+        if self.tail is not None:
+            tail = self.tail
+            tail.check_group_index()
+            x_tail = self._tail_input(x2d)
+            itemsize = x2d.element_size()
+            labels_per_chunk = max(1, self.memory_budget // (2 * itemsize * x2d.shape[0]))
+            groups_per_chunk = max(1, labels_per_chunk // tail.group_size)
+            for g0 in range(0, tail.num_groups, groups_per_chunk):
+                g1 = min(tail.num_groups, g0 + groups_per_chunk)
+                p0, p1 = g0 * tail.group_size, min(tail.out_features, g1 * tail.group_size)
+                logits = F.group_shared_fanin(
+                    x_tail,
+                    tail.weight[g0 * tail.group_size : g1 * tail.group_size],
+                    tail.group_index[g0:g1],
+                    tail.bias[p0:p1] if tail.bias is not None else None,
+                    p1 - p0,
+                    memory_budget=self.memory_budget,
+                    check_index=False,
+                )
+                merge(logits, self.num_head_labels + p0)
+        label_ids = self.label_permutation[best_positions]
+        return best_scores.reshape(*lead, k), label_ids.reshape(*lead, k)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_labels={self.num_labels}, "
+            f"num_head_labels={self.num_head_labels}, num_tail_labels={self.num_tail_labels}, "
+            f"head_features={self.head_slice}, tail_features={self.tail_slice}"
+        )

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+import lightning_haste as lh
+from lightning_haste import functional as LF
+
+
+def _layer(**kw):
+    return lh.GroupSharedFanIn(10, 12, 3, 4, generator=torch.Generator().manual_seed(0), **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(in_features=10, out_features=12, fan_in=11), ValueError, "fan_in"),
+        (dict(in_features=10, out_features=12, fan_in=0), ValueError, "fan_in"),
+        (dict(in_features=10, out_features=0, fan_in=2), ValueError, "out_features"),
+        (dict(in_features=10, out_features=12, fan_in=2, group_size=0), ValueError, "group_size"),
+        (dict(in_features=10.0, out_features=12, fan_in=2), TypeError, "in_features"),
+        (dict(in_features=10, out_features=12, fan_in=2, dtype=torch.int32), TypeError, "dtype"),
+        (dict(in_features=10, out_features=12, fan_in=2, memory_budget=0), ValueError, "memory_budget"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lh.GroupSharedFanIn(**kwargs)
+
+
+def test_wrong_feature_width():
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 10\]"):
+        _layer()(torch.randn(2, 9))
+
+
+def test_wrong_dtype_and_device_mix():
+    layer = _layer()
+    with pytest.raises(TypeError, match="x has dtype torch.float64|weight has dtype"):
+        layer(torch.randn(2, 10, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must have a floating-point dtype"):
+        layer(torch.ones(2, 10, dtype=torch.int64))
+    with pytest.raises(ValueError, match="on meta"):
+        layer(torch.randn(2, 10, device="meta"))
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match="empty batch"):
+        _layer()(torch.randn(0, 10))
+
+
+def test_group_index_checks_before_compute():
+    layer = _layer()
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        layer.group_index[1, 2] = 10
+    with pytest.raises(ValueError, match=r"group_index entries must lie in \[0, 10\)"):
+        layer(x)
+    with torch.no_grad():
+        layer.group_index[1] = torch.tensor([4, 4, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="group_index row 1 contains duplicate"):
+        layer(x)
+    with pytest.raises(ValueError, match="duplicate"):
+        layer.to_dense()
+    with torch.no_grad():
+        layer.group_index[1] = torch.tensor([4, 6, 5], dtype=torch.int32)
+    layer(x)  # fixed in place: accepted again
+
+
+def test_functional_argument_errors():
+    weight = torch.randn(8, 3)
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    x = torch.randn(2, 6)
+    with pytest.raises(TypeError, match="group_index must have dtype"):
+        LF.group_shared_fanin(x, weight, idx.float())
+    with pytest.raises(TypeError, match="group_index must be a torch.Tensor"):
+        LF.group_shared_fanin(x, weight, [[0, 1, 2]])
+    with pytest.raises(ValueError, match="entries must lie in"):
+        LF.group_shared_fanin(x, weight, idx - 1)
+    with pytest.raises(ValueError, match="duplicate"):
+        LF.group_shared_fanin(x, weight, torch.tensor([[0, 1, 1], [3, 4, 5]]))
+    with pytest.raises(ValueError, match="fan_in 3 > in_features 2"):
+        LF.group_shared_fanin(torch.randn(2, 2), weight, torch.tensor([[0, 1, 1], [0, 1, 1]]))
+    with pytest.raises(ValueError, match="out_features=9 does not fit"):
+        LF.group_shared_fanin(x, weight, idx, out_features=9)
+    with pytest.raises(ValueError, match="out_features=4 does not fit"):
+        LF.group_shared_fanin(x, weight, idx, out_features=4)
+    with pytest.raises(ValueError, match=r"bias must have shape \(7,\)"):
+        LF.group_shared_fanin(x, weight, idx, torch.randn(8), out_features=7)
+    with pytest.raises(ValueError, match="not a multiple"):
+        LF.group_shared_fanin(x, torch.randn(7, 3), idx)
+    with pytest.raises(ValueError, match="weight has 4 columns"):
+        LF.group_shared_fanin(x, torch.randn(8, 4), idx)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        LF.group_shared_fanin(x, weight, idx, torch.randn(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty batch"):
+        LF.group_shared_fanin(torch.randn(0, 6), weight, idx)
+    with pytest.raises(ValueError, match="memory_budget"):
+        LF.group_shared_fanin(x, weight, idx, memory_budget=-1)
