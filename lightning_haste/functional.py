@@ -127,6 +127,75 @@ class _GroupSharedFanInReference(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b, None, None
 
 
+class _GroupSharedFanInCUDA(torch.autograd.Function):
+    """GSFI on CUDA bf16/fp16 tensors through the kernels in ``cuda/`` (see ``lightning_haste.kernels``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int
+    ) -> Tensor:
+        from . import kernels  # noqa: PLC0415 - the only way in to CuPy, imported on first CUDA use
+
+        index = group_index if group_index.dtype == torch.int32 else group_index.to(torch.int32)
+        index = index.contiguous()
+        weight = weight.contiguous()
+        if bias is not None:
+            bias = bias.contiguous()
+        out, xt = kernels.gsfi_forward(x, weight, index, bias, out_features)
+        ctx.save_for_backward(xt, weight, index)
+        ctx.in_features = x.shape[1]
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        from . import kernels  # noqa: PLC0415
+
+        xt, weight, index = ctx.saved_tensors
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        grad_out = grad_out.contiguous()
+        grad_x = kernels.gsfi_grad_input(grad_out, weight, index, ctx.in_features) if need_x else None
+        grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, weight) if need_w else None
+        grad_b = None
+        if ctx.has_bias and need_b:
+            grad_b = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype)
+        return grad_x, grad_w, None, grad_b, None
+
+
+def _uses_kernels(x: Tensor, weight: Tensor, group_index: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    num_groups, fan_in = group_index.shape
+    group_size = weight.shape[0] // num_groups
+    # float32/float64 stay on the pure-PyTorch path, whose cuBLAS batched matmuls honour
+    # torch.backends.cuda.matmul.allow_tf32: precision is never lowered silently.
+    supported = (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and group_size in (8, 16, 32, 64, 128)
+        and fan_in % 8 == 0
+        and fan_in <= 512
+    )
+    if backend == "cuda" and not supported:
+        raise ValueError(
+            "backend='cuda' needs CUDA bfloat16/float16 tensors, group_size in (8, 16, 32, 64, 128) and "
+            f"fan_in a multiple of 8 up to 512; got {x.device} {x.dtype}, group_size={group_size}, "
+            f"fan_in={fan_in}"
+        )
+    return supported
+
+
+def _autocast_arguments(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under ``torch.autocast``, run in the autocast dtype like ``F.linear`` does."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    return cast(x), cast(weight), cast(bias)
+
+
 def _check_layer_arguments(
     x: Tensor,
     weight: Tensor,
@@ -189,6 +258,7 @@ def group_shared_fanin(
     *,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     check_index: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Apply a group-shared fixed fan-in layer.
 
@@ -203,15 +273,27 @@ def group_shared_fanin(
         memory_budget: bound in bytes on the temporaries of the pure-PyTorch path.
         check_index: validate ``group_index`` values (range, duplicates). This reads the index, which
             synchronises with a GPU; pass ``False`` when the index was validated before.
+        backend: ``"auto"`` runs the CUDA kernels for bfloat16/float16 CUDA tensors of supported
+            shapes (group_size in 8..128, fan_in a multiple of 8 up to 512) and the pure-PyTorch path
+            otherwise; ``"cuda"`` requires the kernels; ``"torch"`` forces the pure-PyTorch path.
+            The kernels need CuPy (``pip install 'lightning-haste[gpu]'``).
 
     Returns:
         ``[..., out_features]`` logits in the dtype of ``x``.
     """
+    if backend not in ("auto", "cuda", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+    if isinstance(x, Tensor) and isinstance(weight, Tensor):
+        x, weight, bias = _autocast_arguments(x, weight, bias)
     out_features = _check_layer_arguments(x, weight, group_index, bias, out_features, check_index)
     memory_budget = check_memory_budget(memory_budget)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    out = _GroupSharedFanInReference.apply(x2d, weight, group_index, bias, out_features, memory_budget)
+    if _uses_kernels(x, weight, group_index, backend):
+        with torch.autocast(x.device.type, enabled=False):
+            out = _GroupSharedFanInCUDA.apply(x2d, weight, group_index, bias, out_features)
+    else:
+        out = _GroupSharedFanInReference.apply(x2d, weight, group_index, bias, out_features, memory_budget)
     return out.reshape(*lead, out_features)
 
 

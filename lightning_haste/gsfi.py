@@ -85,6 +85,8 @@ class GroupSharedFanIn(nn.Module):
         device, dtype: factory arguments, as for ``nn.Linear``.
         generator: random generator for the index sampling and the weight initialisation.
         memory_budget: bound in bytes on the temporaries of the pure-PyTorch path (default 256 MiB).
+        backend: ``"auto"`` (CUDA kernels for bfloat16/float16 CUDA tensors when the shape is supported,
+            else the pure-PyTorch path), ``"cuda"`` (kernels required) or ``"torch"``.
 
     Shape:
         input ``[..., in_features]`` -> output ``[..., out_features]``.
@@ -106,8 +108,12 @@ class GroupSharedFanIn(nn.Module):
         dtype: Optional[torch.dtype] = None,
         generator: Optional[torch.Generator] = None,
         memory_budget: int = F.DEFAULT_MEMORY_BUDGET,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        if backend not in ("auto", "cuda", "torch"):
+            raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+        self.backend = backend
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.fan_in = check_positive_int("fan_in", fan_in)
@@ -177,6 +183,7 @@ class GroupSharedFanIn(nn.Module):
             self.out_features,
             memory_budget=self.memory_budget,
             check_index=False,
+            backend=self.backend,
         )
 
     def to_dense(self) -> Tensor:

@@ -78,6 +78,7 @@ class HeadTailOutput(nn.Module):
         bias: learn biases.
         device, dtype, generator: as for :class:`GroupSharedFanIn`.
         memory_budget: bound in bytes on temporaries of the pure-PyTorch path and of :meth:`topk`.
+        backend: kernel choice of the tail, see :class:`GroupSharedFanIn`.
     """
 
     label_permutation: Tensor
@@ -99,6 +100,7 @@ class HeadTailOutput(nn.Module):
         dtype: Optional[torch.dtype] = None,
         generator: Optional[torch.Generator] = None,
         memory_budget: int = F.DEFAULT_MEMORY_BUDGET,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
@@ -160,6 +162,7 @@ class HeadTailOutput(nn.Module):
                 bias=bias,
                 generator=generator,
                 memory_budget=memory_budget,
+                backend=backend,
                 **factory,
             )
 
@@ -320,6 +323,7 @@ class HeadTailOutput(nn.Module):
                     p1 - p0,
                     memory_budget=self.memory_budget,
                     check_index=False,
+                    backend=tail.backend,
                 )
                 merge(logits, self.num_head_labels + p0)
         label_ids = self.label_permutation[best_positions]

@@ -1,0 +1,115 @@
+// Shared device helpers for the group-shared fixed fan-in (GSFI) kernels.
+//
+// The kernels never include the CUDA half/bfloat16 headers: 16-bit values travel as raw bits and are
+// converted with PTX, so the sources compile unchanged under NVRTC (CuPy) and nvcc.
+//
+// Layout conventions (all kernels):
+//   XT     [H][ldxt]  the input transposed, batch contiguous, ldxt a multiple of 8, padding columns 0.
+//                     A row of XT is the input feature h for every batch row: gathering K rows of XT
+//                     gives the [K x batch] operand of a group, 16 contiguous bytes at a time.
+//   weight [num_groups * G][K] row-major, K a multiple of 8.
+//   idx    [num_groups][K] int32.
+//   Z, dZ  [B][ldz] row-major.
+// Tensor-core tiles are mma.sync m16n8k16 (sm_80+), fp32 accumulation. Gathers are free: ldmatrix
+// takes one shared-memory address per 8x8 row, so a row can be any gathered feature.
+#pragma once
+
+typedef unsigned short u16;
+
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+template <class T> struct Ops;
+
+template <> struct Ops<bf16_t> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static __device__ __forceinline__ u16 from_float(float v) { return (u16)(pack(v, 0.f) & 0xffffu); }
+  static __device__ __forceinline__ float to_float(u16 v) { return __uint_as_float(((unsigned)v) << 16); }
+};
+
+template <> struct Ops<f16_t> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static __device__ __forceinline__ u16 from_float(float v) { return (u16)(pack(v, 0.f) & 0xffffu); }
+  static __device__ __forceinline__ float to_float(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+};
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 16-byte global -> shared copy; copies zeros when !valid (the source is not read then).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+  int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copy a [rows x cols] tile of 16-bit values (cols a multiple of 8) from global memory into shared
+// memory with row pitch `spitch` bytes. Element (r, c) is valid when r < row_limit and c < col_limit;
+// invalid elements become 0. ALIGNED: the global rows start on 16-byte boundaries (ld a multiple of 8
+// and an aligned base), so whole 16-byte chunks go through cp.async; otherwise 2-byte loads.
+template <bool ALIGNED>
+__device__ __forceinline__ void load_tile(unsigned char* smem, int spitch, const u16* g, long long ld, int rows,
+                                          int cols, int row_limit, int col_limit, int tid, int nthreads) {
+  const int chunks_per_row = cols / 8;
+  for (int c = tid; c < rows * chunks_per_row; c += nthreads) {
+    const int r = c / chunks_per_row, col = (c % chunks_per_row) * 8;
+    unsigned char* dst = smem + r * spitch + col * 2;
+    const u16* src = g + (long long)r * ld + col;
+    if (ALIGNED) {
+      const bool valid = r < row_limit && col < col_limit;
+      cp_async16(smem_addr(dst), valid ? (const void*)src : (const void*)g, valid);
+    } else {
+      u16* d = reinterpret_cast<u16*>(dst);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d[e] = (r < row_limit && col + e < col_limit) ? src[e] : (u16)0;
+    }
+  }
+}
+
+// Weights per pipeline stage: a [G_PAD x K_CHUNK] tile of at most 16 KB, K_CHUNK in [16, 128].
+__host__ __device__ constexpr int gsfi_pad16(int v) { return (v + 15) / 16 * 16; }
+__host__ __device__ constexpr int gsfi_k_chunk(int g_pad, int k_pad) {
+  int cap = 8192 / g_pad;
+  cap = cap > 128 ? 128 : (cap < 16 ? 16 : cap);
+  cap = cap / 16 * 16;
+  return k_pad < cap ? k_pad : cap;
+}

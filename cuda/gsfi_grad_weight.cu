@@ -1,0 +1,114 @@
+// Gradient of the weight of the group-shared fixed fan-in layer:
+//   dW[g*G + j, k] = sum_b dZ[b, g*G + j] * X[b, idx[g, k]]
+// One CTA = one [GT x KT] tile of one group's weight gradient (GT <= 64 labels, KT <= 128 columns),
+// reduced over the whole batch in steps of 64 rows: a [GT x 64] tile of dZ and the 64-row slices of the
+// KT gathered rows of XT go through a 3-stage cp.async pipeline into shared memory, then mma.sync.
+// 4 warps split the KT columns. The result is written once, rounded once, in the weight dtype; the
+// padding labels of the last group read dZ as zero and so get an exactly-zero gradient.
+#include "gsfi_common.cuh"
+
+template <class T, int G, int KP, bool ALIGNED_DZ>
+__global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ dZ, long long ldz,
+                                                         const u16* __restrict__ XT, int ldxt,
+                                                         const int* __restrict__ idx, u16* __restrict__ dW,
+                                                         int B, int L, int K, int num_groups) {
+  constexpr int BT = 64, NST = 3, NWARP = 4;
+  constexpr int GT = G < 64 ? gsfi_pad16(G) : 64, KT = KP < 128 ? KP : 128;
+  constexpr int NJT = (G + GT - 1) / GT, NKT = (KP + KT - 1) / KT;
+  constexpr int MT = GT / 16, NT = KT / 8, NT_PER_WARP = (NT + NWARP - 1) / NWARP;
+  constexpr int ZPITCH = GT * 2 + 16, XPITCH = BT * 2 + 16;
+  constexpr int Z_STAGE = BT * ZPITCH, S_STAGE = KT * XPITCH, STAGE = Z_STAGE + S_STAGE;
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* feat_s = reinterpret_cast<int*>(smem + NST * STAGE);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile = blockIdx.x;
+  const int g = tile / (NJT * NKT);
+  if (g >= num_groups) return;
+  const int jt = (tile / NKT) % NJT, kt = tile % NKT;
+  const int j0 = jt * GT, k0 = kt * KT;
+  const int label0 = g * G + j0;
+  const int jrows = min(GT, G - j0);
+  const int kcols = min(KT, K - k0);
+  const int nsteps = (B + BT - 1) / BT;
+
+  for (int r = tid; r < KT; r += blockDim.x) feat_s[r] = r < kcols ? idx[(long long)g * K + k0 + r] : -1;
+  __syncthreads();
+
+  auto issue = [&](int step) {
+    unsigned char* st = smem + (step % NST) * STAGE;
+    const int bs = step * BT;
+    load_tile<ALIGNED_DZ>(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs,
+                          min(jrows, L - label0), tid, blockDim.x);
+    unsigned char* s = st + Z_STAGE;
+    for (int c = tid; c < KT * (BT / 8); c += blockDim.x) {
+      const int r = c / (BT / 8), col = (c % (BT / 8)) * 8;
+      const int f = feat_s[r];
+      const bool valid = f >= 0 && bs + col < ldxt;
+      cp_async16(smem_addr(s + r * XPITCH + col * 2), valid ? XT + (long long)f * ldxt + bs + col : XT, valid);
+    }
+  };
+
+  for (int s = 0; s < NST - 1; ++s) {
+    if (s < nsteps) issue(s);
+    cp_async_commit();
+  }
+
+  float acc[MT][NT_PER_WARP][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int t = 0; t < NT_PER_WARP; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
+
+  for (int s = 0; s < nsteps; ++s) {
+    cp_async_wait<NST - 2>();
+    __syncthreads();
+    if (s + NST - 1 < nsteps) issue(s + NST - 1);
+    cp_async_commit();
+
+    const unsigned char* zs = smem + (s % NST) * STAGE;
+    const unsigned char* xs = zs + Z_STAGE;
+#pragma unroll
+    for (int b16 = 0; b16 < BT / 16; ++b16) {
+      // A[m = label j][k = batch b] = dZ[b][j]: rows b of the dZ tile, transposed by ldmatrix.
+      unsigned a[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const int row = b16 * 16 + (lane & 7) + (lane >> 4) * 8;
+        const int col = m * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4_trans(a[m], smem_addr(zs + row * ZPITCH + col * 2));
+      }
+#pragma unroll
+      for (int t = 0; t < NT_PER_WARP; ++t) {
+        const int nt = warp + t * NWARP;
+        if (nt < NT) {
+          // B[k = batch b][n = column k] = XT[idx[k]][b]: gathered rows, batch contiguous.
+          unsigned bx[4];
+          const int row = nt * 8 + (lane & 7);
+          const int col = b16 * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4(bx, smem_addr(xs + row * XPITCH + col * 2));
+#pragma unroll
+          for (int m = 0; m < MT; ++m) Ops<T>::mma(acc[m][t], a[m], bx[0], bx[1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int t = 0; t < NT_PER_WARP; ++t) {
+    const int nt = warp + t * NWARP;
+    if (nt >= NT) continue;
+    const int col = nt * 8 + 2 * (lane & 3);
+    if (col >= kcols) continue;  // kcols is a multiple of 8, so col + 1 < kcols too
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int h8 = 0; h8 < 2; ++h8) {
+        const int j = m * 16 + (lane >> 2) + h8 * 8;
+        if (j >= jrows) continue;
+        u16* dst = dW + ((long long)label0 + j) * K + k0 + col;
+        *reinterpret_cast<unsigned*>(dst) = Ops<T>::pack(acc[m][t][2 * h8], acc[m][t][2 * h8 + 1]);
+      }
+  }
+}

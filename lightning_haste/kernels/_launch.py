@@ -1,0 +1,280 @@
+"""Compile (NVRTC via CuPy), cache and launch the GSFI kernels in ``cuda/``."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SUPPORTED_GROUP_SIZES = (8, 16, 32, 64, 128)
+MAX_FAN_IN = 512
+KERNEL_DTYPES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
+
+_INSTALL_HINT = (
+    "The CUDA kernels of lightning-haste need CuPy for CUDA 13: pip install 'lightning-haste[gpu]' "
+    "(or pip install cupy-cuda13x)."
+)
+
+
+class KernelUnavailableError(RuntimeError):
+    """Raised when a CUDA tensor reaches the kernels but CuPy (or a CUDA device) is missing."""
+
+
+def _cuda_dir() -> Path:
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "_cuda", here.parents[2] / "cuda"):
+        if (candidate / "gsfi_common.cuh").is_file():
+            return candidate
+    raise KernelUnavailableError(f"CUDA kernel sources not found next to {here.parents[1]}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy() -> Any:
+    try:
+        import cupy  # noqa: PLC0415 - lazy on purpose: CPU installs have no CuPy
+    except ImportError as exc:
+        raise KernelUnavailableError(_INSTALL_HINT) from exc
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _source(name: str) -> str:
+    """Kernel source with the common header inlined, so CuPy's cache key covers all of it."""
+    folder = _cuda_dir()
+    header = (folder / "gsfi_common.cuh").read_text()
+    text = (folder / f"{name}.cu").read_text()
+    return re.sub(r'#include "gsfi_common.cuh"', lambda _: header.replace("#pragma once", ""), text)
+
+
+_lock = threading.Lock()
+_functions: dict[tuple, Any] = {}
+
+
+def _function(kernel: str, template_args: tuple, device: torch.device) -> Any:
+    major, minor = torch.cuda.get_device_capability(device)
+    key = (kernel, template_args, device.index, major, minor)
+    fn = _functions.get(key)
+    if fn is None:
+        with _lock:
+            fn = _functions.get(key)
+            if fn is None:
+                cupy = _cupy()
+                expr = f"{kernel}<{', '.join(_template_arg(a) for a in template_args)}>"
+                with cupy.cuda.Device(device.index):
+                    module = cupy.RawModule(code=_source(kernel), options=("-std=c++17",), name_expressions=[expr])
+                    fn = module.get_function(expr)
+                _functions[key] = fn
+    return fn
+
+
+def _template_arg(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int, int]:
+    """(multiprocessors, max dynamic shared memory per block, shared memory per multiprocessor)."""
+    cupy = _cupy()
+    attrs = cupy.cuda.Device(index).attributes
+    return (
+        int(attrs["MultiProcessorCount"]),
+        int(attrs["MaxSharedMemoryPerBlockOptin"]),
+        int(attrs["MaxSharedMemoryPerMultiprocessor"]),
+    )
+
+
+def _launch(fn: Any, grid: tuple[int, int], block: int, shared: int, args: tuple, device: torch.device) -> None:
+    cupy = _cupy()
+    _, max_shared, _ = _device_limits(device.index)
+    if shared > max_shared:
+        raise ValueError(f"kernel needs {shared} bytes of shared memory, the device allows {max_shared}")
+    if shared > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared:
+        fn.max_dynamic_shared_size_bytes = shared
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        fn(grid, (block, 1, 1), args, shared_mem=shared)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile arithmetic, mirrored from cuda/gsfi_common.cuh and the kernels' constexprs.
+def _pad16(v: int) -> int:
+    return (v + 15) // 16 * 16
+
+
+def _k_chunk(g_pad: int, k_pad: int) -> int:
+    cap = min(128, max(16, 8192 // g_pad)) // 16 * 16
+    return min(k_pad, cap)
+
+
+def _forward_shared(group_size: int, k_pad: int, in_features: int, resident: bool) -> int:
+    gp = _pad16(group_size)
+    kc = _k_chunk(gp, k_pad)
+    w_stage, idx_stage, s_stage = 2 * gp * (kc * 2 + 16), 2 * kc * 4, 2 * kc * 144
+    return 3 * (w_stage + idx_stage) + ((in_features + 1) * 144 if resident else 3 * s_stage)
+
+
+def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: bool) -> int:
+    gp = _pad16(group_size)
+    kc = _k_chunk(gp, k_pad)
+    stage = 32 * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
+    return 3 * stage + (32 * (in_features + 1) * 4 if smem_acc else 0)
+
+
+def _grad_weight_shared(group_size: int, k_pad: int) -> int:
+    gt = _pad16(group_size) if group_size < 64 else 64
+    kt = min(k_pad, 128)
+    return 3 * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
+
+
+def _grid_rows(num_groups: int, row_tiles: int, shared: int, device: torch.device) -> int:
+    """Groups per CTA so that one wave of CTAs covers the work."""
+    sms, _, per_sm = _device_limits(device.index)
+    per_sm_ctas = max(1, min(8, per_sm // max(shared + 1024, 1)))
+    columns = max(1, (sms * per_sm_ctas) // row_tiles)
+    return max(1, math.ceil(num_groups / columns))
+
+
+# ------------------------------------------------------------------------------------------------
+def supports(x: Tensor, weight: Tensor, group_index: Tensor) -> bool:
+    """Whether the kernels handle these arguments (else the pure-PyTorch path runs)."""
+    if not (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype):
+        return False
+    num_groups, fan_in = group_index.shape
+    group_size = weight.shape[0] // num_groups
+    return group_size in SUPPORTED_GROUP_SIZES and fan_in % 8 == 0 and fan_in <= MAX_FAN_IN
+
+
+def _ptr(t: Optional[Tensor]) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _check(x: Tensor, weight: Tensor, group_index: Tensor) -> tuple[int, int, int]:
+    if not x.is_cuda:
+        raise ValueError("the CUDA kernels need CUDA tensors")
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype:
+        raise TypeError(f"the CUDA kernels take bfloat16 or float16 inputs of one dtype, got {x.dtype}, {weight.dtype}")
+    if group_index.dtype != torch.int32 or not group_index.is_contiguous():
+        raise TypeError("group_index must be a contiguous int32 tensor for the CUDA kernels")
+    if not weight.is_contiguous() or weight.data_ptr() % 16:
+        raise ValueError("weight must be contiguous and 16-byte aligned for the CUDA kernels")
+    num_groups, fan_in = group_index.shape
+    group_size = weight.shape[0] // num_groups
+    if group_size not in SUPPORTED_GROUP_SIZES or fan_in % 8 or fan_in > MAX_FAN_IN:
+        raise ValueError(
+            f"the CUDA kernels need group_size in {SUPPORTED_GROUP_SIZES} and fan_in a multiple of 8 "
+            f"<= {MAX_FAN_IN}, got group_size={group_size}, fan_in={fan_in}"
+        )
+    return num_groups, fan_in, group_size
+
+
+def transpose_input(x2d: Tensor) -> Tensor:
+    """``[B, H]`` -> ``XT [H, ceil8(B)]``, padding columns zero (the kernels' gather layout)."""
+    batch, in_features = x2d.shape
+    padded = (batch + 7) // 8 * 8
+    xt = torch.empty(in_features, padded, dtype=x2d.dtype, device=x2d.device)
+    if padded != batch:
+        xt[:, batch:].zero_()
+    xt[:, :batch].copy_(x2d.t())
+    return xt
+
+
+def _check_out(out: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
+def gsfi_forward(
+    x2d: Tensor,
+    weight: Tensor,
+    group_index: Tensor,
+    bias: Optional[Tensor],
+    out_features: int,
+    out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Forward on CUDA. Returns ``(Z [B, out_features], XT)``; XT is reused by the weight gradient."""
+    num_groups, fan_in, group_size = _check(x2d, weight, group_index)
+    if bias is not None and (bias.dtype != x2d.dtype or not bias.is_contiguous()):
+        raise TypeError("bias must be contiguous and of the input dtype for the CUDA kernels")
+    batch, in_features = x2d.shape
+    device = x2d.device
+    xt = transpose_input(x2d)
+    out = _check_out(out, (batch, out_features), x2d)
+    k_pad = _pad16(fan_in)
+    _, max_shared, _ = _device_limits(device.index)
+    resident = _forward_shared(group_size, k_pad, in_features, True) <= max_shared
+    shared = _forward_shared(group_size, k_pad, in_features, resident)
+    aligned = out_features % 2 == 0
+    fn = _function("gsfi_forward", (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned), device)
+    row_tiles = math.ceil(batch / 64)
+    per_cta = _grid_rows(num_groups, row_tiles, shared, device)
+    per_cta += per_cta % 2  # the CTA works on pairs of groups
+    grid = (row_tiles, math.ceil(num_groups / per_cta))
+    args = (
+        _ptr(xt), np.int32(xt.shape[1]), _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out),
+        np.int64(out_features), np.int32(batch), np.int32(in_features), np.int32(out_features),
+        np.int32(fan_in), np.int32(num_groups), np.int32(per_cta),
+    )
+    _launch(fn, grid, 256, shared, args, device)
+    return out, xt
+
+
+def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
+    """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype)."""
+    num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
+    grad_out = grad_out.contiguous()
+    batch, out_features = grad_out.shape
+    device = grad_out.device
+    k_pad = _pad16(fan_in)
+    _, max_shared, per_sm = _device_limits(device.index)
+    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True) <= max_shared
+    shared = _grad_input_shared(group_size, k_pad, in_features, smem_acc)
+    aligned = out_features % 8 == 0 and grad_out.data_ptr() % 16 == 0
+    fn = _function("gsfi_grad_input", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, smem_acc, aligned), device)
+    row_tiles = math.ceil(batch / 32)
+    per_cta = _grid_rows(num_groups, row_tiles, shared, device)
+    grid = (row_tiles, math.ceil(num_groups / per_cta))
+    grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
+    args = (
+        _ptr(grad_out), np.int64(out_features), _ptr(weight), _ptr(group_index), _ptr(grad_x),
+        np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
+        np.int32(num_groups), np.int32(per_cta),
+    )
+    _launch(fn, grid, 128, shared, args, device)
+    return grad_x.to(weight.dtype)
+
+
+def gsfi_grad_weight(
+    grad_out: Tensor, xt: Tensor, group_index: Tensor, weight: Tensor, out: Optional[Tensor] = None
+) -> Tensor:
+    """``dW`` shaped like ``weight``; padding labels get exact zeros."""
+    num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
+    grad_out = grad_out.contiguous()
+    batch, out_features = grad_out.shape
+    device = grad_out.device
+    k_pad = _pad16(fan_in)
+    aligned = out_features % 8 == 0 and grad_out.data_ptr() % 16 == 0
+    fn = _function("gsfi_grad_weight", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, aligned), device)
+    shared = _grad_weight_shared(group_size, k_pad)
+    g_tiles = math.ceil(group_size / 64)
+    k_tiles = math.ceil(k_pad / min(k_pad, 128))
+    grad_w = _check_out(out, tuple(weight.shape), weight)
+    args = (
+        _ptr(grad_out), np.int64(out_features), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
+        _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
+    )
+    _launch(fn, (num_groups * g_tiles * k_tiles, 1), 128, shared, args, device)
+    return grad_w

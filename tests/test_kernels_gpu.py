@@ -1,0 +1,145 @@
+"""CUDA kernels against the float64 reference (run on a GPU: PYTHONPATH=. python3 -m pytest -m gpu)."""
+
+import pytest
+import torch
+
+import lightning_haste as lh
+from lightning_haste import functional as LF
+
+pytestmark = pytest.mark.gpu
+
+# (batch, in_features, out_features, group_size, fan_in, dtype)
+CASES = [
+    (1, 64, 100, 8, 8, torch.bfloat16),  # B = 1, K = 8 (padded to 16), L not a multiple of G
+    (37, 768, 1000, 16, 64, torch.bfloat16),  # L a multiple of 8: aligned dZ path
+    (130, 768, 999, 32, 128, torch.bfloat16),  # odd L: unaligned output and dZ paths
+    (64, 384, 2050, 64, 128, torch.float16),
+    (70, 300, 777, 128, 512, torch.bfloat16),  # largest G and K
+    (9, 4096, 500, 32, 24, torch.bfloat16),  # H too large for shared memory: streaming gathers
+    (200, 96, 4096, 16, 16, torch.float16),
+    (33, 1000, 515, 8, 512, torch.float16),
+    (513, 2000, 1536, 64, 136, torch.bfloat16),  # K = 136: two K tiles in grad-weight
+    (66, 65536, 300, 128, 64, torch.bfloat16),  # H = 65536
+]
+RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+NORM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _inputs(case, seed):
+    batch, in_features, out_features, group_size, fan_in, dtype = case
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    layer = lh.GroupSharedFanIn(
+        in_features, out_features, fan_in, group_size, device="cuda", dtype=dtype, generator=gen
+    )
+    with torch.no_grad():
+        layer.weight.normal_(generator=gen)
+        layer.bias.normal_(generator=gen)
+        layer.zero_padding_()
+    x = torch.randn(batch, in_features, device="cuda", generator=gen).to(dtype)
+    grad_out = torch.randn(batch, out_features, device="cuda", generator=gen).to(dtype)
+    return layer, x, grad_out
+
+
+def _reference(layer, x, grad_out):
+    w = layer.weight.detach().double().requires_grad_(True)
+    b = layer.bias.detach().double().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    out = LF.group_shared_fanin(x64, w, layer.group_index, b, layer.out_features, backend="torch")
+    out.backward(grad_out.double())
+    return out.detach(), x64.grad, w.grad, b.grad
+
+
+def _assert_close(name, got, ref, dtype):
+    assert got.dtype == dtype, name
+    assert not torch.isnan(got).any(), f"{name}: NaN (an element was not written)"
+    got = got.double()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel <= NORM_TOL[dtype], f"{name}: relative error {rel}"
+    bound = RTOL[dtype] * ref.abs() + 1e-3 * ref.abs().max()
+    bad = (got - ref).abs() > bound
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements off, first at {bad.nonzero()[0].tolist()}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-L{c[2]}-G{c[3]}-K{c[4]}-{str(c[5])[6:]}")
+def test_kernels_match_float64_reference(case):
+    from lightning_haste import kernels
+
+    layer, x, grad_out = _inputs(case, seed=hash(case) % 2**31)
+    ref_out, ref_gx, ref_gw, _ = _reference(layer, x, grad_out)
+    index = layer.group_index
+    out = torch.full((x.shape[0], layer.out_features), float("nan"), device="cuda", dtype=x.dtype)
+    out, xt = kernels.gsfi_forward(x, layer.weight.detach(), index, layer.bias.detach(), layer.out_features, out=out)
+    _assert_close("forward", out, ref_out, x.dtype)
+    grad_w = torch.full_like(layer.weight, float("nan"))
+    grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, layer.weight.detach(), out=grad_w)
+    _assert_close("grad_weight", grad_w, ref_gw, x.dtype)
+    assert torch.count_nonzero(grad_w[layer.out_features :]) == 0
+    grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), index, x.shape[1])
+    _assert_close("grad_input", grad_x, ref_gx, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_autograd_on_cuda_uses_kernels(dtype):
+    case = (45, 512, 1234, 32, 64, dtype)
+    layer, x, grad_out = _inputs(case, seed=5)
+    x.requires_grad_(True)
+    ref_out, ref_gx, ref_gw, ref_gb = _reference(layer, x.detach(), grad_out)
+    out = layer(x)
+    assert out.grad_fn is not None and "CUDA" in type(out.grad_fn).__name__
+    out.backward(grad_out)
+    _assert_close("out", out.detach(), ref_out, dtype)
+    _assert_close("x.grad", x.grad, ref_gx, dtype)
+    _assert_close("weight.grad", layer.weight.grad, ref_gw, dtype)
+    _assert_close("bias.grad", layer.bias.grad, ref_gb, dtype)
+
+
+def test_float32_on_cuda_is_true_float32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    layer = lh.GroupSharedFanIn(256, 500, 64, 32, device="cuda")
+    x = torch.randn(40, 256, device="cuda", requires_grad=True)
+    out = layer(x)
+    out.backward(torch.ones_like(out))
+    w = layer.weight.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = LF.group_shared_fanin(x64, w, layer.group_index, layer.bias.detach().double(), 500, backend="torch")
+    ref.backward(torch.ones_like(ref))
+    for got, want in [(out.detach(), ref.detach()), (x.grad, x64.grad), (layer.weight.grad, w.grad)]:
+        assert got.dtype == torch.float32
+        assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_autocast_no_grad_non_contiguous_and_frozen_input():
+    layer = lh.GroupSharedFanIn(128, 300, 32, 16, device="cuda")  # float32 parameters
+    x = torch.randn(128, 24, device="cuda").t()  # non-contiguous [24, 128]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and "CUDA" in type(out.grad_fn).__name__
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.weight.grad.abs().sum() > 0
+    assert torch.count_nonzero(layer.weight.grad[300:]) == 0
+    with torch.no_grad():
+        assert not layer.half()(x.half()).requires_grad
+
+
+def test_training_step_captures_in_cuda_graph():
+    layer = lh.GroupSharedFanIn(256, 1000, 64, 32, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        layer.weight.grad = None
+        x.grad = None
+        layer(x).float().square().mean().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles the kernels, validates the index
+    torch.cuda.current_stream().wait_stream(side)
+    expected = layer.weight.grad.clone()
+    graph = torch.cuda.CUDAGraph()
+    layer.weight.grad = None
+    with torch.cuda.graph(graph):
+        layer(x).float().square().mean().backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=0, atol=0)
