@@ -9,20 +9,22 @@
 // memory) the K rows of XT a group needs are gathered from global memory with cp.async per step.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z>
+template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NST>
 __global__ void __launch_bounds__(256) gsfi_forward(const u16* __restrict__ XT, int ldxt,
                                                      const u16* __restrict__ W, const int* __restrict__ idx,
                                                      const u16* __restrict__ bias, u16* __restrict__ Z,
                                                      long long ldz, int B, int H, int L, int K, int num_groups,
                                                      int groups_per_cta) {
-  constexpr int BT = 64, NGW = 2, NST = 3;
+  constexpr int BT = 64, NGW = 2;
   constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
   constexpr int XPITCH = BT * 2 + 16, WPITCH = KC * 2 + 16;
   constexpr int W_STAGE = NGW * GP * WPITCH, IDX_STAGE = NGW * KC * 4, S_STAGE = NGW * KC * XPITCH;
+  constexpr int OPITCH = GP * 2 + 16, O_WARP = 16 * OPITCH;
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* w_s = smem;
   int* idx_s = reinterpret_cast<int*>(smem + NST * W_STAGE);
-  unsigned char* x_s = smem + NST * (W_STAGE + IDX_STAGE);
+  unsigned char* o_s = smem + NST * (W_STAGE + IDX_STAGE) + (threadIdx.x >> 5) * O_WARP;
+  unsigned char* x_s = smem + NST * (W_STAGE + IDX_STAGE) + 8 * O_WARP;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int half = warp >> 2, wrow = (warp & 3) * 16;
@@ -113,27 +115,38 @@ __global__ void __launch_bounds__(256) gsfi_forward(const u16* __restrict__ XT, 
         }
       }
       if (kc == NKC - 1) {
+        // Bias, round once, then through this warp's shared tile so that every lane writes whole
+        // 16-byte pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs.
 #pragma unroll
         for (int n = 0; n < GP / 8; ++n) {
           const int j = n * 8 + 2 * (lane & 3);
           const int p = g * G + j;
-          const bool v0 = j < G && p < L, v1 = j + 1 < G && p + 1 < L;
-          const float bias0 = (bias != nullptr && v0) ? Ops<T>::to_float(bias[p]) : 0.f;
-          const float bias1 = (bias != nullptr && v1) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
+          const float bias0 = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
+          const float bias1 = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
 #pragma unroll
           for (int h8 = 0; h8 < 2; ++h8) {
-            const int b = b0 + wrow + (lane >> 2) + h8 * 8;
-            if (b >= B) continue;
-            u16* dst = Z + (long long)b * ldz + p;
-            const float z0 = acc[n][2 * h8] + bias0, z1 = acc[n][2 * h8 + 1] + bias1;
-            if (ALIGNED_Z && v0 && v1) {
-              *reinterpret_cast<unsigned*>(dst) = Ops<T>::pack(z0, z1);
-            } else {
-              if (v0) dst[0] = Ops<T>::from_float(z0);
-              if (v1) dst[1] = Ops<T>::from_float(z1);
-            }
+            const int r = (lane >> 2) + h8 * 8;
+            *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
+                Ops<T>::pack(acc[n][2 * h8] + bias0, acc[n][2 * h8 + 1] + bias1);
           }
         }
+        __syncwarp();
+        const int cols = min(G, L - g * G);
+        for (int c = lane; c < 16 * (GP / 8); c += 32) {
+          const int r = c / (GP / 8), j = (c % (GP / 8)) * 8;
+          const int b = b0 + wrow + r;
+          if (b >= B || j >= cols) continue;
+          const unsigned char* src = o_s + r * OPITCH + j * 2;
+          u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
+          if (ALIGNED_Z) {
+            // L and G are multiples of 8 here, so a piece is either all inside or all padding.
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+          } else {
+            const u16* s16 = reinterpret_cast<const u16*>(src);
+            for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
+          }
+        }
+        __syncwarp();
       }
     }
   }

@@ -1,10 +1,13 @@
 // Gradient of the input of the group-shared fixed fan-in layer:
 //   dX[b, idx[g, k]] += sum_j dZ[b, g*G + j] * W[g*G + j, k]
 // A per-group GEMM [32 x G] x [G x K] on tensor cores, then a scatter-add of the [32 x K] result.
-// One CTA = 32 batch rows x a range of groups, 4 warps splitting the K columns. The scatter-add goes
-// into a float32 copy of the CTA's dX rows in shared memory (SMEM_ACC; row pitch H + 1 words so that
-// the 8 batch rows of a fragment fall into different banks), which is added to the float32 dX in
-// global memory once at the end; without SMEM_ACC (H too large) it adds to global memory directly.
+// One CTA = 32 batch rows x a range of groups, 4 warps splitting the K columns of one group per step.
+// The scatter-add goes into a float32 copy of the CTA's dX rows in shared memory (SMEM_ACC; row pitch
+// H + 1 words so that the 8 batch rows of a fragment fall into different banks), which is added to the
+// float32 dX in global memory once at the end; without SMEM_ACC (H too large) it adds to global memory
+// with atomics. The shared-memory adds need no atomics: the K features of a group are distinct, so
+// within a step every (row, feature) target is written by exactly one thread, and the barrier at the
+// top of each step orders one group's adds before the next group's.
 #include "gsfi_common.cuh"
 
 template <class T, int G, int KP, bool SMEM_ACC, bool ALIGNED_DZ>
@@ -99,8 +102,8 @@ __global__ void __launch_bounds__(128) gsfi_grad_input(const u16* __restrict__ d
         for (int h8 = 0; h8 < 2; ++h8) {
           const int r = m * 16 + (lane >> 2) + h8 * 8;
           if (SMEM_ACC) {
-            if (v0) atomicAdd(acc_s + r * apitch + f0, acc[m][2 * h8]);
-            if (v1) atomicAdd(acc_s + r * apitch + f1, acc[m][2 * h8 + 1]);
+            if (v0) acc_s[r * apitch + f0] += acc[m][2 * h8];
+            if (v1) acc_s[r * apitch + f1] += acc[m][2 * h8 + 1];
           } else if (b0 + r < B) {
             if (v0) atomicAdd(dX + (long long)(b0 + r) * H + f0, acc[m][2 * h8]);
             if (v1) atomicAdd(dX + (long long)(b0 + r) * H + f1, acc[m][2 * h8 + 1]);

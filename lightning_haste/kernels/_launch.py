@@ -115,11 +115,22 @@ def _k_chunk(g_pad: int, k_pad: int) -> int:
     return min(k_pad, cap)
 
 
-def _forward_shared(group_size: int, k_pad: int, in_features: int, resident: bool) -> int:
+def _forward_shared(group_size: int, k_pad: int, in_features: int, resident: bool, stages: int) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, k_pad)
     w_stage, idx_stage, s_stage = 2 * gp * (kc * 2 + 16), 2 * kc * 4, 2 * kc * 144
-    return 3 * (w_stage + idx_stage) + ((in_features + 1) * 144 if resident else 3 * s_stage)
+    out_tiles = 8 * 16 * (gp * 2 + 16)
+    return stages * (w_stage + idx_stage) + out_tiles + ((in_features + 1) * 144 if resident else stages * s_stage)
+
+
+def _forward_variant(group_size: int, k_pad: int, in_features: int, max_shared: int) -> tuple[bool, int, int]:
+    """(resident, stages, shared bytes): keep the input in shared memory when it fits, with the
+    deepest weight pipeline (up to 4 stages) that still fits."""
+    for resident, stages in ((True, 4), (True, 3), (True, 2), (False, 3), (False, 2)):
+        shared = _forward_shared(group_size, k_pad, in_features, resident, stages)
+        if shared <= max_shared:
+            return resident, stages, shared
+    raise ValueError(f"no forward kernel variant fits in {max_shared} bytes of shared memory")
 
 
 def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: bool) -> int:
@@ -215,10 +226,11 @@ def gsfi_forward(
     out = _check_out(out, (batch, out_features), x2d)
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(device.index)
-    resident = _forward_shared(group_size, k_pad, in_features, True) <= max_shared
-    shared = _forward_shared(group_size, k_pad, in_features, resident)
-    aligned = out_features % 2 == 0
-    fn = _function("gsfi_forward", (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned), device)
+    resident, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
+    aligned = out_features % 8 == 0 and out.data_ptr() % 16 == 0
+    fn = _function(
+        "gsfi_forward", (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned, stages), device
+    )
     row_tiles = math.ceil(batch / 64)
     per_cta = _grid_rows(num_groups, row_tiles, shared, device)
     per_cta += per_cta % 2  # the CTA works on pairs of groups

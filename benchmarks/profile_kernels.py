@@ -1,0 +1,24 @@
+"""Run each GSFI kernel a few times on one shape, for Nsight Compute:
+
+    ncu --kernel-name regex:gsfi_ --launch-skip 3 --launch-count 3 --section SpeedOfLight \
+        --section WarpStateStats --section Occupancy python3 benchmarks/profile_kernels.py [B H L K G]
+"""
+
+import sys
+
+import torch
+
+import lightning_haste as lh
+from lightning_haste import kernels
+
+B, H, L, K, G = (int(v) for v in sys.argv[1:6]) if len(sys.argv) > 5 else (512, 768, 131072, 128, 32)
+layer = lh.GroupSharedFanIn(H, L, K, G, device="cuda", dtype=torch.bfloat16)
+x = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+dz = torch.randn(B, L, device="cuda", dtype=torch.bfloat16)
+w, idx = layer.weight.detach(), layer.group_index
+for _ in range(3):
+    out, xt = kernels.gsfi_forward(x, w, idx, layer.bias.detach(), L)
+    kernels.gsfi_grad_input(dz, w, idx, H)
+    kernels.gsfi_grad_weight(dz, xt, idx, w)
+torch.cuda.synchronize()
+print("done")
