@@ -1,153 +1,176 @@
 // Forward of the group-shared fixed fan-in layer:
 //   Z[b, g*G + j] = bias[g*G + j] + sum_k X[b, idx[g, k]] * W[g*G + j, k]
-// One CTA = 64 batch rows x a range of groups. 8 warps: warps 0-3 take the even group of each pair of
-// groups, warps 4-7 the odd one; each warp computes 16 batch rows x G labels.
+//
+// One CTA = 64 batch rows x a range of groups; NW warps, and each warp owns whole groups
+// (g = first + warp, + NW, ...), so warps never wait for each other after the start. A warp computes
+// its group's [64 x G] output tile in passes of MTP 16-row tiles (all 64 rows when G <= 32), with the
+// group's weights streamed through a warp-private NSW-stage cp.async ring in chunks of 32 columns of K;
+// every weight fragment feeds MTP tensor-core products.
 //
 // RESIDENT: the CTA's 64 columns of XT (all H features) sit in shared memory for the whole range of
-// groups, and the gather is done by ldmatrix row addresses (feature idx[g,k] -> one smem row), so the
-// input is read from L2 once per CTA instead of once per group. Otherwise (H too large for shared
-// memory) the K rows of XT a group needs are gathered from global memory with cp.async per step.
+// groups and the gather is done by ldmatrix row addresses (feature idx[g,k] -> one shared-memory row),
+// so the input is read from L2 once per CTA instead of once per group. Otherwise (H too large for
+// shared memory) the warp gathers the rows of XT its chunk needs into its ring with cp.async.
+// Outputs go through a warp-private shared tile so that each lane stores whole 16-byte pieces.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NST>
-__global__ void __launch_bounds__(256) gsfi_forward(const u16* __restrict__ XT, int ldxt,
-                                                     const u16* __restrict__ W, const int* __restrict__ idx,
-                                                     const u16* __restrict__ bias, u16* __restrict__ Z,
-                                                     long long ldz, int B, int H, int L, int K, int num_groups,
-                                                     int groups_per_cta) {
-  constexpr int BT = 64, NGW = 2;
-  constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
-  constexpr int XPITCH = BT * 2 + 16, WPITCH = KC * 2 + 16;
-  constexpr int W_STAGE = NGW * GP * WPITCH, IDX_STAGE = NGW * KC * 4, S_STAGE = NGW * KC * XPITCH;
-  constexpr int OPITCH = GP * 2 + 16, O_WARP = 16 * OPITCH;
+template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NW, int NSW>
+__global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ XT, int ldxt,
+                                                        const u16* __restrict__ W, const int* __restrict__ idx,
+                                                        const u16* __restrict__ bias, u16* __restrict__ Z,
+                                                        long long ldz, int B, int H, int L, int K, int num_groups,
+                                                        int groups_per_cta) {
+  constexpr int BT = 64, GP = gsfi_pad16(G);
+  constexpr int KCW = KP < 32 ? KP : 32, NKC = (KP + KCW - 1) / KCW;
+  constexpr int MTP = GP <= 32 ? 4 : (GP == 64 ? 2 : 1), PASSES = 4 / MTP;
+  constexpr int XPITCH = BT * 2 + 16, WPITCH = KCW * 2 + 16, OPITCH = GP * 2 + 16;
+  constexpr int W_BYTES = GP * WPITCH, IDX_BYTES = KCW * 4, S_BYTES = RESIDENT ? 0 : KCW * XPITCH;
+  constexpr int STAGE = W_BYTES + IDX_BYTES + S_BYTES, O_BYTES = MTP * 16 * OPITCH;
+  constexpr int WARP_BYTES = NSW * STAGE + O_BYTES;
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* w_s = smem;
-  int* idx_s = reinterpret_cast<int*>(smem + NST * W_STAGE);
-  unsigned char* o_s = smem + NST * (W_STAGE + IDX_STAGE) + (threadIdx.x >> 5) * O_WARP;
-  unsigned char* x_s = smem + NST * (W_STAGE + IDX_STAGE) + 8 * O_WARP;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int half = warp >> 2, wrow = (warp & 3) * 16;
   const int b0 = blockIdx.x * BT;
   const int g_begin = blockIdx.y * groups_per_cta;
   const int g_end = min(num_groups, g_begin + groups_per_cta);
   if (g_begin >= g_end) return;
-  const int npairs = (g_end - g_begin + NGW - 1) / NGW;
-  const int nsteps = npairs * NKC;
+  unsigned char* x_s = smem;
+  unsigned char* ring = smem + (RESIDENT ? (H + 1) * XPITCH : 0) + warp * WARP_BYTES;
+  unsigned char* o_s = ring + NSW * STAGE;
 
   if (RESIDENT) {
-    for (int c = tid; c < H * (BT / 8); c += blockDim.x) {
+    for (int c = tid; c < H * (BT / 8); c += NW * 32) {
       const int h = c / (BT / 8), col = (c % (BT / 8)) * 8;
       const bool valid = b0 + col < ldxt;
       cp_async16(smem_addr(x_s + h * XPITCH + col * 2), valid ? XT + (long long)h * ldxt + b0 + col : XT, valid);
     }
     // Row H is all zeros: padded k slots (K not a multiple of 16) read it.
-    for (int c = tid; c < BT / 2; c += blockDim.x) reinterpret_cast<unsigned*>(x_s + H * XPITCH)[c] = 0u;
+    for (int c = tid; c < BT / 2; c += NW * 32) reinterpret_cast<unsigned*>(x_s + H * XPITCH)[c] = 0u;
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
   }
 
+  const int first = g_begin + warp;
+  const int my_groups = first < g_end ? (g_end - first + NW - 1) / NW : 0;
+  const int nsteps = my_groups * PASSES * NKC;
+
   auto issue = [&](int step) {
-    const int stage = step % NST, kc = step % NKC, pair = step / NKC;
-    for (int gw = 0; gw < NGW; ++gw) {
-      const int g = g_begin + pair * NGW + gw;
-      const bool gvalid = g < g_end;
-      const int gg = gvalid ? g : g_begin;
-      const int k0 = kc * KC;
-      load_tile<true>(w_s + stage * W_STAGE + gw * GP * WPITCH, WPITCH, W + ((long long)gg * G) * K + k0, K, GP,
-                      KC, gvalid ? G : 0, K - k0, tid, blockDim.x);
-      int* is = idx_s + stage * (NGW * KC) + gw * KC;
-      for (int c = tid; c < KC / 4; c += blockDim.x) {
-        const bool valid = gvalid && k0 + c * 4 < K;
-        cp_async16(smem_addr(is + c * 4), valid ? idx + (long long)gg * K + k0 + c * 4 : idx, valid);
-      }
-      if (!RESIDENT) {
-        unsigned char* s = x_s + stage * S_STAGE + gw * KC * XPITCH;
-        for (int c = tid; c < KC * (BT / 8); c += blockDim.x) {
-          const int r = c / (BT / 8), col = (c % (BT / 8)) * 8;
-          const bool rvalid = gvalid && k0 + r < K;
-          const int f = rvalid ? idx[(long long)gg * K + k0 + r] : 0;
-          const bool valid = rvalid && b0 + col < ldxt;
-          cp_async16(smem_addr(s + r * XPITCH + col * 2), valid ? XT + (long long)f * ldxt + b0 + col : XT, valid);
-        }
+    unsigned char* st = ring + (step % NSW) * STAGE;
+    const int g = first + (step / (NKC * PASSES)) * NW, k0 = (step % NKC) * KCW;
+    const u16* wg = W + (long long)g * G * K + k0;
+#pragma unroll
+    for (int c = lane; c < GP * (KCW / 8); c += 32) {
+      const int r = c / (KCW / 8), col = (c % (KCW / 8)) * 8;
+      const bool valid = r < G && k0 + col < K;
+      cp_async16(smem_addr(st + r * WPITCH + col * 2), valid ? wg + (long long)r * K + col : W, valid);
+    }
+    const int* ig = idx + (long long)g * K + k0;
+    if (lane < KCW / 4) {
+      const bool valid = k0 + lane * 4 < K;
+      cp_async16(smem_addr(st + W_BYTES + lane * 16), valid ? ig + lane * 4 : idx, valid);
+    }
+    if (!RESIDENT) {
+#pragma unroll
+      for (int c = lane; c < KCW * (BT / 8); c += 32) {
+        const int r = c / (BT / 8), col = (c % (BT / 8)) * 8;
+        const bool rvalid = k0 + r < K;
+        const int f = rvalid ? ig[r] : 0;
+        const bool valid = rvalid && b0 + col < ldxt;
+        cp_async16(smem_addr(st + W_BYTES + IDX_BYTES + r * XPITCH + col * 2),
+                   valid ? XT + (long long)f * ldxt + b0 + col : XT, valid);
       }
     }
   };
 
-  for (int s = 0; s < NST - 1; ++s) {
+  for (int s = 0; s < NSW - 1; ++s) {
     if (s < nsteps) issue(s);
     cp_async_commit();
   }
 
-  float acc[GP / 8][4];
+  float acc[MTP][GP / 8][4];
   for (int s = 0; s < nsteps; ++s) {
-    cp_async_wait<NST - 2>();
-    __syncthreads();
-    if (s + NST - 1 < nsteps) issue(s + NST - 1);
+    cp_async_wait<NSW - 2>();
+    __syncwarp();
+    if (s + NSW - 1 < nsteps) issue(s + NSW - 1);
     cp_async_commit();
 
-    const int stage = s % NST, kc = s % NKC;
-    const int g = g_begin + (s / NKC) * NGW + half;
+    const unsigned char* st = ring + (s % NSW) * STAGE;
+    const int* is = reinterpret_cast<const int*>(st + W_BYTES);
+    const int kc = s % NKC, pass = (s / NKC) % PASSES;
+    const int g = first + (s / (NKC * PASSES)) * NW;
     if (kc == 0) {
 #pragma unroll
-      for (int n = 0; n < GP / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    }
-    if (g < g_end) {
-      const unsigned char* ws = w_s + stage * W_STAGE + half * GP * WPITCH;
-      const int* is = idx_s + stage * (NGW * KC) + half * KC;
-      const unsigned char* ss = x_s + stage * S_STAGE + half * KC * XPITCH;
+      for (int m = 0; m < MTP; ++m)
 #pragma unroll
-      for (int k16 = 0; k16 < KC / 16; ++k16) {
-        const int kk = k16 * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int mo = wrow + ((lane >> 3) & 1) * 8;
+        for (int n = 0; n < GP / 8; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+    }
+#pragma unroll
+    for (int k16 = 0; k16 < KCW / 16; ++k16) {
+      unsigned bw[GP / 16][4];
+#pragma unroll
+      for (int n2 = 0; n2 < GP / 16; ++n2) {
+        const int row = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldsm_x4(bw[n2], smem_addr(st + row * WPITCH + (k16 * 16 + ((lane >> 3) & 1) * 8) * 2));
+      }
+      const int kk = k16 * 16 + (lane & 7) + ((lane >> 4) << 3);
+      const unsigned char* arow;
+      if (RESIDENT) {
+        const int f = kc * KCW + kk < K ? is[kk] : H;
+        arow = x_s + f * XPITCH;
+      } else {
+        arow = st + W_BYTES + IDX_BYTES + kk * XPITCH;
+      }
+#pragma unroll
+      for (int m = 0; m < MTP; ++m) {
         unsigned a[4];
-        if (RESIDENT) {
-          const int f = kc * KC + kk < K ? is[kk] : H;
-          ldsm_x4_trans(a, smem_addr(x_s + f * XPITCH + mo * 2));
-        } else {
-          ldsm_x4_trans(a, smem_addr(ss + kk * XPITCH + mo * 2));
-        }
+        const int mrow = (pass * MTP + m) * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4_trans(a, smem_addr(arow + mrow * 2));
 #pragma unroll
         for (int n2 = 0; n2 < GP / 16; ++n2) {
-          unsigned bw[4];
-          const int row = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-          ldsm_x4(bw, smem_addr(ws + row * WPITCH + (k16 * 16 + ((lane >> 3) & 1) * 8) * 2));
-          Ops<T>::mma(acc[2 * n2], a, bw[0], bw[1]);
-          Ops<T>::mma(acc[2 * n2 + 1], a, bw[2], bw[3]);
+          Ops<T>::mma(acc[m][2 * n2], a, bw[n2][0], bw[n2][1]);
+          Ops<T>::mma(acc[m][2 * n2 + 1], a, bw[n2][2], bw[n2][3]);
         }
       }
-      if (kc == NKC - 1) {
-        // Bias, round once, then through this warp's shared tile so that every lane writes whole
-        // 16-byte pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs.
+    }
+
+    if (kc == NKC - 1) {
+      // Bias, round once, then through the warp's shared tile so that every lane writes whole 16-byte
+      // pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs.
 #pragma unroll
-        for (int n = 0; n < GP / 8; ++n) {
-          const int j = n * 8 + 2 * (lane & 3);
-          const int p = g * G + j;
-          const float bias0 = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
-          const float bias1 = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
+      for (int n = 0; n < GP / 8; ++n) {
+        const int j = n * 8 + 2 * (lane & 3);
+        const int p = g * G + j;
+        const float bias0 = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
+        const float bias1 = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
+#pragma unroll
+        for (int m = 0; m < MTP; ++m)
 #pragma unroll
           for (int h8 = 0; h8 < 2; ++h8) {
-            const int r = (lane >> 2) + h8 * 8;
+            const int r = m * 16 + (lane >> 2) + h8 * 8;
             *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
-                Ops<T>::pack(acc[n][2 * h8] + bias0, acc[n][2 * h8 + 1] + bias1);
+                Ops<T>::pack(acc[m][n][2 * h8] + bias0, acc[m][n][2 * h8 + 1] + bias1);
           }
-        }
-        __syncwarp();
-        const int cols = min(G, L - g * G);
-        for (int c = lane; c < 16 * (GP / 8); c += 32) {
-          const int r = c / (GP / 8), j = (c % (GP / 8)) * 8;
-          const int b = b0 + wrow + r;
-          if (b >= B || j >= cols) continue;
-          const unsigned char* src = o_s + r * OPITCH + j * 2;
-          u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
-          if (ALIGNED_Z) {
-            // L and G are multiples of 8 here, so a piece is either all inside or all padding.
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-          } else {
-            const u16* s16 = reinterpret_cast<const u16*>(src);
-            for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
-          }
-        }
-        __syncwarp();
       }
+      __syncwarp();
+      const int cols = min(G, L - g * G);
+      const int row0 = b0 + pass * MTP * 16;
+#pragma unroll
+      for (int c = lane; c < MTP * 16 * (GP / 8); c += 32) {
+        const int r = c / (GP / 8), j = (c % (GP / 8)) * 8;
+        const int b = row0 + r;
+        if (b >= B || j >= cols) continue;
+        const unsigned char* src = o_s + r * OPITCH + j * 2;
+        u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
+        if (ALIGNED_Z) {
+          // L and G are multiples of 8 here, so a piece is either all inside or all padding.
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          const u16* s16 = reinterpret_cast<const u16*>(src);
+          for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
+        }
+      }
+      __syncwarp();
     }
   }
   cp_async_wait<0>();

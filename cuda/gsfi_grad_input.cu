@@ -1,29 +1,32 @@
 // Gradient of the input of the group-shared fixed fan-in layer:
 //   dX[b, idx[g, k]] += sum_j dZ[b, g*G + j] * W[g*G + j, k]
-// A per-group GEMM [32 x G] x [G x K] on tensor cores, then a scatter-add of the [32 x K] result.
-// One CTA = 32 batch rows x a range of groups, 4 warps splitting the K columns of one group per step.
-// The scatter-add goes into a float32 copy of the CTA's dX rows in shared memory (SMEM_ACC; row pitch
-// H + 1 words so that the 8 batch rows of a fragment fall into different banks), which is added to the
-// float32 dX in global memory once at the end; without SMEM_ACC (H too large) it adds to global memory
-// with atomics. The shared-memory adds need no atomics: the K features of a group are distinct, so
-// within a step every (row, feature) target is written by exactly one thread, and the barrier at the
-// top of each step orders one group's adds before the next group's.
+//
+// One CTA = 32 batch rows x a range of groups, 8 warps; one step = one group (and one chunk of its K
+// columns). Per step the CTA computes the transposed product dXg^T [K x 32] = W_g^T [K x G] * dZ_g^T
+// [G x 32] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
+// feature, and adds it into a float32 transposed copy of the CTA's dX rows in shared memory
+// (SMEM_ACC, [H][36]): one 8-byte read-add-write per pair, the feature's row address computed once
+// per tile. No atomics are needed there: the K features of a group are distinct, so within a step
+// every (feature, row) target belongs to exactly one thread, and the barrier that starts each step
+// orders one group's adds before the next group's. The shared copy is added to the float32 dX in
+// global memory once at the end. Without SMEM_ACC (H too large for shared memory) the adds go to
+// global memory as atomics.
 #include "gsfi_common.cuh"
 
 template <class T, int G, int KP, bool SMEM_ACC, bool ALIGNED_DZ>
-__global__ void __launch_bounds__(128) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
+__global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
                                                         int num_groups, int groups_per_cta) {
-  constexpr int BT = 32, NST = 3, NWARP = 4;
+  constexpr int BT = 32, NST = 3, NTHREADS = 256;
   constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
-  constexpr int NT = KC / 8, NT_PER_WARP = (NT + NWARP - 1) / NWARP;
-  constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16;
+  constexpr int MT = KC / 16;                                   // 16-feature tiles per step
+  constexpr int TPW = MT <= 2 ? 1 : (MT <= 4 ? 2 : 4);          // (feature, 8-row) tiles per warp
+  constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16, APITCH = BT + 4;
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
   float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE);
-  const int apitch = H + 1;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
@@ -31,9 +34,11 @@ __global__ void __launch_bounds__(128) gsfi_grad_input(const u16* __restrict__ d
   const int g_end = min(num_groups, g_begin + groups_per_cta);
   if (g_begin >= g_end) return;
   const int nsteps = (g_end - g_begin) * NKC;
+  const int m_tile = (warp * TPW) / 4, n_first = (warp * TPW) % 4;
+  const bool active = m_tile < MT;
 
   if (SMEM_ACC) {
-    for (int i = tid; i < BT * apitch; i += blockDim.x) acc_s[i] = 0.f;
+    for (int i = tid; i < H * APITCH; i += NTHREADS) acc_s[i] = 0.f;
   }
 
   auto issue = [&](int step) {
@@ -41,11 +46,10 @@ __global__ void __launch_bounds__(128) gsfi_grad_input(const u16* __restrict__ d
     const int g = g_begin + step / NKC, k0 = (step % NKC) * KC;
     // dZ columns of the group: labels past L (padding of the last group) and rows past B read as 0.
     load_tile<ALIGNED_DZ>(st, ZPITCH, dZ + (long long)b0 * ldz + (long long)g * G, ldz, BT, GP, B - b0,
-                          min(G, L - g * G), tid, blockDim.x);
-    load_tile<true>(st + Z_STAGE, WPITCH, W + ((long long)g * G) * K + k0, K, GP, KC, G, K - k0, tid,
-                    blockDim.x);
+                          min(G, L - g * G), tid, NTHREADS);
+    load_tile<true>(st + Z_STAGE, WPITCH, W + ((long long)g * G) * K + k0, K, GP, KC, G, K - k0, tid, NTHREADS);
     int* is = reinterpret_cast<int*>(st + Z_STAGE + W_STAGE);
-    for (int c = tid; c < KC / 4; c += blockDim.x) {
+    for (int c = tid; c < KC / 4; c += NTHREADS) {
       const bool valid = k0 + c * 4 < K;
       cp_async16(smem_addr(is + c * 4), valid ? idx + (long long)g * K + k0 + c * 4 : idx, valid);
     }
@@ -61,54 +65,62 @@ __global__ void __launch_bounds__(128) gsfi_grad_input(const u16* __restrict__ d
     __syncthreads();
     if (s + NST - 1 < nsteps) issue(s + NST - 1);
     cp_async_commit();
+    if (!active) continue;
 
-    const unsigned char* st = smem + (s % NST) * STAGE;
-    const unsigned char* zs = st;
-    const unsigned char* ws = st + Z_STAGE;
-    const int* is = reinterpret_cast<const int*>(st + Z_STAGE + W_STAGE);
+    const unsigned char* zs = smem + (s % NST) * STAGE;
+    const unsigned char* ws = zs + Z_STAGE;
+    const int* is = reinterpret_cast<const int*>(ws + W_STAGE);
     const int k0 = (s % NKC) * KC;
 
-    // A fragments (dZ rows x labels) for both 16-row halves and every 16-label step.
-    unsigned a[2][GP / 16][4];
+    // A = W_g^T for this warp's 16 features: rows j of the weight tile, transposed by ldmatrix.
+    unsigned a[GP / 16][4];
 #pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int j16 = 0; j16 < GP / 16; ++j16) {
-        const int row = m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int col = j16 * 16 + (lane >> 4) * 8;
-        ldsm_x4(a[m][j16], smem_addr(zs + row * ZPITCH + col * 2));
-      }
+    for (int j16 = 0; j16 < GP / 16; ++j16) {
+      const int row = j16 * 16 + (lane & 7) + (lane >> 4) * 8;
+      const int col = m_tile * 16 + ((lane >> 3) & 1) * 8;
+      ldsm_x4_trans(a[j16], smem_addr(ws + row * WPITCH + col * 2));
+    }
+    const int kr = m_tile * 16 + (lane >> 2);
+    const bool v0 = k0 + kr < K, v1 = k0 + kr + 8 < K;
+    const int f0 = v0 ? is[kr] : 0, f1 = v1 ? is[kr + 8] : 0;
 
 #pragma unroll
-    for (int t = 0; t < NT_PER_WARP; ++t) {
-      const int nt = warp + t * NWARP;
-      if (nt >= NT) break;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    for (int t = 0; t < TPW; ++t) {
+      const int n = n_first + t;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int j16 = 0; j16 < GP / 16; ++j16) {
-        // B[k = label j][n = column k] = W[j][k]: rows j of the weight tile, transposed by ldmatrix.
-        unsigned bw[4];
-        const int row = j16 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldsm_x4_trans(bw, smem_addr(ws + row * WPITCH + nt * 16));
-        Ops<T>::mma(acc[0], a[0][j16], bw[0], bw[1]);
-        Ops<T>::mma(acc[1], a[1][j16], bw[0], bw[1]);
+        // B = dZ_g^T: rows b of the dZ tile, labels j contiguous.
+        unsigned bz[4];
+        const int row = n * 8 + (lane & 7);
+        const int col = j16 * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4(bz, smem_addr(zs + row * ZPITCH + col * 2));
+        Ops<T>::mma(acc, a[j16], bz[0], bz[1]);
       }
-      const int kk = nt * 8 + 2 * (lane & 3);
-      const bool v0 = k0 + kk < K, v1 = k0 + kk + 1 < K;
-      const int f0 = v0 ? is[kk] : 0, f1 = v1 ? is[kk + 1] : 0;
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int h8 = 0; h8 < 2; ++h8) {
-          const int r = m * 16 + (lane >> 2) + h8 * 8;
-          if (SMEM_ACC) {
-            if (v0) acc_s[r * apitch + f0] += acc[m][2 * h8];
-            if (v1) acc_s[r * apitch + f1] += acc[m][2 * h8 + 1];
-          } else if (b0 + r < B) {
-            if (v0) atomicAdd(dX + (long long)(b0 + r) * H + f0, acc[m][2 * h8]);
-            if (v1) atomicAdd(dX + (long long)(b0 + r) * H + f1, acc[m][2 * h8 + 1]);
-          }
+      const int b = n * 8 + 2 * (lane & 3);
+      if (SMEM_ACC) {
+        if (v0) {
+          float2* p = reinterpret_cast<float2*>(acc_s + f0 * APITCH + b);
+          float2 v = *p;
+          v.x += acc[0];
+          v.y += acc[1];
+          *p = v;
         }
+        if (v1) {
+          float2* p = reinterpret_cast<float2*>(acc_s + f1 * APITCH + b);
+          float2 v = *p;
+          v.x += acc[2];
+          v.y += acc[3];
+          *p = v;
+        }
+      } else {
+        float* base = dX + (long long)(b0 + b) * H;
+        const bool r0 = b0 + b < B, r1 = b0 + b + 1 < B;
+        if (v0 && r0) atomicAdd(base + f0, acc[0]);
+        if (v0 && r1) atomicAdd(base + H + f0, acc[1]);
+        if (v1 && r0) atomicAdd(base + f1, acc[2]);
+        if (v1 && r1) atomicAdd(base + H + f1, acc[3]);
+      }
     }
   }
   cp_async_wait<0>();
@@ -117,9 +129,9 @@ __global__ void __launch_bounds__(128) gsfi_grad_input(const u16* __restrict__ d
     __syncthreads();
     const int rows = min(BT, B - b0);
     const bool only_cta = gridDim.y == 1;
-    for (int i = tid; i < rows * H; i += blockDim.x) {
-      const int r = i / H, h = i % H;
-      const float v = acc_s[r * apitch + h];
+    for (int i = tid; i < rows * H; i += NTHREADS) {
+      const int r = i / H, h = i - r * H;
+      const float v = acc_s[h * APITCH + r];
       float* dst = dX + (long long)(b0 + r) * H + h;
       if (only_cta) {
         *dst = v;

@@ -288,13 +288,13 @@ def group_shared_fanin(
     out_features = _check_layer_arguments(x, weight, group_index, bias, out_features, check_index)
     memory_budget = check_memory_budget(memory_budget)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if _uses_kernels(x, weight, group_index, backend):
         with torch.autocast(x.device.type, enabled=False):
             out = _GroupSharedFanInCUDA.apply(x2d, weight, group_index, bias, out_features)
     else:
         out = _GroupSharedFanInReference.apply(x2d, weight, group_index, bias, out_features, memory_budget)
-    return out.reshape(*lead, out_features)
+    return out if x.dim() == 2 else out.reshape(*lead, out_features)
 
 
 def group_shared_fanin_columns(

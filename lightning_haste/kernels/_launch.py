@@ -115,21 +115,28 @@ def _k_chunk(g_pad: int, k_pad: int) -> int:
     return min(k_pad, cap)
 
 
-def _forward_shared(group_size: int, k_pad: int, in_features: int, resident: bool, stages: int) -> int:
+def _forward_shared(
+    group_size: int, k_pad: int, in_features: int, resident: bool, warps: int, stages: int
+) -> int:
     gp = _pad16(group_size)
-    kc = _k_chunk(gp, k_pad)
-    w_stage, idx_stage, s_stage = 2 * gp * (kc * 2 + 16), 2 * kc * 4, 2 * kc * 144
-    out_tiles = 8 * 16 * (gp * 2 + 16)
-    return stages * (w_stage + idx_stage) + out_tiles + ((in_features + 1) * 144 if resident else stages * s_stage)
+    kcw = min(k_pad, 32)
+    rows_per_pass = 16 * (4 if gp <= 32 else (2 if gp == 64 else 1))
+    stage = gp * (kcw * 2 + 16) + kcw * 4 + (0 if resident else kcw * 144)
+    per_warp = stages * stage + rows_per_pass * (gp * 2 + 16)
+    return ((in_features + 1) * 144 if resident else 0) + warps * per_warp
 
 
-def _forward_variant(group_size: int, k_pad: int, in_features: int, max_shared: int) -> tuple[bool, int, int]:
-    """(resident, stages, shared bytes): keep the input in shared memory when it fits, with the
-    deepest weight pipeline (up to 4 stages) that still fits."""
-    for resident, stages in ((True, 4), (True, 3), (True, 2), (False, 3), (False, 2)):
-        shared = _forward_shared(group_size, k_pad, in_features, resident, stages)
-        if shared <= max_shared:
-            return resident, stages, shared
+_FORWARD_SHAPES = ((8, 3), (8, 2), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
+
+
+def _forward_variant(group_size: int, k_pad: int, in_features: int, max_shared: int) -> tuple[bool, int, int, int]:
+    """(resident, warps, stages, shared bytes): keep the input in shared memory when it fits, with the
+    most warps and the deepest weight ring that still fit."""
+    for resident in (True, False):
+        for warps, stages in _FORWARD_SHAPES:
+            shared = _forward_shared(group_size, k_pad, in_features, resident, warps, stages)
+            if shared <= max_shared:
+                return resident, warps, stages, shared
     raise ValueError(f"no forward kernel variant fits in {max_shared} bytes of shared memory")
 
 
@@ -137,7 +144,7 @@ def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: 
     gp = _pad16(group_size)
     kc = _k_chunk(gp, k_pad)
     stage = 32 * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
-    return 3 * stage + (32 * (in_features + 1) * 4 if smem_acc else 0)
+    return 3 * stage + (in_features * 36 * 4 if smem_acc else 0)
 
 
 def _grad_weight_shared(group_size: int, k_pad: int) -> int:
@@ -226,21 +233,23 @@ def gsfi_forward(
     out = _check_out(out, (batch, out_features), x2d)
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(device.index)
-    resident, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
+    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
     aligned = out_features % 8 == 0 and out.data_ptr() % 16 == 0
     fn = _function(
-        "gsfi_forward", (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned, stages), device
+        "gsfi_forward",
+        (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned, warps, stages),
+        device,
     )
     row_tiles = math.ceil(batch / 64)
     per_cta = _grid_rows(num_groups, row_tiles, shared, device)
-    per_cta += per_cta % 2  # the CTA works on pairs of groups
+    per_cta = math.ceil(per_cta / warps) * warps  # each warp owns whole groups
     grid = (row_tiles, math.ceil(num_groups / per_cta))
     args = (
         _ptr(xt), np.int32(xt.shape[1]), _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out),
         np.int64(out_features), np.int32(batch), np.int32(in_features), np.int32(out_features),
         np.int32(fan_in), np.int32(num_groups), np.int32(per_cta),
     )
-    _launch(fn, grid, 256, shared, args, device)
+    _launch(fn, grid, 32 * warps, shared, args, device)
     return out, xt
 
 
@@ -265,7 +274,7 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
         np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
         np.int32(num_groups), np.int32(per_cta),
     )
-    _launch(fn, grid, 128, shared, args, device)
+    _launch(fn, grid, 256, shared, args, device)
     return grad_x.to(weight.dtype)
 
 
