@@ -59,6 +59,55 @@ def bench(fn, sets: int, max_ms: float = 300.0, min_reps: int = 5, max_reps: int
     return statistics.median(times)
 
 
+def bench_graph(fn, sets: int, replays: int = 20) -> float:
+    """Median milliseconds of one fn(i) call, captured in a CUDA graph per input set (no launch gaps)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(sets):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for i in range(sets):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(i)
+        graphs.append(graph)
+    return bench(lambda i: graphs[i].replay(), sets)
+
+
+def sweep(B, H, L, K, G, sets=2, dtype=torch.bfloat16):
+    """Time each kernel's tile variants (kernels._launch.TUNING) on one shape."""
+    dev = "cuda"
+    layer = lh.GroupSharedFanIn(H, L, K, G, device=dev, dtype=dtype)
+    xs = [torch.randn(B, H, device=dev, dtype=dtype) for _ in range(sets)]
+    dzs = [torch.randn(B, L, device=dev, dtype=dtype) for _ in range(sets)]
+    w, idx, b = layer.weight.detach(), layer.group_index, layer.bias.detach()
+    xts = [kernels._launch.transpose_input(x) for x in xs]
+    tuning = kernels._launch.TUNING
+    results = []
+    variants = [("forward", {"forward_warps": wv, "forward_stages": sv, "forward_resident": rv})
+                for rv in (True, False) for wv, sv in ((8, 3), (8, 2), (4, 4), (4, 3), (2, 3))]
+    variants += [("grad_input", {"grad_input_stages": n}) for n in (3, 5, 8)]
+    variants += [("grad_weight", {"grad_weight_stages": n}) for n in (2, 3, 4)]
+    calls = {
+        "forward": lambda i: kernels.gsfi_forward(xs[i], w, idx, b, L),
+        "grad_input": lambda i: kernels.gsfi_grad_input(dzs[i], w, idx, H),
+        "grad_weight": lambda i: kernels.gsfi_grad_weight(dzs[i], xts[i], idx, w),
+    }
+    for kernel, settings in variants:
+        tuning.clear()
+        tuning.update(settings)
+        try:
+            ms = bench(calls[kernel], sets)
+        except ValueError as exc:  # variant does not fit
+            ms = None
+            settings = {**settings, "error": str(exc)[:60]}
+        results.append((kernel, settings, ms))
+    tuning.clear()
+    return results
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
     src = torch.randn(256 * 2**20, device="cuda", dtype=torch.float32)  # 1 GiB
@@ -95,6 +144,7 @@ def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16):
         layer(x_req[i]).backward(dzs[i])
 
     row["ours_fwd_bwd"] = bench(ours_fwd_bwd, sets)
+    row["ours_fwd_bwd_graph"] = bench_graph(ours_fwd_bwd, sets)
     del xts
 
     # cuBLAS FLOPs-matched dense bottleneck: [B, K] x [L, K]^T
@@ -108,6 +158,7 @@ def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16):
         F.linear(xk[i], wk).backward(dzs[i])
 
     row["bottleneck_fwd_bwd"] = bench(bottleneck_fwd_bwd, sets)
+    row["bottleneck_fwd_bwd_graph"] = bench_graph(bottleneck_fwd_bwd, sets)
     del xk, wk
 
     # full dense layer [B, H] x [L, H]^T
@@ -160,6 +211,7 @@ def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16):
     row["fwd_vs_floor"] = row["ours_fwd"] / row["fwd_byte_floor"]
     row["fwd_achieved_TBps"] = floor_bytes / (row["ours_fwd"] * 1e-3) / 1e12
     row["fwd_bwd_vs_bottleneck"] = row["ours_fwd_bwd"] / row["bottleneck_fwd_bwd"]
+    row["fwd_bwd_vs_bottleneck_graph"] = row["ours_fwd_bwd_graph"] / row["bottleneck_fwd_bwd_graph"]
     row["fwd_vs_bottleneck"] = row["ours_fwd"] / row["bottleneck_fwd"]
     del layer, tl, xs, dzs, x_req
     torch.cuda.empty_cache()
@@ -175,7 +227,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="all", help="all, quick, or comma-separated names")
     parser.add_argument("--sets", type=int, default=2, help="input sets to rotate")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sweep", action="store_true", help="time tile variants on the quick shapes and exit")
     args = parser.parse_args()
+    if args.sweep:
+        for name, *shape in SHAPES:
+            if name in QUICK:
+                for kernel, settings, ms in sweep(*shape):
+                    print(f"{name:<18} {kernel:<12} {fmt(ms)}  {settings}", flush=True)
+        return
     if args.shapes == "all":
         shapes = SHAPES
     elif args.shapes == "quick":
@@ -201,8 +260,10 @@ def main() -> None:
 
     print()
     print("times in ms (bf16, CUDA-event medians)")
+    print("fbG, bnG: forward+backward captured in a CUDA graph (GPU time without Python launch gaps)")
     head = (f"{'shape':<24}{'fwd':>8}{'gradX':>8}{'gradW':>8}{'fwd+bwd':>8} | {'bn fwd':>8}{'bn f+b':>8}"
             f"{'dense f':>8}{'dense fb':>9}{'csr f':>8}{'torch f':>8}{'torch fb':>9} | {'fb/bn':>6}{'f/bn':>6}"
+            f"{'fbG':>7}{'bnG':>7}{'fbG/bnG':>8}"
             f"{'floor':>7}{'f/floor':>8}{'TB/s':>6}")
     print(head)
     for r in rows:

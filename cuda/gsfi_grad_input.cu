@@ -5,7 +5,8 @@
 // columns). Per step the CTA computes the transposed product dXg^T [K x 32] = W_g^T [K x G] * dZ_g^T
 // [G x 32] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
 // feature, and adds it into a float32 transposed copy of the CTA's dX rows in shared memory
-// (SMEM_ACC, [H][36]): one 8-byte read-add-write per pair, the feature's row address computed once
+// (SMEM_ACC, [H][40]; the pitch puts a quad's 32-byte piece of a row in one of 4 bank ranges): one
+// 8-byte read-add-write per pair, the feature's row address computed once
 // per tile. No atomics are needed there: the K features of a group are distinct, so within a step
 // every (feature, row) target belongs to exactly one thread, and the barrier that starts each step
 // orders one group's adds before the next group's. The shared copy is added to the float32 dX in
@@ -13,16 +14,16 @@
 // global memory as atomics.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool SMEM_ACC, bool ALIGNED_DZ>
+template <class T, int G, int KP, bool SMEM_ACC, bool ALIGNED_DZ, int NST>
 __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
                                                         int num_groups, int groups_per_cta) {
-  constexpr int BT = 32, NST = 3, NTHREADS = 256;
+  constexpr int BT = 32, NTHREADS = 256;
   constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
   constexpr int MT = KC / 16;                                   // 16-feature tiles per step
   constexpr int TPW = MT <= 2 ? 1 : (MT <= 4 ? 2 : 4);          // (feature, 8-row) tiles per warp
-  constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16, APITCH = BT + 4;
+  constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16, APITCH = BT + 8;
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];

@@ -7,12 +7,12 @@
 // padding labels of the last group read dZ as zero and so get an exactly-zero gradient.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool ALIGNED_DZ>
+template <class T, int G, int KP, bool ALIGNED_DZ, int NST>
 __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ dZ, long long ldz,
                                                          const u16* __restrict__ XT, int ldxt,
                                                          const int* __restrict__ idx, u16* __restrict__ dW,
                                                          int B, int L, int K, int num_groups) {
-  constexpr int BT = 64, NST = 3, NWARP = 4;
+  constexpr int BT = 64, NWARP = 4;
   constexpr int GT = G < 64 ? gsfi_pad16(G) : 64, KT = KP < 128 ? KP : 128;
   constexpr int NJT = (G + GT - 1) / GT, NKT = (KP + KT - 1) / KT;
   constexpr int MT = GT / 16, NT = KT / 8, NT_PER_WARP = (NT + NWARP - 1) / NWARP;
@@ -35,17 +35,32 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   for (int r = tid; r < KT; r += blockDim.x) feat_s[r] = r < kcols ? idx[(long long)g * K + k0 + r] : -1;
   __syncthreads();
 
+  // The gathered XT rows of this tile are fixed: each thread's global row pointers and shared-memory
+  // offsets are computed once; a step only moves them along the batch.
+  constexpr int S_CHUNKS = KT * (BT / 8), S_PER_THREAD = (S_CHUNKS + 127) / 128;
+  const u16* s_src[S_PER_THREAD];
+  int s_dst[S_PER_THREAD], s_col[S_PER_THREAD];
+#pragma unroll
+  for (int i = 0; i < S_PER_THREAD; ++i) {
+    const int c = tid + i * 128;
+    const int r = c / (BT / 8), col = (c % (BT / 8)) * 8;
+    const int f = c < S_CHUNKS ? feat_s[r] : -1;
+    s_src[i] = f >= 0 ? XT + (long long)f * ldxt + col : nullptr;
+    s_dst[i] = Z_STAGE + r * XPITCH + col * 2;
+    s_col[i] = col;
+  }
+
   auto issue = [&](int step) {
     unsigned char* st = smem + (step % NST) * STAGE;
     const int bs = step * BT;
     load_tile<ALIGNED_DZ>(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs,
-                          min(jrows, L - label0), tid, blockDim.x);
-    unsigned char* s = st + Z_STAGE;
-    for (int c = tid; c < KT * (BT / 8); c += blockDim.x) {
-      const int r = c / (BT / 8), col = (c % (BT / 8)) * 8;
-      const int f = feat_s[r];
-      const bool valid = f >= 0 && bs + col < ldxt;
-      cp_async16(smem_addr(s + r * XPITCH + col * 2), valid ? XT + (long long)f * ldxt + bs + col : XT, valid);
+                          min(jrows, L - label0), tid, 128);
+    const unsigned base = smem_addr(st);
+#pragma unroll
+    for (int i = 0; i < S_PER_THREAD; ++i) {
+      if (S_CHUNKS % 128 != 0 && tid + i * 128 >= S_CHUNKS) continue;
+      const bool valid = s_src[i] != nullptr && bs + s_col[i] < ldxt;
+      cp_async16(base + s_dst[i], valid ? s_src[i] + bs : XT, valid);
     }
   };
 

@@ -56,6 +56,10 @@ def _source(name: str) -> str:
 _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
+#: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_weight_stages".
+TUNING: dict[str, Any] = {}
+
 
 def _function(kernel: str, template_args: tuple, device: torch.device) -> Any:
     major, minor = torch.cuda.get_device_capability(device)
@@ -92,6 +96,11 @@ def _device_limits(index: int) -> tuple[int, int, int]:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _external_stream(handle: int, index: int) -> Any:
+    return _cupy().cuda.ExternalStream(handle, index)
+
+
 def _launch(fn: Any, grid: tuple[int, int], block: int, shared: int, args: tuple, device: torch.device) -> None:
     cupy = _cupy()
     _, max_shared, _ = _device_limits(device.index)
@@ -99,9 +108,13 @@ def _launch(fn: Any, grid: tuple[int, int], block: int, shared: int, args: tuple
         raise ValueError(f"kernel needs {shared} bytes of shared memory, the device allows {max_shared}")
     if shared > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared:
         fn.max_dynamic_shared_size_bytes = shared
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        fn(grid, (block, 1, 1), args, shared_mem=shared)
+    stream = _external_stream(torch.cuda.current_stream(device).cuda_stream, device.index)
+    if cupy.cuda.runtime.getDevice() == device.index:
+        with stream:
+            fn(grid, (block, 1, 1), args, shared_mem=shared)
+    else:
+        with cupy.cuda.Device(device.index), stream:
+            fn(grid, (block, 1, 1), args, shared_mem=shared)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,31 +139,44 @@ def _forward_shared(
     return ((in_features + 1) * 144 if resident else 0) + warps * per_warp
 
 
-_FORWARD_SHAPES = ((8, 3), (8, 2), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
+_FORWARD_SHAPES = ((8, 4), (8, 3), (8, 2), (4, 4), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
 
 
 def _forward_variant(group_size: int, k_pad: int, in_features: int, max_shared: int) -> tuple[bool, int, int, int]:
     """(resident, warps, stages, shared bytes): keep the input in shared memory when it fits, with the
     most warps and the deepest weight ring that still fit."""
-    for resident in (True, False):
+    residents = (TUNING["forward_resident"],) if "forward_resident" in TUNING else (True, False)
+    for resident in residents:
         for warps, stages in _FORWARD_SHAPES:
+            if TUNING.get("forward_warps", warps) != warps or TUNING.get("forward_stages", stages) != stages:
+                continue
             shared = _forward_shared(group_size, k_pad, in_features, resident, warps, stages)
             if shared <= max_shared:
                 return resident, warps, stages, shared
     raise ValueError(f"no forward kernel variant fits in {max_shared} bytes of shared memory")
 
 
-def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: bool) -> int:
+def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple[int, int]:
+    """(stages, shared bytes) for the deepest pipeline (3..most) that fits, or TUNING[key]."""
+    choices = (TUNING[key],) if key in TUNING else range(most, 1, -1)
+    for stages in choices:
+        shared = shared_for(stages)
+        if shared <= max_shared:
+            return stages, shared
+    raise ValueError(f"no {key.rsplit('_', 1)[0]} kernel variant fits in {max_shared} bytes of shared memory")
+
+
+def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: bool, stages: int) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, k_pad)
     stage = 32 * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
-    return 3 * stage + (in_features * 36 * 4 if smem_acc else 0)
+    return stages * stage + (in_features * 40 * 4 if smem_acc else 0)
 
 
-def _grad_weight_shared(group_size: int, k_pad: int) -> int:
+def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
     gt = _pad16(group_size) if group_size < 64 else 64
     kt = min(k_pad, 128)
-    return 3 * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
+    return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
 
 
 def _grid_rows(num_groups: int, row_tiles: int, shared: int, device: torch.device) -> int:
@@ -260,11 +286,17 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     batch, out_features = grad_out.shape
     device = grad_out.device
     k_pad = _pad16(fan_in)
-    _, max_shared, per_sm = _device_limits(device.index)
-    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True) <= max_shared
-    shared = _grad_input_shared(group_size, k_pad, in_features, smem_acc)
+    _, max_shared, _ = _device_limits(device.index)
+    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True, 3) <= max_shared
+    stages, shared = _deepest(
+        "grad_input_stages", lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n), max_shared
+    )
     aligned = out_features % 8 == 0 and grad_out.data_ptr() % 16 == 0
-    fn = _function("gsfi_grad_input", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, smem_acc, aligned), device)
+    fn = _function(
+        "gsfi_grad_input",
+        (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, smem_acc, aligned, stages),
+        device,
+    )
     row_tiles = math.ceil(batch / 32)
     per_cta = _grid_rows(num_groups, row_tiles, shared, device)
     grid = (row_tiles, math.ceil(num_groups / per_cta))
@@ -288,8 +320,12 @@ def gsfi_grad_weight(
     device = grad_out.device
     k_pad = _pad16(fan_in)
     aligned = out_features % 8 == 0 and grad_out.data_ptr() % 16 == 0
-    fn = _function("gsfi_grad_weight", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, aligned), device)
-    shared = _grad_weight_shared(group_size, k_pad)
+    # Two or three CTAs per multiprocessor keep enough gathers in flight; deeper rings cost CTAs.
+    stages = TUNING.get("grad_weight_stages", 3)
+    shared = _grad_weight_shared(group_size, k_pad, stages)
+    fn = _function(
+        "gsfi_grad_weight", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, aligned, stages), device
+    )
     g_tiles = math.ceil(group_size / 64)
     k_tiles = math.ceil(k_pad / min(k_pad, 128))
     grad_w = _check_out(out, tuple(weight.shape), weight)
