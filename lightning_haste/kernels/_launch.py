@@ -61,8 +61,13 @@ _functions: dict[tuple, Any] = {}
 TUNING: dict[str, Any] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _function(kernel: str, template_args: tuple, device: torch.device) -> Any:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device.index)
     key = (kernel, template_args, device.index, major, minor)
     fn = _functions.get(key)
     if fn is None:
