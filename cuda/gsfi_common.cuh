@@ -83,25 +83,17 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Copy a [rows x cols] tile of 16-bit values (cols a multiple of 8) from global memory into shared
-// memory with row pitch `spitch` bytes. Element (r, c) is valid when r < row_limit and c < col_limit;
-// invalid elements become 0. ALIGNED: the global rows start on 16-byte boundaries (ld a multiple of 8
-// and an aligned base), so whole 16-byte chunks go through cp.async; otherwise 2-byte loads.
-template <bool ALIGNED>
+// memory with row pitch `spitch` bytes, 16 bytes per cp.async. The global rows must start on 16-byte
+// boundaries (ld a multiple of 8, aligned base; the launcher pads rows that are not). Element (r, c)
+// is valid when r < row_limit and c < col_limit, checked per 8-element piece; invalid pieces become 0.
 __device__ __forceinline__ void load_tile(unsigned char* smem, int spitch, const u16* g, long long ld, int rows,
                                           int cols, int row_limit, int col_limit, int tid, int nthreads) {
   const int chunks_per_row = cols / 8;
   for (int c = tid; c < rows * chunks_per_row; c += nthreads) {
     const int r = c / chunks_per_row, col = (c % chunks_per_row) * 8;
-    unsigned char* dst = smem + r * spitch + col * 2;
-    const u16* src = g + (long long)r * ld + col;
-    if (ALIGNED) {
-      const bool valid = r < row_limit && col < col_limit;
-      cp_async16(smem_addr(dst), valid ? (const void*)src : (const void*)g, valid);
-    } else {
-      u16* d = reinterpret_cast<u16*>(dst);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) d[e] = (r < row_limit && col + e < col_limit) ? src[e] : (u16)0;
-    }
+    const bool valid = r < row_limit && col < col_limit;
+    cp_async16(smem_addr(smem + r * spitch + col * 2), valid ? (const void*)(g + (long long)r * ld + col) : (const void*)g,
+               valid);
   }
 }
 

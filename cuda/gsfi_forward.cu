@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
         const unsigned char* src = o_s + r * OPITCH + j * 2;
         u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
         if (ALIGNED_Z) {
-          // L and G are multiples of 8 here, so a piece is either all inside or all padding.
+          // Rows start on 16-byte boundaries and have room up to the next multiple of 8 labels (the
+          // launcher pads the storage), so a piece that crosses L ends in that padding.
           *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
         } else {
           const u16* s16 = reinterpret_cast<const u16*>(src);

@@ -14,7 +14,7 @@
 // global memory as atomics.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool SMEM_ACC, bool ALIGNED_DZ, int NST>
+template <class T, int G, int KP, bool SMEM_ACC, int NST>
 __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
@@ -46,9 +46,9 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     unsigned char* st = smem + (step % NST) * STAGE;
     const int g = g_begin + step / NKC, k0 = (step % NKC) * KC;
     // dZ columns of the group: labels past L (padding of the last group) and rows past B read as 0.
-    load_tile<ALIGNED_DZ>(st, ZPITCH, dZ + (long long)b0 * ldz + (long long)g * G, ldz, BT, GP, B - b0,
+    load_tile(st, ZPITCH, dZ + (long long)b0 * ldz + (long long)g * G, ldz, BT, GP, B - b0,
                           min(G, L - g * G), tid, NTHREADS);
-    load_tile<true>(st + Z_STAGE, WPITCH, W + ((long long)g * G) * K + k0, K, GP, KC, G, K - k0, tid, NTHREADS);
+    load_tile(st + Z_STAGE, WPITCH, W + ((long long)g * G) * K + k0, K, GP, KC, G, K - k0, tid, NTHREADS);
     int* is = reinterpret_cast<int*>(st + Z_STAGE + W_STAGE);
     for (int c = tid; c < KC / 4; c += NTHREADS) {
       const bool valid = k0 + c * 4 < K;

@@ -7,7 +7,7 @@
 // padding labels of the last group read dZ as zero and so get an exactly-zero gradient.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool ALIGNED_DZ, int NST>
+template <class T, int G, int KP, int NST>
 __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ dZ, long long ldz,
                                                          const u16* __restrict__ XT, int ldxt,
                                                          const int* __restrict__ idx, u16* __restrict__ dW,
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   auto issue = [&](int step) {
     unsigned char* st = smem + (step % NST) * STAGE;
     const int bs = step * BT;
-    load_tile<ALIGNED_DZ>(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs,
+    load_tile(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs,
                           min(jrows, L - label0), tid, 128);
     const unsigned base = smem_addr(st);
 #pragma unroll

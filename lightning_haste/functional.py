@@ -154,7 +154,7 @@ class _GroupSharedFanInCUDA(torch.autograd.Function):
 
         xt, weight, index = ctx.saved_tensors
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        grad_out = grad_out.contiguous()
+        grad_out = kernels.padded_rows(grad_out) if (need_x or need_w) else grad_out
         grad_x = kernels.gsfi_grad_input(grad_out, weight, index, ctx.in_features) if need_x else None
         grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, weight) if need_w else None
         grad_b = None

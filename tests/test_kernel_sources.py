@@ -17,12 +17,13 @@ def _instantiations():
     for dtype, g, kp, flag_a, flag_b in itertools.product(("bf16_t", "f16_t"), GROUP_SIZES, K_PADS, (True, False), (True, False)):
         a, b = str(flag_a).lower(), str(flag_b).lower()
         lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
-        lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, {b}, 3>,")
         if flag_b:
-            lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, {a}, 3>,")
+            lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3>,")
+        if flag_a and flag_b:
+            lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, 3>,")
     lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>," for w, n in ((4, 2), (2, 3), (1, 2))]
-    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, true, {n}>," for n in (2, 8)]
-    lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, true, {n}>," for n in (2, 4)]
+    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}>," for n in (2, 8)]
+    lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}>," for n in (2, 4)]
     return "\n".join(lines)
 
 

@@ -66,10 +66,16 @@ def test_kernels_match_float64_reference(case):
 
     layer, x, grad_out = _inputs(case, seed=hash(case) % 2**31)
     ref_out, ref_gx, ref_gw, _ = _reference(layer, x, grad_out)
-    index = layer.group_index
-    out = torch.full((x.shape[0], layer.out_features), float("nan"), device="cuda", dtype=x.dtype)
-    out, xt = kernels.gsfi_forward(x, layer.weight.detach(), index, layer.bias.detach(), layer.out_features, out=out)
+    index, labels = layer.group_index, layer.out_features
+    # Rows padded to a multiple of 8 labels (the layout the kernels allocate): 16-byte stores.
+    storage = torch.full((x.shape[0], (labels + 7) // 8 * 8), float("nan"), device="cuda", dtype=x.dtype)
+    out, xt = kernels.gsfi_forward(x, layer.weight.detach(), index, layer.bias.detach(), labels, out=storage[:, :labels])
     _assert_close("forward", out, ref_out, x.dtype)
+    if labels % 8:
+        # Packed rows of odd length: the 2-byte store path.
+        packed = torch.full((x.shape[0], labels), float("nan"), device="cuda", dtype=x.dtype)
+        kernels.gsfi_forward(x, layer.weight.detach(), index, layer.bias.detach(), labels, out=packed)
+        _assert_close("forward (packed rows)", packed, ref_out, x.dtype)
     grad_w = torch.full_like(layer.weight, float("nan"))
     grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, layer.weight.detach(), out=grad_w)
     _assert_close("grad_weight", grad_w, ref_gw, x.dtype)

@@ -16,6 +16,7 @@ from ._launch import (
     gsfi_forward,
     gsfi_grad_input,
     gsfi_grad_weight,
+    padded_rows,
     supports,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "gsfi_forward",
     "gsfi_grad_input",
     "gsfi_grad_weight",
+    "padded_rows",
     "supports",
 ]

@@ -241,9 +241,36 @@ def _check_out(out: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
         raise ValueError(f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+    if out.stride(-1) != 1 or (out.dim() == 2 and out.stride(0) < out.shape[1]):
+        raise ValueError("out must have contiguous rows")
     return out
+
+
+def _rows_aligned(t: Tensor) -> bool:
+    return t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
+def padded_rows(t: Tensor) -> Tensor:
+    """``t [B, L]`` with rows on 16-byte boundaries, as the kernels read them.
+
+    Returns ``t`` itself when it already is so and ``L`` is a multiple of 8; otherwise a copy into
+    ``[B, ceil8(L)]`` storage whose padding columns are zero, as a ``[B, L]`` view. The kernels read
+    whole 8-label pieces, so the padding must hold zeros (not the next row's values).
+    """
+    batch, labels = t.shape
+    if labels % 8 == 0 and _rows_aligned(t):
+        return t
+    storage = torch.empty(batch, (labels + 7) // 8 * 8, dtype=t.dtype, device=t.device)
+    storage[:, labels:].zero_()
+    storage[:, :labels].copy_(t)
+    return storage[:, :labels]
+
+
+def _padded_output(batch: int, labels: int, like: Tensor) -> Tensor:
+    """Fresh ``[B, L]`` output whose rows start on 16-byte boundaries (a view of padded storage)."""
+    padded = (labels + 7) // 8 * 8
+    storage = torch.empty(batch, padded, dtype=like.dtype, device=like.device)
+    return storage if padded == labels else storage[:, :labels]
 
 
 def gsfi_forward(
@@ -261,11 +288,12 @@ def gsfi_forward(
     batch, in_features = x2d.shape
     device = x2d.device
     xt = transpose_input(x2d)
-    out = _check_out(out, (batch, out_features), x2d)
+    out = _padded_output(batch, out_features, x2d) if out is None else _check_out(out, (batch, out_features), x2d)
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(device.index)
     resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
-    aligned = out_features % 8 == 0 and out.data_ptr() % 16 == 0
+    # 16-byte stores need aligned rows with room up to the next multiple of 8 labels.
+    aligned = _rows_aligned(out) and out.stride(0) >= (out_features + 7) // 8 * 8
     fn = _function(
         "gsfi_forward",
         (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned, warps, stages),
@@ -277,7 +305,7 @@ def gsfi_forward(
     grid = (row_tiles, math.ceil(num_groups / per_cta))
     args = (
         _ptr(xt), np.int32(xt.shape[1]), _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out),
-        np.int64(out_features), np.int32(batch), np.int32(in_features), np.int32(out_features),
+        np.int64(out.stride(0)), np.int32(batch), np.int32(in_features), np.int32(out_features),
         np.int32(fan_in), np.int32(num_groups), np.int32(per_cta),
     )
     _launch(fn, grid, 32 * warps, shared, args, device)
@@ -287,7 +315,7 @@ def gsfi_forward(
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
     """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype)."""
     num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
-    grad_out = grad_out.contiguous()
+    grad_out = padded_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
     k_pad = _pad16(fan_in)
@@ -296,18 +324,13 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     stages, shared = _deepest(
         "grad_input_stages", lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n), max_shared
     )
-    aligned = out_features % 8 == 0 and grad_out.data_ptr() % 16 == 0
-    fn = _function(
-        "gsfi_grad_input",
-        (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, smem_acc, aligned, stages),
-        device,
-    )
+    fn = _function("gsfi_grad_input", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, smem_acc, stages), device)
     row_tiles = math.ceil(batch / 32)
     per_cta = _grid_rows(num_groups, row_tiles, shared, device)
     grid = (row_tiles, math.ceil(num_groups / per_cta))
     grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
     args = (
-        _ptr(grad_out), np.int64(out_features), _ptr(weight), _ptr(group_index), _ptr(grad_x),
+        _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(weight), _ptr(group_index), _ptr(grad_x),
         np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
         np.int32(num_groups), np.int32(per_cta),
     )
@@ -320,22 +343,21 @@ def gsfi_grad_weight(
 ) -> Tensor:
     """``dW`` shaped like ``weight``; padding labels get exact zeros."""
     num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
-    grad_out = grad_out.contiguous()
+    grad_out = padded_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
     k_pad = _pad16(fan_in)
-    aligned = out_features % 8 == 0 and grad_out.data_ptr() % 16 == 0
     # Two or three CTAs per multiprocessor keep enough gathers in flight; deeper rings cost CTAs.
     stages = TUNING.get("grad_weight_stages", 3)
     shared = _grad_weight_shared(group_size, k_pad, stages)
     fn = _function(
-        "gsfi_grad_weight", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, aligned, stages), device
+        "gsfi_grad_weight", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, stages), device
     )
     g_tiles = math.ceil(group_size / 64)
     k_tiles = math.ceil(k_pad / min(k_pad, 128))
     grad_w = _check_out(out, tuple(weight.shape), weight)
     args = (
-        _ptr(grad_out), np.int64(out_features), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
+        _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
         _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
     )
     _launch(fn, (num_groups * g_tiles * k_tiles, 1), 128, shared, args, device)
