@@ -88,53 +88,53 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
     cp_async_commit();
   }
 
-  float acc[MTP][GP / 8][4];
-  for (int s = 0; s < nsteps; ++s) {
-    cp_async_wait<NSW - 2>();
-    __syncwarp();
-    if (s + NSW - 1 < nsteps) issue(s + NSW - 1);
-    cp_async_commit();
-
-    const unsigned char* st = ring + (s % NSW) * STAGE;
-    const int* is = reinterpret_cast<const int*>(st + W_BYTES);
-    const int kc = s % NKC, pass = (s / NKC) % PASSES;
-    const int g = first + (s / (NKC * PASSES)) * NW;
-    if (kc == 0) {
+  int s = 0;  // this warp's pipeline step: (group, pass, chunk of K) in order
+  for (int gi = 0; gi < my_groups; ++gi) {
+    const int g = first + gi * NW;
+    for (int pass = 0; pass < PASSES; ++pass) {
+      float acc[MTP][GP / 8][4];
 #pragma unroll
       for (int m = 0; m < MTP; ++m)
 #pragma unroll
         for (int n = 0; n < GP / 8; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
-    }
+
+      for (int kc = 0; kc < NKC; ++kc, ++s) {
+        cp_async_wait<NSW - 2>();
+        __syncwarp();
+        if (s + NSW - 1 < nsteps) issue(s + NSW - 1);
+        cp_async_commit();
+
+        const unsigned char* st = ring + (s % NSW) * STAGE;
+        const int* is = reinterpret_cast<const int*>(st + W_BYTES);
 #pragma unroll
-    for (int k16 = 0; k16 < KCW / 16; ++k16) {
-      unsigned bw[GP / 16][4];
+        for (int k16 = 0; k16 < KCW / 16; ++k16) {
+          unsigned bw[GP / 16][4];
 #pragma unroll
-      for (int n2 = 0; n2 < GP / 16; ++n2) {
-        const int row = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-        ldsm_x4(bw[n2], smem_addr(st + row * WPITCH + (k16 * 16 + ((lane >> 3) & 1) * 8) * 2));
-      }
-      const int kk = k16 * 16 + (lane & 7) + ((lane >> 4) << 3);
-      const unsigned char* arow;
-      if (RESIDENT) {
-        const int f = kc * KCW + kk < K ? is[kk] : H;
-        arow = x_s + f * XPITCH;
-      } else {
-        arow = st + W_BYTES + IDX_BYTES + kk * XPITCH;
-      }
+          for (int n2 = 0; n2 < GP / 16; ++n2) {
+            const int row = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+            ldsm_x4(bw[n2], smem_addr(st + row * WPITCH + (k16 * 16 + ((lane >> 3) & 1) * 8) * 2));
+          }
+          const int kk = k16 * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const unsigned char* arow;
+          if (RESIDENT) {
+            const int f = kc * KCW + kk < K ? is[kk] : H;
+            arow = x_s + f * XPITCH;
+          } else {
+            arow = st + W_BYTES + IDX_BYTES + kk * XPITCH;
+          }
+          const unsigned abase = smem_addr(arow) + (pass * MTP * 16 + ((lane >> 3) & 1) * 8) * 2;
 #pragma unroll
-      for (int m = 0; m < MTP; ++m) {
-        unsigned a[4];
-        const int mrow = (pass * MTP + m) * 16 + ((lane >> 3) & 1) * 8;
-        ldsm_x4_trans(a, smem_addr(arow + mrow * 2));
+          for (int m = 0; m < MTP; ++m) {
+            unsigned a[4];
+            ldsm_x4_trans(a, abase + m * 32);
 #pragma unroll
-        for (int n2 = 0; n2 < GP / 16; ++n2) {
-          Ops<T>::mma(acc[m][2 * n2], a, bw[n2][0], bw[n2][1]);
-          Ops<T>::mma(acc[m][2 * n2 + 1], a, bw[n2][2], bw[n2][3]);
+            for (int n2 = 0; n2 < GP / 16; ++n2) {
+              Ops<T>::mma(acc[m][2 * n2], a, bw[n2][0], bw[n2][1]);
+              Ops<T>::mma(acc[m][2 * n2 + 1], a, bw[n2][2], bw[n2][3]);
+            }
+          }
         }
       }
-    }
-
-    if (kc == NKC - 1) {
       // Bias, round once, then through the warp's shared tile so that every lane writes whole 16-byte
       // pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs.
 #pragma unroll

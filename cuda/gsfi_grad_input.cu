@@ -10,8 +10,9 @@
 // per tile. No atomics are needed there: the K features of a group are distinct, so within a step
 // every (feature, row) target belongs to exactly one thread, and the barrier that starts each step
 // orders one group's adds before the next group's. The shared copy is added to the float32 dX in
-// global memory once at the end. Without SMEM_ACC (H too large for shared memory) the adds go to
-// global memory as atomics.
+// global memory once at the end. Padded feature slots (K not a multiple of 16) add into private
+// trash rows past H instead of branching. Without SMEM_ACC (H too large for shared memory) the adds go
+// to global memory as atomics.
 #include "gsfi_common.cuh"
 
 template <class T, int G, int KP, bool SMEM_ACC, int NST>
@@ -39,7 +40,7 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   const bool active = m_tile < MT;
 
   if (SMEM_ACC) {
-    for (int i = tid; i < H * APITCH; i += NTHREADS) acc_s[i] = 0.f;
+    for (int i = tid; i < (H + 8 * 16) * APITCH; i += NTHREADS) acc_s[i] = 0.f;
   }
 
   auto issue = [&](int step) {
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     const int k0 = (s % NKC) * KC;
 
     // A = W_g^T for this warp's 16 features: rows j of the weight tile, transposed by ldmatrix.
-    unsigned a[GP / 16][4];
+    unsigned a[GP / 16 < 2 ? 2 : GP / 16][4];
 #pragma unroll
     for (int j16 = 0; j16 < GP / 16; ++j16) {
       const int row = j16 * 16 + (lane & 7) + (lane >> 4) * 8;
@@ -83,38 +84,38 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     }
     const int kr = m_tile * 16 + (lane >> 2);
     const bool v0 = k0 + kr < K, v1 = k0 + kr + 8 < K;
-    const int f0 = v0 ? is[kr] : 0, f1 = v1 ? is[kr + 8] : 0;
+    // Feature rows of the two accumulator rows; a padded slot goes to this lane's own trash row.
+    const int trash = H + warp * 16 + (lane >> 2);
+    const int f0 = v0 ? is[kr] : trash, f1 = v1 ? is[kr + 8] : trash + 8;
+    float* row0 = acc_s + f0 * APITCH + 2 * (lane & 3);
+    float* row1 = acc_s + f1 * APITCH + 2 * (lane & 3);
 
 #pragma unroll
     for (int t = 0; t < TPW; ++t) {
       const int n = n_first + t;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int j16 = 0; j16 < GP / 16; ++j16) {
-        // B = dZ_g^T: rows b of the dZ tile, labels j contiguous.
+      for (int j32 = 0; j32 < (GP + 31) / 32; ++j32) {
+        // B = dZ_g^T: rows b of the dZ tile, labels j contiguous; one ldmatrix covers 32 labels.
         unsigned bz[4];
         const int row = n * 8 + (lane & 7);
-        const int col = j16 * 16 + ((lane >> 3) & 1) * 8;
-        ldsm_x4(bz, smem_addr(zs + row * ZPITCH + col * 2));
-        Ops<T>::mma(acc, a[j16], bz[0], bz[1]);
+        const int col = j32 * 32 + (lane >> 3) * 8;
+        ldsm_x4(bz, smem_addr(zs + row * ZPITCH + (col < GP ? col : col - 16) * 2));
+        Ops<T>::mma(acc, a[2 * j32], bz[0], bz[1]);
+        if (2 * j32 + 1 < GP / 16) Ops<T>::mma(acc, a[2 * j32 + 1], bz[2], bz[3]);
       }
-      const int b = n * 8 + 2 * (lane & 3);
       if (SMEM_ACC) {
-        if (v0) {
-          float2* p = reinterpret_cast<float2*>(acc_s + f0 * APITCH + b);
-          float2 v = *p;
-          v.x += acc[0];
-          v.y += acc[1];
-          *p = v;
-        }
-        if (v1) {
-          float2* p = reinterpret_cast<float2*>(acc_s + f1 * APITCH + b);
-          float2 v = *p;
-          v.x += acc[2];
-          v.y += acc[3];
-          *p = v;
-        }
+        float2* p0 = reinterpret_cast<float2*>(row0 + n * 8);
+        float2* p1 = reinterpret_cast<float2*>(row1 + n * 8);
+        float2 u = *p0, v = *p1;
+        u.x += acc[0];
+        u.y += acc[1];
+        v.x += acc[2];
+        v.y += acc[3];
+        *p0 = u;
+        *p1 = v;
       } else {
+        const int b = n * 8 + 2 * (lane & 3);
         float* base = dX + (long long)(b0 + b) * H;
         const bool r0 = b0 + b < B, r1 = b0 + b + 1 < B;
         if (v0 && r0) atomicAdd(base + f0, acc[0]);

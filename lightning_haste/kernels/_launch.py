@@ -175,7 +175,7 @@ def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: 
     gp = _pad16(group_size)
     kc = _k_chunk(gp, k_pad)
     stage = 32 * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
-    return stages * stage + (in_features * 40 * 4 if smem_acc else 0)
+    return stages * stage + ((in_features + 128) * 40 * 4 if smem_acc else 0)
 
 
 def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
