@@ -55,15 +55,28 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   const int my_groups = first < g_end ? (g_end - first + NW - 1) / NW : 0;
   const int nsteps = my_groups * PASSES * NKC;
 
+  // The lane copies the same pieces of every weight chunk: offsets computed once, moved per step.
+  constexpr int W_CHUNKS = GP * (KCW / 8), WPL = (W_CHUNKS + 31) / 32;
+  int w_off[WPL], w_dst[WPL], w_col[WPL];
+  bool w_ok[WPL];
+#pragma unroll
+  for (int i = 0; i < WPL; ++i) {
+    const int c = lane + i * 32, r = c / (KCW / 8), col = (c % (KCW / 8)) * 8;
+    w_off[i] = r * K + col;
+    w_dst[i] = r * WPITCH + col * 2;
+    w_col[i] = col;
+    w_ok[i] = c < W_CHUNKS && r < G;
+  }
+
   auto issue = [&](int step) {
     unsigned char* st = ring + (step % NSW) * STAGE;
+    const unsigned sta = smem_addr(st);
     const int g = first + (step / (NKC * PASSES)) * NW, k0 = (step % NKC) * KCW;
     const u16* wg = W + (long long)g * G * K + k0;
 #pragma unroll
-    for (int c = lane; c < GP * (KCW / 8); c += 32) {
-      const int r = c / (KCW / 8), col = (c % (KCW / 8)) * 8;
-      const bool valid = r < G && k0 + col < K;
-      cp_async16(smem_addr(st + r * WPITCH + col * 2), valid ? wg + (long long)r * K + col : W, valid);
+    for (int i = 0; i < WPL; ++i) {
+      const bool valid = w_ok[i] && k0 + w_col[i] < K;
+      cp_async16(sta + w_dst[i], valid ? wg + w_off[i] : W, valid);
     }
     const int* ig = idx + (long long)g * K + k0;
     if (lane < KCW / 4) {

@@ -43,17 +43,54 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     for (int i = tid; i < (H + 8 * 16) * APITCH; i += NTHREADS) acc_s[i] = 0.f;
   }
 
+  // Each thread copies the same pieces of every step's tiles: their offsets are computed once, and a
+  // step only moves them to its group and chunk of K.
+  constexpr int Z_CHUNKS = BT * (GP / 8), ZPT = (Z_CHUNKS + NTHREADS - 1) / NTHREADS;
+  constexpr int W_CHUNKS = GP * (KC / 8), WPT = (W_CHUNKS + NTHREADS - 1) / NTHREADS;
+  long long z_off[ZPT];
+  int z_dst[ZPT], z_col[ZPT];
+  bool z_ok[ZPT];
+#pragma unroll
+  for (int i = 0; i < ZPT; ++i) {
+    const int c = tid + i * NTHREADS, r = c / (GP / 8), col = (c % (GP / 8)) * 8;
+    z_off[i] = (long long)(b0 + r) * ldz + col;
+    z_dst[i] = r * ZPITCH + col * 2;
+    z_col[i] = col;
+    z_ok[i] = c < Z_CHUNKS && b0 + r < B && col < G;
+  }
+  int w_off[WPT], w_dst[WPT], w_col[WPT];
+  bool w_ok[WPT];
+#pragma unroll
+  for (int i = 0; i < WPT; ++i) {
+    const int c = tid + i * NTHREADS, r = c / (KC / 8), col = (c % (KC / 8)) * 8;
+    w_off[i] = r * K + col;
+    w_dst[i] = Z_STAGE + r * WPITCH + col * 2;
+    w_col[i] = col;
+    w_ok[i] = c < W_CHUNKS && r < G;
+  }
+
   auto issue = [&](int step) {
-    unsigned char* st = smem + (step % NST) * STAGE;
+    const unsigned st = smem_addr(smem + (step % NST) * STAGE);
     const int g = g_begin + step / NKC, k0 = (step % NKC) * KC;
     // dZ columns of the group: labels past L (padding of the last group) and rows past B read as 0.
-    load_tile(st, ZPITCH, dZ + (long long)b0 * ldz + (long long)g * G, ldz, BT, GP, B - b0,
-                          min(G, L - g * G), tid, NTHREADS);
-    load_tile(st + Z_STAGE, WPITCH, W + ((long long)g * G) * K + k0, K, GP, KC, G, K - k0, tid, NTHREADS);
-    int* is = reinterpret_cast<int*>(st + Z_STAGE + W_STAGE);
-    for (int c = tid; c < KC / 4; c += NTHREADS) {
-      const bool valid = k0 + c * 4 < K;
-      cp_async16(smem_addr(is + c * 4), valid ? idx + (long long)g * K + k0 + c * 4 : idx, valid);
+    const u16* zg = dZ + (long long)g * G;
+    const int labels_left = L - g * G;
+#pragma unroll
+    for (int i = 0; i < ZPT; ++i) {
+      if (Z_CHUNKS % NTHREADS != 0 && tid + i * NTHREADS >= Z_CHUNKS) continue;
+      const bool valid = z_ok[i] && z_col[i] < labels_left;
+      cp_async16(st + z_dst[i], valid ? zg + z_off[i] : dZ, valid);
+    }
+    const u16* wg = W + (long long)g * G * K + k0;
+#pragma unroll
+    for (int i = 0; i < WPT; ++i) {
+      if (W_CHUNKS % NTHREADS != 0 && tid + i * NTHREADS >= W_CHUNKS) continue;
+      const bool valid = w_ok[i] && k0 + w_col[i] < K;
+      cp_async16(st + w_dst[i], valid ? wg + w_off[i] : W, valid);
+    }
+    if (tid < KC / 4) {
+      const bool valid = k0 + tid * 4 < K;
+      cp_async16(st + Z_STAGE + W_STAGE + tid * 16, valid ? idx + (long long)g * K + k0 + tid * 4 : idx, valid);
     }
   };
 
