@@ -181,7 +181,7 @@ def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: 
 def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
     gt = _pad16(group_size) if group_size < 64 else 64
     kt = min(k_pad, 128)
-    return stages * (64 * (gt * 2 + 16) + kt * 144)
+    return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
 
 
 def _grid_rows(num_groups: int, row_tiles: int, shared: int, device: torch.device) -> int:
@@ -355,15 +355,10 @@ def gsfi_grad_weight(
     )
     g_tiles = math.ceil(group_size / 64)
     k_tiles = math.ceil(k_pad / min(k_pad, 128))
-    num_tiles = num_groups * g_tiles * k_tiles
-    sms, _, per_sm = _device_limits(device.index)
-    ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
-    per_cta = math.ceil(num_tiles / min(num_tiles, ctas))
     grad_w = _check_out(out, tuple(weight.shape), weight)
     args = (
         _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
         _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
-        np.int32(per_cta),
     )
-    _launch(fn, (math.ceil(num_tiles / per_cta), 1), 128, shared, args, device)
+    _launch(fn, (num_groups * g_tiles * k_tiles, 1), 128, shared, args, device)
     return grad_w
