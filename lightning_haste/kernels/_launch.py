@@ -6,6 +6,7 @@ import functools
 import math
 import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,7 +104,11 @@ def _device_limits(index: int) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _external_stream(handle: int, index: int) -> Any:
-    return _cupy().cuda.ExternalStream(handle, index)
+    """CuPy's view of a torch stream (cached: one object per stream)."""
+    with warnings.catch_warnings():
+        # CuPy 14 deprecates ExternalStream in favour of Stream.from_external, which older CuPy lacks.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _cupy().cuda.ExternalStream(handle, index)
 
 
 def _launch(fn: Any, grid: tuple[int, int], block: int, shared: int, args: tuple, device: torch.device) -> None:
