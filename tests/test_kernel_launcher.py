@@ -1,0 +1,82 @@
+"""The kernel launcher's CPU-side logic (CuPy is imported lazily; CI has neither CuPy nor a GPU)."""
+
+import sys
+
+import pytest
+import torch
+
+import lightning_haste as lh
+from lightning_haste import functional as LF
+from lightning_haste.kernels import _launch
+
+H100_SHARED = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200
+
+
+def test_missing_cupy_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    _launch._cupy.cache_clear()
+    try:
+        with pytest.raises(_launch.KernelUnavailableError, match="pip install"):
+            _launch._cupy()
+    finally:
+        _launch._cupy.cache_clear()
+
+
+def test_sources_found_and_header_inlined():
+    for name in ("gsfi_forward", "gsfi_grad_input", "gsfi_grad_weight"):
+        text = _launch._source(name)
+        assert '#include "gsfi_common.cuh"' not in text
+        assert "struct bf16_t" in text and f"void __launch_bounds__" in text
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("fan_in", [8, 64, 128, 512])
+@pytest.mark.parametrize("in_features", [384, 768, 4096, 65536])
+def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in, in_features):
+    k_pad = _launch._pad16(fan_in)
+    resident, warps, stages, shared = _launch._forward_variant(group_size, k_pad, in_features, H100_SHARED)
+    assert shared <= H100_SHARED and warps >= 1 and stages >= 2
+    if in_features <= 768 and group_size <= 32:
+        assert resident and warps == 8  # the official shapes keep the input in shared memory
+    smem_acc = _launch._grad_input_shared(group_size, k_pad, in_features, True, 3) <= H100_SHARED
+    stages, shared = _launch._deepest(
+        "grad_input_stages", lambda n: _launch._grad_input_shared(group_size, k_pad, in_features, smem_acc, n),
+        H100_SHARED,
+    )
+    assert shared <= H100_SHARED
+    assert _launch._grad_weight_shared(group_size, k_pad, 3) <= H100_SHARED
+
+
+def test_padded_rows_pads_with_zeros():
+    t = torch.randn(3, 13)
+    padded = _launch.padded_rows(t)
+    assert torch.equal(padded, t) and padded.stride(0) == 16
+    assert torch.count_nonzero(padded.as_strided((3, 16), (16, 1))[:, 13:]) == 0
+    aligned = torch.randn(3, 16)
+    assert _launch.padded_rows(aligned) is aligned
+
+
+def test_backend_argument():
+    layer = lh.GroupSharedFanIn(16, 20, 8, 8)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
+        LF.group_shared_fanin(x, layer.weight, layer.group_index, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        LF.group_shared_fanin(x, layer.weight, layer.group_index, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        lh.GroupSharedFanIn(16, 20, 8, 8, backend="fast")
+    torch.testing.assert_close(
+        LF.group_shared_fanin(x, layer.weight, layer.group_index, backend="torch"),
+        LF.group_shared_fanin(x, layer.weight, layer.group_index),
+    )
+
+
+def test_cpu_autocast_runs_in_autocast_dtype():
+    layer = lh.GroupSharedFanIn(32, 40, 8, 8)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert torch.count_nonzero(layer.weight.grad[40:]) == 0
