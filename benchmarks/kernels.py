@@ -159,33 +159,33 @@ def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16):
     row["ours_fwd_bwd"] = timeit(ours_fwd_bwd, sets)
     del xts
 
+    def linear_steps(xs_in, w_in):
+        """(forward, forward+backward) of F.linear on rotating inputs, gradients for both operands."""
+
+        def fwd_bwd(i):
+            w_in.grad = None
+            xs_in[i].grad = None
+            F.linear(xs_in[i], w_in).backward(dzs[i])
+
+        return (lambda i: F.linear(xs_in[i], w_in)), fwd_bwd
+
     # cuBLAS FLOPs-matched dense bottleneck: [B, K] x [L, K]^T
     xk = [torch.randn(B, K, device=dev, dtype=dtype, requires_grad=True) for _ in range(sets)]
     wk = torch.randn(L, K, device=dev, dtype=dtype, requires_grad=True)
-    row["bottleneck_fwd"] = timeit(lambda i: F.linear(xk[i], wk), sets)
-
-    def bottleneck_fwd_bwd(i):
-        wk.grad = None
-        xk[i].grad = None
-        F.linear(xk[i], wk).backward(dzs[i])
-
-    row["bottleneck_fwd_bwd_eager"] = bench(bottleneck_fwd_bwd, sets)
-    row["bottleneck_fwd_bwd"] = timeit(bottleneck_fwd_bwd, sets)
-    del xk, wk
+    fwd, fwd_bwd = linear_steps(xk, wk)
+    row["bottleneck_fwd"] = timeit(fwd, sets)
+    row["bottleneck_fwd_bwd_eager"] = bench(fwd_bwd, sets)
+    row["bottleneck_fwd_bwd"] = timeit(fwd_bwd, sets)
+    del xk, wk, fwd, fwd_bwd
 
     # full dense layer [B, H] x [L, H]^T
     try:
         wh = torch.randn(L, H, device=dev, dtype=dtype, requires_grad=True)
         xh = [x.clone().requires_grad_(True) for x in xs]
-        row["dense_fwd"] = timeit(lambda i: F.linear(xh[i], wh), sets)
-
-        def dense_fwd_bwd(i):
-            wh.grad = None
-            xh[i].grad = None
-            F.linear(xh[i], wh).backward(dzs[i])
-
-        row["dense_fwd_bwd"] = timeit(dense_fwd_bwd, sets)
-        del wh, xh
+        fwd, fwd_bwd = linear_steps(xh, wh)
+        row["dense_fwd"] = timeit(fwd, sets)
+        row["dense_fwd_bwd"] = timeit(fwd_bwd, sets)
+        del wh, xh, fwd, fwd_bwd
     except torch.OutOfMemoryError:
         row["dense_fwd"] = row["dense_fwd_bwd"] = None
     torch.cuda.empty_cache()

@@ -21,43 +21,35 @@ struct f16_t { u16 bits; };
 
 template <class T> struct Ops;
 
-template <> struct Ops<bf16_t> {
-  static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-  }
-  static __device__ __forceinline__ u16 from_float(float v) { return (u16)(pack(v, 0.f) & 0xffffu); }
-  static __device__ __forceinline__ float to_float(u16 v) { return __uint_as_float(((unsigned)v) << 16); }
-};
+// The two 16-bit types differ only in the PTX type name of their tensor-core product and their
+// float32 -> 16-bit conversion, and in how a value widens back to float32 (below).
+#define GSFI_DEFINE_OPS(TYPE, PTX)                                                                              \
+  template <> struct Ops<TYPE> {                                                                                \
+    static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) { \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                                        \
+                   ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                             \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                             \
+    }                                                                                                           \
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {                                       \
+      unsigned r;                                                                                               \
+      asm("cvt.rn." PTX "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));                                     \
+      return r;                                                                                                 \
+    }                                                                                                           \
+    static __device__ __forceinline__ u16 from_float(float v) { return (u16)(pack(v, 0.f) & 0xffffu); }         \
+    static __device__ __forceinline__ float to_float(u16 v);                                                    \
+  };
 
-template <> struct Ops<f16_t> {
-  static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-  }
-  static __device__ __forceinline__ u16 from_float(float v) { return (u16)(pack(v, 0.f) & 0xffffu); }
-  static __device__ __forceinline__ float to_float(u16 v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-  }
-};
+GSFI_DEFINE_OPS(bf16_t, "bf16")
+GSFI_DEFINE_OPS(f16_t, "f16")
+#undef GSFI_DEFINE_OPS
+
+__device__ __forceinline__ float Ops<bf16_t>::to_float(u16 v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ float Ops<f16_t>::to_float(u16 v) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+}
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
