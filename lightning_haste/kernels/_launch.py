@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -67,9 +68,9 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _function(kernel: str, template_args: tuple, device: torch.device) -> Any:
-    major, minor = _capability(device.index)
-    key = (kernel, template_args, device.index, major, minor)
+def _function(kernel: str, template_args: tuple, index: int) -> Any:
+    major, minor = _capability(index)
+    key = (kernel, template_args, index, major, minor)
     fn = _functions.get(key)
     if fn is None:
         with _lock:
@@ -77,7 +78,7 @@ def _function(kernel: str, template_args: tuple, device: torch.device) -> Any:
             if fn is None:
                 cupy = _cupy()
                 expr = f"{kernel}<{', '.join(_template_arg(a) for a in template_args)}>"
-                with cupy.cuda.Device(device.index):
+                with cupy.cuda.Device(index):
                     module = cupy.RawModule(code=_source(kernel), options=("-std=c++17",), name_expressions=[expr])
                     fn = module.get_function(expr)
                 _functions[key] = fn
@@ -111,20 +112,35 @@ def _external_stream(handle: int, index: int) -> Any:
         return _cupy().cuda.ExternalStream(handle, index)
 
 
-def _launch(fn: Any, grid: tuple[int, int], block: int, shared: int, args: tuple, device: torch.device) -> None:
-    cupy = _cupy()
-    _, max_shared, _ = _device_limits(device.index)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A compiled kernel and its launch shape for one problem shape (cached: no work per call)."""
+
+    fn: Any
+    grid: tuple[int, int]
+    block: int
+    shared: int
+    per_cta: int
+
+
+def _plan(fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int, index: int) -> _Plan:
+    _, max_shared, _ = _device_limits(index)
     if shared > max_shared:
         raise ValueError(f"kernel needs {shared} bytes of shared memory, the device allows {max_shared}")
     if shared > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared:
         fn.max_dynamic_shared_size_bytes = shared
+    return _Plan(fn, grid, block, shared, per_cta)
+
+
+def _launch(plan: _Plan, args: tuple, device: torch.device) -> None:
+    cupy = _cupy()
     stream = _external_stream(torch.cuda.current_stream(device).cuda_stream, device.index)
     if cupy.cuda.runtime.getDevice() == device.index:
         with stream:
-            fn(grid, (block, 1, 1), args, shared_mem=shared)
+            plan.fn(plan.grid, (plan.block, 1, 1), args, shared_mem=plan.shared)
     else:
         with cupy.cuda.Device(device.index), stream:
-            fn(grid, (block, 1, 1), args, shared_mem=shared)
+            plan.fn(plan.grid, (plan.block, 1, 1), args, shared_mem=plan.shared)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,9 +205,9 @@ def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
     return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
 
 
-def _grid_rows(num_groups: int, row_tiles: int, shared: int, device: torch.device) -> int:
+def _grid_rows(num_groups: int, row_tiles: int, shared: int, index: int) -> int:
     """Groups per CTA so that one wave of CTAs covers the work."""
-    sms, _, per_sm = _device_limits(device.index)
+    sms, _, per_sm = _device_limits(index)
     per_sm_ctas = max(1, min(8, per_sm // max(shared + 1024, 1)))
     columns = max(1, (sms * per_sm_ctas) // row_tiles)
     return max(1, math.ceil(num_groups / columns))
@@ -278,6 +294,21 @@ def _padded_output(batch: int, labels: int, like: Tensor) -> Tensor:
     return storage if padded == labels else storage[:, :labels]
 
 
+@functools.lru_cache(maxsize=256)
+def _forward_plan(
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned: bool,
+    index: int, tuning: tuple,
+) -> _Plan:
+    k_pad = _pad16(fan_in)
+    _, max_shared, _ = _device_limits(index)
+    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
+    fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages), index)
+    row_tiles = math.ceil(batch / 64)
+    per_cta = _grid_rows(num_groups, row_tiles, shared, index)
+    per_cta = math.ceil(per_cta / warps) * warps  # each warp owns whole groups
+    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, per_cta, index)
+
+
 def gsfi_forward(
     x2d: Tensor,
     weight: Tensor,
@@ -294,27 +325,36 @@ def gsfi_forward(
     device = x2d.device
     xt = transpose_input(x2d)
     out = _padded_output(batch, out_features, x2d) if out is None else _check_out(out, (batch, out_features), x2d)
-    k_pad = _pad16(fan_in)
-    _, max_shared, _ = _device_limits(device.index)
-    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
     # 16-byte stores need aligned rows with room up to the next multiple of 8 labels.
     aligned = _rows_aligned(out) and out.stride(0) >= (out_features + 7) // 8 * 8
-    fn = _function(
-        "gsfi_forward",
-        (KERNEL_DTYPES[x2d.dtype], group_size, k_pad, resident, aligned, warps, stages),
-        device,
+    plan = _forward_plan(
+        KERNEL_DTYPES[x2d.dtype], group_size, fan_in, in_features, batch, num_groups, aligned, device.index,
+        tuple(sorted(TUNING.items())),
     )
-    row_tiles = math.ceil(batch / 64)
-    per_cta = _grid_rows(num_groups, row_tiles, shared, device)
-    per_cta = math.ceil(per_cta / warps) * warps  # each warp owns whole groups
-    grid = (row_tiles, math.ceil(num_groups / per_cta))
     args = (
         _ptr(xt), np.int32(xt.shape[1]), _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out),
         np.int64(out.stride(0)), np.int32(batch), np.int32(in_features), np.int32(out_features),
-        np.int32(fan_in), np.int32(num_groups), np.int32(per_cta),
+        np.int32(fan_in), np.int32(num_groups), np.int32(plan.per_cta),
     )
-    _launch(fn, grid, 32 * warps, shared, args, device)
+    _launch(plan, args, device)
     return out, xt
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_input_plan(
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
+    tuning: tuple,
+) -> _Plan:
+    k_pad = _pad16(fan_in)
+    _, max_shared, _ = _device_limits(index)
+    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True, 3) <= max_shared
+    stages, shared = _deepest(
+        "grad_input_stages", lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n), max_shared
+    )
+    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages), index)
+    row_tiles = math.ceil(batch / 32)
+    per_cta = _grid_rows(num_groups, row_tiles, shared, index)
+    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
 
 
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
@@ -323,24 +363,29 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     grad_out = padded_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
-    k_pad = _pad16(fan_in)
-    _, max_shared, _ = _device_limits(device.index)
-    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True, 3) <= max_shared
-    stages, shared = _deepest(
-        "grad_input_stages", lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n), max_shared
+    plan = _grad_input_plan(
+        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, device.index,
+        tuple(sorted(TUNING.items())),
     )
-    fn = _function("gsfi_grad_input", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, smem_acc, stages), device)
-    row_tiles = math.ceil(batch / 32)
-    per_cta = _grid_rows(num_groups, row_tiles, shared, device)
-    grid = (row_tiles, math.ceil(num_groups / per_cta))
     grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
     args = (
         _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(weight), _ptr(group_index), _ptr(grad_x),
         np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
-        np.int32(num_groups), np.int32(per_cta),
+        np.int32(num_groups), np.int32(plan.per_cta),
     )
-    _launch(fn, grid, 256, shared, args, device)
+    _launch(plan, args, device)
     return grad_x.to(weight.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_weight_plan(dtype: str, group_size: int, fan_in: int, num_groups: int, index: int, tuning: tuple) -> _Plan:
+    k_pad = _pad16(fan_in)
+    # Two or three CTAs per multiprocessor keep enough gathers in flight; deeper rings cost CTAs.
+    stages = TUNING.get("grad_weight_stages", 3)
+    shared = _grad_weight_shared(group_size, k_pad, stages)
+    fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages), index)
+    tiles = num_groups * math.ceil(group_size / 64) * math.ceil(k_pad / min(k_pad, 128))
+    return _plan(fn, (tiles, 1), 128, shared, 1, index)
 
 
 def gsfi_grad_weight(
@@ -351,19 +396,13 @@ def gsfi_grad_weight(
     grad_out = padded_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
-    k_pad = _pad16(fan_in)
-    # Two or three CTAs per multiprocessor keep enough gathers in flight; deeper rings cost CTAs.
-    stages = TUNING.get("grad_weight_stages", 3)
-    shared = _grad_weight_shared(group_size, k_pad, stages)
-    fn = _function(
-        "gsfi_grad_weight", (KERNEL_DTYPES[grad_out.dtype], group_size, k_pad, stages), device
+    plan = _grad_weight_plan(
+        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, num_groups, device.index, tuple(sorted(TUNING.items()))
     )
-    g_tiles = math.ceil(group_size / 64)
-    k_tiles = math.ceil(k_pad / min(k_pad, 128))
     grad_w = _check_out(out, tuple(weight.shape), weight)
     args = (
         _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
         _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
     )
-    _launch(fn, (num_groups * g_tiles * k_tiles, 1), 128, shared, args, device)
+    _launch(plan, args, device)
     return grad_w
