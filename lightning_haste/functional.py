@@ -166,22 +166,16 @@ class _GroupSharedFanInCUDA(torch.autograd.Function):
 def _uses_kernels(x: Tensor, weight: Tensor, group_index: Tensor, backend: str) -> bool:
     if backend == "torch":
         return False
-    num_groups, fan_in = group_index.shape
-    group_size = weight.shape[0] // num_groups
+    from . import kernels  # noqa: PLC0415 - imports no CuPy; kept off the CPU import path all the same
+
     # float32/float64 stay on the pure-PyTorch path, whose cuBLAS batched matmuls honour
     # torch.backends.cuda.matmul.allow_tf32: precision is never lowered silently.
-    supported = (
-        x.is_cuda
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and group_size in (8, 16, 32, 64, 128)
-        and fan_in % 8 == 0
-        and fan_in <= 512
-    )
+    supported = kernels.supports(x, weight, group_index)
     if backend == "cuda" and not supported:
         raise ValueError(
-            "backend='cuda' needs CUDA bfloat16/float16 tensors, group_size in (8, 16, 32, 64, 128) and "
-            f"fan_in a multiple of 8 up to 512; got {x.device} {x.dtype}, group_size={group_size}, "
-            f"fan_in={fan_in}"
+            f"backend='cuda' needs CUDA bfloat16/float16 tensors, group_size in {kernels.SUPPORTED_GROUP_SIZES} "
+            f"and fan_in a multiple of 8 up to {kernels.MAX_FAN_IN}; got {x.device} {x.dtype}, "
+            f"group_size={weight.shape[0] // group_index.shape[0]}, fan_in={group_index.shape[1]}"
         )
     return supported
 
