@@ -1,8 +1,8 @@
 """lightning-haste: HASTE group-shared fixed fan-in output layers for extreme multi-label training."""
 
 from . import functional
-from .gsfi import GroupSharedFanIn, sample_group_index
+from .gsfi import GroupSharedFanIn, bank_interleaved_order, sample_group_index
 from .head_tail import HeadTailOutput
 
-__all__ = ["GroupSharedFanIn", "HeadTailOutput", "functional", "sample_group_index"]
+__all__ = ["GroupSharedFanIn", "HeadTailOutput", "bank_interleaved_order", "functional", "sample_group_index"]
 __version__ = "0.1.0.dev0"

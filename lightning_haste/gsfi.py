@@ -18,11 +18,38 @@ from ._checks import (
     num_groups_for,
 )
 
-__all__ = ["GroupSharedFanIn", "sample_group_index"]
+__all__ = ["GroupSharedFanIn", "bank_interleaved_order", "sample_group_index"]
+
+#: Residues of the feature ids that :func:`bank_interleaved_order` deals out in turn.
+BANK_RESIDUES = 8
 
 
 def _rows_per_chunk(in_features: int, budget: int = 64 * 2**20) -> int:
     return max(1, budget // (4 * in_features))
+
+
+def bank_interleaved_order(group_index: Tensor) -> Tensor:
+    """Per-row column order that deals the features out by residue mod 8, in turn.
+
+    Within each row, features are taken in ascending order inside each residue class ``f % 8``, and
+    the classes are interleaved: position ``8q + r`` holds the ``q``-th feature of residue ``r`` as
+    long as that class lasts. The CUDA kernels read the rows of 8 (forward gathers) or 4 (grad-input
+    adds) consecutive slots of a group in one shared-memory access, and a row's bank is set by its
+    feature id mod 8 (mod 4): with distinct residues those accesses are free of bank conflicts.
+    The layer's function does not depend on the order of a group's slots.
+
+    Returns an int64 ``[num_groups, fan_in]`` permutation to apply with ``gather(1, order)``.
+    """
+    features = group_index.long()
+    residue = features % BANK_RESIDUES
+    by_class = torch.argsort(residue * (int(features.max()) + 1) + features, dim=1)
+    class_sorted = residue.gather(1, by_class)
+    counts = torch.zeros(features.shape[0], BANK_RESIDUES, dtype=torch.long, device=features.device)
+    counts.scatter_add_(1, residue, torch.ones_like(residue))
+    starts = counts.cumsum(1) - counts
+    position = torch.arange(features.shape[1], device=features.device).expand_as(features)
+    rank = position - starts.gather(1, class_sorted)
+    return by_class.gather(1, torch.argsort(rank * BANK_RESIDUES + class_sorted, dim=1))
 
 
 def sample_group_index(
@@ -35,8 +62,8 @@ def sample_group_index(
 ) -> Tensor:
     """Draw ``fan_in`` distinct features (without replacement) for every group.
 
-    Returns an int32 ``[num_groups, fan_in]`` tensor whose rows are sorted ascending (sorted rows
-    make the gathers of every kernel read memory in order). Rows are drawn in chunks so that the
+    Returns an int32 ``[num_groups, fan_in]`` tensor whose rows are in :func:`bank_interleaved_order`
+    (conflict-free shared-memory access in the CUDA kernels). Rows are drawn in chunks so that the
     temporary random matrix stays small for millions of groups.
     """
     num_groups = check_positive_int("num_groups", num_groups)
@@ -51,7 +78,7 @@ def sample_group_index(
         r1 = min(num_groups, r0 + step)
         keys = torch.rand(r1 - r0, in_features, generator=generator, device=draw_device)
         chosen = keys.topk(fan_in, dim=1, sorted=False).indices
-        out[r0:r1] = chosen.sort(dim=1).values.to(torch.int32)
+        out[r0:r1] = chosen.gather(1, bank_interleaved_order(chosen)).to(torch.int32)
     return out.to(device) if device is not None else out
 
 
@@ -185,6 +212,20 @@ class GroupSharedFanIn(nn.Module):
             check_index=False,
             backend=self.backend,
         )
+
+    @torch.no_grad()
+    def interleave_group_index_(self) -> None:
+        """Put every group's slots in :func:`bank_interleaved_order` (index and weight columns together).
+
+        The function of the layer is unchanged; the CUDA kernels run faster on this order. New layers
+        already have it; use this on an index that came from elsewhere (a checkpoint of another tool),
+        before creating the optimizer (per-slot optimizer state is not permuted).
+        """
+        self.check_group_index()
+        order = bank_interleaved_order(self.group_index)
+        self.group_index.copy_(self.group_index.gather(1, order.to(torch.int64)))
+        weight = self.weight.view(self.num_groups, self.group_size, self.fan_in)
+        weight.copy_(weight.gather(2, order.unsqueeze(1).expand_as(weight)))
 
     def to_dense(self) -> Tensor:
         """The equivalent masked dense weight ``[out_features, in_features]`` (differentiable)."""

@@ -139,17 +139,42 @@ def test_to_dense_matches_independent_masked_weight():
     assert torch.equal((dense != 0).sum(dim=1), torch.full((22,), 4))
 
 
-def test_sample_group_index_rows_distinct_sorted_and_reproducible():
+def _interleaved_reference(row):
+    """Residue classes mod 8, each ascending, dealt out in turn (written independently, slowly)."""
+    classes = [sorted(f for f in row if f % 8 == r) for r in range(8)]
+    out = []
+    for q in range(max(len(c) for c in classes)):
+        out += [c[q] for c in classes if q < len(c)]
+    return out
+
+
+def test_sample_group_index_rows_distinct_interleaved_and_reproducible():
     idx = lh.sample_group_index(500, 40, 17, generator=torch.Generator().manual_seed(2))
     assert idx.dtype == torch.int32 and idx.shape == (500, 17)
     assert int(idx.min()) >= 0 and int(idx.max()) < 40
-    assert bool((idx[:, 1:] > idx[:, :-1]).all())
+    assert all(len(set(row)) == 17 for row in idx.tolist())
+    assert all(row == _interleaved_reference(row) for row in idx.tolist())
     again = lh.sample_group_index(500, 40, 17, generator=torch.Generator().manual_seed(2))
     assert torch.equal(idx, again)
     full = lh.sample_group_index(3, 9, 9)
-    assert torch.equal(full, torch.arange(9, dtype=torch.int32).expand(3, 9))
+    assert torch.equal(full, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8], dtype=torch.int32).expand(3, 9))
     # every feature is reachable
     assert torch.unique(idx).numel() == 40
+    # with balanced residues every aligned block of 8 slots has 8 distinct residues
+    balanced = lh.sample_group_index(50, 64, 64)
+    assert torch.equal((balanced % 8), torch.arange(64, dtype=torch.int32).remainder(8).expand(50, 64))
+
+
+def test_interleave_group_index_keeps_the_function():
+    layer = lh.GroupSharedFanIn(30, 45, 12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        layer.group_index.copy_(layer.group_index.sort(dim=1).values)  # an index from elsewhere
+    x = torch.randn(5, 30, dtype=torch.float64)
+    before, dense = layer(x), layer.to_dense()
+    layer.interleave_group_index_()
+    assert all(row == _interleaved_reference(row) for row in layer.group_index.tolist())
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.to_dense(), dense, rtol=0, atol=0)
 
 
 def test_no_grad_and_inputs_without_grad():
