@@ -1,11 +1,12 @@
 // Gradient of the input of the group-shared fixed fan-in layer:
 //   dX[b, idx[g, k]] += sum_j dZ[b, g*G + j] * W[g*G + j, k]
 //
-// One CTA = 32 batch rows x a range of groups, 8 warps; one step = one group (and one chunk of its K
-// columns). Per step the CTA computes the transposed product dXg^T [K x 32] = W_g^T [K x G] * dZ_g^T
-// [G x 32] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
+// One CTA = BT (32 or 64) batch rows x a range of groups, 8 warps; one step = one group (and one chunk
+// of its K columns). Per step the CTA computes the transposed product dXg^T [K x BT] = W_g^T [K x G] *
+// dZ_g^T [G x BT] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
 // feature, and adds it into a float32 transposed copy of the CTA's dX rows in shared memory
-// (SMEM_ACC, [H][40]; the pitch puts a quad's 32-byte piece of a row in one of 4 bank ranges): one
+// (SMEM_ACC, [H][BT + 8]; the pitch puts a quad's 32-byte piece of a row in one of 4 bank ranges, set
+// by the feature id mod 4, which the bank-interleaved slot order makes distinct within a half-warp): one
 // 8-byte read-add-write per pair, the feature's row address computed once
 // per tile. No atomics are needed there: the K features of a group are distinct, so within a step
 // every (feature, row) target belongs to exactly one thread, and the barrier that starts each step
@@ -15,15 +16,18 @@
 // to global memory as atomics.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool SMEM_ACC, int NST>
+template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT>
 __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
                                                         int num_groups, int groups_per_cta) {
-  constexpr int BT = 32, NTHREADS = 256;
+  constexpr int NTHREADS = 256, NN = BT / 8;                     // BT = 32 or 64 batch rows
   constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
-  constexpr int MT = KC / 16;                                   // 16-feature tiles per step
-  constexpr int TPW = MT <= 2 ? 1 : (MT <= 4 ? 2 : 4);          // (feature, 8-row) tiles per warp
+  constexpr int MT = KC / 16;                                    // 16-feature tiles per step
+  // (16-feature, 8-row) tiles per warp: the MT * NN tiles over 8 warps, a power of two <= NN so that
+  // each warp's tiles share one feature tile.
+  constexpr int TPW_MIN = (MT * NN + 7) / 8;
+  constexpr int TPW = TPW_MIN <= 1 ? 1 : (TPW_MIN <= 2 ? 2 : (TPW_MIN <= 4 ? 4 : 8));
   constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16, APITCH = BT + 8;
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
@@ -36,7 +40,7 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   const int g_end = min(num_groups, g_begin + groups_per_cta);
   if (g_begin >= g_end) return;
   const int nsteps = (g_end - g_begin) * NKC;
-  const int m_tile = (warp * TPW) / 4, n_first = (warp * TPW) % 4;
+  const int m_tile = (warp * TPW) / NN, n_first = (warp * TPW) % NN;
   const bool active = m_tile < MT;
 
   if (SMEM_ACC) {

@@ -38,12 +38,14 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
     assert shared <= H100_SHARED and warps >= 1 and stages >= 2
     if in_features <= 768 and group_size <= 32:
         assert resident and warps == 8  # the official shapes keep the input in shared memory
-    smem_acc = _launch._grad_input_shared(group_size, k_pad, in_features, True, 3) <= H100_SHARED
-    stages, shared = _launch._deepest(
-        "grad_input_stages", lambda n: _launch._grad_input_shared(group_size, k_pad, in_features, smem_acc, n),
-        H100_SHARED,
-    )
-    assert shared <= H100_SHARED
+    for rows in (32, 64):
+        smem_acc = _launch._grad_input_shared(group_size, k_pad, in_features, True, 3, rows) <= H100_SHARED
+        stages, shared = _launch._deepest(
+            "grad_input_stages",
+            lambda n: _launch._grad_input_shared(group_size, k_pad, in_features, smem_acc, n, rows),
+            H100_SHARED,
+        )
+        assert shared <= H100_SHARED
     assert _launch._grad_weight_shared(group_size, k_pad, 3) <= H100_SHARED
 
 

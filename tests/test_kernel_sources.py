@@ -18,11 +18,11 @@ def _instantiations():
         a, b = str(flag_a).lower(), str(flag_b).lower()
         lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
         if flag_b:
-            lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3>,")
+            lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}>,")
         if flag_a and flag_b:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, 3>,")
     lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>," for w, n in ((4, 2), (2, 3), (1, 2))]
-    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}>," for n in (2, 8)]
+    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}>," for n in (2, 8) for r in (32, 64)]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}>," for n in (2, 4)]
     return "\n".join(lines)
 

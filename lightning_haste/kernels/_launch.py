@@ -60,7 +60,7 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_weight_stages".
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages".
 TUNING: dict[str, Any] = {}
 
 
@@ -213,11 +213,13 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
     raise ValueError(f"no {key.rsplit('_', 1)[0]} kernel variant fits in {max_shared} bytes of shared memory")
 
 
-def _grad_input_shared(group_size: int, k_pad: int, in_features: int, smem_acc: bool, stages: int) -> int:
+def _grad_input_shared(
+    group_size: int, k_pad: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
+) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, k_pad)
-    stage = 32 * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
-    return stages * stage + ((in_features + 128) * 40 * 4 if smem_acc else 0)
+    stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
+    return stages * stage + ((in_features + 128) * (rows + 8) * 4 if smem_acc else 0)
 
 
 def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
@@ -368,12 +370,19 @@ def _grad_input_plan(
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(index)
-    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True, 3) <= max_shared
+    # 64 batch rows per CTA halve the per-group overhead per row; they need twice the accumulator.
+    rows = TUNING.get("grad_input_rows")
+    if rows is None:
+        fits64 = _grad_input_shared(group_size, k_pad, in_features, True, 3, 64) <= max_shared
+        rows = 64 if fits64 and batch > 32 else 32
+    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True, 3, rows) <= max_shared
     stages, shared = _deepest(
-        "grad_input_stages", lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n), max_shared
+        "grad_input_stages",
+        lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n, rows),
+        max_shared,
     )
-    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages), index)
-    row_tiles = math.ceil(batch / 32)
+    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows), index)
+    row_tiles = math.ceil(batch / rows)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
 
