@@ -127,3 +127,132 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
       }
   }
 }
+
+// Small groups (G_PAD * K_PAD <= 2048: the whole [G x K] gradient of a group fits in one warp's
+// registers, 64 floats per lane): each warp owns whole groups and streams the batch through a
+// warp-private NST-stage ring in steps of 32 rows; no CTA barrier. The feature ids of the warp's next
+// group are loaded while it works on the current one, so the gathers never wait for them. For the
+// official small-group shapes (G = 16, 32 with K <= 128) this replaces one CTA (and its setup) per group.
+template <class T, int G, int KP, int NST, int NW>
+__global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __restrict__ dZ, long long ldz,
+                                                                  const u16* __restrict__ XT, int ldxt,
+                                                                  const int* __restrict__ idx,
+                                                                  u16* __restrict__ dW, int B, int L, int K,
+                                                                  int num_groups, int groups_per_cta) {
+  constexpr int BW = 32, GP = gsfi_pad16(G);
+  constexpr int MT = GP / 16, NT = KP / 8;
+  static_assert(GP * KP <= 2048, "the group's gradient must fit in the warp's registers");
+  constexpr int ZPITCH = GP * 2 + 16, XPITCH = BW * 2 + 16;
+  constexpr int Z_STAGE = BW * ZPITCH, STAGE = Z_STAGE + KP * XPITCH;
+  constexpr int Z_PER_LANE = (BW * (GP / 8) + 31) / 32, S_PER_LANE = KP / 8;  // KP * 4 pieces / 32
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g_begin = blockIdx.x * groups_per_cta;
+  const int g_end = min(num_groups, g_begin + groups_per_cta);
+  const int first = g_begin + warp;
+  if (first >= g_end) return;
+  const int my_groups = (g_end - first + NW - 1) / NW;
+  const int bsteps = (B + BW - 1) / BW;
+  const int nsteps = my_groups * bsteps;
+  unsigned char* ring = smem + warp * NST * STAGE;
+  const unsigned ring_addr = smem_addr(ring);
+
+  // This lane's gathered rows: r = lane / 4 + 8 i, 16-byte piece (lane % 4) of each row's 32 batch values.
+  const int s_col = (lane & 3) * 8;
+  int feat_cur[S_PER_LANE], feat_next[S_PER_LANE];
+  auto load_features = [&](int (&feat)[S_PER_LANE], int g) {
+#pragma unroll
+    for (int i = 0; i < S_PER_LANE; ++i) {
+      const int r = (lane >> 2) + 8 * i;
+      feat[i] = (g < g_end && r < K) ? __ldg(idx + (long long)g * K + r) : -1;
+    }
+  };
+  load_features(feat_cur, first);
+  load_features(feat_next, first + NW);
+  int issued_group = 0;  // index (in this warp's list) of the group whose features are in feat_cur
+
+  auto issue = [&](int step) {
+    const int gi = step / bsteps, bs = (step % bsteps) * BW;
+    if (gi != issued_group) {  // steps are issued in order: move to the next group's features
+      issued_group = gi;
+#pragma unroll
+      for (int i = 0; i < S_PER_LANE; ++i) feat_cur[i] = feat_next[i];
+      load_features(feat_next, first + (gi + 1) * NW);
+    }
+    const int g = first + gi * NW;
+    const unsigned st = ring_addr + (step % NST) * STAGE;
+    const int labels_left = L - g * G;
+#pragma unroll
+    for (int i = 0; i < Z_PER_LANE; ++i) {
+      const int c = lane + 32 * i, r = c / (GP / 8), col = (c % (GP / 8)) * 8;
+      const bool valid = c < BW * (GP / 8) && bs + r < B && col < G && col < labels_left;
+      cp_async16(st + r * ZPITCH + col * 2, valid ? dZ + (long long)(bs + r) * ldz + (long long)g * G + col : dZ,
+                 valid);
+    }
+#pragma unroll
+    for (int i = 0; i < S_PER_LANE; ++i) {
+      const int r = (lane >> 2) + 8 * i;
+      const bool valid = feat_cur[i] >= 0 && bs + s_col < ldxt;
+      cp_async16(st + Z_STAGE + r * XPITCH + s_col * 2,
+                 valid ? XT + (long long)feat_cur[i] * ldxt + bs + s_col : XT, valid);
+    }
+  };
+
+  for (int s = 0; s < NST - 1; ++s) {
+    if (s < nsteps) issue(s);
+    cp_async_commit();
+  }
+
+  float acc[MT][NT][4];
+  for (int gi = 0, s = 0; gi < my_groups; ++gi) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+    for (int b = 0; b < bsteps; ++b, ++s) {
+      cp_async_wait<NST - 2>();
+      __syncwarp();
+      if (s + NST - 1 < nsteps) issue(s + NST - 1);
+      cp_async_commit();
+      const unsigned zs = ring_addr + (s % NST) * STAGE, xs = zs + Z_STAGE;
+#pragma unroll
+      for (int b16 = 0; b16 < BW / 16; ++b16) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const int row = b16 * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int col = m * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4_trans(a[m], zs + row * ZPITCH + col * 2);
+        }
+#pragma unroll
+        for (int n2 = 0; n2 < NT / 2; ++n2) {
+          // Two 8-column tiles of B[k = batch][n = column] = XT[idx[column]][batch] per ldmatrix.
+          unsigned bx[4];
+          const int row = n2 * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int col = b16 * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4(bx, xs + row * XPITCH + col * 2);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            Ops<T>::mma(acc[m][2 * n2], a[m], bx[0], bx[1]);
+            Ops<T>::mma(acc[m][2 * n2 + 1], a[m], bx[2], bx[3]);
+          }
+        }
+      }
+    }
+    const long long label0 = (long long)(first + gi * NW) * G;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int h8 = 0; h8 < 2; ++h8) {
+          const int j = m * 16 + (lane >> 2) + h8 * 8, col = n * 8 + 2 * (lane & 3);
+          if (j < G && col < K) {  // K is a multiple of 8, so col + 1 < K too
+            *reinterpret_cast<unsigned*>(dW + (label0 + j) * K + col) =
+                Ops<T>::pack(acc[m][n][2 * h8], acc[m][n][2 * h8 + 1]);
+          }
+        }
+  }
+  cp_async_wait<0>();
+}

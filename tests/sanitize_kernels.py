@@ -9,8 +9,10 @@ import torch
 import lightning_haste as lh
 from lightning_haste import kernels
 
-# (batch, in_features, out_features, group_size, fan_in): shared-memory-resident and streaming variants
-for case in [(37, 300, 999, 32, 24), (9, 4096, 100, 16, 64)]:
+# (batch, in_features, out_features, group_size, fan_in): shared-memory-resident and streamed input,
+# shared-memory and global grad-input accumulation, 32- and 64-row grad-input tiles, warp-per-group and
+# CTA-per-tile grad-weight
+for case in [(37, 300, 999, 32, 24), (9, 4096, 100, 16, 64), (70, 200, 300, 64, 128)]:
     batch, in_features, out_features, group_size, fan_in = case
     layer = lh.GroupSharedFanIn(in_features, out_features, fan_in, group_size, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)

@@ -47,6 +47,8 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
         )
         assert shared <= H100_SHARED
     assert _launch._grad_weight_shared(group_size, k_pad, 3) <= H100_SHARED
+    if _launch._pad16(group_size) * k_pad <= 2048:  # the warp-per-group grad-weight fits too
+        assert _launch._grad_weight_warp_shared(group_size, k_pad, 2, 8) <= H100_SHARED
 
 
 def test_padded_rows_pads_with_zeros():

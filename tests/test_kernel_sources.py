@@ -24,6 +24,11 @@ def _instantiations():
     lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>," for w, n in ((4, 2), (2, 3), (1, 2))]
     lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}>," for n in (2, 8) for r in (32, 64)]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}>," for n in (2, 4)]
+    lines += [
+        f"(void*)&gsfi_grad_weight_warp<{dtype}, {g}, {kp}, {n}, {w}>,"
+        for dtype in ("bf16_t", "f16_t") for g, kp in ((8, 16), (8, 128), (16, 64), (16, 128), (32, 64))
+        for n, w in ((3, 8), (2, 4))
+    ]
     return "\n".join(lines)
 
 

@@ -52,15 +52,19 @@ def _source(name: str) -> str:
     """Kernel source with the common header inlined, so CuPy's cache key covers all of it."""
     folder = _cuda_dir()
     header = (folder / "gsfi_common.cuh").read_text()
-    text = (folder / f"{name}.cu").read_text()
+    text = (folder / f"{_SOURCE_FILE.get(name, name)}.cu").read_text()
     return re.sub(r'#include "gsfi_common.cuh"', lambda _: header.replace("#pragma once", ""), text)
 
+
+#: Kernels that share a source file with another kernel.
+_SOURCE_FILE = {"gsfi_grad_weight_warp": "gsfi_grad_weight"}
 
 _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages".
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages",
+#: "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
 
@@ -407,15 +411,29 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     return grad_x.to(weight.dtype)
 
 
+def _grad_weight_warp_shared(group_size: int, k_pad: int, stages: int, warps: int) -> int:
+    return warps * stages * (32 * (_pad16(group_size) * 2 + 16) + k_pad * 80)
+
+
 @functools.lru_cache(maxsize=256)
 def _grad_weight_plan(dtype: str, group_size: int, fan_in: int, num_groups: int, index: int, tuning: tuple) -> _Plan:
     k_pad = _pad16(fan_in)
+    sms, max_shared, per_sm = _device_limits(index)
+    # Small groups: one warp per group, the group's whole gradient in its registers (no CTA per group).
+    if _pad16(group_size) * k_pad <= 2048 and TUNING.get("grad_weight_kernel", "warp") == "warp":
+        for warps, stages in ((8, 3), (8, 2), (4, 3), (4, 2)):
+            shared = _grad_weight_warp_shared(group_size, k_pad, stages, warps)
+            if shared <= max_shared:
+                fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps), index)
+                ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
+                per_cta = math.ceil(math.ceil(num_groups / ctas) / warps) * warps
+                return _plan(fn, (math.ceil(num_groups / per_cta), 1), 32 * warps, shared, per_cta, index)
     # Two or three CTAs per multiprocessor keep enough gathers in flight; deeper rings cost CTAs.
     stages = TUNING.get("grad_weight_stages", 3)
     shared = _grad_weight_shared(group_size, k_pad, stages)
     fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages), index)
     tiles = num_groups * math.ceil(group_size / 64) * math.ceil(k_pad / min(k_pad, 128))
-    return _plan(fn, (tiles, 1), 128, shared, 1, index)
+    return _plan(fn, (tiles, 1), 128, shared, 0, index)
 
 
 def gsfi_grad_weight(
@@ -434,5 +452,7 @@ def gsfi_grad_weight(
         _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
         _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
     )
+    if plan.per_cta:  # the warp-per-group kernel takes its share of groups
+        args += (np.int32(plan.per_cta),)
     _launch(plan, args, device)
     return grad_w
