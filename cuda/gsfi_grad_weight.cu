@@ -128,59 +128,51 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   }
 }
 
-// Small groups (G_PAD * K_PAD <= 2048: the whole [G x K] gradient of a group fits in one warp's
-// registers, 64 floats per lane): each warp owns whole groups and streams the batch through a
-// warp-private NST-stage ring in steps of 32 rows; no CTA barrier. The feature ids of the warp's next
-// group are loaded while it works on the current one, so the gathers never wait for them. For the
-// official small-group shapes (G = 16, 32 with K <= 128) this replaces one CTA (and its setup) per group.
+// Small groups and a small batch (G_PAD * K_PAD <= 2048, so a group's whole [G x K] gradient fits in
+// one warp's registers, 64 floats per lane; and B x H small enough that all of XT fits in shared
+// memory): the CTA keeps XT resident and each warp owns whole groups. The gathered operand comes
+// straight from the resident XT through ldmatrix row addresses, so the K x B gather of every group
+// costs no L2 traffic (it dominates the tile kernel above at the official small-group shapes); only
+// the group's dZ columns stream through a warp-private NST-stage ring in steps of 32 rows.
 template <class T, int G, int KP, int NST, int NW>
 __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __restrict__ dZ, long long ldz,
                                                                   const u16* __restrict__ XT, int ldxt,
                                                                   const int* __restrict__ idx,
-                                                                  u16* __restrict__ dW, int B, int L, int K,
-                                                                  int num_groups, int groups_per_cta) {
+                                                                  u16* __restrict__ dW, int B, int H, int L,
+                                                                  int K, int num_groups, int groups_per_cta) {
   constexpr int BW = 32, GP = gsfi_pad16(G);
   constexpr int MT = GP / 16, NT = KP / 8;
   static_assert(GP * KP <= 2048, "the group's gradient must fit in the warp's registers");
-  constexpr int ZPITCH = GP * 2 + 16, XPITCH = BW * 2 + 16;
-  constexpr int Z_STAGE = BW * ZPITCH, STAGE = Z_STAGE + KP * XPITCH;
-  constexpr int Z_PER_LANE = (BW * (GP / 8) + 31) / 32, S_PER_LANE = KP / 8;  // KP * 4 pieces / 32
+  constexpr int ZPITCH = GP * 2 + 16, STAGE = BW * ZPITCH;
+  constexpr int Z_PER_LANE = (BW * (GP / 8) + 31) / 32;
   extern __shared__ __align__(16) unsigned char smem[];
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g_begin = blockIdx.x * groups_per_cta;
   const int g_end = min(num_groups, g_begin + groups_per_cta);
+  if (g_begin >= g_end) return;
+  const int bsteps = (B + BW - 1) / BW;
+  const int xpitch = bsteps * BW * 2 + 16;  // resident XT row: the batch padded to 32, then 16 bytes
+  const unsigned x_addr = smem_addr(smem);
+  // Row H of the resident XT is zeros: padded columns k >= K read it.
+  const unsigned ring_addr = x_addr + (H + 1) * xpitch + warp * NST * STAGE;
+
+  for (int c = tid; c < (H + 1) * (bsteps * BW / 8); c += NW * 32) {
+    const int h = c / (bsteps * BW / 8), col = (c % (bsteps * BW / 8)) * 8;
+    const bool valid = h < H && col < ldxt;
+    cp_async16(x_addr + h * xpitch + col * 2, valid ? XT + (long long)h * ldxt + col : XT, valid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
   const int first = g_begin + warp;
   if (first >= g_end) return;
   const int my_groups = (g_end - first + NW - 1) / NW;
-  const int bsteps = (B + BW - 1) / BW;
   const int nsteps = my_groups * bsteps;
-  unsigned char* ring = smem + warp * NST * STAGE;
-  const unsigned ring_addr = smem_addr(ring);
-
-  // This lane's gathered rows: r = lane / 4 + 8 i, 16-byte piece (lane % 4) of each row's 32 batch values.
-  const int s_col = (lane & 3) * 8;
-  int feat_cur[S_PER_LANE], feat_next[S_PER_LANE];
-  auto load_features = [&](int (&feat)[S_PER_LANE], int g) {
-#pragma unroll
-    for (int i = 0; i < S_PER_LANE; ++i) {
-      const int r = (lane >> 2) + 8 * i;
-      feat[i] = (g < g_end && r < K) ? __ldg(idx + (long long)g * K + r) : -1;
-    }
-  };
-  load_features(feat_cur, first);
-  load_features(feat_next, first + NW);
-  int issued_group = 0;  // index (in this warp's list) of the group whose features are in feat_cur
 
   auto issue = [&](int step) {
-    const int gi = step / bsteps, bs = (step % bsteps) * BW;
-    if (gi != issued_group) {  // steps are issued in order: move to the next group's features
-      issued_group = gi;
-#pragma unroll
-      for (int i = 0; i < S_PER_LANE; ++i) feat_cur[i] = feat_next[i];
-      load_features(feat_next, first + (gi + 1) * NW);
-    }
-    const int g = first + gi * NW;
+    const int g = first + (step / bsteps) * NW, bs = (step % bsteps) * BW;
     const unsigned st = ring_addr + (step % NST) * STAGE;
     const int labels_left = L - g * G;
 #pragma unroll
@@ -190,13 +182,6 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
       cp_async16(st + r * ZPITCH + col * 2, valid ? dZ + (long long)(bs + r) * ldz + (long long)g * G + col : dZ,
                  valid);
     }
-#pragma unroll
-    for (int i = 0; i < S_PER_LANE; ++i) {
-      const int r = (lane >> 2) + 8 * i;
-      const bool valid = feat_cur[i] >= 0 && bs + s_col < ldxt;
-      cp_async16(st + Z_STAGE + r * XPITCH + s_col * 2,
-                 valid ? XT + (long long)feat_cur[i] * ldxt + bs + s_col : XT, valid);
-    }
   };
 
   for (int s = 0; s < NST - 1; ++s) {
@@ -204,8 +189,23 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
     cp_async_commit();
   }
 
+  // This lane's ldmatrix row of each 16-column pair: column n2 * 16 + (lane & 7) + (lane >> 4) * 8.
+  int feat_next[NT / 2];
+  auto load_features = [&](int g) {
+#pragma unroll
+    for (int n2 = 0; n2 < NT / 2; ++n2) {
+      const int k = n2 * 16 + (lane & 7) + (lane >> 4) * 8;
+      feat_next[n2] = (g < g_end && k < K) ? __ldg(idx + (long long)g * K + k) : H;
+    }
+  };
+  load_features(first);
+
   float acc[MT][NT][4];
   for (int gi = 0, s = 0; gi < my_groups; ++gi) {
+    unsigned xrow[NT / 2];
+#pragma unroll
+    for (int n2 = 0; n2 < NT / 2; ++n2) xrow[n2] = x_addr + feat_next[n2] * xpitch + ((lane >> 3) & 1) * 16;
+    load_features(first + (gi + 1) * NW);  // the next group's, while this one computes
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
       __syncwarp();
       if (s + NST - 1 < nsteps) issue(s + NST - 1);
       cp_async_commit();
-      const unsigned zs = ring_addr + (s % NST) * STAGE, xs = zs + Z_STAGE;
+      const unsigned zs = ring_addr + (s % NST) * STAGE;
 #pragma unroll
       for (int b16 = 0; b16 < BW / 16; ++b16) {
         unsigned a[MT][4];
@@ -225,13 +225,13 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
           const int col = m * 16 + ((lane >> 3) & 1) * 8;
           ldsm_x4_trans(a[m], zs + row * ZPITCH + col * 2);
         }
+        const int boff = (b * BW + b16 * 16) * 2;
 #pragma unroll
         for (int n2 = 0; n2 < NT / 2; ++n2) {
-          // Two 8-column tiles of B[k = batch][n = column] = XT[idx[column]][batch] per ldmatrix.
+          // Two 8-column tiles of B[k = batch][n = column] = XT[idx[column]][batch] per ldmatrix,
+          // read from the resident XT at the columns' feature rows.
           unsigned bx[4];
-          const int row = n2 * 16 + (lane & 7) + (lane >> 4) * 8;
-          const int col = b16 * 16 + ((lane >> 3) & 1) * 8;
-          ldsm_x4(bx, xs + row * XPITCH + col * 2);
+          ldsm_x4(bx, xrow[n2] + boff);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             Ops<T>::mma(acc[m][2 * n2], a[m], bx[0], bx[1]);

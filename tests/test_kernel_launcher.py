@@ -47,8 +47,19 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
         )
         assert shared <= H100_SHARED
     assert _launch._grad_weight_shared(group_size, k_pad, 3) <= H100_SHARED
-    if _launch._pad16(group_size) * k_pad <= 2048:  # the warp-per-group grad-weight fits too
-        assert _launch._grad_weight_warp_shared(group_size, k_pad, 2, 8) <= H100_SHARED
+
+
+@pytest.mark.parametrize(
+    "group_size,fan_in,in_features,batch",
+    [(16, 64, 384, 64), (16, 128, 384, 256), (32, 64, 384, 128)],
+    ids=["Amazon-670K", "AmazonTitles-670K", "LF-Paper2Keywords-8.6M"],
+)
+def test_official_small_group_shapes_get_the_resident_grad_weight(group_size, fan_in, in_features, batch):
+    fits = [
+        (w, n) for w, n in ((8, 3), (8, 2), (4, 3), (4, 2), (2, 2))
+        if _launch._grad_weight_warp_shared(group_size, in_features, batch, n, w) <= H100_SHARED
+    ]
+    assert fits and fits[0][0] >= 4
 
 
 def test_padded_rows_pads_with_zeros():

@@ -411,18 +411,25 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     return grad_x.to(weight.dtype)
 
 
-def _grad_weight_warp_shared(group_size: int, k_pad: int, stages: int, warps: int) -> int:
-    return warps * stages * (32 * (_pad16(group_size) * 2 + 16) + k_pad * 80)
+def _grad_weight_warp_shared(
+    group_size: int, in_features: int, batch: int, stages: int, warps: int
+) -> int:
+    resident = (in_features + 1) * ((batch + 31) // 32 * 64 + 16)
+    return resident + warps * stages * 32 * (_pad16(group_size) * 2 + 16)
 
 
 @functools.lru_cache(maxsize=256)
-def _grad_weight_plan(dtype: str, group_size: int, fan_in: int, num_groups: int, index: int, tuning: tuple) -> _Plan:
+def _grad_weight_plan(
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
+    tuning: tuple,
+) -> _Plan:
     k_pad = _pad16(fan_in)
     sms, max_shared, per_sm = _device_limits(index)
-    # Small groups: one warp per group, the group's whole gradient in its registers (no CTA per group).
+    # Small groups and a batch whose XT fits in shared memory: one warp per group, the gathers read
+    # the resident XT (no L2 traffic for them), the group's gradient in the warp's registers.
     if _pad16(group_size) * k_pad <= 2048 and TUNING.get("grad_weight_kernel", "warp") == "warp":
-        for warps, stages in ((8, 3), (8, 2), (4, 3), (4, 2)):
-            shared = _grad_weight_warp_shared(group_size, k_pad, stages, warps)
+        for warps, stages in ((8, 3), (8, 2), (4, 3), (4, 2), (2, 2)):
+            shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps)
             if shared <= max_shared:
                 fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps), index)
                 ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
@@ -444,15 +451,22 @@ def gsfi_grad_weight(
     grad_out = padded_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
+    in_features = xt.shape[0]
     plan = _grad_weight_plan(
-        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, num_groups, device.index, tuple(sorted(TUNING.items()))
+        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, device.index,
+        tuple(sorted(TUNING.items())),
     )
     grad_w = _check_out(out, tuple(weight.shape), weight)
-    args = (
-        _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
-        _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
-    )
-    if plan.per_cta:  # the warp-per-group kernel takes its share of groups
-        args += (np.int32(plan.per_cta),)
+    if plan.per_cta:  # the warp-per-group kernel: resident XT, a share of groups per CTA
+        args = (
+            _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
+            _ptr(grad_w), np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
+            np.int32(num_groups), np.int32(plan.per_cta),
+        )
+    else:
+        args = (
+            _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
+            _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
+        )
     _launch(plan, args, device)
     return grad_w
