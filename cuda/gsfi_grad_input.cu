@@ -131,10 +131,13 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     float* row0 = acc_s + f0 * APITCH + 2 * (lane & 3);
     float* row1 = acc_s + f1 * APITCH + 2 * (lane & 3);
 
+    // All of the warp's products first, then all reads, adds and writes: independent work in flight
+    // instead of one product -> read -> add -> write chain per tile.
+    float acc[TPW][4];
 #pragma unroll
     for (int t = 0; t < TPW; ++t) {
       const int n = n_first + t;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 #pragma unroll
       for (int j32 = 0; j32 < (GP + 31) / 32; ++j32) {
         // B = dZ_g^T: rows b of the dZ tile, labels j contiguous; one ldmatrix covers 32 labels.
@@ -142,27 +145,36 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
         const int row = n * 8 + (lane & 7);
         const int col = j32 * 32 + (lane >> 3) * 8;
         ldsm_x4(bz, smem_addr(zs + row * ZPITCH + (col < GP ? col : col - 16) * 2));
-        Ops<T>::mma(acc, a[2 * j32], bz[0], bz[1]);
-        if (2 * j32 + 1 < GP / 16) Ops<T>::mma(acc, a[2 * j32 + 1], bz[2], bz[3]);
+        Ops<T>::mma(acc[t], a[2 * j32], bz[0], bz[1]);
+        if (2 * j32 + 1 < GP / 16) Ops<T>::mma(acc[t], a[2 * j32 + 1], bz[2], bz[3]);
       }
-      if (SMEM_ACC) {
-        float2* p0 = reinterpret_cast<float2*>(row0 + n * 8);
-        float2* p1 = reinterpret_cast<float2*>(row1 + n * 8);
-        float2 u = *p0, v = *p1;
-        u.x += acc[0];
-        u.y += acc[1];
-        v.x += acc[2];
-        v.y += acc[3];
-        *p0 = u;
-        *p1 = v;
-      } else {
-        const int b = n * 8 + 2 * (lane & 3);
+    }
+    if (SMEM_ACC) {
+      float2 u[TPW], v[TPW];
+#pragma unroll
+      for (int t = 0; t < TPW; ++t) {
+        u[t] = *reinterpret_cast<const float2*>(row0 + (n_first + t) * 8);
+        v[t] = *reinterpret_cast<const float2*>(row1 + (n_first + t) * 8);
+      }
+#pragma unroll
+      for (int t = 0; t < TPW; ++t) {
+        u[t].x += acc[t][0];
+        u[t].y += acc[t][1];
+        v[t].x += acc[t][2];
+        v[t].y += acc[t][3];
+        *reinterpret_cast<float2*>(row0 + (n_first + t) * 8) = u[t];
+        *reinterpret_cast<float2*>(row1 + (n_first + t) * 8) = v[t];
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < TPW; ++t) {
+        const int b = (n_first + t) * 8 + 2 * (lane & 3);
         float* base = dX + (long long)(b0 + b) * H;
         const bool r0 = b0 + b < B, r1 = b0 + b + 1 < B;
-        if (v0 && r0) atomicAdd(base + f0, acc[0]);
-        if (v0 && r1) atomicAdd(base + H + f0, acc[1]);
-        if (v1 && r0) atomicAdd(base + f1, acc[2]);
-        if (v1 && r1) atomicAdd(base + H + f1, acc[3]);
+        if (v0 && r0) atomicAdd(base + f0, acc[t][0]);
+        if (v0 && r1) atomicAdd(base + H + f0, acc[t][1]);
+        if (v1 && r0) atomicAdd(base + f1, acc[t][2]);
+        if (v1 && r1) atomicAdd(base + H + f1, acc[t][3]);
       }
     }
   }
