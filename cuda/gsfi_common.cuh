@@ -64,6 +64,19 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// A fragments of dZ^T for the grad-weight product, one 16-row batch slice: A[m = label j][k = batch b] =
+// dZ[b][j], read from a [batch][labels] shared tile (row pitch `pitch` bytes) transposed by ldmatrix;
+// MT tiles of 16 labels.
+template <int MT>
+__device__ __forceinline__ void load_dz_transposed(unsigned (&a)[MT][4], unsigned tile, int pitch, int b16, int lane) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int row = b16 * 16 + (lane & 7) + (lane >> 4) * 8;
+    const int col = m * 16 + ((lane >> 3) & 1) * 8;
+    ldsm_x4_trans(a[m], tile + row * pitch + col * 2);
+  }
+}
+
 // 16-byte global -> shared copy; copies zeros when !valid (the source is not read then).
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
   int n = valid ? 16 : 0;

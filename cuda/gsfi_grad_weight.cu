@@ -85,14 +85,8 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     const unsigned char* xs = zs + Z_STAGE;
 #pragma unroll
     for (int b16 = 0; b16 < BT / 16; ++b16) {
-      // A[m = label j][k = batch b] = dZ[b][j]: rows b of the dZ tile, transposed by ldmatrix.
       unsigned a[MT][4];
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        const int row = b16 * 16 + (lane & 7) + (lane >> 4) * 8;
-        const int col = m * 16 + ((lane >> 3) & 1) * 8;
-        ldsm_x4_trans(a[m], smem_addr(zs + row * ZPITCH + col * 2));
-      }
+      load_dz_transposed<MT>(a, smem_addr(zs), ZPITCH, b16, lane);
 #pragma unroll
       for (int t = 0; t < NT_PER_WARP; ++t) {
         const int nt = warp + t * NWARP;
@@ -219,12 +213,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
 #pragma unroll
       for (int b16 = 0; b16 < BW / 16; ++b16) {
         unsigned a[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          const int row = b16 * 16 + (lane & 7) + (lane >> 4) * 8;
-          const int col = m * 16 + ((lane >> 3) & 1) * 8;
-          ldsm_x4_trans(a[m], zs + row * ZPITCH + col * 2);
-        }
+        load_dz_transposed<MT>(a, zs, ZPITCH, b16, lane);
         const int boff = (b * BW + b16 * 16) * 2;
 #pragma unroll
         for (int n2 = 0; n2 < NT / 2; ++n2) {
