@@ -5,14 +5,14 @@
 // of its K columns). Per step the CTA computes the transposed product dXg^T [K x BT] = W_g^T [K x G] *
 // dZ_g^T [G x BT] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
 // feature, and adds it into a float32 transposed copy of the CTA's dX rows in shared memory
-// (SMEM_ACC, [H][BT + 8]; the pitch puts a quad's 32-byte piece of a row in one of 4 bank ranges, set
-// by the feature id mod 4, which the bank-interleaved slot order makes distinct within a half-warp): one
-// 8-byte read-add-write per pair, the feature's row address computed once
+// (SMEM_ACC, [H][BT], the 8-row blocks of row h swizzled by h mod 4, so that the 4 rows a half-warp
+// touches, whose feature ids the bank-interleaved slot order makes distinct mod 4, fall into different
+// banks without padding): one 8-byte read-add-write per pair, the feature's row address computed once
 // per tile. No atomics are needed there: the K features of a group are distinct, so within a step
 // every (feature, row) target belongs to exactly one thread, and the barrier that starts each step
 // orders one group's adds before the next group's. The shared copy is added to the float32 dX in
 // global memory once at the end. Padded feature slots (K not a multiple of 16) add into private
-// trash rows past H instead of branching. Without SMEM_ACC (H too large for shared memory) the adds go
+// trash rows past H instead of branching (the launcher allocates them only then). Without SMEM_ACC (H too large for shared memory) the adds go
 // to global memory as atomics.
 #include "gsfi_common.cuh"
 
@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   // each warp's tiles share one feature tile.
   constexpr int TPW_MIN = (MT * NN + 7) / 8;
   constexpr int TPW = TPW_MIN <= 1 ? 1 : (TPW_MIN <= 2 ? 2 : (TPW_MIN <= 4 ? 4 : 8));
-  constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16, APITCH = BT + 8;
+  constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16;
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -44,7 +44,8 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   const bool active = m_tile < MT;
 
   if (SMEM_ACC) {
-    for (int i = tid; i < (H + 8 * 16) * APITCH; i += NTHREADS) acc_s[i] = 0.f;
+    const int acc_rows = H + (K % 16 ? 8 * 16 : 0);  // trash rows only when there are padded slots
+    for (int i = tid; i < acc_rows * BT; i += NTHREADS) acc_s[i] = 0.f;
   }
 
   // Each thread copies the same pieces of every step's tiles: their offsets are computed once, and a
@@ -128,8 +129,9 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     // Feature rows of the two accumulator rows; a padded slot goes to this lane's own trash row.
     const int trash = H + warp * 16 + (lane >> 2);
     const int f0 = v0 ? is[kr] : trash, f1 = v1 ? is[kr + 8] : trash + 8;
-    float* row0 = acc_s + f0 * APITCH + 2 * (lane & 3);
-    float* row1 = acc_s + f1 * APITCH + 2 * (lane & 3);
+    float* row0 = acc_s + f0 * BT + 2 * (lane & 3);
+    float* row1 = acc_s + f1 * BT + 2 * (lane & 3);
+    const int swz0 = f0 & 3, swz1 = f1 & 3;  // 8-row block n of row f sits at block n ^ (f & 3)
 
     // All of the warp's products first, then all reads, adds and writes: independent work in flight
     // instead of one product -> read -> add -> write chain per tile.
@@ -153,8 +155,8 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
       float2 u[TPW], v[TPW];
 #pragma unroll
       for (int t = 0; t < TPW; ++t) {
-        u[t] = *reinterpret_cast<const float2*>(row0 + (n_first + t) * 8);
-        v[t] = *reinterpret_cast<const float2*>(row1 + (n_first + t) * 8);
+        u[t] = *reinterpret_cast<const float2*>(row0 + ((n_first + t) ^ swz0) * 8);
+        v[t] = *reinterpret_cast<const float2*>(row1 + ((n_first + t) ^ swz1) * 8);
       }
 #pragma unroll
       for (int t = 0; t < TPW; ++t) {
@@ -162,8 +164,8 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
         u[t].y += acc[t][1];
         v[t].x += acc[t][2];
         v[t].y += acc[t][3];
-        *reinterpret_cast<float2*>(row0 + (n_first + t) * 8) = u[t];
-        *reinterpret_cast<float2*>(row1 + (n_first + t) * 8) = v[t];
+        *reinterpret_cast<float2*>(row0 + ((n_first + t) ^ swz0) * 8) = u[t];
+        *reinterpret_cast<float2*>(row1 + ((n_first + t) ^ swz1) * 8) = v[t];
       }
     } else {
 #pragma unroll
@@ -186,7 +188,7 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     const bool only_cta = gridDim.y == 1;
     for (int i = tid; i < rows * H; i += NTHREADS) {
       const int r = i / H, h = i - r * H;
-      const float v = acc_s[h * APITCH + r];
+      const float v = acc_s[h * BT + (r ^ ((h & 3) << 3))];
       float* dst = dX + (long long)(b0 + r) * H + h;
       if (only_cta) {
         *dst = v;

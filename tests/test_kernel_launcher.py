@@ -39,10 +39,10 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
     if in_features <= 768 and group_size <= 32:
         assert resident and warps == 8  # the official shapes keep the input in shared memory
     for rows in (32, 64):
-        smem_acc = _launch._grad_input_shared(group_size, k_pad, in_features, True, 3, rows) <= H100_SHARED
+        smem_acc = _launch._grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= H100_SHARED
         stages, shared = _launch._deepest(
             "grad_input_stages",
-            lambda n: _launch._grad_input_shared(group_size, k_pad, in_features, smem_acc, n, rows),
+            lambda n: _launch._grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
             H100_SHARED,
         )
         assert shared <= H100_SHARED

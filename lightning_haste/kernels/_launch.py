@@ -208,7 +208,7 @@ def _forward_variant(group_size: int, k_pad: int, in_features: int, max_shared: 
 
 
 def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple[int, int]:
-    """(stages, shared bytes) for the deepest pipeline (3..most) that fits, or TUNING[key]."""
+    """(stages, shared bytes) for the deepest pipeline (2..most) that fits, or TUNING[key]."""
     choices = (TUNING[key],) if key in TUNING else range(most, 1, -1)
     for stages in choices:
         shared = shared_for(stages)
@@ -218,12 +218,13 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, k_pad: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
 ) -> int:
     gp = _pad16(group_size)
-    kc = _k_chunk(gp, k_pad)
+    kc = _k_chunk(gp, _pad16(fan_in))
     stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
-    return stages * stage + ((in_features + 128) * (rows + 8) * 4 if smem_acc else 0)
+    trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
+    return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
 
 def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
@@ -377,12 +378,12 @@ def _grad_input_plan(
     # 64 batch rows per CTA halve the per-group overhead per row; they need twice the accumulator.
     rows = TUNING.get("grad_input_rows")
     if rows is None:
-        fits64 = _grad_input_shared(group_size, k_pad, in_features, True, 3, 64) <= max_shared
+        fits64 = _grad_input_shared(group_size, fan_in, in_features, True, 2, 64) <= max_shared
         rows = 64 if fits64 and batch > 32 else 32
-    smem_acc = _grad_input_shared(group_size, k_pad, in_features, True, 3, rows) <= max_shared
+    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, k_pad, in_features, smem_acc, n, rows),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
         max_shared,
     )
     fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows), index)
