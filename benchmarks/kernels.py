@@ -100,7 +100,7 @@ def sweep(B, H, L, K, G, sets=2, dtype=torch.bfloat16):
     results = []
     variants = [("forward", {"forward_warps": wv, "forward_stages": sv, "forward_resident": rv})
                 for rv in (True, False) for wv, sv in ((8, 3), (8, 2), (4, 4), (4, 3), (2, 3))]
-    variants += [("grad_input", {"grad_input_stages": n, "grad_input_rows": r}) for r, n in ((32, 3), (32, 6), (64, 2))]
+    variants += [("grad_input", {"grad_input_stages": n, "grad_input_rows": r}) for r, n in ((32, 6), (64, 2), (128, 2))]
     variants += [("grad_weight", {"grad_weight_kernel": "cta", "grad_weight_stages": n}) for n in (2, 3)]
     variants += [("grad_weight", {"grad_weight_kernel": "warp"})]
     calls = {

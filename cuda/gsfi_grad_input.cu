@@ -1,7 +1,7 @@
 // Gradient of the input of the group-shared fixed fan-in layer:
 //   dX[b, idx[g, k]] += sum_j dZ[b, g*G + j] * W[g*G + j, k]
 //
-// One CTA = BT (32 or 64) batch rows x a range of groups, 8 warps; one step = one group (and one chunk
+// One CTA = BT (32, 64 or 128) batch rows x a range of groups, 8 warps; one step = one group (and one chunk
 // of its K columns). Per step the CTA computes the transposed product dXg^T [K x BT] = W_g^T [K x G] *
 // dZ_g^T [G x BT] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
 // feature, and adds it into a float32 transposed copy of the CTA's dX rows in shared memory
@@ -21,13 +21,13 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
                                                         int num_groups, int groups_per_cta) {
-  constexpr int NTHREADS = 256, NN = BT / 8;                     // BT = 32 or 64 batch rows
+  constexpr int NTHREADS = 256, NN = BT / 8;                     // BT = 32, 64 or 128 batch rows
   constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
   constexpr int MT = KC / 16;                                    // 16-feature tiles per step
   // (16-feature, 8-row) tiles per warp: the MT * NN tiles over 8 warps, a power of two <= NN so that
   // each warp's tiles share one feature tile.
   constexpr int TPW_MIN = (MT * NN + 7) / 8;
-  constexpr int TPW = TPW_MIN <= 1 ? 1 : (TPW_MIN <= 2 ? 2 : (TPW_MIN <= 4 ? 4 : 8));
+  constexpr int TPW = TPW_MIN <= 1 ? 1 : (TPW_MIN <= 2 ? 2 : (TPW_MIN <= 4 ? 4 : (TPW_MIN <= 8 ? 8 : 16)));
   constexpr int ZPITCH = GP * 2 + 16, WPITCH = KC * 2 + 16;
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;

@@ -38,7 +38,7 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
     assert shared <= H100_SHARED and warps >= 1 and stages >= 2
     if in_features <= 768 and group_size <= 32:
         assert resident and warps == 8  # the official shapes keep the input in shared memory
-    for rows in (32, 64):
+    for rows in (32, 64, 128):
         smem_acc = _launch._grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= H100_SHARED
         stages, shared = _launch._deepest(
             "grad_input_stages",

@@ -22,7 +22,8 @@ def _instantiations():
         if flag_a and flag_b:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, 3>,")
     lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>," for w, n in ((4, 2), (2, 3), (1, 2))]
-    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}>," for n in (2, 8) for r in (32, 64)]
+    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}>," for n in (2, 8) for r in (32, 64, 128)]
+    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128>," for g, kp in ((8, 16), (16, 128), (128, 512))]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}>," for n in (2, 4)]
     lines += [
         f"(void*)&gsfi_grad_weight_warp<{dtype}, {g}, {kp}, {n}, {w}>,"

@@ -375,11 +375,16 @@ def _grad_input_plan(
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(index)
-    # 64 batch rows per CTA halve the per-group overhead per row; they need twice the accumulator.
+    # More batch rows per CTA spread the per-group overhead over more rows; they need a larger
+    # accumulator: the most rows (up to 128, not more than the batch needs) whose accumulator fits.
     rows = TUNING.get("grad_input_rows")
     if rows is None:
-        fits64 = _grad_input_shared(group_size, fan_in, in_features, True, 2, 64) <= max_shared
-        rows = 64 if fits64 and batch > 32 else 32
+        rows = 32
+        for candidate in (128, 64):
+            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate) <= max_shared
+            if fits and batch > candidate // 2:
+                rows = candidate
+                break
     smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
     stages, shared = _deepest(
         "grad_input_stages",
