@@ -1,8 +1,18 @@
 """lightning-haste: HASTE group-shared fixed fan-in output layers for extreme multi-label training."""
 
-from . import functional
+from . import dst, functional
+from .dst import RewireStats, reset_optimizer_state_
 from .gsfi import GroupSharedFanIn, bank_interleaved_order, sample_group_index
 from .head_tail import HeadTailOutput
 
-__all__ = ["GroupSharedFanIn", "HeadTailOutput", "bank_interleaved_order", "functional", "sample_group_index"]
+__all__ = [
+    "GroupSharedFanIn",
+    "HeadTailOutput",
+    "RewireStats",
+    "bank_interleaved_order",
+    "dst",
+    "functional",
+    "reset_optimizer_state_",
+    "sample_group_index",
+]
 __version__ = "0.1.0.dev0"

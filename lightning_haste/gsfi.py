@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,9 @@ from ._checks import (
     check_positive_int,
     num_groups_for,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dst import RewireStats
 
 __all__ = ["GroupSharedFanIn", "bank_interleaved_order", "sample_group_index"]
 
@@ -194,6 +197,33 @@ class GroupSharedFanIn(nn.Module):
                 self.group_index, self.in_features, num_groups=self.num_groups, fan_in=self.fan_in
             )
             self._validated_index = self._index_key()
+
+    def mark_group_index_valid(self) -> None:
+        """Record the current ``group_index`` as validated (for code that built it valid, e.g. a rewire)."""
+        self._validated_index = self._index_key()
+
+    def rewire(
+        self,
+        prune_fraction: Optional[float] = None,
+        *,
+        threshold: Optional[float] = None,
+        score: str = "mean",
+        regrow: str = "random",
+        init: str = "zero",
+        init_scale: float = 1e-3,
+        generator: Optional[torch.Generator] = None,
+    ) -> "RewireStats":
+        """Prune and regrow the slots of every group in place; see :func:`lightning_haste.dst.rewire_`.
+
+        Reset the optimizer state of the regrown weights afterwards with
+        :func:`lightning_haste.dst.reset_optimizer_state_` and ``dst.regrown_weight_mask(layer, stats.regrown)``.
+        """
+        from .dst import rewire_  # noqa: PLC0415 - dst imports this module for typing only
+
+        return rewire_(
+            self, prune_fraction, threshold=threshold, score=score, regrow=regrow, init=init,
+            init_scale=init_scale, generator=generator,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         check_float_tensor("x", x)
