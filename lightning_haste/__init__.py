@@ -7,6 +7,7 @@ from .head_tail import HeadTailOutput
 
 __all__ = [
     "GroupSharedFanIn",
+    "SparseRegrowthCallback",
     "HeadTailOutput",
     "RewireStats",
     "bank_interleaved_order",
@@ -16,3 +17,12 @@ __all__ = [
     "sample_group_index",
 ]
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str):
+    # The callback imports Lightning; load it on first use so that the layers import fast.
+    if name == "SparseRegrowthCallback":
+        from .callbacks import SparseRegrowthCallback
+
+        return SparseRegrowthCallback
+    raise AttributeError(f"module 'lightning_haste' has no attribute {name!r}")
