@@ -162,3 +162,15 @@ def test_vectorised_rewire_of_a_large_layer_is_fast_enough_on_cpu():
     stats = layer.rewire(0.2, generator=torch.Generator().manual_seed(0))
     assert stats.pruned_slots == 25 * layer.num_groups
     assert _rows_distinct(layer.group_index[:200])
+
+
+@pytest.mark.gpu
+def test_rewire_on_cuda_matches_the_rules():
+    layer = lh.GroupSharedFanIn(256, 1000, 32, 16, device="cuda", dtype=torch.bfloat16)
+    before = layer.group_index.clone()
+    stats = layer.rewire(0.25, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert stats.regrown.is_cuda and torch.all(stats.regrown.sum(1) == 8)
+    assert all(len(set(r)) == 32 for r in layer.group_index.tolist())
+    kept = ~stats.regrown
+    assert torch.equal(layer.group_index[kept], before[kept])
+    assert torch.count_nonzero(layer.weight.detach()[1000:]) == 0
