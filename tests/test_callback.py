@@ -174,3 +174,16 @@ def test_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             lh.SparseRegrowthCallback(**kw)
+
+
+def test_max_epochs_sets_the_schedule_length():
+    module = Tiny()
+    calls = _record_rewires(module)
+    callback = lh.SparseRegrowthCallback(interval=6, prune_fraction=0.5, end=0.5, schedule="linear", log=False)
+    trainer = Trainer(
+        max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )
+    trainer.fit(module)
+    # 4 epochs x 12 batches = 48 steps; end = 24: rewires at steps 6, 12, 18
+    assert [c[0] for c in calls] == pytest.approx([prune_fraction_at(s, 24.0, 0.5, "linear") for s in (6, 12, 18)])
