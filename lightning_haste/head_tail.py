@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._checks import check_float_tensor, check_memory_budget, check_positive_int, check_same_device_dtype
+from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
 
 __all__ = ["HeadTailOutput", "FeatureSlice"]
@@ -108,29 +109,15 @@ class HeadTailOutput(nn.Module):
         self.fan_in = check_positive_int("fan_in", fan_in)
         self.memory_budget = check_memory_budget(memory_budget)
         freq = _as_numpy_1d("label_frequencies", label_frequencies)
-        if not np.issubdtype(freq.dtype, np.number) or np.issubdtype(freq.dtype, np.complexfloating):
-            raise TypeError(f"label_frequencies must be real numbers, got dtype {freq.dtype}")
+        head_ids, tail_ids = split_head_tail(freq, head_ratio, self.group_size)
         freq = freq.astype(np.float64)
-        if not np.all(np.isfinite(freq)) or np.any(freq < 0):
-            raise ValueError("label_frequencies must be finite and non-negative")
-        if isinstance(head_ratio, bool) or not isinstance(head_ratio, numbers.Real):
-            raise TypeError(f"head_ratio must be a real number, got {type(head_ratio).__name__}")
-        if not 0.0 <= float(head_ratio) <= 1.0:
-            raise ValueError(f"head_ratio must be in [0, 1], got {head_ratio}")
         self.num_labels = int(freq.size)
         self.head_ratio = float(head_ratio)
         self.head_slice = _resolve_slice("head_features", head_features, self.in_features)
         self.tail_slice = _resolve_slice("tail_features", tail_features, self.in_features)
 
-        head_count = math.ceil(round(self.head_ratio * self.num_labels, 9))
-        head_count = min(self.num_labels, math.ceil(head_count / self.group_size) * self.group_size)
-        self.num_head_labels = head_count
-        self.num_tail_labels = self.num_labels - head_count
-
-        ids = np.arange(self.num_labels)
-        by_frequency = np.lexsort((ids, -freq))
-        head_ids = by_frequency[:head_count]
-        tail_ids = by_frequency[head_count:]
+        self.num_head_labels = int(head_ids.size)
+        self.num_tail_labels = int(tail_ids.size)
         if label_groups is not None:
             tail_ids = self._tail_in_group_order(label_groups, tail_ids, freq)
         permutation = torch.from_numpy(np.concatenate([head_ids, tail_ids]).astype(np.int64))
