@@ -291,7 +291,7 @@ def _faiss_index(unit: np.ndarray, use_gpu: Union[str, bool], rng: np.random.Gen
     if n <= 20_000:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = int(min(4096, max(64, 4 * math.sqrt(n))))
+        nlist = int(min(4096, max(64, 4 * math.sqrt(n)), n // 40))  # >= 40 training points per list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = unit[rng.choice(n, min(n, 40 * nlist), replace=False)]
