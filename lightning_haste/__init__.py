@@ -7,7 +7,9 @@ from .head_tail import HeadTailOutput
 
 __all__ = [
     "GroupSharedFanIn",
+    "HasteXMCModule",
     "SparseRegrowthCallback",
+    "XMCDataModule",
     "HeadTailOutput",
     "RewireStats",
     "bank_interleaved_order",
@@ -19,10 +21,17 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 
-def __getattr__(name: str):
-    # The callback imports Lightning; load it on first use so that the layers import fast.
-    if name == "SparseRegrowthCallback":
-        from .callbacks import SparseRegrowthCallback
+_LAZY = {
+    "SparseRegrowthCallback": "callbacks",
+    "HasteXMCModule": "module",
+    "XMCDataModule": "data",
+}
 
-        return SparseRegrowthCallback
+
+def __getattr__(name: str):
+    # These import Lightning / torchmetrics; load them on first use so that the layers import fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'lightning_haste' has no attribute {name!r}")

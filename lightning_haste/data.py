@@ -1,0 +1,328 @@
+"""XMC data: Extreme Classification Repository readers, a synthetic long-tailed generator, a DataModule.
+
+Batches are dicts ``{"features": Tensor [B, F] (dense float32) or sparse CSR, "targets": list of 1-D int64
+label-id tensors, "index": Tensor [B]}``; targets stay sparse all the way to the loss and the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "XMCData",
+    "XMCDataModule",
+    "XMCFormatError",
+    "read_bow",
+    "read_label_matrix",
+    "read_texts",
+    "read_filter_labels",
+    "synthetic_xmc",
+]
+
+
+class XMCFormatError(ValueError):
+    """A malformed data file; the message names the file and the line."""
+
+
+@dataclass
+class XMCData:
+    """Features ``[N, F]`` (scipy CSR or dense float32 array) and labels ``[N, L]`` (scipy CSR of 0/1)."""
+
+    features: Union[sp.csr_matrix, np.ndarray]
+    labels: sp.csr_matrix
+    texts: Optional[list[str]] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.features.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.features.shape[0]} feature rows but {self.labels.shape[0]} label rows")
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.labels.shape[1])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def label_frequencies(self) -> np.ndarray:
+        """Training positives per label ``[L]``."""
+        return np.asarray(self.labels.sum(axis=0)).ravel().astype(np.int64)
+
+
+# -- readers ----------------------------------------------------------------------------------------
+def _header(path: Path, line: str, count: int) -> list[int]:
+    parts = line.split()
+    if len(parts) != count or not all(p.isdigit() for p in parts):
+        raise XMCFormatError(f"{path}:1: header must be {count} non-negative integers, got {line.strip()!r}")
+    return [int(p) for p in parts]
+
+
+def _pairs(path: Path, lineno: int, tokens: Sequence[str], limit: int, what: str) -> tuple[list[int], list[float]]:
+    ids, values = [], []
+    for token in tokens:
+        key, sep, value = token.partition(":")
+        try:
+            index, number = int(key), float(value) if sep else None
+        except ValueError:
+            raise XMCFormatError(f"{path}:{lineno}: bad token {token!r} (expected id:value)") from None
+        if number is None:
+            raise XMCFormatError(f"{path}:{lineno}: bad token {token!r} (expected id:value)")
+        if not 0 <= index < limit:
+            raise XMCFormatError(f"{path}:{lineno}: {what} id {index} out of range [0, {limit})")
+        ids.append(index)
+        values.append(number)
+    return ids, values
+
+
+def read_bow(path: Union[str, os.PathLike]) -> XMCData:
+    """Read the repository's sparse bag-of-words format: header ``N F L``, then per instance
+    ``l1,l2,... f:v f:v ...`` (an instance may have no labels: the line then starts with a space)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        num_rows, num_features, num_labels = _header(path, fh.readline(), 3)
+        f_ptr, f_idx, f_val, l_ptr, l_idx = [0], [], [], [0], []
+        for lineno, line in enumerate(fh, start=2):
+            tokens = line.split()
+            if not tokens and lineno - 1 > num_rows:
+                continue  # trailing blank line
+            # The first token is the comma-separated label list, unless the instance has no labels.
+            head, rest = ("", tokens) if not tokens or ":" in tokens[0] else (tokens[0], tokens[1:])
+            labels = []
+            for token in filter(None, head.split(",")):
+                if not token.isdigit():
+                    raise XMCFormatError(f"{path}:{lineno}: bad label {token!r}")
+                if int(token) >= num_labels:
+                    raise XMCFormatError(f"{path}:{lineno}: label id {token} out of range [0, {num_labels})")
+                labels.append(int(token))
+            ids, values = _pairs(path, lineno, rest, num_features, "feature")
+            f_idx += ids
+            f_val += values
+            f_ptr.append(len(f_idx))
+            l_idx += sorted(set(labels))
+            l_ptr.append(len(l_idx))
+    if len(f_ptr) - 1 != num_rows:
+        raise XMCFormatError(f"{path}: header says {num_rows} instances, the file has {len(f_ptr) - 1}")
+    features = sp.csr_matrix((np.asarray(f_val, np.float32), f_idx, f_ptr), shape=(num_rows, num_features))
+    labels = sp.csr_matrix((np.ones(len(l_idx), np.float32), l_idx, l_ptr), shape=(num_rows, num_labels))
+    return XMCData(features, labels)
+
+
+def read_label_matrix(path: Union[str, os.PathLike]) -> sp.csr_matrix:
+    """Read a sparse label file (``trn_X_Y.txt`` / ``tst_X_Y.txt``): header ``N L``, then ``l:v l:v`` per row."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        num_rows, num_labels = _header(path, fh.readline(), 2)
+        ptr, idx = [0], []
+        for lineno, line in enumerate(fh, start=2):
+            ids, _ = _pairs(path, lineno, line.split(), num_labels, "label")
+            idx += sorted(set(ids))
+            ptr.append(len(idx))
+    if len(ptr) - 1 != num_rows:
+        raise XMCFormatError(f"{path}: header says {num_rows} rows, the file has {len(ptr) - 1}")
+    return sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr), shape=(num_rows, num_labels))
+
+
+def read_texts(path: Union[str, os.PathLike]) -> list[str]:
+    """One text per line (raw-text data sets, e.g. ``trn_X.txt``)."""
+    with open(path, encoding="utf-8") as fh:
+        return [line.rstrip("\n") for line in fh]
+
+
+def read_filter_labels(path: Union[str, os.PathLike], labels: sp.csr_matrix) -> sp.csr_matrix:
+    """Remove the ``(instance, label)`` pairs listed in a ``filter_labels`` file (one ``i j`` pair per line)
+    from ``labels`` (label-feature data sets drop these reciprocal pairs from evaluation)."""
+    path = Path(path)
+    pairs = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise XMCFormatError(f"{path}:{lineno}: expected 'instance label', got {line.strip()!r}")
+            i, j = int(parts[0]), int(parts[1])
+            if i >= labels.shape[0] or j >= labels.shape[1]:
+                raise XMCFormatError(f"{path}:{lineno}: pair ({i}, {j}) outside the {labels.shape} label matrix")
+            pairs.append((i, j))
+    out = sp.lil_matrix(labels)
+    for i, j in pairs:
+        out[i, j] = 0
+    out = sp.csr_matrix(out)
+    out.eliminate_zeros()
+    return out
+
+
+# -- synthetic data ---------------------------------------------------------------------------------
+def synthetic_xmc(
+    num_train: int = 20_000,
+    num_test: int = 2_000,
+    num_labels: int = 4_000,
+    num_features: int = 512,
+    *,
+    cluster_size: int = 16,
+    mean_labels: float = 3.0,
+    zipf: float = 1.1,
+    seed: int = 0,
+) -> tuple[XMCData, XMCData]:
+    """A long-tailed multi-label problem with planted label clusters (the embedded default data).
+
+    Labels come in clusters of ``cluster_size`` that share 12 "topic" features; each label adds 4 of its
+    own. Popularity is Zipf-like (``zipf``), so most labels have few positives; each instance has
+    ``1 + Poisson(mean_labels - 1)`` labels. Features are dense, L2-normalised, with 20 noise features.
+    """
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, num_features, size=(num_labels // cluster_size + 1, 12))
+    own = rng.integers(0, num_features, size=(num_labels, 4))
+    popularity = 1.0 / np.arange(1, num_labels + 1) ** zipf
+    popularity = rng.permutation(popularity / popularity.sum())
+
+    def draw(n: int) -> XMCData:
+        x = np.zeros((n, num_features), dtype=np.float32)
+        ptr, idx = [0], []
+        for i in range(n):
+            labels = np.unique(rng.choice(num_labels, size=1 + rng.poisson(mean_labels - 1), p=popularity))
+            for label in labels:
+                x[i, topic[label // cluster_size]] += rng.random(12)
+                x[i, own[label]] += 1.0 + rng.random(4)
+            x[i, rng.integers(0, num_features, size=20)] += rng.random(20)
+            idx += labels.tolist()
+            ptr.append(len(idx))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        y = sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr), shape=(n, num_labels))
+        return XMCData(x, y)
+
+    return draw(num_train), draw(num_test)
+
+
+# -- datasets and the DataModule ----------------------------------------------------------------------
+class _Rows(Dataset):
+    def __init__(self, data: XMCData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class _Collate:
+    def __init__(self, data: XMCData, sparse_features: bool):
+        self.data = data
+        self.sparse = sparse_features
+
+    def __call__(self, rows: list[int]) -> dict[str, Any]:
+        rows_np = np.asarray(rows)
+        feats = self.data.features[rows_np]
+        if sp.issparse(feats):
+            feats = feats.tocsr()
+            if self.sparse:
+                features = torch.sparse_csr_tensor(
+                    torch.from_numpy(feats.indptr.astype(np.int64)), torch.from_numpy(feats.indices.astype(np.int64)),
+                    torch.from_numpy(feats.data.astype(np.float32)), size=feats.shape,
+                )
+            else:
+                features = torch.from_numpy(feats.toarray().astype(np.float32))
+        else:
+            features = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+        labels = self.data.labels[rows_np]
+        targets = [torch.from_numpy(labels.indices[labels.indptr[i] : labels.indptr[i + 1]].astype(np.int64))
+                   for i in range(len(rows))]
+        return {"features": features, "targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
+
+
+class XMCDataModule(LightningDataModule):
+    """Train / validation / test :class:`XMCData` as dataloaders of sparse-target batches.
+
+    Args:
+        train, val, test: the splits (``val`` defaults to ``test``).
+        batch_size: instances per batch.
+        sparse_features: yield sparse CSR feature batches (else dense float32).
+        num_workers, shuffle: as for ``DataLoader`` (training only shuffles).
+    """
+
+    def __init__(
+        self,
+        train: XMCData,
+        val: Optional[XMCData] = None,
+        test: Optional[XMCData] = None,
+        *,
+        batch_size: int = 256,
+        sparse_features: bool = False,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        if test is not None and test.num_labels != train.num_labels:
+            raise ValueError(f"test has {test.num_labels} labels, train {train.num_labels}")
+        self.train_data, self.val_data, self.test_data = train, val if val is not None else test, test
+        self.batch_size = batch_size
+        self.sparse_features = sparse_features
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+
+    @classmethod
+    def synthetic(
+        cls, *, seed: int = 0, batch_size: int = 256, shuffle: bool = True, **kwargs: Any
+    ) -> "XMCDataModule":
+        """The embedded default data: :func:`synthetic_xmc` with ``kwargs``."""
+        train, test = synthetic_xmc(seed=seed, **kwargs)
+        return cls(train, test=test, batch_size=batch_size, shuffle=shuffle)
+
+    @classmethod
+    def from_bow_directory(cls, directory: Union[str, os.PathLike], **kwargs: Any) -> "XMCDataModule":
+        """A repository data set folder with ``train.txt`` and ``test.txt`` in the bag-of-words format (and
+        optionally ``filter_labels_test.txt``)."""
+        directory = Path(directory)
+        train, test = read_bow(directory / "train.txt"), read_bow(directory / "test.txt")
+        if (directory / "filter_labels_test.txt").exists():
+            test = XMCData(test.features, read_filter_labels(directory / "filter_labels_test.txt", test.labels))
+        kwargs.setdefault("sparse_features", False)
+        return cls(train, test=test, **kwargs)
+
+    # properties the model reads in setup
+    @property
+    def num_labels(self) -> int:
+        return self.train_data.num_labels
+
+    @property
+    def num_features(self) -> int:
+        return self.train_data.num_features
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_data)
+
+    @property
+    def label_frequencies(self) -> np.ndarray:
+        return self.train_data.label_frequencies()
+
+    def _loader(self, data: Optional[XMCData], shuffle: bool) -> DataLoader:
+        if data is None:
+            raise ValueError("this split was not given to the XMCDataModule")
+        return DataLoader(_Rows(data), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=_Collate(data, self.sparse_features))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_data, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_data, False)

@@ -1,0 +1,221 @@
+"""``HasteXMCModule``: a LightningModule mixin that trains an extreme multi-label classifier with a HASTE
+output layer; subclass it together with ``LightningModule`` and (optionally) give it an encoder."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .grouping import group_labels, label_embeddings_from_features, split_head_tail
+from .head_tail import FeatureSlice, HeadTailOutput
+from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK
+
+__all__ = ["HasteXMCModule", "CombinedOptimizer", "sparse_bce_with_logits", "sparse_squared_hinge"]
+
+
+def _positions(logits: Tensor, targets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    counts = torch.tensor([t.numel() for t in targets], device=logits.device)
+    rows = torch.repeat_interleave(torch.arange(len(targets), device=logits.device), counts)
+    cols = torch.cat([t.to(logits.device, torch.long) for t in targets]) if len(targets) else rows
+    return rows, cols
+
+
+def sparse_bce_with_logits(logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
+    """Binary cross-entropy with logits against sparse targets (lists of positive label ids), summed over
+    labels and averaged over instances: ``softplus(z).sum() - z[positives].sum()``, no dense target matrix."""
+    rows, cols = _positions(logits, targets)
+    return (nn.functional.softplus(logits.float()).sum() - logits[rows, cols].float().sum()) / logits.shape[0]
+
+
+def sparse_squared_hinge(logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
+    """Squared hinge ``sum max(0, 1 - s z)^2`` with ``s = +1`` on positives and ``-1`` elsewhere, per instance."""
+    rows, cols = _positions(logits, targets)
+    z = logits.float()
+    pos = z[rows, cols]
+    total = torch.relu(1 + z).square().sum() - torch.relu(1 + pos).square().sum() + torch.relu(1 - pos).square().sum()
+    return total / logits.shape[0]
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one, so that Lightning's automatic optimization (gradient accumulation,
+    one global step per optimizer step) drives, e.g., AdamW for the encoder and SGD for the output layer."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        params = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+        super().__init__(params, {})
+        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def state(self):  # type: ignore[override] - the union of the parts' per-parameter state
+        merged: dict = {}
+        for opt in getattr(self, "optimizers", []):
+            merged.update(opt.state)
+        return merged
+
+    @state.setter
+    def state(self, value) -> None:  # the base class assigns an empty state; the parts keep theirs
+        pass
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"parts": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for opt, part in zip(self.optimizers, state_dict["parts"]):
+            opt.load_state_dict(part)
+        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+
+
+class HasteXMCModule:
+    """Mixin for ``LightningModule``: ``class MyModel(HasteXMCModule, L.LightningModule)``.
+
+    Call :meth:`configure_haste` in ``__init__``. The output layer (:class:`HeadTailOutput`) is built in
+    ``setup`` from the datamodule's statistics (``num_labels``, ``label_frequencies``, ``train_data`` for
+    PIFA grouping). Override :meth:`encode` to turn a batch into features (default: the batch's
+    ``"features"``, for bag-of-words input). Training uses BCE with logits (or squared hinge) on sparse
+    targets; validation/test log P@k, nDCG@k and PSP@k; ``predict_step`` returns top-k ``(scores, label ids)``
+    in original label ids; :meth:`configure_optimizers` gives AdamW to the encoder and SGD with momentum to
+    the output layer (override it to change that).
+    """
+
+    output: Optional[HeadTailOutput]
+
+    def configure_haste(
+        self,
+        *,
+        in_features: Optional[int] = None,
+        head_ratio: float = 0.05,
+        fan_in: int = 64,
+        group_size: int = 16,
+        head_features: FeatureSlice = None,
+        tail_features: FeatureSlice = None,
+        grouping: Optional[str] = "balanced-kmeans",
+        loss: str = "bce",
+        k: Sequence[int] = (1, 3, 5),
+        psp_a: float = 0.55,
+        psp_b: float = 1.5,
+        encoder_lr: float = 1e-3,
+        output_lr: float = 0.05,
+        output_momentum: float = 0.9,
+        output_weight_decay: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        """Store the output-layer and training settings (see the README for their meaning)."""
+        if loss not in ("bce", "squared_hinge"):
+            raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
+        if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
+            raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
+        self.haste = dict(
+            in_features=in_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
+            head_features=head_features, tail_features=tail_features, grouping=grouping, loss=loss, k=tuple(k),
+            psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
+            output_weight_decay=output_weight_decay, seed=seed,
+        )
+        self.output = None
+
+    # -- building ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.output is not None:
+            return
+        dm = self.trainer.datamodule
+        cfg = self.haste
+        in_features = cfg["in_features"] or dm.num_features
+        freq = dm.label_frequencies
+        label_groups = None
+        if cfg["grouping"] is not None:
+            head, tail = split_head_tail(freq, cfg["head_ratio"], cfg["group_size"])
+            if tail.size:
+                emb = label_embeddings_from_features(dm.train_data.features, dm.train_data.labels, seed=cfg["seed"])
+                grouping = group_labels(emb[tail], cfg["group_size"], method=cfg["grouping"], seed=cfg["seed"],
+                                        progress=False)
+                label_groups = grouping.for_labels(tail, len(freq))
+        self.output = HeadTailOutput(
+            in_features, freq, head_ratio=cfg["head_ratio"], fan_in=cfg["fan_in"], group_size=cfg["group_size"],
+            head_features=cfg["head_features"], tail_features=cfg["tail_features"], label_groups=label_groups,
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+        ).to(self.device)
+        metrics = {}
+        for split in ("val", "test"):
+            metrics[f"{split}_p"] = PrecisionAtK(cfg["k"])
+            metrics[f"{split}_ndcg"] = NDCGAtK(cfg["k"])
+            metrics[f"{split}_psp"] = PSPrecisionAtK(cfg["k"], label_counts=freq, num_train=max(2, dm.num_train),
+                                                      A=cfg["psp_a"], B=cfg["psp_b"])
+        self.haste_metrics = nn.ModuleDict(metrics).to(self.device)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def encode(self, batch: dict[str, Any]) -> Tensor:
+        """Features ``[B, in_features]`` for a batch; the default passes the batch's features through."""
+        features = batch["features"]
+        return features.to_dense() if features.layout != torch.strided else features
+
+    def haste_loss(self, logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
+        fn = sparse_bce_with_logits if self.haste["loss"] == "bce" else sparse_squared_hinge
+        return fn(logits, targets)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.haste_loss(self.output(self.encode(batch)), batch["targets"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["targets"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], split: str) -> None:
+        _, top = self.output.topk(self.encode(batch), max(self.haste["k"]))
+        for name in ("p", "ndcg", "psp"):
+            self.haste_metrics[f"{split}_{name}"].update(top, batch["targets"])
+
+    def _log_metrics(self, split: str) -> None:
+        for name in ("p", "ndcg", "psp"):
+            metric = self.haste_metrics[f"{split}_{name}"]
+            for key, value in metric.compute().items():
+                self.log(f"{split}/{key}", value, prog_bar=key in ("P@1", "P@5"), sync_dist=False)
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Top-k ``(scores, label ids)`` in original label ids."""
+        return self.output.topk(self.encode(batch), max(self.haste["k"]))
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def haste_parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``(encoder parameters, output-layer parameters)``."""
+        output_ids = {id(p) for p in self.output.parameters()}
+        encoder = [p for p in self.parameters() if p.requires_grad and id(p) not in output_ids]
+        return encoder, list(self.output.parameters())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.haste
+        encoder, output = self.haste_parameter_groups()
+        parts: list[torch.optim.Optimizer] = [
+            torch.optim.SGD(output, lr=cfg["output_lr"], momentum=cfg["output_momentum"],
+                            weight_decay=cfg["output_weight_decay"])
+        ]
+        if encoder:
+            parts.insert(0, torch.optim.AdamW(encoder, lr=cfg["encoder_lr"]))
+        return parts[0] if len(parts) == 1 else CombinedOptimizer(parts)

@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+import lightning_haste as lh
+from lightning_haste.data import XMCDataModule, read_bow, synthetic_xmc, XMCFormatError
+from lightning_haste.module import HasteXMCModule, sparse_bce_with_logits, sparse_squared_hinge
+
+
+class BowModel(HasteXMCModule, LightningModule):
+    def __init__(self, **kw):
+        super().__init__()
+        self.configure_haste(**kw)
+
+
+class EncoderModel(HasteXMCModule, LightningModule):
+    def __init__(self, num_features, **kw):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(num_features, 32), nn.ReLU())
+        self.configure_haste(in_features=32, **kw)
+
+    def encode(self, batch):
+        return self.encoder(batch["features"])
+
+
+def _dm(seed=0, **kw):
+    return XMCDataModule.synthetic(seed=seed, num_train=600, num_test=150, num_labels=300, num_features=64,
+                                   batch_size=64, **kw)
+
+
+def _trainer(**kw):
+    kw.setdefault("max_steps", 20)
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def test_sparse_losses_match_dense_definitions():
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    targets = [torch.tensor([0, 3]), torch.tensor([], dtype=torch.long), torch.tensor([8]), torch.tensor([1, 2, 5])]
+    y = torch.zeros(4, 9, dtype=torch.float64)
+    for i, t in enumerate(targets):
+        y[i, t] = 1
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / 4
+    torch.testing.assert_close(sparse_bce_with_logits(logits, targets).double(), bce, rtol=1e-6, atol=1e-6)
+    s = 2 * y - 1
+    hinge = torch.relu(1 - s * logits).square().sum() / 4
+    torch.testing.assert_close(sparse_squared_hinge(logits, targets).double(), hinge, rtol=1e-6, atol=1e-6)
+
+
+def test_fast_dev_run_and_short_fit_with_regrowth():
+    dm = _dm()
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
+    _trainer(fast_dev_run=2, max_steps=-1).fit(model, dm)
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, grouping="faiss-greedy")
+    trainer = _trainer(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None,
+                       callbacks=[lh.SparseRegrowthCallback(interval=10, prune_fraction=0.3, log=False)])
+    trainer.fit(model, dm)
+    results = trainer.validate(model, dm, verbose=False)[0]
+    for key in ("val/P@1", "val/P@5", "val/nDCG@3", "val/PSP@5"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["val/P@1"] > 0.05  # it learned something on the planted problem
+
+
+def test_encoder_model_trains_end_to_end_with_combined_optimizer():
+    dm = _dm(seed=1)
+    model = EncoderModel(64, fan_in=8, group_size=8, head_ratio=0.1, grouping="random")
+    trainer = _trainer(max_steps=30, accumulate_grad_batches=2)
+    trainer.fit(model, dm)
+    assert trainer.global_step == 30
+    assert isinstance(trainer.optimizers[0], lh.module.CombinedOptimizer)
+    before = model.encoder[0].weight.detach().clone()
+    trainer2 = _trainer(max_steps=35)
+    trainer2.fit(model, dm)
+    assert not torch.equal(before, model.encoder[0].weight)
+
+
+def test_predict_returns_original_label_ids():
+    dm = _dm(seed=2)
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, k=(1, 3))
+    trainer = _trainer(max_steps=10)
+    trainer.fit(model, dm)
+    preds = trainer.predict(model, dm)
+    scores, ids = preds[0]
+    assert ids.shape == (64, 3) and int(ids.max()) < 300
+    batch = next(iter(dm.predict_dataloader()))
+    with torch.no_grad():
+        full = model.output(batch["features"])
+    torch.testing.assert_close(full.gather(1, ids), scores)
+    assert torch.equal(full.topk(3, dim=1).indices, ids)
+
+
+def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = _dm(seed=3, shuffle=False)
+    straight = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, max_steps=20, limit_val_batches=0).fit(straight, dm)
+    first = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            max_steps=10, limit_val_batches=0, callbacks=[saver]).fit(first, dm)
+    resumed = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, max_steps=20, limit_val_batches=0).fit(
+        resumed, dm, ckpt_path=next(tmp_path.glob("*step=10*.ckpt")))
+    a = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(straight, dm, verbose=False)[0]
+    b = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(resumed, dm, verbose=False)[0]
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_bow_reader_errors_name_file_and_line(tmp_path):
+    good = tmp_path / "train.txt"
+    good.write_text("2 4 3\n0,2 1:0.5 3:1\n1 0:2\n")
+    data = read_bow(good)
+    assert data.features.shape == (2, 4) and data.labels.toarray().tolist() == [[1, 0, 1], [0, 1, 0]]
+    cases = {
+        "2 4\n": "header must be 3",
+        "2 4 3\n0 1:0.5\n": "header says 2 instances",
+        "1 4 3\n5 1:0.5\n": ":2: label id 5 out of range",
+        "1 4 3\n0 9:0.5\n": ":2: feature id 9 out of range",
+        "1 4 3\n0 1=0.5\n": ":2: bad token",
+        "1 4 3\nx 1:0.5\n": ":2: bad label",
+    }
+    for text, match in cases.items():
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        with pytest.raises(XMCFormatError, match=match) as info:
+            read_bow(bad)
+        assert "bad.txt" in str(info.value)
+
+
+def test_bow_directory_trains(tmp_path):
+    train, test = synthetic_xmc(300, 80, 120, 40, seed=4)
+    for name, data in (("train.txt", train), ("test.txt", test)):
+        with open(tmp_path / name, "w") as fh:
+            fh.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
+            for i in range(len(data)):
+                labels = ",".join(map(str, data.labels[i].indices))
+                feats = " ".join(f"{j}:{v:.5f}" for j, v in enumerate(data.features[i]) if v)
+                fh.write(f"{labels} {feats}\n")
+    dm = XMCDataModule.from_bow_directory(tmp_path, batch_size=32)
+    assert dm.num_labels == 120 and dm.num_features == 40
+    model = BowModel(fan_in=8, group_size=8, head_ratio=0.1)
+    _trainer(max_steps=10).fit(model, dm)
