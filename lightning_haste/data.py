@@ -21,6 +21,8 @@ __all__ = [
     "XMCData",
     "XMCDataModule",
     "XMCFormatError",
+    "SyntheticXMCDataModule",
+    "BowXMCDataModule",
     "read_bow",
     "read_label_matrix",
     "read_texts",
@@ -285,12 +287,7 @@ class XMCDataModule(LightningDataModule):
     def from_bow_directory(cls, directory: Union[str, os.PathLike], **kwargs: Any) -> "XMCDataModule":
         """A repository data set folder with ``train.txt`` and ``test.txt`` in the bag-of-words format (and
         optionally ``filter_labels_test.txt``)."""
-        directory = Path(directory)
-        train, test = read_bow(directory / "train.txt"), read_bow(directory / "test.txt")
-        if (directory / "filter_labels_test.txt").exists():
-            test = XMCData(test.features, read_filter_labels(directory / "filter_labels_test.txt", test.labels))
-        kwargs.setdefault("sparse_features", False)
-        return cls(train, test=test, **kwargs)
+        return BowXMCDataModule(str(directory), **kwargs)
 
     # properties the model reads in setup
     @property
@@ -326,3 +323,34 @@ class XMCDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_data, False)
+
+
+class SyntheticXMCDataModule(XMCDataModule):
+    """:func:`synthetic_xmc` as a DataModule with plain arguments (for the CLI and its config files)."""
+
+    def __init__(
+        self,
+        num_train: int = 20_000,
+        num_test: int = 2_000,
+        num_labels: int = 4_000,
+        num_features: int = 512,
+        batch_size: int = 256,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        train, test = synthetic_xmc(num_train, num_test, num_labels, num_features, seed=seed)
+        super().__init__(train, test=test, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
+
+
+class BowXMCDataModule(XMCDataModule):
+    """A repository data set folder (``train.txt``, ``test.txt``, optional ``filter_labels_test.txt``) as a
+    DataModule with plain arguments (for the CLI)."""
+
+    def __init__(self, directory: str, batch_size: int = 256, sparse_features: bool = False, num_workers: int = 0):
+        directory_path = Path(directory)
+        train, test = read_bow(directory_path / "train.txt"), read_bow(directory_path / "test.txt")
+        if (directory_path / "filter_labels_test.txt").exists():
+            test = XMCData(test.features, read_filter_labels(directory_path / "filter_labels_test.txt", test.labels))
+        super().__init__(train, test=test, batch_size=batch_size, sparse_features=sparse_features,
+                         num_workers=num_workers)

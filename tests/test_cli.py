@@ -1,0 +1,41 @@
+"""The console script and the examples run as a user runs them (subprocesses, small sizes)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from lightning_haste.data import synthetic_xmc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_cli_fits_and_tests_with_the_shipped_config(tmp_path):
+    config = ROOT / "examples" / "configs" / "synthetic.yaml"
+    small = ["--trainer.max_steps=12", "--trainer.val_check_interval=6", "--trainer.enable_progress_bar=false",
+             "--data.init_args.num_train=400", "--data.init_args.num_test=100", "--data.init_args.num_labels=200",
+             "--data.init_args.num_features=64", "--data.init_args.batch_size=32", "--model.hidden=32", "--model.fan_in=16",
+             f"--trainer.default_root_dir={tmp_path}"]
+    _run(["-m", "lightning_haste.cli", "fit", f"--config={config}", *small], tmp_path)
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    _run(["-m", "lightning_haste.cli", "test", f"--config={config}", *small, f"--ckpt_path={ckpt}"], tmp_path)
+
+
+def test_train_bow_example_on_written_files(tmp_path):
+    train, test = synthetic_xmc(300, 80, 120, 40, seed=5)
+    for name, data in (("train.txt", train), ("test.txt", test)):
+        with open(tmp_path / name, "w") as fh:
+            fh.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
+            for i in range(len(data)):
+                labels = ",".join(map(str, data.labels[i].indices))
+                feats = " ".join(f"{j}:{v:.5f}" for j, v in enumerate(data.features[i]) if v)
+                fh.write(f"{labels} {feats}\n")
+    (tmp_path / "filter_labels_test.txt").write_text("0 %d\n" % test.labels[0].indices[0])
+    out = _run([str(ROOT / "examples" / "train_bow.py"), str(tmp_path), "--steps", "10", "--fan-in", "8",
+                "--group-size", "8", "--accelerator", "cpu"], tmp_path)
+    assert "P@1=" in out and "PSP@5=" in out
