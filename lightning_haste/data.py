@@ -27,6 +27,8 @@ __all__ = [
     "read_label_matrix",
     "read_texts",
     "read_filter_labels",
+    "read_raw_text_dataset",
+    "hashed_bag_of_words",
     "synthetic_xmc",
 ]
 
@@ -166,6 +168,32 @@ def read_filter_labels(path: Union[str, os.PathLike], labels: sp.csr_matrix) -> 
     return out
 
 
+def hashed_bag_of_words(texts: Sequence[str], num_features: int = 4096) -> sp.csr_matrix:
+    """Lower-cased whitespace tokens hashed (stable CRC32) into ``num_features`` count features: a sparse
+    view of raw texts, e.g. for PIFA label embeddings when the model itself reads the texts."""
+    import zlib  # noqa: PLC0415
+
+    ptr, idx = [0], []
+    for text in texts:
+        idx += [zlib.crc32(token.encode("utf-8")) % num_features for token in text.lower().split()]
+        ptr.append(len(idx))
+    out = sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr), shape=(len(texts), num_features))
+    out.sum_duplicates()
+    return out
+
+
+def read_raw_text_dataset(
+    texts_path: Union[str, os.PathLike], labels_path: Union[str, os.PathLike], *, hash_features: int = 4096
+) -> XMCData:
+    """A raw-text split: one text per line (``trn_X.txt``) and a sparse label file (``trn_X_Y.txt``). The texts
+    travel in the batches (``batch["texts"]``); ``features`` is their hashed bag of words (for PIFA)."""
+    texts = read_texts(texts_path)
+    labels = read_label_matrix(labels_path)
+    if len(texts) != labels.shape[0]:
+        raise XMCFormatError(f"{texts_path} has {len(texts)} texts but {labels_path} has {labels.shape[0]} rows")
+    return XMCData(hashed_bag_of_words(texts, hash_features), labels, texts=texts)
+
+
 # -- synthetic data ---------------------------------------------------------------------------------
 def synthetic_xmc(
     num_train: int = 20_000,
@@ -242,7 +270,10 @@ class _Collate:
         labels = self.data.labels[rows_np]
         targets = [torch.from_numpy(labels.indices[labels.indptr[i] : labels.indptr[i + 1]].astype(np.int64))
                    for i in range(len(rows))]
-        return {"features": features, "targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
+        batch = {"features": features, "targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
+        if self.data.texts is not None:
+            batch["texts"] = [self.data.texts[i] for i in rows]
+        return batch
 
 
 class XMCDataModule(LightningDataModule):
@@ -250,6 +281,7 @@ class XMCDataModule(LightningDataModule):
 
     Args:
         train, val, test: the splits (``val`` defaults to ``test``).
+        label_embeddings: optional ``[num_labels, d]`` label embeddings for the grouping (default: PIFA).
         batch_size: instances per batch.
         sparse_features: yield sparse CSR feature batches (else dense float32).
         num_workers, shuffle: as for ``DataLoader`` (training only shuffles).
@@ -265,8 +297,11 @@ class XMCDataModule(LightningDataModule):
         sparse_features: bool = False,
         num_workers: int = 0,
         shuffle: bool = True,
+        label_embeddings: Optional[Any] = None,
     ) -> None:
         super().__init__()
+        #: optional ``[num_labels, d]`` label embeddings (e.g. from label texts) used for grouping instead of PIFA
+        self.label_embeddings = label_embeddings
         if test is not None and test.num_labels != train.num_labels:
             raise ValueError(f"test has {test.num_labels} labels, train {train.num_labels}")
         self.train_data, self.val_data, self.test_data = train, val if val is not None else test, test

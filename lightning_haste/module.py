@@ -87,8 +87,8 @@ class HasteXMCModule:
     """Mixin for ``LightningModule``: ``class MyModel(HasteXMCModule, L.LightningModule)``.
 
     Call :meth:`configure_haste` in ``__init__``. The output layer (:class:`HeadTailOutput`) is built in
-    ``setup`` from the datamodule's statistics (``num_labels``, ``label_frequencies``, ``train_data`` for
-    PIFA grouping). Override :meth:`encode` to turn a batch into features (default: the batch's
+    ``setup`` from the datamodule's statistics (``num_labels``, ``label_frequencies``, and for the grouping its
+    ``label_embeddings`` if it has them, else PIFA embeddings from ``train_data``). Override :meth:`encode` to turn a batch into features (default: the batch's
     ``"features"``, for bag-of-words input). Training uses BCE with logits (or squared hinge) on sparse
     targets; validation/test log P@k, nDCG@k and PSP@k; ``predict_step`` returns top-k ``(scores, label ids)``
     in original label ids; :meth:`configure_optimizers` gives AdamW to the encoder and SGD with momentum to
@@ -142,7 +142,11 @@ class HasteXMCModule:
         if cfg["grouping"] is not None:
             head, tail = split_head_tail(freq, cfg["head_ratio"], cfg["group_size"])
             if tail.size:
-                emb = label_embeddings_from_features(dm.train_data.features, dm.train_data.labels, seed=cfg["seed"])
+                emb = getattr(dm, "label_embeddings", None)
+                if emb is None:
+                    emb = label_embeddings_from_features(dm.train_data.features, dm.train_data.labels, seed=cfg["seed"])
+                elif len(emb) != len(freq):
+                    raise ValueError(f"datamodule.label_embeddings has {len(emb)} rows for {len(freq)} labels")
                 grouping = group_labels(emb[tail], cfg["group_size"], method=cfg["grouping"], seed=cfg["seed"],
                                         progress=False)
                 label_groups = grouping.for_labels(tail, len(freq))

@@ -145,3 +145,79 @@ def test_bow_directory_trains(tmp_path):
     assert dm.num_labels == 120 and dm.num_features == 40
     model = BowModel(fan_in=8, group_size=8, head_ratio=0.1)
     _trainer(max_steps=10).fit(model, dm)
+
+
+class TextModel(HasteXMCModule, LightningModule):
+    """A small text encoder: hashed tokens -> EmbeddingBag -> ReLU."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.buckets = 1024
+        self.embed = nn.EmbeddingBag(self.buckets, 32, mode="mean")
+        self.configure_haste(in_features=32, **kw)
+
+    def encode(self, batch):
+        import zlib
+
+        ids, offsets = [], []
+        for text in batch["texts"]:
+            offsets.append(len(ids))
+            ids += [zlib.crc32(t.encode()) % self.buckets for t in text.split()] or [0]
+        return torch.relu(self.embed(torch.tensor(ids), torch.tensor(offsets)))
+
+
+def _write_text_split(folder, name, data, rng):
+    vocab = [f"w{i}" for i in range(500)]
+    with open(folder / f"{name}_X.txt", "w") as fh:
+        for i in range(len(data)):
+            words = [vocab[(7 * label + j) % 500] for label in data.labels[i].indices for j in range(4)]
+            words += list(rng.choice(vocab, 3))
+            fh.write(" ".join(words) + "\n")
+    with open(folder / f"{name}_X_Y.txt", "w") as fh:
+        fh.write(f"{len(data)} {data.num_labels}\n")
+        for i in range(len(data)):
+            fh.write(" ".join(f"{j}:1" for j in data.labels[i].indices) + "\n")
+
+
+def test_text_encoder_trains_end_to_end_on_raw_text_files(tmp_path):
+    from lightning_haste.data import read_raw_text_dataset
+
+    rng = np.random.default_rng(0)
+    train, test = synthetic_xmc(800, 200, 150, 16, seed=6)
+    _write_text_split(tmp_path, "trn", train, rng)
+    _write_text_split(tmp_path, "tst", test, rng)
+    dm = XMCDataModule(read_raw_text_dataset(tmp_path / "trn_X.txt", tmp_path / "trn_X_Y.txt"),
+                       test=read_raw_text_dataset(tmp_path / "tst_X.txt", tmp_path / "tst_X_Y.txt"), batch_size=64)
+    model = TextModel(fan_in=16, group_size=8, head_ratio=0.1, encoder_lr=5e-3)
+    trainer = _trainer(max_steps=150)
+    trainer.fit(model, dm)
+    results = trainer.validate(model, dm, verbose=False)[0]
+    assert results["val/P@1"] > 0.3  # label words are in the text: it must learn them
+
+
+def test_user_label_embeddings_drive_the_grouping():
+    dm = _dm(seed=7)
+    emb = np.random.default_rng(0).standard_normal((dm.num_labels, 8))
+    dm.label_embeddings = emb
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, grouping="faiss-greedy")
+    _trainer(max_steps=2).fit(model, dm)
+    dm.label_embeddings = emb[:10]
+    with pytest.raises(ValueError, match="label_embeddings has 10 rows"):
+        _trainer(max_steps=2).fit(BowModel(fan_in=16, group_size=8, head_ratio=0.1), dm)
+
+
+def test_label_file_and_filter_errors_name_file_and_line(tmp_path):
+    from lightning_haste.data import read_filter_labels, read_label_matrix
+
+    f = tmp_path / "trn_X_Y.txt"
+    f.write_text("2 5\n0:1 3:1\n7:1\n")
+    with pytest.raises(XMCFormatError, match="trn_X_Y.txt:3: label id 7 out of range"):
+        read_label_matrix(f)
+    f.write_text("2 5\n0:1 3:1\n4:1\n")
+    labels = read_label_matrix(f)
+    g = tmp_path / "filter.txt"
+    g.write_text("0 3\n1 4\n")
+    assert read_filter_labels(g, labels).toarray().tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    g.write_text("0 3\n9 9\n")
+    with pytest.raises(XMCFormatError, match="filter.txt:2: pair"):
+        read_filter_labels(g, labels)
