@@ -3,9 +3,8 @@ output layer; subclass it together with ``LightningModule`` and (optionally) giv
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 

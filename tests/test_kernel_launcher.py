@@ -26,7 +26,7 @@ def test_sources_found_and_header_inlined():
     for name in ("gsfi_forward", "gsfi_grad_input", "gsfi_grad_weight"):
         text = _launch._source(name)
         assert '#include "gsfi_common.cuh"' not in text
-        assert "struct bf16_t" in text and f"void __launch_bounds__" in text
+        assert "struct bf16_t" in text and "void __launch_bounds__" in text
 
 
 @pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
