@@ -221,3 +221,17 @@ def test_label_file_and_filter_errors_name_file_and_line(tmp_path):
     g.write_text("0 3\n9 9\n")
     with pytest.raises(XMCFormatError, match="filter.txt:2: pair"):
         read_filter_labels(g, labels)
+
+
+def test_sparse_feature_batches_train():
+    train, test = synthetic_xmc(300, 80, 120, 40, seed=8)
+    import scipy.sparse as sp
+
+    from lightning_haste.data import XMCData
+
+    dm = XMCDataModule(XMCData(sp.csr_matrix(train.features), train.labels),
+                       test=XMCData(sp.csr_matrix(test.features), test.labels), batch_size=32, sparse_features=True)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["features"].layout == torch.sparse_csr and isinstance(batch["targets"], list)
+    model = BowModel(fan_in=8, group_size=8, head_ratio=0.1)
+    _trainer(max_steps=5).fit(model, dm)
