@@ -24,6 +24,7 @@ __all__ = [
     "SyntheticXMCDataModule",
     "BowXMCDataModule",
     "read_bow",
+    "write_bow",
     "read_label_matrix",
     "read_texts",
     "read_filter_labels",
@@ -121,6 +122,18 @@ def read_bow(path: Union[str, os.PathLike]) -> XMCData:
     features = sp.csr_matrix((np.asarray(f_val, np.float32), f_idx, f_ptr), shape=(num_rows, num_features))
     labels = sp.csr_matrix((np.ones(len(l_idx), np.float32), l_idx, l_ptr), shape=(num_rows, num_labels))
     return XMCData(features, labels)
+
+
+def write_bow(path: Union[str, os.PathLike], data: XMCData) -> None:
+    """Write ``data`` in the repository's sparse bag-of-words format (the inverse of :func:`read_bow`)."""
+    features = sp.csr_matrix(data.features)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
+        for i in range(len(data)):
+            labels = ",".join(map(str, data.labels.indices[data.labels.indptr[i] : data.labels.indptr[i + 1]]))
+            row = slice(features.indptr[i], features.indptr[i + 1])
+            feats = " ".join(f"{j}:{v:.6g}" for j, v in zip(features.indices[row], features.data[row]))
+            fh.write(f"{labels} {feats}\n" if labels else f" {feats}\n")
 
 
 def read_label_matrix(path: Union[str, os.PathLike]) -> sp.csr_matrix:

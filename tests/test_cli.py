@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightning_haste.data import synthetic_xmc
+from lightning_haste.data import synthetic_xmc, write_bow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +28,8 @@ def test_cli_fits_and_tests_with_the_shipped_config(tmp_path):
 
 def test_train_bow_example_on_written_files(tmp_path):
     train, test = synthetic_xmc(300, 80, 120, 40, seed=5)
-    for name, data in (("train.txt", train), ("test.txt", test)):
-        with open(tmp_path / name, "w") as fh:
-            fh.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
-            for i in range(len(data)):
-                labels = ",".join(map(str, data.labels[i].indices))
-                feats = " ".join(f"{j}:{v:.5f}" for j, v in enumerate(data.features[i]) if v)
-                fh.write(f"{labels} {feats}\n")
+    write_bow(tmp_path / "train.txt", train)
+    write_bow(tmp_path / "test.txt", test)
     (tmp_path / "filter_labels_test.txt").write_text("0 %d\n" % test.labels[0].indices[0])
     out = _run([str(ROOT / "examples" / "train_bow.py"), str(tmp_path), "--steps", "10", "--fan-in", "8",
                 "--group-size", "8", "--accelerator", "cpu"], tmp_path)
