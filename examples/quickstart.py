@@ -16,36 +16,19 @@ import torch
 from torch import nn
 
 from lightning_haste import HeadTailOutput
+from lightning_haste.data import synthetic_xmc
 
 
 def make_problem(num_train: int, num_test: int, num_labels: int, num_features: int, seed: int):
-    """Long-tailed multi-label data with planted label clusters.
+    """The package's synthetic long-tailed data (:func:`lightning_haste.data.synthetic_xmc`: planted label
+    clusters, Zipf-like popularity) as ``(features tensor, list of positive-label arrays)`` per split."""
+    train, test = synthetic_xmc(num_train, num_test, num_labels, num_features, seed=seed)
 
-    Labels come in clusters of 16 that share 12 "topic" features; each label adds 4 of its own.
-    Label popularity is Zipf-like, so most labels have few positives.
-    """
-    rng = np.random.default_rng(seed)
-    cluster_size = 16
-    topic = rng.integers(0, num_features, size=(num_labels // cluster_size + 1, 12))
-    own = rng.integers(0, num_features, size=(num_labels, 4))
-    popularity = 1.0 / np.arange(1, num_labels + 1) ** 1.1
-    popularity = rng.permutation(popularity / popularity.sum())
+    def split(data):
+        ptr, idx = data.labels.indptr, data.labels.indices
+        return torch.from_numpy(data.features), [idx[ptr[i] : ptr[i + 1]] for i in range(len(data))]
 
-    def draw(n):
-        x = np.zeros((n, num_features), dtype=np.float32)
-        positives = []
-        for i in range(n):
-            labels = np.unique(rng.choice(num_labels, size=1 + rng.poisson(2.0), p=popularity))
-            for label in labels:
-                x[i, topic[label // cluster_size]] += rng.random(12)
-                x[i, own[label]] += 1.0 + rng.random(4)
-            noise = rng.integers(0, num_features, size=20)
-            x[i, noise] += rng.random(20)
-            positives.append(labels)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        return torch.from_numpy(x), positives
-
-    return draw(num_train), draw(num_test)
+    return split(train), split(test)
 
 
 def dense_targets(positives, num_labels):

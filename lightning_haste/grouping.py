@@ -90,7 +90,7 @@ def label_embeddings_from_features(
         X = X.detach().cpu().numpy()
     if not sp.issparse(Y):
         raise TypeError(f"Y must be a scipy.sparse matrix, got {type(Y).__name__}")
-    if X.ndim != 2 if not sp.issparse(X) else False:
+    if not sp.issparse(X) and np.ndim(X) != 2:
         raise ValueError(f"X must be 2-D, got shape {np.shape(X)}")
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
