@@ -154,6 +154,12 @@ class SaveOnEnd(Callback):
             f"{self.folder}/rank{trainer.global_rank}.pt",
         )
 
+    def teardown(self, trainer, pl_module, stage):
+        # Shut gloo down before the spawned worker exits: left to interpreter exit, its background thread is
+        # sometimes destroyed unjoined ("terminate called without an active exception", SIGABRT).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 def test_ddp_ranks_end_with_identical_topology_and_weights(tmp_path):
     module = Tiny()
