@@ -97,16 +97,23 @@ def sweep(B, H, L, K, G, sets=2, dtype=torch.bfloat16):
     xts = [kernels._launch.transpose_input(x) for x in xs]
     tuning = kernels._launch.TUNING
     results = []
-    variants = [("forward", {"forward_warps": wv, "forward_stages": sv, "forward_resident": rv})
-                for rv in (True, False) for wv, sv in ((8, 3), (8, 2), (4, 4), (4, 3), (2, 3))]
-    variants += [("grad_input", {"grad_input_stages": n, "grad_input_rows": r}) for r, n in ((32, 6), (64, 2), (128, 2))]
+    variants = [("forward", {"forward_warps": wv, "forward_stages": sv, "forward_resident": True})
+                for wv, sv in ((12, 3), (8, 4), (8, 3), (8, 2), (4, 3))]
+    variants += [("forward", {"forward_resident": False})]
+    variants += [("grad_input", {"grad_input_rows": r}) for r in (32, 64, 128)]
     variants += [("grad_weight", {"grad_weight_kernel": "cta", "grad_weight_stages": n}) for n in (2, 3)]
     variants += [("grad_weight", {"grad_weight_kernel": "warp"})]
+    variants += [("grad_weight+bias", {}), ("grad_weight,bias_sum", {})]
     calls = {
         "forward": lambda i: kernels.gsfi_forward(xs[i], w, idx, b, L),
         "grad_input": lambda i: kernels.gsfi_grad_input(dzs[i], w, idx, H),
         "grad_weight": lambda i: kernels.gsfi_grad_weight(dzs[i], xts[i], idx, w),
+        # the bias gradient fused into the grad-weight kernel, against a separate column sum
+        "grad_weight+bias": lambda i: kernels.gsfi_grad_weight(dzs[i], xts[i], idx, w, grad_bias=bias_grad),
+        "grad_weight,bias_sum": lambda i: (kernels.gsfi_grad_weight(dzs[i], xts[i], idx, w),
+                                           dzs[i].sum(0, dtype=torch.float32).to(dtype)),
     }
+    bias_grad = torch.empty(L, device=dev, dtype=dtype)
     for kernel, settings in variants:
         tuning.clear()
         tuning.update(settings)
@@ -149,7 +156,10 @@ def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16, sorted
     xts = [kernels._launch.transpose_input(x) for x in xs]
     row["ours_fwd"] = timeit(lambda i: kernels.gsfi_forward(xs[i], w, idx, b, L), sets)
     row["ours_grad_input"] = timeit(lambda i: kernels.gsfi_grad_input(dzs[i], w, idx, H), sets)
-    row["ours_grad_weight"] = timeit(lambda i: kernels.gsfi_grad_weight(dzs[i], xts[i], idx, w), sets)
+    bias_grad = torch.empty(L, device=dev, dtype=dtype)
+    row["ours_grad_weight"] = timeit(  # with the bias gradient, which the kernel sums as the layer's backward asks
+        lambda i: kernels.gsfi_grad_weight(dzs[i], xts[i], idx, w, grad_bias=bias_grad), sets
+    )
     x_req = [x.clone().requires_grad_(True) for x in xs]
 
     def ours_fwd_bwd(i):
@@ -242,16 +252,10 @@ def main() -> None:
     parser.add_argument("--shapes", default="all", help="all, quick, or comma-separated names")
     parser.add_argument("--sets", type=int, default=2, help="input sets to rotate")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--sweep", action="store_true", help="time tile variants on the quick shapes and exit")
+    parser.add_argument("--sweep", action="store_true", help="time tile variants on the chosen shapes and exit")
     parser.add_argument("--sorted-index", action="store_true",
                         help="ascending group_index rows instead of the bank-interleaved order (for comparison)")
     args = parser.parse_args()
-    if args.sweep:
-        for name, *shape in SHAPES:
-            if name in QUICK:
-                for kernel, settings, ms in sweep(*shape):
-                    print(f"{name:<18} {kernel:<12} {fmt(ms)}  {settings}", flush=True)
-        return
     if args.shapes == "all":
         shapes = SHAPES
     elif args.shapes == "quick":
@@ -259,6 +263,12 @@ def main() -> None:
     else:
         wanted = set(args.shapes.split(","))
         shapes = [s for s in SHAPES if s[0] in wanted]
+    if args.sweep:
+        print(f"device: {torch.cuda.get_device_properties(0).name}; torch {torch.__version__}", flush=True)
+        for name, *shape in shapes:
+            for kernel, settings, ms in sweep(*shape):
+                print(f"{name:<22} {kernel:<20} {fmt(ms)}  {settings}", flush=True)
+        return
 
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()

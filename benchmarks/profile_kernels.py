@@ -1,7 +1,7 @@
 """Run each GSFI kernel a few times on one shape, for Nsight Compute:
 
     ncu --kernel-name regex:gsfi_ --launch-skip 3 --launch-count 3 --section SpeedOfLight \
-        --section WarpStateStats --section Occupancy python3 benchmarks/profile_kernels.py [B H L K G]
+        --section WarpStateStats --section Occupancy python3 benchmarks/profile_kernels.py [B H L K G [key=value ...]]
 """
 
 import sys
@@ -12,6 +12,10 @@ import lightning_haste as lh
 from lightning_haste import kernels
 
 B, H, L, K, G = (int(v) for v in sys.argv[1:6]) if len(sys.argv) > 5 else (512, 768, 131072, 128, 32)
+# Trailing key=value arguments set launcher tuning overrides (kernels._launch.TUNING), e.g. grad_input_rows=32.
+for setting in sys.argv[6:]:
+    key, value = setting.split("=", 1)
+    kernels._launch.TUNING[key] = value if not value.lstrip("-").isdigit() else int(value)
 layer = lh.GroupSharedFanIn(H, L, K, G, device="cuda", dtype=torch.bfloat16)
 x = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
 dz = torch.randn(B, L, device="cuda", dtype=torch.bfloat16)

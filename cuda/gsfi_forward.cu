@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   constexpr int MTP = GP <= 32 ? 4 : (GP == 64 ? 2 : 1), PASSES = 4 / MTP;
   constexpr int XPITCH = BT * 2 + 16, WPITCH = KCW * 2 + 16, OPITCH = GP * 2 + 16;
   constexpr int W_BYTES = GP * WPITCH, IDX_BYTES = KCW * 4, S_BYTES = RESIDENT ? 0 : KCW * XPITCH;
-  constexpr int STAGE = W_BYTES + IDX_BYTES + S_BYTES, O_BYTES = MTP * 16 * OPITCH;
+  constexpr int STAGE = W_BYTES + IDX_BYTES + S_BYTES, O_BYTES = 16 * OPITCH;
   constexpr int WARP_BYTES = NSW * STAGE + O_BYTES;
   extern __shared__ __align__(16) unsigned char smem[];
 
@@ -149,42 +149,44 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
         }
       }
       // Bias, round once, then through the warp's shared tile so that every lane writes whole 16-byte
-      // pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs.
+      // pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs. The tile holds
+      // one 16-row slice at a time: a quarter of the shared memory of a whole pass, which buys warps.
+      const int cols = min(G, L - g * G);
 #pragma unroll
-      for (int n = 0; n < GP / 8; ++n) {
-        const int j = n * 8 + 2 * (lane & 3);
-        const int p = g * G + j;
-        const float bias0 = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
-        const float bias1 = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
+      for (int m = 0; m < MTP; ++m) {
 #pragma unroll
-        for (int m = 0; m < MTP; ++m)
+        for (int n = 0; n < GP / 8; ++n) {
+          const int j = n * 8 + 2 * (lane & 3);
+          const int p = g * G + j;
+          const float bias0 = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
+          const float bias1 = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
 #pragma unroll
           for (int h8 = 0; h8 < 2; ++h8) {
-            const int r = m * 16 + (lane >> 2) + h8 * 8;
+            const int r = (lane >> 2) + h8 * 8;
             *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
                 Ops<T>::pack(acc[m][n][2 * h8] + bias0, acc[m][n][2 * h8 + 1] + bias1);
           }
-      }
-      __syncwarp();
-      const int cols = min(G, L - g * G);
-      const int row0 = b0 + pass * MTP * 16;
-#pragma unroll
-      for (int c = lane; c < MTP * 16 * (GP / 8); c += 32) {
-        const int r = c / (GP / 8), j = (c % (GP / 8)) * 8;
-        const int b = row0 + r;
-        if (b >= B || j >= cols) continue;
-        const unsigned char* src = o_s + r * OPITCH + j * 2;
-        u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
-        if (ALIGNED_Z) {
-          // Rows start on 16-byte boundaries and have room up to the next multiple of 8 labels (the
-          // launcher pads the storage), so a piece that crosses L ends in that padding.
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-          const u16* s16 = reinterpret_cast<const u16*>(src);
-          for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
         }
+        __syncwarp();
+        const int row0 = b0 + (pass * MTP + m) * 16;
+#pragma unroll
+        for (int c = lane; c < 16 * (GP / 8); c += 32) {
+          const int r = c / (GP / 8), j = (c % (GP / 8)) * 8;
+          const int b = row0 + r;
+          if (b >= B || j >= cols) continue;
+          const unsigned char* src = o_s + r * OPITCH + j * 2;
+          u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
+          if (ALIGNED_Z) {
+            // Rows start on 16-byte boundaries and have room up to the next multiple of 8 labels (the
+            // launcher pads the storage), so a piece that crosses L ends in that padding.
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+          } else {
+            const u16* s16 = reinterpret_cast<const u16*>(src);
+            for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
+          }
+        }
+        __syncwarp();
       }
-      __syncwarp();
     }
   }
   cp_async_wait<0>();

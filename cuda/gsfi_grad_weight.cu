@@ -5,13 +5,18 @@
 // KT gathered rows of XT go through a 3-stage cp.async pipeline into shared memory, then mma.sync.
 // 4 warps split the KT columns. The result is written once, rounded once, in the weight dtype; the
 // padding labels of the last group read dZ as zero and so get an exactly-zero gradient.
+//
+// Both kernels also give the bias gradient dB[l] = sum_b dZ[b, l] when dB is not null: one more
+// tensor-core product of the dZ^T fragments they already hold with a column of ones, so that the bias
+// costs no separate pass over dZ (which is as large as the output).
 #include "gsfi_common.cuh"
 
 template <class T, int G, int KP, int NST>
 __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ dZ, long long ldz,
                                                          const u16* __restrict__ XT, int ldxt,
                                                          const int* __restrict__ idx, u16* __restrict__ dW,
-                                                         int B, int L, int K, int num_groups) {
+                                                         u16* __restrict__ dB, int B, int H, int L, int K,
+                                                         int num_groups, int groups_per_cta) {
   constexpr int BT = 64, NWARP = 4;
   constexpr int GT = G < 64 ? gsfi_pad16(G) : 64, KT = KP < 128 ? KP : 128;
   constexpr int NJT = (G + GT - 1) / GT, NKT = (KP + KT - 1) / KT;
@@ -74,6 +79,13 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int t = 0; t < NT_PER_WARP; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
+  // Bias gradient: the first K tile of each label tile sums its dZ columns; warp w takes the 16-row
+  // slices b16 = w (mod 4) of every step, so the extra products are spread evenly over the warps.
+  const bool bias_tile = dB != nullptr && kt == 0;
+  const unsigned ones = Ops<T>::pack(1.f, 1.f);
+  float bacc[MT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) bacc[m][0] = bacc[m][1] = bacc[m][2] = bacc[m][3] = 0.f;
 
   for (int s = 0; s < nsteps; ++s) {
     cp_async_wait<NST - 2>();
@@ -87,6 +99,10 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     for (int b16 = 0; b16 < BT / 16; ++b16) {
       unsigned a[MT][4];
       load_dz_transposed<MT>(a, smem_addr(zs), ZPITCH, b16, lane);
+      if (bias_tile && b16 % NWARP == warp) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m) Ops<T>::mma(bacc[m], a[m], ones, ones);
+      }
 #pragma unroll
       for (int t = 0; t < NT_PER_WARP; ++t) {
         const int nt = warp + t * NWARP;
@@ -120,6 +136,27 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
         *reinterpret_cast<unsigned*>(dst) = Ops<T>::pack(acc[m][t][2 * h8], acc[m][t][2 * h8 + 1]);
       }
   }
+
+  if (bias_tile) {
+    // Every column of a ones-product holds the row sum; lane 4r holds rows r and r + 8 of each
+    // 16-label tile. The 4 warps' partial sums meet in the (now idle) first pipeline stage.
+    __syncthreads();
+    float* part = reinterpret_cast<float*>(smem);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        part[warp * GT + m * 16 + (lane >> 2)] = bacc[m][0];
+        part[warp * GT + m * 16 + (lane >> 2) + 8] = bacc[m][2];
+      }
+    }
+    __syncthreads();
+    for (int j = tid; j < jrows && label0 + j < L; j += blockDim.x) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < NWARP; ++w) sum += part[w * GT + j];
+      dB[label0 + j] = Ops<T>::from_float(sum);
+    }
+  }
 }
 
 // Small groups and a small batch (G_PAD * K_PAD <= 2048, so a group's whole [G x K] gradient fits in
@@ -132,8 +169,9 @@ template <class T, int G, int KP, int NST, int NW>
 __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __restrict__ dZ, long long ldz,
                                                                   const u16* __restrict__ XT, int ldxt,
                                                                   const int* __restrict__ idx,
-                                                                  u16* __restrict__ dW, int B, int H, int L,
-                                                                  int K, int num_groups, int groups_per_cta) {
+                                                                  u16* __restrict__ dW, u16* __restrict__ dB,
+                                                                  int B, int H, int L, int K, int num_groups,
+                                                                  int groups_per_cta) {
   constexpr int BW = 32, GP = gsfi_pad16(G);
   constexpr int MT = GP / 16, NT = KP / 8;
   static_assert(GP * KP <= 2048, "the group's gradient must fit in the warp's registers");
@@ -195,15 +233,19 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
   load_features(first);
 
   float acc[MT][NT][4];
+  float bacc[MT][4];  // bias gradient: dZ^T times a column of ones
+  const unsigned ones = Ops<T>::pack(1.f, 1.f);
   for (int gi = 0, s = 0; gi < my_groups; ++gi) {
     unsigned xrow[NT / 2];
 #pragma unroll
     for (int n2 = 0; n2 < NT / 2; ++n2) xrow[n2] = x_addr + feat_next[n2] * xpitch + ((lane >> 3) & 1) * 16;
     load_features(first + (gi + 1) * NW);  // the next group's, while this one computes
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int m = 0; m < MT; ++m) {
+      bacc[m][0] = bacc[m][1] = bacc[m][2] = bacc[m][3] = 0.f;
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+    }
     for (int b = 0; b < bsteps; ++b, ++s) {
       cp_async_wait<NST - 2>();
       __syncwarp();
@@ -214,6 +256,10 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
       for (int b16 = 0; b16 < BW / 16; ++b16) {
         unsigned a[MT][4];
         load_dz_transposed<MT>(a, zs, ZPITCH, b16, lane);
+        if (dB != nullptr) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m) Ops<T>::mma(bacc[m], a[m], ones, ones);
+        }
         const int boff = (b * BW + b16 * 16) * 2;
 #pragma unroll
         for (int n2 = 0; n2 < NT / 2; ++n2) {
@@ -242,6 +288,15 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
                 Ops<T>::pack(acc[m][n][2 * h8], acc[m][n][2 * h8 + 1]);
           }
         }
+    if (dB != nullptr && (lane & 3) == 0) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h8 = 0; h8 < 2; ++h8) {
+          const int j = m * 16 + (lane >> 2) + h8 * 8;
+          if (j < G && label0 + j < L) dB[label0 + j] = Ops<T>::from_float(bacc[m][2 * h8]);
+        }
+    }
   }
   cp_async_wait<0>();
 }

@@ -156,9 +156,13 @@ class _GroupSharedFanInCUDA(torch.autograd.Function):
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
         grad_out = kernels.padded_rows(grad_out) if (need_x or need_w) else grad_out
         grad_x = kernels.gsfi_grad_input(grad_out, weight, index, ctx.in_features) if need_x else None
-        grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, weight) if need_w else None
-        grad_b = None
-        if ctx.has_bias and need_b:
+        need_b = ctx.has_bias and need_b
+        grad_w = grad_b = None
+        if need_w:
+            # The grad-weight kernel sums the bias gradient from the dZ tiles it reads anyway.
+            grad_b = grad_out.new_empty(grad_out.shape[1]) if need_b else None
+            grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, weight, grad_bias=grad_b)
+        elif need_b:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype)
         return grad_x, grad_w, None, grad_b, None
 

@@ -9,17 +9,27 @@ import torch
 import lightning_haste as lh
 from lightning_haste import kernels
 
-# (batch, in_features, out_features, group_size, fan_in): shared-memory-resident and streamed input,
-# shared-memory and global grad-input accumulation, 32- and 64-row grad-input tiles, warp-per-group and
-# CTA-per-tile grad-weight
-for case in [(37, 300, 999, 32, 24), (9, 4096, 100, 16, 64), (70, 200, 300, 64, 128)]:
-    batch, in_features, out_features, group_size, fan_in = case
+# (batch, in_features, out_features, group_size, fan_in, tuning): shared-memory-resident and streamed
+# input, 8- and 12-warp forward CTAs, shared-memory and global grad-input accumulation, 32- and 64-row
+# grad-input tiles, warp-per-group and CTA-per-tile grad-weight (both with the fused bias gradient)
+CASES = [
+    (37, 300, 999, 32, 24, {}),
+    (9, 4096, 100, 16, 64, {}),
+    (70, 200, 300, 64, 128, {}),
+    (70, 300, 999, 32, 24, {"forward_warps": 8, "forward_stages": 4}),
+]
+for batch, in_features, out_features, group_size, fan_in, tuning in CASES:
+    kernels._launch.TUNING.clear()
+    kernels._launch.TUNING.update(tuning)
     layer = lh.GroupSharedFanIn(in_features, out_features, fan_in, group_size, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
     dz = torch.randn(batch, out_features, device="cuda", dtype=torch.bfloat16)
     w = layer.weight.detach()
     out, xt = kernels.gsfi_forward(x, w, layer.group_index, layer.bias.detach(), out_features)
     gx = kernels.gsfi_grad_input(dz, w, layer.group_index, in_features)
-    gw = kernels.gsfi_grad_weight(dz, xt, layer.group_index, w)
+    gb = torch.empty(out_features, device="cuda", dtype=torch.bfloat16)
+    gw = kernels.gsfi_grad_weight(dz, xt, layer.group_index, w, grad_bias=gb)
     torch.cuda.synchronize()
-    print(case, "ok", float(out.float().abs().sum()), float(gx.float().abs().sum()), float(gw.float().abs().sum()))
+    sums = [float(t.float().abs().sum()) for t in (out, gx, gw, gb)]
+    print(batch, in_features, out_features, group_size, fan_in, tuning, "ok", sums)
+kernels._launch.TUNING.clear()

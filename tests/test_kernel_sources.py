@@ -21,7 +21,10 @@ def _instantiations():
             lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}>,")
         if flag_a and flag_b:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, 3>,")
-    lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>," for w, n in ((4, 2), (2, 3), (1, 2))]
+    lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>,"
+              for w, n in ((12, 3), (8, 4), (4, 2), (2, 3), (1, 2))]
+    lines += [f"(void*)&gsfi_forward<f16_t, {g}, {kp}, {a}, true, 12, 3>,"
+              for g, kp, a in ((8, 16, "true"), (16, 128, "false"), (32, 512, "true"))]
     lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}>," for n in (2, 8) for r in (32, 64, 128)]
     lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128>," for g, kp in ((8, 16), (16, 128), (128, 512))]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}>," for n in (2, 4)]

@@ -65,7 +65,7 @@ def test_kernels_match_float64_reference(case):
     from lightning_haste import kernels
 
     layer, x, grad_out = _inputs(case, seed=hash(case) % 2**31)
-    ref_out, ref_gx, ref_gw, _ = _reference(layer, x, grad_out)
+    ref_out, ref_gx, ref_gw, ref_gb = _reference(layer, x, grad_out)
     index, labels = layer.group_index, layer.out_features
     # Rows padded to a multiple of 8 labels (the layout the kernels allocate): 16-byte stores.
     storage = torch.full((x.shape[0], (labels + 7) // 8 * 8), float("nan"), device="cuda", dtype=x.dtype)
@@ -77,11 +77,24 @@ def test_kernels_match_float64_reference(case):
         kernels.gsfi_forward(x, layer.weight.detach(), index, layer.bias.detach(), labels, out=packed)
         _assert_close("forward (packed rows)", packed, ref_out, x.dtype)
     grad_w = torch.full_like(layer.weight, float("nan"))
-    grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, layer.weight.detach(), out=grad_w)
+    grad_b = torch.full_like(layer.bias, float("nan"))
+    grad_w = kernels.gsfi_grad_weight(grad_out, xt, index, layer.weight.detach(), out=grad_w, grad_bias=grad_b)
     _assert_close("grad_weight", grad_w, ref_gw, x.dtype)
     assert torch.count_nonzero(grad_w[layer.out_features :]) == 0
+    _assert_close("grad_bias", grad_b, ref_gb, x.dtype)
     grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), index, x.shape[1])
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
+
+
+def test_bias_gradient_without_weight_gradient():
+    # A frozen weight skips the grad-weight kernel, which otherwise sums the bias gradient.
+    case = (33, 256, 1000, 16, 64, torch.bfloat16)
+    layer, x, grad_out = _inputs(case, seed=11)
+    _, _, _, ref_gb = _reference(layer, x, grad_out)
+    layer.weight.requires_grad_(False)
+    layer(x).backward(grad_out)
+    assert layer.weight.grad is None
+    _assert_close("bias.grad", layer.bias.grad, ref_gb, x.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

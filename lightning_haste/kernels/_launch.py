@@ -184,26 +184,38 @@ def _forward_shared(
 ) -> int:
     gp = _pad16(group_size)
     kcw = min(k_pad, 32)
-    rows_per_pass = 16 * (4 if gp <= 32 else (2 if gp == 64 else 1))
     stage = gp * (kcw * 2 + 16) + kcw * 4 + (0 if resident else kcw * 144)
-    per_warp = stages * stage + rows_per_pass * (gp * 2 + 16)
+    per_warp = stages * stage + 16 * (gp * 2 + 16)  # the ring and a 16-row output tile
     return ((in_features + 1) * 144 if resident else 0) + warps * per_warp
 
 
-_FORWARD_SHAPES = ((8, 4), (8, 3), (8, 2), (4, 4), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
+_FORWARD_SHAPES = ((12, 3), (8, 4), (8, 3), (8, 2), (4, 4), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
 
 
-def _forward_variant(group_size: int, k_pad: int, in_features: int, max_shared: int) -> tuple[bool, int, int, int]:
-    """(resident, warps, stages, shared bytes): keep the input in shared memory when it fits, with the
-    most warps and the deepest weight ring that still fit."""
+def _forward_variant(
+    group_size: int, k_pad: int, in_features: int, max_shared: int, per_sm: Optional[int] = None
+) -> tuple[bool, int, int, int]:
+    """(resident, warps, stages, shared bytes). Keep the input in shared memory when it fits; then the
+    most warps per multiprocessor (warps per CTA times the CTAs that fit beside each other), weighted by
+    the weight ring's depth up to 3 stages, and on a tie the smaller CTA. Measured on H100
+    (benchmarks/RESULTS.md): more resident warps hide the gather and weight latencies; a third stage
+    pays, a fourth does not."""
+    per_sm = max_shared + 1024 if per_sm is None else per_sm
     residents = (TUNING["forward_resident"],) if "forward_resident" in TUNING else (True, False)
     for resident in residents:
+        best = None
         for warps, stages in _FORWARD_SHAPES:
             if TUNING.get("forward_warps", warps) != warps or TUNING.get("forward_stages", stages) != stages:
                 continue
             shared = _forward_shared(group_size, k_pad, in_features, resident, warps, stages)
-            if shared <= max_shared:
-                return resident, warps, stages, shared
+            if shared > max_shared:
+                continue
+            ctas = max(1, min(8, per_sm // (shared + 1024)))
+            key = (warps * ctas * min(stages, 3), ctas, stages)
+            if best is None or key > best[0]:
+                best = (key, (resident, warps, stages, shared))
+        if best is not None:
+            return best[1]
     raise ValueError(f"no forward kernel variant fits in {max_shared} bytes of shared memory")
 
 
@@ -328,8 +340,8 @@ def _forward_plan(
     index: int, tuning: tuple,
 ) -> _Plan:
     k_pad = _pad16(fan_in)
-    _, max_shared, _ = _device_limits(index)
-    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared)
+    _, max_shared, per_sm = _device_limits(index)
+    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared, per_sm)
     fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages), index)
     row_tiles = math.ceil(batch / 64)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
@@ -450,9 +462,18 @@ def _grad_weight_plan(
 
 
 def gsfi_grad_weight(
-    grad_out: Tensor, xt: Tensor, group_index: Tensor, weight: Tensor, out: Optional[Tensor] = None
+    grad_out: Tensor,
+    xt: Tensor,
+    group_index: Tensor,
+    weight: Tensor,
+    out: Optional[Tensor] = None,
+    grad_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """``dW`` shaped like ``weight``; padding labels get exact zeros."""
+    """``dW`` shaped like ``weight``; padding labels get exact zeros.
+
+    When ``grad_bias`` (``[out_features]``, the weight dtype) is given, the same launch also writes the
+    bias gradient ``grad_out.sum(0)`` into it (float32 sums, rounded once), saving a pass over ``grad_out``.
+    """
     num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
     grad_out = padded_rows(grad_out)
     batch, out_features = grad_out.shape
@@ -463,16 +484,14 @@ def gsfi_grad_weight(
         tuple(sorted(TUNING.items())),
     )
     grad_w = _check_out(out, tuple(weight.shape), weight)
-    if plan.per_cta:  # the warp-per-group kernel: resident XT, a share of groups per CTA
-        args = (
-            _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
-            _ptr(grad_w), np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
-            np.int32(num_groups), np.int32(plan.per_cta),
-        )
-    else:
-        args = (
-            _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
-            _ptr(grad_w), np.int32(batch), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
-        )
+    if grad_bias is not None:
+        grad_bias = _check_out(grad_bias, (out_features,), weight)
+    # Both kernels take the same arguments; the tile kernel ignores in_features and groups per CTA.
+    args = (
+        _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
+        _ptr(grad_w), _ptr(grad_bias), np.int32(batch),
+        np.int32(in_features), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
+        np.int32(plan.per_cta),
+    )
     _launch(plan, args, device)
     return grad_w
