@@ -135,13 +135,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16, sorted_index=False):
+def run_shape(name, B, H, L, K, G, sets, bandwidth, dtype=torch.bfloat16, index="balanced"):
     dev = "cuda"
-    row = {"shape": name, "B": B, "H": H, "L": L, "K": K, "G": G, "index_order": "sorted" if sorted_index else "interleaved"}
+    row = {"shape": name, "B": B, "H": H, "L": L, "K": K, "G": G, "index": index}
     gen = torch.Generator(device=dev).manual_seed(0)
     layer = lh.GroupSharedFanIn(H, L, K, G, device=dev, dtype=dtype, generator=gen)
-    if sorted_index:  # ascending rows instead of the bank-interleaved order new layers get
-        with torch.no_grad():
+    with torch.no_grad():
+        if index == "uniform":  # uniform rows (some residue classes short), bank-interleaved order
+            layer.group_index.copy_(lh.sample_group_index(layer.num_groups, H, K, balanced=False, generator=gen))
+        elif index == "sorted":  # ascending rows instead of the bank-interleaved order
             layer.group_index.copy_(layer.group_index.sort(dim=1).values)
     xs = [torch.randn(B, H, device=dev, dtype=dtype) for _ in range(sets)]
     dzs = [torch.randn(B, L, device=dev, dtype=dtype) for _ in range(sets)]
@@ -253,8 +255,9 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=2, help="input sets to rotate")
     parser.add_argument("--json", default=None)
     parser.add_argument("--sweep", action="store_true", help="time tile variants on the chosen shapes and exit")
-    parser.add_argument("--sorted-index", action="store_true",
-                        help="ascending group_index rows instead of the bank-interleaved order (for comparison)")
+    parser.add_argument("--index", choices=("balanced", "uniform", "sorted"), default="balanced",
+                        help="group_index rows as new layers draw them (balanced over residues mod 8, "
+                        "bank-interleaved), uniform draws (interleaved), or uniform draws sorted ascending")
     args = parser.parse_args()
     if args.shapes == "all":
         shapes = SHAPES
@@ -278,7 +281,7 @@ def main() -> None:
     for shape in shapes:
         t0 = time.perf_counter()
         try:
-            rows.append(run_shape(*shape, sets=args.sets, bandwidth=bandwidth, sorted_index=args.sorted_index))
+            rows.append(run_shape(*shape, sets=args.sets, bandwidth=bandwidth, index=args.index))
         except torch.OutOfMemoryError as exc:
             print(f"{shape[0]}: out of memory ({exc})", file=sys.stderr)
             torch.cuda.empty_cache()
@@ -286,7 +289,7 @@ def main() -> None:
         print(f"  {shape[0]} done in {time.perf_counter() - t0:.1f} s: {json.dumps(rows[-1])}", flush=True)
 
     print()
-    print(f"times in ms (bf16, group_index rows {'sorted' if args.sorted_index else 'bank-interleaved'}; "
+    print(f"times in ms (bf16, group_index rows: {args.index}; "
           "medians of CUDA-graph replays: GPU time without host launch gaps;")
     print("  fb eager / bn eager: forward+backward launched from Python, as an eager training step runs)")
     head = (f"{'shape':<24}{'fwd':>7}{'gradX':>7}{'gradW':>7}{'f+b':>7} | {'bn f':>7}{'bn f+b':>7}"

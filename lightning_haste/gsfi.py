@@ -60,14 +60,23 @@ def sample_group_index(
     in_features: int,
     fan_in: int,
     *,
+    balanced: bool = True,
     generator: Optional[torch.Generator] = None,
     device: Optional[torch.device | str] = None,
 ) -> Tensor:
     """Draw ``fan_in`` distinct features (without replacement) for every group.
 
-    Returns an int32 ``[num_groups, fan_in]`` tensor whose rows are in :func:`bank_interleaved_order`
-    (conflict-free shared-memory access in the CUDA kernels). Rows are drawn in chunks so that the
-    temporary random matrix stays small for millions of groups.
+    With ``balanced`` (the default) and ``fan_in`` a multiple of 8 (as the CUDA kernels require), every
+    group takes ``fan_in / 8`` features from each residue class ``f % 8`` of the feature ids, uniformly
+    at random within the class: a feature is read with probability ``fan_in / in_features`` (exactly
+    when ``in_features`` is a multiple of 8; else its class size rounds it), and in
+    :func:`bank_interleaved_order` each aligned block of 8 slots then holds 8 distinct residues, so the
+    kernels' shared-memory accesses are free of bank conflicts (a uniform draw leaves some classes
+    short, and the tail of a row repeats residues). Otherwise, or with ``balanced=False``, the rows are
+    uniform draws from all ``fan_in``-subsets.
+
+    Returns an int32 ``[num_groups, fan_in]`` tensor whose rows are in :func:`bank_interleaved_order`.
+    Rows are drawn in chunks so that the temporary random matrix stays small for millions of groups.
     """
     num_groups = check_positive_int("num_groups", num_groups)
     in_features = check_positive_int("in_features", in_features)
@@ -79,10 +88,31 @@ def sample_group_index(
     step = _rows_per_chunk(in_features)
     for r0 in range(0, num_groups, step):
         r1 = min(num_groups, r0 + step)
-        keys = torch.rand(r1 - r0, in_features, generator=generator, device=draw_device)
-        chosen = keys.topk(fan_in, dim=1, sorted=False).indices
+        if balanced and fan_in % BANK_RESIDUES == 0:
+            chosen = _balanced_draw(r1 - r0, in_features, fan_in, generator, draw_device)
+        else:
+            keys = torch.rand(r1 - r0, in_features, generator=generator, device=draw_device)
+            chosen = keys.topk(fan_in, dim=1, sorted=False).indices
         out[r0:r1] = chosen.gather(1, bank_interleaved_order(chosen)).to(torch.int32)
     return out.to(device) if device is not None else out
+
+
+def _balanced_draw(
+    rows: int, in_features: int, fan_in: int, generator: Optional[torch.Generator], device: torch.device
+) -> Tensor:
+    """``[rows, fan_in]`` distinct features, ``fan_in / 8`` from each residue class (``fan_in % 8 == 0``).
+
+    Feature ``8 i + r`` is entry ``(i, r)`` of a ``[ceil(in_features / 8), 8]`` grid; the top keys of each
+    column are a uniform draw within the class (the smallest class has ``in_features // 8 >= fan_in / 8``
+    members). Entry ``(q, r)`` of the ``[fan_in / 8, 8]`` result, flattened, is slot ``8 q + r``.
+    """
+    per_class = -(-in_features // BANK_RESIDUES)
+    keys = torch.rand(rows, per_class, BANK_RESIDUES, generator=generator, device=device)
+    feature = torch.arange(per_class * BANK_RESIDUES, device=device).view(per_class, BANK_RESIDUES)
+    keys[:, feature >= in_features] = -1.0  # grid entries past in_features are never drawn
+    residue = torch.arange(BANK_RESIDUES, device=device)
+    chosen = keys.topk(fan_in // BANK_RESIDUES, dim=1).indices * BANK_RESIDUES + residue
+    return chosen.reshape(rows, fan_in)
 
 
 def _uniform_(tensor: Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
@@ -113,7 +143,9 @@ class GroupSharedFanIn(nn.Module):
         group_size: labels per group ``G`` (default 32).
         bias: learn a per-label bias.
         device, dtype: factory arguments, as for ``nn.Linear``.
-        generator: random generator for the index sampling and the weight initialisation.
+        generator: random generator for the index sampling and the weight initialisation. The index
+            is drawn by :func:`sample_group_index` (balanced over feature-id residues mod 8 when
+            ``fan_in`` is a multiple of 8, which keeps the CUDA kernels free of bank conflicts).
         memory_budget: bound in bytes on the temporaries of the pure-PyTorch path (default 256 MiB).
         backend: ``"auto"`` (CUDA kernels for bfloat16/float16 CUDA tensors when the shape is supported,
             else the pure-PyTorch path), ``"cuda"`` (kernels required) or ``"torch"``.

@@ -165,6 +165,30 @@ def test_sample_group_index_rows_distinct_interleaved_and_reproducible():
     assert torch.equal((balanced % 8), torch.arange(64, dtype=torch.int32).remainder(8).expand(50, 64))
 
 
+@pytest.mark.parametrize("in_features,fan_in", [(768, 128), (300, 24), (13, 8), (64, 64), (100, 96)])
+def test_balanced_index_takes_equal_shares_of_every_residue_class(in_features, fan_in):
+    gen = torch.Generator().manual_seed(in_features)
+    idx = lh.sample_group_index(400, in_features, fan_in, generator=gen)
+    assert all(len(set(row)) == fan_in for row in idx.tolist())
+    assert int(idx.min()) >= 0 and int(idx.max()) < in_features
+    # fan_in / 8 features of each residue, dealt out in turn: every aligned block of 8 slots is distinct
+    assert torch.equal(idx % 8, torch.arange(fan_in, dtype=torch.int32).remainder(8).expand(400, fan_in))
+    # within a class the draw is uniform: every feature turns up, at about the same rate
+    counts = torch.bincount(idx.flatten().long(), minlength=in_features).double()
+    assert int((counts == 0).sum()) == 0
+    if in_features == 768:
+        assert (counts / 400 - fan_in / in_features).abs().max() < 0.07
+
+
+def test_uniform_index_draws_unbalanced_rows():
+    gen = torch.Generator().manual_seed(3)
+    idx = lh.sample_group_index(400, 768, 128, balanced=False, generator=gen)
+    assert all(len(set(row)) == 128 for row in idx.tolist())
+    per_class = torch.stack([(idx % 8 == r).sum(1) for r in range(8)], 1)
+    assert (per_class != 16).any()  # a uniform draw is almost never balanced in all 400 rows
+    assert all(row == _interleaved_reference(row) for row in idx[:20].tolist())
+
+
 def test_interleave_group_index_keeps_the_function():
     layer = lh.GroupSharedFanIn(30, 45, 12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -463,8 +463,9 @@ def _grad_weight_plan(
                 ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
                 per_cta = math.ceil(math.ceil(num_groups / ctas) / warps) * warps
                 return _plan(fn, (math.ceil(num_groups / per_cta), 1), 32 * warps, shared, per_cta, index)
-    # Two or three CTAs per multiprocessor keep enough gathers in flight; deeper rings cost CTAs.
-    stages = TUNING.get("grad_weight_stages", 3)
+    # A 2-stage ring: never slower than 3 stages on H100 and 8 % faster at Amazon-3M (B = 128, two
+    # batch steps per CTA), where the smaller CTAs fit twice as many per multiprocessor.
+    stages = TUNING.get("grad_weight_stages", 2)
     shared = _grad_weight_shared(group_size, k_pad, stages)
     fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages), index)
     tiles = num_groups * math.ceil(group_size / 64) * math.ceil(k_pad / min(k_pad, 128))
