@@ -104,6 +104,21 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   int s = 0;  // this warp's pipeline step: (group, pass, chunk of K) in order
   for (int gi = 0; gi < my_groups; ++gi) {
     const int g = first + gi * NW;
+    // The bias of this lane's output columns (2 registers per 8 labels). Up to 32 labels it is loaded
+    // before the group's products, so that the epilogue does not wait on global memory; larger groups
+    // have no registers to spare for it (their accumulators spill) and load it in the epilogue.
+    constexpr bool EARLY_BIAS = GP <= 32;
+    float bias_v[GP / 8][2];
+    auto load_bias = [&]() {
+#pragma unroll
+      for (int n = 0; n < GP / 8; ++n) {
+        const int j = n * 8 + 2 * (lane & 3);
+        const int p = g * G + j;
+        bias_v[n][0] = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
+        bias_v[n][1] = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
+      }
+    };
+    if (EARLY_BIAS) load_bias();
     for (int pass = 0; pass < PASSES; ++pass) {
       float acc[MTP][GP / 8][4];
 #pragma unroll
@@ -152,19 +167,17 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
       // pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs. The tile holds
       // one 16-row slice at a time: a quarter of the shared memory of a whole pass, which buys warps.
       const int cols = min(G, L - g * G);
+      if (!EARLY_BIAS) load_bias();
 #pragma unroll
       for (int m = 0; m < MTP; ++m) {
 #pragma unroll
         for (int n = 0; n < GP / 8; ++n) {
           const int j = n * 8 + 2 * (lane & 3);
-          const int p = g * G + j;
-          const float bias0 = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
-          const float bias1 = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
 #pragma unroll
           for (int h8 = 0; h8 < 2; ++h8) {
             const int r = (lane >> 2) + h8 * 8;
             *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
-                Ops<T>::pack(acc[m][n][2 * h8] + bias0, acc[m][n][2 * h8 + 1] + bias1);
+                Ops<T>::pack(acc[m][n][2 * h8] + bias_v[n][0], acc[m][n][2 * h8 + 1] + bias_v[n][1]);
           }
         }
         __syncwarp();

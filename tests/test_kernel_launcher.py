@@ -1,5 +1,6 @@
 """The kernel launcher's CPU-side logic (CuPy is imported lazily; CI has neither CuPy nor a GPU)."""
 
+import re
 import sys
 
 import pytest
@@ -40,9 +41,11 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
         assert resident and warps >= 8  # the official shapes keep the input in shared memory
     for rows in (32, 64, 128):
         smem_acc = _launch._grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= H100_SHARED
+        k_chunk = _launch._grad_input_k_chunk(group_size, k_pad, in_features, smem_acc, rows, H100_SHARED)
+        assert k_chunk % 16 == 0 and 16 <= k_chunk <= _launch._k_chunk(_launch._pad16(group_size), k_pad)
         stages, shared = _launch._deepest(
             "grad_input_stages",
-            lambda n: _launch._grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
+            lambda n: _launch._grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, k_chunk),
             H100_SHARED,
         )
         assert shared <= H100_SHARED
@@ -70,6 +73,13 @@ def test_forward_variant_choice(group_size, fan_in, in_features, labels, expecte
     assert resident and (warps, stages) == expected
 
 
+def test_grad_input_halves_the_feature_chunk_for_a_third_pipeline_stage():
+    # B512-L131K-K128: 64-row tiles leave room for 2 stages of 128 features, 3 of 64.
+    assert _launch._grad_input_k_chunk(32, 128, 768, True, 64, H100_SHARED) == 64
+    assert _launch._grad_input_k_chunk(32, 64, 768, True, 64, H100_SHARED) == 64  # 3 stages already
+    assert _launch._grad_input_k_chunk(64, 128, 768, True, 32, H100_SHARED) == 128
+
+
 @pytest.mark.parametrize(
     "group_size,fan_in,in_features,batch",
     [(16, 64, 384, 64), (16, 128, 384, 256), (32, 64, 384, 128)],
@@ -81,6 +91,27 @@ def test_official_small_group_shapes_get_the_resident_grad_weight(group_size, fa
         if _launch._grad_weight_warp_shared(group_size, in_features, batch, n, w) <= H100_SHARED
     ]
     assert fits and fits[0][0] >= 4
+
+
+@pytest.mark.parametrize(
+    "kernel,params",
+    [
+        ("gsfi_forward", "_FORWARD_PARAMS"),
+        ("gsfi_grad_input", "_GRAD_INPUT_PARAMS"),
+        ("gsfi_grad_weight", "_GRAD_WEIGHT_PARAMS"),
+        ("gsfi_grad_weight_warp", "_GRAD_WEIGHT_PARAMS"),
+    ],
+)
+def test_packed_parameters_match_the_kernel_signatures(kernel, params):
+    # The launcher packs arguments into one buffer in C layout: the codes must follow the declaration.
+    source = _launch._source(kernel)
+    signature = re.search(rf"\b{kernel}\(([^)]*)\)", source).group(1)
+    codes = ""
+    for declaration in signature.split(","):
+        declaration = declaration.strip()
+        codes += "Q" if "*" in declaration else ("q" if declaration.startswith("long long") else "i")
+        assert "*" in declaration or declaration.split()[0] in ("int", "long"), declaration
+    assert getattr(_launch, params).format == "@" + codes
 
 
 def test_padded_rows_pads_with_zeros():

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import math
 import re
+import struct
 import threading
 import warnings
 from pathlib import Path
@@ -63,8 +64,8 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages",
-#: "grad_weight_kernel" ("warp" or "cta").
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_k_chunk",
+#: "grad_weight_stages", "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
 
@@ -137,35 +138,51 @@ def _plan(fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int,
     return _Plan(fn, grid, block, shared, per_cta)
 
 
-_CTYPES = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64, np.dtype(np.int32): ctypes.c_int32}
+# The kernels' parameter lists, in the C layout the driver copies from one buffer (native alignment):
+# Q = pointer, q = long long, i = int.
+_FORWARD_PARAMS = struct.Struct("@QiQQQQqiiiiii")
+_GRAD_INPUT_PARAMS = struct.Struct("@QqQQQiiiiii")
+_GRAD_WEIGHT_PARAMS = struct.Struct("@QqQiQQQiiiiii")
+_NUMPY_PARAM = {"Q": np.uint64, "q": np.int64, "i": np.int32}
+# cuLaunchKernel's `extra` markers: a parameter buffer, its size, the end of the list.
+_PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
 _fast_launch_ok = True
 
 
-def _launch(plan: _Plan, args: tuple, device: torch.device) -> None:
-    """Launch on torch's current stream. The driver call with a packed parameter array costs a few
-    microseconds of host time; CuPy's generic kernel call (the fallback) costs about 100."""
+def _current_stream(index: int) -> int:
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the handle, without a Stream object
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+
+
+def _launch(plan: _Plan, params: struct.Struct, args: tuple, device: torch.device) -> None:
+    """Launch on torch's current stream: one driver call with the arguments packed into one buffer
+    (a few microseconds of host time; CuPy's generic kernel call, the fallback, costs about 100)."""
     global _fast_launch_ok
     cupy = _cupy()
-    torch_stream = torch.cuda.current_stream(device).cuda_stream
+    torch_stream = _current_stream(device.index)
     same_device = cupy.cuda.runtime.getDevice() == device.index
     if _fast_launch_ok and same_device:
-        values = [_CTYPES[a.dtype](int(a)) for a in args]
-        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        buffer = ctypes.create_string_buffer(params.pack(*args), params.size)
+        size = ctypes.c_size_t(params.size)
+        extra = (ctypes.c_void_p * 5)(
+            _PARAM_BUFFER_POINTER, ctypes.addressof(buffer), _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END
+        )
         try:
             cupy.cuda.driver.launchKernel(
                 plan.fn.kernel.ptr, plan.grid[0], plan.grid[1], 1, plan.block, 1, 1, plan.shared, torch_stream,
-                ctypes.addressof(params), 0,
+                0, ctypes.addressof(extra),
             )
             return
         except (AttributeError, TypeError):  # a CuPy without this driver binding: use its kernel call
             _fast_launch_ok = False
+    typed = tuple(_NUMPY_PARAM[code](value) for code, value in zip(re.findall(r"[Qqi]", params.format), args))
     stream = _external_stream(torch_stream, device.index)
     if same_device:
         with stream:
-            plan.fn(plan.grid, (plan.block, 1, 1), args, shared_mem=plan.shared)
+            plan.fn(plan.grid, (plan.block, 1, 1), typed, shared_mem=plan.shared)
     else:
         with cupy.cuda.Device(device.index), stream:
-            plan.fn(plan.grid, (plan.block, 1, 1), args, shared_mem=plan.shared)
+            plan.fn(plan.grid, (plan.block, 1, 1), typed, shared_mem=plan.shared)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,10 +255,11 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32,
+    k_chunk: Optional[int] = None,
 ) -> int:
     gp = _pad16(group_size)
-    kc = _k_chunk(gp, _pad16(fan_in))
+    kc = _k_chunk(gp, _pad16(fan_in)) if k_chunk is None else k_chunk
     stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
     return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
@@ -271,8 +289,8 @@ def supports(x: Tensor, weight: Tensor, group_index: Tensor) -> bool:
     return group_size in SUPPORTED_GROUP_SIZES and fan_in % 8 == 0 and fan_in <= MAX_FAN_IN
 
 
-def _ptr(t: Optional[Tensor]) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _check(x: Tensor, weight: Tensor, group_index: Tensor) -> tuple[int, int, int]:
@@ -382,11 +400,10 @@ def gsfi_forward(
         tuple(sorted(TUNING.items())),
     )
     args = (
-        _ptr(xt), np.int32(xt.shape[1]), _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out),
-        np.int64(out.stride(0)), np.int32(batch), np.int32(in_features), np.int32(out_features),
-        np.int32(fan_in), np.int32(num_groups), np.int32(plan.per_cta),
+        _ptr(xt), xt.shape[1], _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out), out.stride(0), batch,
+        in_features, out_features, fan_in, num_groups, plan.per_cta,
     )
-    _launch(plan, args, device)
+    _launch(plan, _FORWARD_PARAMS, args, device)
     return out, xt
 
 
@@ -408,15 +425,33 @@ def _grad_input_plan(
                 rows = candidate
                 break
     smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
+    k_chunk = TUNING.get("grad_input_k_chunk") or _grad_input_k_chunk(
+        group_size, k_pad, in_features, smem_acc, rows, max_shared
+    )
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, k_chunk),
         max_shared,
     )
-    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows), index)
+    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, k_chunk), index)
     row_tiles = math.ceil(batch / rows)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
+
+
+def _grad_input_k_chunk(
+    group_size: int, k_pad: int, in_features: int, smem_acc: bool, rows: int, max_shared: int
+) -> int:
+    """Features per grad-input step: the widest chunk (fewest reloads of the dZ tile) that leaves room
+    for a 3-stage pipeline beside the shared-memory accumulator; with 2 stages each step waits on its
+    loads (measured on H100: benchmarks/RESULTS.md). The widest chunk when none does."""
+    widest = _k_chunk(_pad16(group_size), k_pad)
+    if smem_acc:
+        for k_chunk in (widest, widest // 2):
+            if k_chunk >= 32 and k_chunk % 16 == 0:
+                if _grad_input_shared(group_size, k_pad, in_features, True, 3, rows, k_chunk) <= max_shared:
+                    return k_chunk
+    return widest
 
 
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
@@ -431,11 +466,10 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     )
     grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
     args = (
-        _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(weight), _ptr(group_index), _ptr(grad_x),
-        np.int32(batch), np.int32(in_features), np.int32(out_features), np.int32(fan_in),
-        np.int32(num_groups), np.int32(plan.per_cta),
+        _ptr(grad_out), grad_out.stride(0), _ptr(weight), _ptr(group_index), _ptr(grad_x), batch, in_features,
+        out_features, fan_in, num_groups, plan.per_cta,
     )
-    _launch(plan, args, device)
+    _launch(plan, _GRAD_INPUT_PARAMS, args, device)
     return grad_x.to(weight.dtype)
 
 
@@ -499,10 +533,8 @@ def gsfi_grad_weight(
         grad_bias = _check_out(grad_bias, (out_features,), weight)
     # Both kernels take the same arguments; the tile kernel ignores in_features and groups per CTA.
     args = (
-        _ptr(grad_out), np.int64(grad_out.stride(0)), _ptr(xt), np.int32(xt.shape[1]), _ptr(group_index),
-        _ptr(grad_w), _ptr(grad_bias), np.int32(batch),
-        np.int32(in_features), np.int32(out_features), np.int32(fan_in), np.int32(num_groups),
-        np.int32(plan.per_cta),
+        _ptr(grad_out), grad_out.stride(0), _ptr(xt), xt.shape[1], _ptr(group_index), _ptr(grad_w),
+        _ptr(grad_bias), batch, in_features, out_features, fan_in, num_groups, plan.per_cta,
     )
-    _launch(plan, args, device)
+    _launch(plan, _GRAD_WEIGHT_PARAMS, args, device)
     return grad_w
