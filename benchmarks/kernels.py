@@ -101,7 +101,6 @@ def sweep(B, H, L, K, G, sets=2, dtype=torch.bfloat16):
                 for wv, sv in ((12, 3), (8, 4), (8, 3), (8, 2), (4, 3))]
     variants += [("forward", {"forward_resident": False})]
     variants += [("grad_input", {"grad_input_rows": r}) for r in (32, 64, 128)]
-    variants += [("grad_input", {"grad_input_k_chunk": kc}) for kc in (128, 64, 32) if kc <= max(32, K)]
     variants += [("grad_weight", {"grad_weight_kernel": "cta", "grad_weight_stages": n}) for n in (2, 3)]
     variants += [("grad_weight", {"grad_weight_kernel": "warp"})]
     variants += [("grad_weight+bias", {}), ("grad_weight,bias_sum", {})]

@@ -1,8 +1,8 @@
 // Gradient of the input of the group-shared fixed fan-in layer:
 //   dX[b, idx[g, k]] += sum_j dZ[b, g*G + j] * W[g*G + j, k]
 //
-// One CTA = BT (32, 64 or 128) batch rows x a range of groups, 8 warps; one step = one group and one chunk
-// of KC of its K columns. Per step the CTA computes the transposed product dXg^T [K x BT] = W_g^T [K x G] *
+// One CTA = BT (32, 64 or 128) batch rows x a range of groups, 8 warps; one step = one group (and one chunk
+// of its K columns). Per step the CTA computes the transposed product dXg^T [K x BT] = W_g^T [K x G] *
 // dZ_g^T [G x BT] on tensor cores, so that each accumulator pair holds two consecutive batch rows of ONE
 // feature, and adds it into a float32 transposed copy of the CTA's dX rows in shared memory
 // (SMEM_ACC, [H][BT], the 8-row blocks of row h swizzled by h mod 4, so that the 4 rows a half-warp
@@ -16,16 +16,13 @@
 // to global memory as atomics.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, int KC>
+template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT>
 __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
                                                         int num_groups, int groups_per_cta) {
   constexpr int NTHREADS = 256, NN = BT / 8;                     // BT = 32, 64 or 128 batch rows
-  // KC features per step (a multiple of 16, at most gsfi_k_chunk): smaller chunks make smaller stages,
-  // so that a deeper pipeline fits beside the accumulator, at the cost of reading dZ once per chunk.
-  static_assert(KC % 16 == 0 && KC >= 16 && KC <= gsfi_k_chunk(gsfi_pad16(G), KP), "feature chunk");
-  constexpr int GP = gsfi_pad16(G), NKC = (KP + KC - 1) / KC;
+  constexpr int GP = gsfi_pad16(G), KC = gsfi_k_chunk(GP, KP), NKC = (KP + KC - 1) / KC;
   constexpr int MT = KC / 16;                                    // 16-feature tiles per step
   // (16-feature, 8-row) tiles per warp: the MT * NN tiles over 8 warps, a power of two <= NN so that
   // each warp's tiles share one feature tile.

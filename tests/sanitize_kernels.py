@@ -17,7 +17,7 @@ CASES = [
     (9, 4096, 100, 16, 64, {}),
     (70, 200, 300, 64, 128, {}),
     (70, 300, 999, 32, 24, {"forward_warps": 8, "forward_stages": 4}),
-    (70, 768, 999, 32, 136, {}),  # 64-row grad-input tiles in chunks of 64 features, a partial last one
+    (70, 768, 999, 32, 136, {}),  # 64-row grad-input tiles, two feature chunks (128 + a partial one)
 ]
 for batch, in_features, out_features, group_size, fan_in, tuning in CASES:
     kernels._launch.TUNING.clear()

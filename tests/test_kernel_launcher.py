@@ -41,11 +41,9 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
         assert resident and warps >= 8  # the official shapes keep the input in shared memory
     for rows in (32, 64, 128):
         smem_acc = _launch._grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= H100_SHARED
-        k_chunk = _launch._grad_input_k_chunk(group_size, k_pad, in_features, smem_acc, rows, H100_SHARED)
-        assert k_chunk % 16 == 0 and 16 <= k_chunk <= _launch._k_chunk(_launch._pad16(group_size), k_pad)
         stages, shared = _launch._deepest(
             "grad_input_stages",
-            lambda n: _launch._grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, k_chunk),
+            lambda n: _launch._grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
             H100_SHARED,
         )
         assert shared <= H100_SHARED
@@ -71,13 +69,6 @@ def test_forward_variant_choice(group_size, fan_in, in_features, labels, expecte
         group_size, fan_in, in_features, H100_SHARED, 233472, labels
     )
     assert resident and (warps, stages) == expected
-
-
-def test_grad_input_halves_the_feature_chunk_for_a_third_pipeline_stage():
-    # B512-L131K-K128: 64-row tiles leave room for 2 stages of 128 features, 3 of 64.
-    assert _launch._grad_input_k_chunk(32, 128, 768, True, 64, H100_SHARED) == 64
-    assert _launch._grad_input_k_chunk(32, 64, 768, True, 64, H100_SHARED) == 64  # 3 stages already
-    assert _launch._grad_input_k_chunk(64, 128, 768, True, 32, H100_SHARED) == 128
 
 
 @pytest.mark.parametrize(

@@ -12,29 +12,21 @@ GROUP_SIZES = (8, 16, 32, 64, 128)
 K_PADS = (16, 128, 512)
 
 
-def _k_chunk(g, kp):  # the widest grad-input feature chunk, as gsfi_k_chunk in gsfi_common.cuh
-    gp = (g + 15) // 16 * 16
-    return min(kp, min(128, max(16, 8192 // gp)) // 16 * 16)
-
-
 def _instantiations():
     lines = []
     for dtype, g, kp, flag_a, flag_b in itertools.product(("bf16_t", "f16_t"), GROUP_SIZES, K_PADS, (True, False), (True, False)):
         a, b = str(flag_a).lower(), str(flag_b).lower()
         lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
         if flag_b:
-            lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}, {_k_chunk(g, kp)}>,")
+            lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}>,")
         if flag_a and flag_b:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, 3>,")
     lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>,"
               for w, n in ((12, 3), (8, 4), (4, 2), (2, 3), (1, 2))]
     lines += [f"(void*)&gsfi_forward<f16_t, {g}, {kp}, {a}, true, 12, 3>,"
               for g, kp, a in ((8, 16, "true"), (16, 128, "false"), (32, 512, "true"))]
-    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}, {kc}>,"
-              for n in (2, 8) for r in (32, 64, 128) for kc in (128, 64)]
-    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128, {_k_chunk(g, kp)}>,"
-              for g, kp in ((8, 16), (16, 128), (128, 512))]
-    lines += ["(void*)&gsfi_grad_input<bf16_t, 64, 144, true, 3, 64, 32>,"]  # K = 136: a partial last chunk
+    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}>," for n in (2, 8) for r in (32, 64, 128)]
+    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128>," for g, kp in ((8, 16), (16, 128), (128, 512))]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}>," for n in (2, 4)]
     lines += [
         f"(void*)&gsfi_grad_weight_warp<{dtype}, {g}, {kp}, {n}, {w}>,"

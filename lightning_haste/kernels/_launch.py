@@ -64,8 +64,8 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_k_chunk",
-#: "grad_weight_stages", "grad_weight_kernel" ("warp" or "cta").
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages",
+#: "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
 
@@ -255,11 +255,10 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32,
-    k_chunk: Optional[int] = None,
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
 ) -> int:
     gp = _pad16(group_size)
-    kc = _k_chunk(gp, _pad16(fan_in)) if k_chunk is None else k_chunk
+    kc = _k_chunk(gp, _pad16(fan_in))
     stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
     return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
@@ -425,33 +424,15 @@ def _grad_input_plan(
                 rows = candidate
                 break
     smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
-    k_chunk = TUNING.get("grad_input_k_chunk") or _grad_input_k_chunk(
-        group_size, k_pad, in_features, smem_acc, rows, max_shared
-    )
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, k_chunk),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
         max_shared,
     )
-    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, k_chunk), index)
+    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows), index)
     row_tiles = math.ceil(batch / rows)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
-
-
-def _grad_input_k_chunk(
-    group_size: int, k_pad: int, in_features: int, smem_acc: bool, rows: int, max_shared: int
-) -> int:
-    """Features per grad-input step: the widest chunk (fewest reloads of the dZ tile) that leaves room
-    for a 3-stage pipeline beside the shared-memory accumulator; with 2 stages each step waits on its
-    loads (measured on H100: benchmarks/RESULTS.md). The widest chunk when none does."""
-    widest = _k_chunk(_pad16(group_size), k_pad)
-    if smem_acc:
-        for k_chunk in (widest, widest // 2):
-            if k_chunk >= 32 and k_chunk % 16 == 0:
-                if _grad_input_shared(group_size, k_pad, in_features, True, 3, rows, k_chunk) <= max_shared:
-                    return k_chunk
-    return widest
 
 
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
