@@ -82,6 +82,45 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool v
   int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+// 16-byte global -> shared copy of which only the first `bytes` (0..16) are read; the rest become 0.
+__device__ __forceinline__ void cp_async16_bytes(unsigned dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+// dZ rows that need not start on 16-byte boundaries (ldz not a multiple of 8, e.g. an odd label count):
+// instead of a padded copy of dZ, a tile row whose first label is element e of dZ is copied raw, in
+// 16-byte pieces from the boundary at or before e (one piece more than the tile is wide), and
+// realign_dz then shifts it by e mod 8 elements into the aligned tile that ldmatrix reads. Elements
+// from `end` (one past the last element of dZ) on are not read; rows past the batch read nothing.
+__device__ __forceinline__ void cp_async_dz_raw_piece(unsigned dst, const u16* dZ, long long e_row, int piece,
+                                                      long long end, bool row_ok) {
+  const long long start = (e_row & ~7LL) + piece * 8;
+  const long long left = row_ok ? end - start : 0;
+  const int bytes = left >= 8 ? 16 : (left > 0 ? (int)left * 2 : 0);
+  cp_async16_bytes(dst, bytes ? (const void*)(dZ + start) : (const void*)dZ, bytes);
+}
+
+// Raw rows (pitch raw_pitch) -> aligned [rows x GP] tile (pitch out_pitch); row r's first label is
+// element e_row0 + r * ldz; labels from labels_left on become 0 (they are the next row's values).
+template <int GP>
+__device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pitch, unsigned char* out,
+                                           int out_pitch, int rows, long long e_row0, long long ldz,
+                                           int labels_left, int t, int nthreads) {
+  for (int c = t; c < rows * (GP / 8); c += nthreads) {
+    const int r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+    const int shift = (int)((e_row0 + r * ldz) & 7);
+    const u16* src = reinterpret_cast<const u16*>(raw + r * raw_pitch) + shift + q;
+    unsigned w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const unsigned lo = q + 2 * e < labels_left ? src[2 * e] : 0u;
+      const unsigned hi = q + 2 * e + 1 < labels_left ? src[2 * e + 1] : 0u;
+      w[e] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4*>(out + r * out_pitch + q * 2) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));

@@ -14,9 +14,11 @@
 // global memory once at the end. Padded feature slots (K not a multiple of 16) add into private
 // trash rows past H instead of branching (the launcher allocates them only then). Without SMEM_ACC (H too large for shared memory) the adds go
 // to global memory as atomics.
+// Without ALIGNED_DZ (dZ rows not on 16-byte boundaries: an odd number of labels) the stages hold raw
+// dZ rows that realign_dz shifts into one aligned tile per step.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT>
+template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ>
 __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
@@ -32,7 +34,9 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE);
+  // Unaligned dZ rows: the stages hold raw rows, realigned each step into one more Z tile.
+  unsigned char* z_aligned = smem + NST * STAGE;
+  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE + (ALIGNED_DZ ? 0 : Z_STAGE));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
@@ -80,11 +84,21 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     // dZ columns of the group: labels past L (padding of the last group) and rows past B read as 0.
     const u16* zg = dZ + (long long)g * G;
     const int labels_left = L - g * G;
+    if constexpr (ALIGNED_DZ) {
 #pragma unroll
-    for (int i = 0; i < ZPT; ++i) {
-      if (Z_CHUNKS % NTHREADS != 0 && tid + i * NTHREADS >= Z_CHUNKS) continue;
-      const bool valid = z_ok[i] && z_col[i] < labels_left;
-      cp_async16(st + z_dst[i], valid ? zg + z_off[i] : dZ, valid);
+      for (int i = 0; i < ZPT; ++i) {
+        if (Z_CHUNKS % NTHREADS != 0 && tid + i * NTHREADS >= Z_CHUNKS) continue;
+        const bool valid = z_ok[i] && z_col[i] < labels_left;
+        cp_async16(st + z_dst[i], valid ? zg + z_off[i] : dZ, valid);
+      }
+    } else {
+      constexpr int PIECES = GP / 8 + 1;  // ZPITCH = 16 * PIECES
+      const long long end = (long long)(B - 1) * ldz + L;
+      for (int c = tid; c < BT * PIECES; c += NTHREADS) {
+        const int r = c / PIECES, piece = c % PIECES;
+        cp_async_dz_raw_piece(st + r * ZPITCH + piece * 16, dZ, (long long)(b0 + r) * ldz + (long long)g * G, piece,
+                              end, b0 + r < B);
+      }
     }
     const u16* wg = W + (long long)g * G * K + k0;
 #pragma unroll
@@ -109,10 +123,17 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     __syncthreads();
     if (s + NST - 1 < nsteps) issue(s + NST - 1);
     cp_async_commit();
+    const unsigned char* stage = smem + (s % NST) * STAGE;
+    if constexpr (!ALIGNED_DZ) {
+      const int g = g_begin + s / NKC;
+      realign_dz<GP>(stage, ZPITCH, z_aligned, ZPITCH, BT, (long long)b0 * ldz + (long long)g * G, ldz, L - g * G,
+                     tid, NTHREADS);
+      __syncthreads();
+    }
     if (!active) continue;
 
-    const unsigned char* zs = smem + (s % NST) * STAGE;
-    const unsigned char* ws = zs + Z_STAGE;
+    const unsigned char* zs = ALIGNED_DZ ? stage : z_aligned;
+    const unsigned char* ws = stage + Z_STAGE;
     const int* is = reinterpret_cast<const int*>(ws + W_STAGE);
     const int k0 = (s % NKC) * KC;
 

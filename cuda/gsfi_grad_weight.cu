@@ -11,7 +11,7 @@
 // costs no separate pass over dZ (which is as large as the output).
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, int NST>
+template <class T, int G, int KP, int NST, bool ALIGNED_DZ>
 __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ dZ, long long ldz,
                                                          const u16* __restrict__ XT, int ldxt,
                                                          const int* __restrict__ idx, u16* __restrict__ dW,
@@ -25,6 +25,8 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   constexpr int Z_STAGE = BT * ZPITCH, S_STAGE = KT * XPITCH, STAGE = Z_STAGE + S_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
   int* feat_s = reinterpret_cast<int*>(smem + NST * STAGE);
+  // Unaligned dZ rows (see realign_dz): raw rows in the stages, one aligned tile after the index.
+  unsigned char* z_aligned = smem + NST * STAGE + KT * 4;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tile = blockIdx.x;
@@ -58,8 +60,17 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   auto issue = [&](int step) {
     unsigned char* st = smem + (step % NST) * STAGE;
     const int bs = step * BT;
-    load_tile(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs,
-                          min(jrows, L - label0), tid, 128);
+    if constexpr (ALIGNED_DZ) {
+      load_tile(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs, min(jrows, L - label0), tid, 128);
+    } else {
+      constexpr int PIECES = GT / 8 + 1;  // ZPITCH = 16 * PIECES
+      const long long end = (long long)(B - 1) * ldz + L;
+      for (int c = tid; c < BT * PIECES; c += 128) {
+        const int r = c / PIECES, piece = c % PIECES;
+        cp_async_dz_raw_piece(smem_addr(st + r * ZPITCH + piece * 16), dZ, (long long)(bs + r) * ldz + label0, piece,
+                              end, bs + r < B);
+      }
+    }
     const unsigned base = smem_addr(st);
 #pragma unroll
     for (int i = 0; i < S_PER_THREAD; ++i) {
@@ -93,8 +104,14 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     if (s + NST - 1 < nsteps) issue(s + NST - 1);
     cp_async_commit();
 
-    const unsigned char* zs = smem + (s % NST) * STAGE;
-    const unsigned char* xs = zs + Z_STAGE;
+    const unsigned char* stage = smem + (s % NST) * STAGE;
+    if constexpr (!ALIGNED_DZ) {
+      realign_dz<GT>(stage, ZPITCH, z_aligned, ZPITCH, BT, (long long)s * BT * ldz + label0, ldz,
+                     min(jrows, L - label0), tid, 128);
+      __syncthreads();
+    }
+    const unsigned char* zs = ALIGNED_DZ ? stage : z_aligned;
+    const unsigned char* xs = stage + Z_STAGE;
 #pragma unroll
     for (int b16 = 0; b16 < BT / 16; ++b16) {
       unsigned a[MT][4];
@@ -165,7 +182,7 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
 // straight from the resident XT through ldmatrix row addresses, so the K x B gather of every group
 // costs no L2 traffic (it dominates the tile kernel above at the official small-group shapes); only
 // the group's dZ columns stream through a warp-private NST-stage ring in steps of 32 rows.
-template <class T, int G, int KP, int NST, int NW>
+template <class T, int G, int KP, int NST, int NW, bool ALIGNED_DZ>
 __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __restrict__ dZ, long long ldz,
                                                                   const u16* __restrict__ XT, int ldxt,
                                                                   const int* __restrict__ idx,
@@ -188,6 +205,8 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
   const unsigned x_addr = smem_addr(smem);
   // Row H of the resident XT is zeros: padded columns k >= K read it.
   const unsigned ring_addr = x_addr + (H + 1) * xpitch + warp * NST * STAGE;
+  // Unaligned dZ rows (see realign_dz): raw rows in the ring, one aligned tile per warp after the rings.
+  unsigned char* z_aligned = smem + (H + 1) * xpitch + NW * NST * STAGE + warp * STAGE;
 
   for (int c = tid; c < (H + 1) * (bsteps * BW / 8); c += NW * 32) {
     const int h = c / (bsteps * BW / 8), col = (c % (bsteps * BW / 8)) * 8;
@@ -207,12 +226,22 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
     const int g = first + (step / bsteps) * NW, bs = (step % bsteps) * BW;
     const unsigned st = ring_addr + (step % NST) * STAGE;
     const int labels_left = L - g * G;
+    if constexpr (ALIGNED_DZ) {
 #pragma unroll
-    for (int i = 0; i < Z_PER_LANE; ++i) {
-      const int c = lane + 32 * i, r = c / (GP / 8), col = (c % (GP / 8)) * 8;
-      const bool valid = c < BW * (GP / 8) && bs + r < B && col < G && col < labels_left;
-      cp_async16(st + r * ZPITCH + col * 2, valid ? dZ + (long long)(bs + r) * ldz + (long long)g * G + col : dZ,
-                 valid);
+      for (int i = 0; i < Z_PER_LANE; ++i) {
+        const int c = lane + 32 * i, r = c / (GP / 8), col = (c % (GP / 8)) * 8;
+        const bool valid = c < BW * (GP / 8) && bs + r < B && col < G && col < labels_left;
+        cp_async16(st + r * ZPITCH + col * 2, valid ? dZ + (long long)(bs + r) * ldz + (long long)g * G + col : dZ,
+                   valid);
+      }
+    } else {
+      constexpr int PIECES = GP / 8 + 1;  // ZPITCH = 16 * PIECES
+      const long long end = (long long)(B - 1) * ldz + L;
+      for (int c = lane; c < BW * PIECES; c += 32) {
+        const int r = c / PIECES, piece = c % PIECES;
+        cp_async_dz_raw_piece(st + r * ZPITCH + piece * 16, dZ, (long long)(bs + r) * ldz + (long long)g * G, piece,
+                              end, bs + r < B);
+      }
     }
   };
 
@@ -251,7 +280,15 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
       __syncwarp();
       if (s + NST - 1 < nsteps) issue(s + NST - 1);
       cp_async_commit();
-      const unsigned zs = ring_addr + (s % NST) * STAGE;
+      unsigned zs = ring_addr + (s % NST) * STAGE;
+      if constexpr (!ALIGNED_DZ) {
+        const int g = first + gi * NW;
+        const unsigned char* raw = smem + (zs - x_addr);
+        realign_dz<GP>(raw, ZPITCH, z_aligned, ZPITCH, BW, (long long)b * BW * ldz + (long long)g * G, ldz, L - g * G,
+                       lane, 32);
+        __syncwarp();
+        zs = smem_addr(z_aligned);
+      }
 #pragma unroll
       for (int b16 = 0; b16 < BW / 16; ++b16) {
         unsigned a[MT][4];

@@ -154,7 +154,9 @@ class _GroupSharedFanInCUDA(torch.autograd.Function):
 
         xt, weight, index = ctx.saved_tensors
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        grad_out = kernels.padded_rows(grad_out) if (need_x or need_w) else grad_out
+        # dZ as both gradient kernels read it: itself (odd label counts are realigned in shared memory),
+        # or one copy for layouts they cannot read (broadcast or transposed gradients).
+        grad_out = kernels.grad_out_for_kernels(grad_out) if (need_x or need_w) else grad_out
         grad_x = kernels.gsfi_grad_input(grad_out, weight, index, ctx.in_features) if need_x else None
         need_b = ctx.has_bias and need_b
         grad_w = grad_b = None

@@ -112,6 +112,13 @@ def test_padded_rows_pads_with_zeros():
     assert torch.count_nonzero(padded.as_strided((3, 16), (16, 1))[:, 13:]) == 0
     aligned = torch.randn(3, 16)
     assert _launch.padded_rows(aligned) is aligned
+    # the padded view goes on to the next kernel as it is: one copy per backward, not one per kernel
+    assert _launch.padded_rows(padded) is padded
+    # a view of someone else's padded storage is copied (its padding may hold anything)
+    foreign = torch.randn(3, 16)[:, :13]
+    again = _launch.padded_rows(foreign)
+    assert again is not foreign and torch.equal(again, foreign)
+    assert torch.count_nonzero(again.as_strided((3, 16), (16, 1))[:, 13:]) == 0
 
 
 def test_backend_argument():

@@ -88,6 +88,31 @@ def test_kernels_match_float64_reference(case):
     _assert_close("grad_bias", grad_b, ref_gb, x.dtype)
     grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), index, x.shape[1])
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
+    if labels % 8:
+        # grad_out above has rows off 16-byte boundaries (read raw and realigned in shared memory);
+        # the same dZ in padded, aligned rows, as a backward hands on a layout the kernels cannot read
+        padded = kernels.padded_rows(grad_out)
+        assert kernels.grad_out_for_kernels(padded) is padded
+        grad_w = kernels.gsfi_grad_weight(padded, xt, index, layer.weight.detach(), out=grad_w.fill_(float("nan")))
+        _assert_close("grad_weight (padded dZ)", grad_w, ref_gw, x.dtype)
+        _assert_close("grad_input (padded dZ)", kernels.gsfi_grad_input(padded, layer.weight.detach(), index, x.shape[1]),
+                      ref_gx, x.dtype)
+
+
+def test_gradients_of_a_transposed_grad_out():
+    # A column-major dZ cannot be read as rows: the backward copies it once into padded rows.
+    from lightning_haste import kernels
+
+    case = (40, 256, 333, 32, 64, torch.bfloat16)
+    layer, x, grad_out = _inputs(case, seed=12)
+    _, ref_gx, ref_gw, ref_gb = _reference(layer, x, grad_out)
+    column_major = grad_out.t().contiguous().t()
+    assert column_major.stride(1) != 1 and kernels.grad_out_for_kernels(column_major).stride(1) == 1
+    x.requires_grad_(True)
+    layer(x).backward(column_major)
+    _assert_close("x.grad", x.grad, ref_gx, x.dtype)
+    _assert_close("weight.grad", layer.weight.grad, ref_gw, x.dtype)
+    _assert_close("bias.grad", layer.bias.grad, ref_gb, x.dtype)
 
 
 def test_bias_gradient_without_weight_gradient():

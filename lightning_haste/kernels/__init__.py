@@ -16,6 +16,7 @@ from ._launch import (
     gsfi_forward,
     gsfi_grad_input,
     gsfi_grad_weight,
+    grad_out_for_kernels,
     padded_rows,
     supports,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "gsfi_forward",
     "gsfi_grad_input",
     "gsfi_grad_weight",
+    "grad_out_for_kernels",
     "padded_rows",
     "supports",
 ]

@@ -255,19 +255,23 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32,
+    aligned_dz: bool = True,
 ) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, _pad16(fan_in))
-    stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
+    z_tile = rows * (gp * 2 + 16)
+    stage = z_tile + gp * (kc * 2 + 16) + kc * 4
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
-    return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
+    realigned = 0 if aligned_dz else z_tile
+    return stages * stage + realigned + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
 
-def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
+def _grad_weight_shared(group_size: int, k_pad: int, stages: int, aligned_dz: bool = True) -> int:
     gt = _pad16(group_size) if group_size < 64 else 64
     kt = min(k_pad, 128)
-    return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
+    realigned = 0 if aligned_dz else 64 * (gt * 2 + 16)
+    return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4 + realigned
 
 
 def _grid_rows(num_groups: int, row_tiles: int, shared: int, index: int) -> int:
@@ -346,10 +350,40 @@ def padded_rows(t: Tensor) -> Tensor:
     batch, labels = t.shape
     if labels % 8 == 0 and _rows_aligned(t):
         return t
+    if getattr(t, _ZERO_PADDED, False):
+        return t  # a view this function made, passed on to the next kernel: no second copy
     storage = torch.empty(batch, (labels + 7) // 8 * 8, dtype=t.dtype, device=t.device)
     storage[:, labels:].zero_()
     storage[:, :labels].copy_(t)
-    return storage[:, :labels]
+    view = storage[:, :labels]
+    setattr(view, _ZERO_PADDED, True)  # its padding columns cannot be written through the view
+    return view
+
+
+# Marks the [B, L] views that padded_rows returns (odd L): their storage rows are aligned and padded
+# with zeros, so a backward that pads dZ once can hand the view to both gradient kernels.
+_ZERO_PADDED = "_haste_zero_padded_rows"
+
+
+def _dz_rows(t: Tensor) -> tuple[Tensor, bool]:
+    """``(dZ as the gradient kernels read it, whether its rows are whole aligned 8-label pieces)``.
+
+    Rows that are not (an odd number of labels, say) are read raw and realigned in shared memory, with
+    no copy of dZ, as long as the labels are contiguous and the first row starts on a 16-byte boundary;
+    other layouts (broadcast or transposed gradients) are copied by :func:`padded_rows`.
+    """
+    labels = t.shape[1]
+    if (labels % 8 == 0 and _rows_aligned(t)) or getattr(t, _ZERO_PADDED, False):
+        return t, True
+    if t.stride(1) == 1 and t.stride(0) >= labels and t.data_ptr() % 16 == 0:
+        return t, False
+    return padded_rows(t), True
+
+
+def grad_out_for_kernels(t: Tensor) -> Tensor:
+    """``t`` when the gradient kernels read it as it is (see :func:`_dz_rows`), else one padded copy
+    that both of them then read: a backward calls this once before launching them."""
+    return _dz_rows(t)[0]
 
 
 def _padded_output(batch: int, labels: int, like: Tensor) -> Tensor:
@@ -408,8 +442,8 @@ def gsfi_forward(
 
 @functools.lru_cache(maxsize=256)
 def _grad_input_plan(
-    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
-    tuning: tuple,
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned_dz: bool,
+    index: int, tuning: tuple,
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(index)
@@ -419,17 +453,17 @@ def _grad_input_plan(
     if rows is None:
         rows = 32
         for candidate in (128, 64):
-            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate) <= max_shared
+            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate, aligned_dz) <= max_shared
             if fits and batch > candidate // 2:
                 rows = candidate
                 break
-    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
+    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows, aligned_dz) <= max_shared
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, aligned_dz),
         max_shared,
     )
-    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows), index)
+    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz), index)
     row_tiles = math.ceil(batch / rows)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
@@ -438,11 +472,11 @@ def _grad_input_plan(
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
     """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype)."""
     num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
-    grad_out = padded_rows(grad_out)
+    grad_out, aligned_dz = _dz_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
     plan = _grad_input_plan(
-        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, device.index,
+        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, aligned_dz, device.index,
         tuple(sorted(TUNING.items())),
     )
     grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
@@ -455,16 +489,17 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
 
 
 def _grad_weight_warp_shared(
-    group_size: int, in_features: int, batch: int, stages: int, warps: int
+    group_size: int, in_features: int, batch: int, stages: int, warps: int, aligned_dz: bool = True
 ) -> int:
     resident = (in_features + 1) * ((batch + 31) // 32 * 64 + 16)
-    return resident + warps * stages * 32 * (_pad16(group_size) * 2 + 16)
+    tiles = stages + (0 if aligned_dz else 1)  # the ring, and a realigned tile for unaligned dZ rows
+    return resident + warps * tiles * 32 * (_pad16(group_size) * 2 + 16)
 
 
 @functools.lru_cache(maxsize=256)
 def _grad_weight_plan(
-    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
-    tuning: tuple,
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned_dz: bool,
+    index: int, tuning: tuple,
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     sms, max_shared, per_sm = _device_limits(index)
@@ -472,17 +507,17 @@ def _grad_weight_plan(
     # the resident XT (no L2 traffic for them), the group's gradient in the warp's registers.
     if _pad16(group_size) * k_pad <= 2048 and TUNING.get("grad_weight_kernel", "warp") == "warp":
         for warps, stages in ((8, 3), (8, 2), (4, 3), (4, 2), (2, 2)):
-            shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps)
+            shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps, aligned_dz)
             if shared <= max_shared:
-                fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps), index)
+                fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps, aligned_dz), index)
                 ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
                 per_cta = math.ceil(math.ceil(num_groups / ctas) / warps) * warps
                 return _plan(fn, (math.ceil(num_groups / per_cta), 1), 32 * warps, shared, per_cta, index)
     # A 2-stage ring: never slower than 3 stages on H100 and 8 % faster at Amazon-3M (B = 128, two
     # batch steps per CTA), where the smaller CTAs fit twice as many per multiprocessor.
     stages = TUNING.get("grad_weight_stages", 2)
-    shared = _grad_weight_shared(group_size, k_pad, stages)
-    fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages), index)
+    shared = _grad_weight_shared(group_size, k_pad, stages, aligned_dz)
+    fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages, aligned_dz), index)
     tiles = num_groups * math.ceil(group_size / 64) * math.ceil(k_pad / min(k_pad, 128))
     return _plan(fn, (tiles, 1), 128, shared, 0, index)
 
@@ -501,12 +536,12 @@ def gsfi_grad_weight(
     bias gradient ``grad_out.sum(0)`` into it (float32 sums, rounded once), saving a pass over ``grad_out``.
     """
     num_groups, fan_in, group_size = _check(grad_out, weight, group_index)
-    grad_out = padded_rows(grad_out)
+    grad_out, aligned_dz = _dz_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
     in_features = xt.shape[0]
     plan = _grad_weight_plan(
-        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, device.index,
+        KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, aligned_dz, device.index,
         tuple(sorted(TUNING.items())),
     )
     grad_w = _check_out(out, tuple(weight.shape), weight)
