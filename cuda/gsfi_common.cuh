@@ -102,6 +102,8 @@ __device__ __forceinline__ void cp_async_dz_raw_piece(unsigned dst, const u16* d
 
 // Raw rows (pitch raw_pitch) -> aligned [rows x GP] tile (pitch out_pitch); row r's first label is
 // element e_row0 + r * ldz; labels from labels_left on become 0 (they are the next row's values).
+// An output piece of 8 labels starts at raw element shift + q: it is read as the 5 words around it and
+// funnel-shifted by 16 bits when shift is odd (no branch: rows in one warp have different shifts).
 template <int GP>
 __device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pitch, unsigned char* out,
                                            int out_pitch, int rows, long long e_row0, long long ldz,
@@ -109,15 +111,21 @@ __device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pit
   for (int c = t; c < rows * (GP / 8); c += nthreads) {
     const int r = c / (GP / 8), q = (c % (GP / 8)) * 8;
     const int shift = (int)((e_row0 + r * ldz) & 7);
-    const u16* src = reinterpret_cast<const u16*>(raw + r * raw_pitch) + shift + q;
-    unsigned w[4];
+    const unsigned* src = reinterpret_cast<const unsigned*>(raw + r * raw_pitch) + ((shift + q) >> 1);
+    const unsigned bits = (shift & 1) * 16;
+    unsigned w[5], v[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const unsigned lo = q + 2 * e < labels_left ? src[2 * e] : 0u;
-      const unsigned hi = q + 2 * e + 1 < labels_left ? src[2 * e + 1] : 0u;
-      w[e] = lo | (hi << 16);
+    for (int k = 0; k < 5; ++k) w[k] = src[k];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = __funnelshift_r(w[k], w[k + 1], bits);
+    if (q + 8 > labels_left) {  // the group's last labels: zero what lies past them
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (q + 2 * k >= labels_left) v[k] = 0u;
+        else if (q + 2 * k + 1 >= labels_left) v[k] &= 0xffffu;
+      }
     }
-    *reinterpret_cast<uint4*>(out + r * out_pitch + q * 2) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(out + r * out_pitch + q * 2) = make_uint4(v[0], v[1], v[2], v[3]);
   }
 }
 
