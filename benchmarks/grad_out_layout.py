@@ -1,7 +1,10 @@
 """Where the backward's time goes for labels counts that are not multiples of 8 (the official shapes):
 a padded copy of dZ against the gradient kernels reading dZ rows as they come (realigned in shared memory).
 
-    PYTHONPATH=. python3 benchmarks/grad_out_layout.py
+    PYTHONPATH=. python3 benchmarks/grad_out_layout.py [key=value ...]
+
+Trailing key=value arguments set launcher tuning overrides (kernels._launch.TUNING), e.g.
+grad_input_dz_mode=1.
 
 Per shape, CUDA-graph medians in ms: the padded copy alone, the forward, each gradient kernel on padded
 and on raw dZ rows, and the layer's forward+backward with and without the input gradient.
@@ -18,6 +21,9 @@ import lightning_haste as lh  # noqa: E402
 from lightning_haste import kernels  # noqa: E402
 
 K_ = kernels._launch
+for setting in sys.argv[1:]:
+    key, value = setting.split("=", 1)
+    K_.TUNING[key] = int(value) if value.lstrip("-").isdigit() else value
 for name, B, H, L, K, G in kb.SHAPES:
     if name not in ("LF-Paper2Keywords-8.6M", "Amazon-3M", "AmazonTitles-670K"):
         continue
