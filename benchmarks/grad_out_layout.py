@@ -4,7 +4,7 @@ a padded copy of dZ against the gradient kernels reading dZ rows as they come (r
     PYTHONPATH=. python3 benchmarks/grad_out_layout.py [key=value ...]
 
 Trailing key=value arguments set launcher tuning overrides (kernels._launch.TUNING), e.g.
-grad_input_dz_mode=1.
+grad_input_rows=64.
 
 Per shape, CUDA-graph medians in ms: the padded copy alone, the forward, each gradient kernel on padded
 and on raw dZ rows, and the layer's forward+backward with and without the input gradient.

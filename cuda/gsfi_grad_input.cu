@@ -14,16 +14,11 @@
 // global memory once at the end. Padded feature slots (K not a multiple of 16) add into private
 // trash rows past H instead of branching (the launcher allocates them only then). Without SMEM_ACC (H too large for shared memory) the adds go
 // to global memory as atomics.
-// Unless DZ is 0, dZ rows are not on 16-byte boundaries (an odd number of labels): the stages hold raw
-// dZ rows that realign_dz shifts into an aligned tile (see DZ below).
+// Without ALIGNED_DZ (dZ rows not on 16-byte boundaries: an odd number of labels) the stages hold raw
+// dZ rows that realign_dz shifts into one aligned tile per step.
 #include "gsfi_common.cuh"
 
-// DZ: how dZ rows are read. 0: rows on 16-byte boundaries, zero-padded to 8 labels (cp.async straight into
-// the stages). 1: raw rows, realigned after each step's barrier into one tile, then a second barrier.
-// 2 (NST >= 3): raw rows; each step waits for the NEXT stage too, so that right after its barrier the
-// threads realign the next step's rows into the other of two tiles while nothing waits on them: no
-// second barrier, one stage of the pipeline less.
-template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, int DZ>
+template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ>
 __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
@@ -39,11 +34,9 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
-  static_assert(DZ == 0 || DZ == 1 || (DZ == 2 && NST >= 3), "dZ mode");
-  constexpr bool ALIGNED_DZ = DZ == 0;
-  // Unaligned dZ rows: the stages hold raw rows, realigned into one (DZ 1) or two (DZ 2) more Z tiles.
+  // Unaligned dZ rows: the stages hold raw rows, realigned each step into one more Z tile.
   unsigned char* z_aligned = smem + NST * STAGE;
-  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE + DZ * Z_STAGE);
+  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE + (ALIGNED_DZ ? 0 : Z_STAGE));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
@@ -125,37 +118,21 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     cp_async_commit();
   }
 
-  auto realign = [&](int step, unsigned char* out) {
-    const int g = g_begin + step / NKC;
-    realign_dz<GP>(smem + (step % NST) * STAGE, ZPITCH, out, ZPITCH, BT, (long long)b0 * ldz + (long long)g * G,
-                   ldz, L - g * G, tid, NTHREADS);
-  };
-  if constexpr (DZ == 2) {  // step 0's rows realigned before the loop
-    cp_async_wait<NST - 2>();
-    __syncthreads();
-    if (nsteps > 0) realign(0, z_aligned);
-  }
-
   for (int s = 0; s < nsteps; ++s) {
-    if constexpr (DZ == 2) {
-      cp_async_wait<NST - 3>();  // stages s and s + 1
-    } else {
-      cp_async_wait<NST - 2>();
-    }
+    cp_async_wait<NST - 2>();
     __syncthreads();
     if (s + NST - 1 < nsteps) issue(s + NST - 1);
     cp_async_commit();
     const unsigned char* stage = smem + (s % NST) * STAGE;
-    if constexpr (DZ == 1) {
-      realign(s, z_aligned);
+    if constexpr (!ALIGNED_DZ) {
+      const int g = g_begin + s / NKC;
+      realign_dz<GP>(stage, ZPITCH, z_aligned, ZPITCH, BT, (long long)b0 * ldz + (long long)g * G, ldz, L - g * G,
+                     tid, NTHREADS);
       __syncthreads();
-    } else if constexpr (DZ == 2) {
-      // The other tile was last read in step s - 1, which every thread has finished.
-      if (s + 1 < nsteps) realign(s + 1, z_aligned + ((s + 1) & 1) * Z_STAGE);
     }
     if (!active) continue;
 
-    const unsigned char* zs = DZ == 0 ? stage : z_aligned + (DZ == 2 ? (s & 1) * Z_STAGE : 0);
+    const unsigned char* zs = ALIGNED_DZ ? stage : z_aligned;
     const unsigned char* ws = stage + Z_STAGE;
     const int* is = reinterpret_cast<const int*>(ws + W_STAGE);
     const int k0 = (s % NKC) * KC;

@@ -64,8 +64,8 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_dz_mode"
-#: (1 or 2, for unaligned dZ rows), "grad_weight_stages", "grad_weight_kernel" ("warp" or "cta").
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages",
+#: "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
 
@@ -255,14 +255,15 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32, dz_mode: int = 0
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32,
+    aligned_dz: bool = True,
 ) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, _pad16(fan_in))
     z_tile = rows * (gp * 2 + 16)
     stage = z_tile + gp * (kc * 2 + 16) + kc * 4
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
-    realigned = dz_mode * z_tile  # unaligned dZ rows: one (mode 1) or two (mode 2) realigned tiles
+    realigned = 0 if aligned_dz else z_tile
     return stages * stage + realigned + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
 
@@ -446,31 +447,23 @@ def _grad_input_plan(
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(index)
-    dz_mode = 0 if aligned_dz else 1
     # More batch rows per CTA spread the per-group overhead over more rows; they need a larger
     # accumulator: the most rows (up to 128, not more than the batch needs) whose accumulator fits.
     rows = TUNING.get("grad_input_rows")
     if rows is None:
         rows = 32
         for candidate in (128, 64):
-            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate, dz_mode) <= max_shared
+            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate, aligned_dz) <= max_shared
             if fits and batch > candidate // 2:
                 rows = candidate
                 break
-    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows, dz_mode) <= max_shared
-    if not aligned_dz:
-        # Realign the next step's rows without a second barrier where two tiles and 3 stages fit beside
-        # these rows (measured on H100: benchmarks/RESULTS.md); else one tile and a barrier.
-        three = _grad_input_shared(group_size, fan_in, in_features, smem_acc, 3, rows, 2) <= max_shared
-        dz_mode = TUNING.get("grad_input_dz_mode", 2 if three else 1)
+    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows, aligned_dz) <= max_shared
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, dz_mode),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, aligned_dz),
         max_shared,
     )
-    if dz_mode == 2 and stages < 3:
-        raise ValueError("grad_input_dz_mode=2 needs a pipeline of 3 stages or more")
-    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, dz_mode), index)
+    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz), index)
     row_tiles = math.ceil(batch / rows)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
