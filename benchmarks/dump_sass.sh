@@ -8,10 +8,10 @@ cat > "$out/inst.cu" <<'CU'
 #include "gsfi_forward.cu"
 #include "gsfi_grad_input.cu"
 #include "gsfi_grad_weight.cu"
-void* k[] = {(void*)&gsfi_forward<bf16_t, 32, 128, true, true, 8, 3>,
-             (void*)&gsfi_grad_input<bf16_t, 32, 128, true, 7, 32>,
-             (void*)&gsfi_grad_weight<bf16_t, 32, 128, 3>,
-             (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 2, 8>};
+void* k[] = {(void*)&gsfi_forward<bf16_t, 32, 128, true, true, 12, 3, 64>,
+             (void*)&gsfi_grad_input<bf16_t, 32, 128, true, 2, 64, true>,
+             (void*)&gsfi_grad_weight<bf16_t, 32, 128, 2, true>,
+             (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 2, 8, true>};
 CU
 nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I cuda -Xptxas -v -c "$out/inst.cu" -o "$out/inst.o" 2> "$out/ptxas.txt"
 cuobjdump -sass "$out/inst.o" > "$out/kernels.sass"

@@ -20,6 +20,7 @@ CASES = [
     (33, 1000, 515, 8, 512, torch.float16),
     (513, 2000, 1536, 64, 136, torch.bfloat16),  # K = 136: two K tiles in grad-weight
     (66, 65536, 300, 128, 64, torch.bfloat16),  # H = 65536
+    (150, 96, 3000, 32, 64, torch.bfloat16),  # B over 128
 ]
 RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 NORM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -97,6 +98,21 @@ def test_kernels_match_float64_reference(case):
         _assert_close("grad_weight (padded dZ)", grad_w, ref_gw, x.dtype)
         _assert_close("grad_input (padded dZ)", kernels.gsfi_grad_input(padded, layer.weight.detach(), index, x.shape[1]),
                       ref_gx, x.dtype)
+
+
+@pytest.mark.parametrize("case", [(150, 256, 3001, 32, 64, torch.bfloat16), (129, 384, 1000, 16, 128, torch.float16)])
+def test_forward_with_128_row_ctas(case):
+    # The launcher takes 128 batch rows a CTA where that keeps the warps and CTAs of 64 rows; forced here.
+    from lightning_haste import kernels
+
+    layer, x, _ = _inputs(case, seed=13)
+    ref_out = _reference(layer, x, torch.zeros(x.shape[0], layer.out_features, device="cuda", dtype=x.dtype))[0]
+    kernels._launch.TUNING["forward_rows"] = 128
+    try:
+        out, _ = kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, layer.bias.detach(), layer.out_features)
+    finally:
+        kernels._launch.TUNING.clear()
+    _assert_close("forward (128-row CTAs)", out, ref_out, x.dtype)
 
 
 def test_gradients_of_a_transposed_grad_out():
