@@ -8,7 +8,7 @@ cat > "$out/inst.cu" <<'CU'
 #include "gsfi_forward.cu"
 #include "gsfi_grad_input.cu"
 #include "gsfi_grad_weight.cu"
-void* k[] = {(void*)&gsfi_forward<bf16_t, 32, 128, true, true, 12, 3, 64>,
+void* k[] = {(void*)&gsfi_forward<bf16_t, 32, 128, true, true, 12, 3>,
              (void*)&gsfi_grad_input<bf16_t, 32, 128, true, 2, 64, true>,
              (void*)&gsfi_grad_weight<bf16_t, 32, 128, 2, true>,
              (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 2, 8, true>};

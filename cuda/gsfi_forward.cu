@@ -1,30 +1,28 @@
 // Forward of the group-shared fixed fan-in layer:
 //   Z[b, g*G + j] = bias[g*G + j] + sum_k X[b, idx[g, k]] * W[g*G + j, k]
 //
-// One CTA = BT (64 or 128) batch rows x a range of groups; NW warps, and each warp owns whole groups
+// One CTA = 64 batch rows x a range of groups; NW warps, and each warp owns whole groups
 // (g = first + warp, + NW, ...), so warps never wait for each other after the start. A warp computes
-// its group's [BT x G] output tile in passes of MTP 16-row tiles (64 rows a pass when G <= 32), with the
+// its group's [64 x G] output tile in passes of MTP 16-row tiles (all 64 rows when G <= 32), with the
 // group's weights streamed through a warp-private NSW-stage cp.async ring in chunks of 32 columns of K;
-// every weight fragment feeds MTP tensor-core products. 128 rows read each group's weights half as often
-// as 64 (for batches over 64 rows whose input fits in shared memory).
+// every weight fragment feeds MTP tensor-core products.
 //
-// RESIDENT: the CTA's BT columns of XT (all H features) sit in shared memory for the whole range of
+// RESIDENT: the CTA's 64 columns of XT (all H features) sit in shared memory for the whole range of
 // groups and the gather is done by ldmatrix row addresses (feature idx[g,k] -> one shared-memory row),
 // so the input is read from L2 once per CTA instead of once per group. Otherwise (H too large for
 // shared memory) the warp gathers the rows of XT its chunk needs into its ring with cp.async.
 // Outputs go through a warp-private shared tile so that each lane stores whole 16-byte pieces.
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NW, int NSW, int BT>
+template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NW, int NSW>
 __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ XT, int ldxt,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         const u16* __restrict__ bias, u16* __restrict__ Z,
                                                         long long ldz, int B, int H, int L, int K, int num_groups,
                                                         int groups_per_cta) {
-  static_assert(BT == 64 || BT == 128, "batch rows per CTA");
-  constexpr int GP = gsfi_pad16(G);
+  constexpr int BT = 64, GP = gsfi_pad16(G);
   constexpr int KCW = KP < 32 ? KP : 32, NKC = (KP + KCW - 1) / KCW;
-  constexpr int MTP = GP <= 32 ? 4 : (GP == 64 ? 2 : 1), PASSES = BT / 16 / MTP;
+  constexpr int MTP = GP <= 32 ? 4 : (GP == 64 ? 2 : 1), PASSES = 4 / MTP;
   constexpr int XPITCH = BT * 2 + 16, WPITCH = KCW * 2 + 16, OPITCH = GP * 2 + 16;
   constexpr int W_BYTES = GP * WPITCH, IDX_BYTES = KCW * 4, S_BYTES = RESIDENT ? 0 : KCW * XPITCH;
   constexpr int STAGE = W_BYTES + IDX_BYTES + S_BYTES, O_BYTES = 16 * OPITCH;

@@ -16,14 +16,14 @@ def _instantiations():
     lines = []
     for dtype, g, kp, flag_a, flag_b in itertools.product(("bf16_t", "f16_t"), GROUP_SIZES, K_PADS, (True, False), (True, False)):
         a, b = str(flag_a).lower(), str(flag_b).lower()
-        lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3, {64 if flag_a else 128}>,")
+        lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
         # flag_a: shared-memory accumulation / aligned dZ rows; flag_b: the second flag of each kernel
         lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}, {b}>,")
         if flag_a:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, {2 if flag_b else 3}, {b}>,")
-    lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}, {r}>,"
-              for w, n in ((12, 3), (8, 4), (4, 2), (2, 3), (1, 2)) for r in (64, 128)]
-    lines += [f"(void*)&gsfi_forward<f16_t, {g}, {kp}, {a}, true, 12, 3, 64>,"
+    lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>,"
+              for w, n in ((12, 3), (8, 4), (4, 2), (2, 3), (1, 2))]
+    lines += [f"(void*)&gsfi_forward<f16_t, {g}, {kp}, {a}, true, 12, 3>,"
               for g, kp, a in ((8, 16, "true"), (16, 128, "false"), (32, 512, "true"))]
     lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}, {a}>,"
               for n in (2, 8) for r in (32, 64, 128) for a in ("true", "false")]

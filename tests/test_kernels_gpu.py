@@ -100,21 +100,6 @@ def test_kernels_match_float64_reference(case):
                       ref_gx, x.dtype)
 
 
-@pytest.mark.parametrize("case", [(150, 256, 3001, 32, 64, torch.bfloat16), (129, 384, 1000, 16, 128, torch.float16)])
-def test_forward_with_128_row_ctas(case):
-    # The launcher takes 128 batch rows a CTA where that keeps the warps and CTAs of 64 rows; forced here.
-    from lightning_haste import kernels
-
-    layer, x, _ = _inputs(case, seed=13)
-    ref_out = _reference(layer, x, torch.zeros(x.shape[0], layer.out_features, device="cuda", dtype=x.dtype))[0]
-    kernels._launch.TUNING["forward_rows"] = 128
-    try:
-        out, _ = kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, layer.bias.detach(), layer.out_features)
-    finally:
-        kernels._launch.TUNING.clear()
-    _assert_close("forward (128-row CTAs)", out, ref_out, x.dtype)
-
-
 def test_gradients_of_a_transposed_grad_out():
     # A column-major dZ cannot be read as rows: the backward copies it once into padded rows.
     from lightning_haste import kernels

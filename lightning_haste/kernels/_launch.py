@@ -64,8 +64,7 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "forward_rows" (64 or 128), "grad_input_stages", "grad_input_rows",
-#: "grad_weight_stages",
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages",
 #: "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
@@ -198,14 +197,13 @@ def _k_chunk(g_pad: int, k_pad: int) -> int:
 
 
 def _forward_shared(
-    group_size: int, k_pad: int, in_features: int, resident: bool, warps: int, stages: int, rows: int = 64
+    group_size: int, k_pad: int, in_features: int, resident: bool, warps: int, stages: int
 ) -> int:
     gp = _pad16(group_size)
     kcw = min(k_pad, 32)
-    xpitch = rows * 2 + 16
-    stage = gp * (kcw * 2 + 16) + kcw * 4 + (0 if resident else kcw * xpitch)
+    stage = gp * (kcw * 2 + 16) + kcw * 4 + (0 if resident else kcw * 144)
     per_warp = stages * stage + 16 * (gp * 2 + 16)  # the ring and a 16-row output tile
-    return ((in_features + 1) * xpitch if resident else 0) + warps * per_warp
+    return ((in_features + 1) * 144 if resident else 0) + warps * per_warp
 
 
 _FORWARD_SHAPES = ((12, 3), (8, 4), (8, 3), (8, 2), (4, 4), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
@@ -215,8 +213,7 @@ _LARGE_LAYER_FORWARD_SHAPES = ((8, 3), (8, 2), (4, 3), (4, 2), (2, 3), (2, 2), (
 
 
 def _forward_variant(
-    group_size: int, k_pad: int, in_features: int, max_shared: int, per_sm: Optional[int] = None, labels: int = 0,
-    rows: int = 64,
+    group_size: int, k_pad: int, in_features: int, max_shared: int, per_sm: Optional[int] = None, labels: int = 0
 ) -> tuple[bool, int, int, int]:
     """(resident, warps, stages, shared bytes). Keep the input in shared memory when it fits. Up to 2^20
     labels: the most warps per multiprocessor (warps per CTA times the CTAs that fit beside each other),
@@ -235,7 +232,7 @@ def _forward_variant(
         for rank, (warps, stages) in enumerate(shapes):
             if TUNING.get("forward_warps", warps) != warps or TUNING.get("forward_stages", stages) != stages:
                 continue
-            shared = _forward_shared(group_size, k_pad, in_features, resident, warps, stages, rows)
+            shared = _forward_shared(group_size, k_pad, in_features, resident, warps, stages)
             if shared > max_shared:
                 continue
             ctas = max(1, min(8, per_sm // (shared + 1024)))
@@ -403,19 +400,11 @@ def _forward_plan(
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, per_sm = _device_limits(index)
-    labels = num_groups * group_size
-    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared, per_sm, labels)
-    rows = 64
-    # More than 64 batch rows: 128 rows a CTA read each group's weights half as often, where the input
-    # stays resident with as many warps, stages and CTAs per multiprocessor as at 64 rows.
-    if batch > 64 and resident and TUNING.get("forward_rows", 128) == 128:
-        variant = _forward_variant(group_size, k_pad, in_features, max_shared, per_sm, labels, 128)
-        same = variant[1:3] == (warps, stages) and per_sm // (variant[3] + 1024) == per_sm // (shared + 1024)
-        if variant[0] and (same or "forward_rows" in TUNING):
-            resident, warps, stages, shared = variant
-            rows = 128
-    fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages, rows), index)
-    row_tiles = math.ceil(batch / rows)
+    resident, warps, stages, shared = _forward_variant(
+        group_size, k_pad, in_features, max_shared, per_sm, num_groups * group_size
+    )
+    fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages), index)
+    row_tiles = math.ceil(batch / 64)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     per_cta = math.ceil(per_cta / warps) * warps  # each warp owns whole groups
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, per_cta, index)
