@@ -348,10 +348,8 @@ def padded_rows(t: Tensor) -> Tensor:
     whole 8-label pieces, so the padding must hold zeros (not the next row's values).
     """
     batch, labels = t.shape
-    if labels % 8 == 0 and _rows_aligned(t):
+    if _whole_pieces(t):
         return t
-    if getattr(t, _ZERO_PADDED, False):
-        return t  # a view this function made, passed on to the next kernel: no second copy
     storage = torch.empty(batch, (labels + 7) // 8 * 8, dtype=t.dtype, device=t.device)
     storage[:, labels:].zero_()
     storage[:, :labels].copy_(t)
@@ -365,6 +363,12 @@ def padded_rows(t: Tensor) -> Tensor:
 _ZERO_PADDED = "_haste_zero_padded_rows"
 
 
+def _whole_pieces(t: Tensor) -> bool:
+    """Whether the kernels can read ``t``'s rows as aligned 8-label pieces: ``L`` a multiple of 8 and
+    aligned rows, or a view that :func:`padded_rows` made (passed on: no second copy)."""
+    return (t.shape[1] % 8 == 0 and _rows_aligned(t)) or getattr(t, _ZERO_PADDED, False)
+
+
 def _dz_rows(t: Tensor) -> tuple[Tensor, bool]:
     """``(dZ as the gradient kernels read it, whether its rows are whole aligned 8-label pieces)``.
 
@@ -372,10 +376,9 @@ def _dz_rows(t: Tensor) -> tuple[Tensor, bool]:
     no copy of dZ, as long as the labels are contiguous and the first row starts on a 16-byte boundary;
     other layouts (broadcast or transposed gradients) are copied by :func:`padded_rows`.
     """
-    labels = t.shape[1]
-    if (labels % 8 == 0 and _rows_aligned(t)) or getattr(t, _ZERO_PADDED, False):
+    if _whole_pieces(t):
         return t, True
-    if t.stride(1) == 1 and t.stride(0) >= labels and t.data_ptr() % 16 == 0:
+    if t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0:
         return t, False
     return padded_rows(t), True
 
