@@ -25,7 +25,7 @@ for setting in sys.argv[1:]:
     key, value = setting.split("=", 1)
     K_.TUNING[key] = int(value) if value.lstrip("-").isdigit() else value
 for name, B, H, L, K, G in kb.SHAPES:
-    if name not in ("LF-Paper2Keywords-8.6M", "Amazon-3M", "AmazonTitles-670K"):
+    if name not in ("LF-Paper2Keywords-8.6M", "Amazon-3M", "AmazonTitles-670K", "Amazon-670K"):
         continue
     layer = lh.GroupSharedFanIn(H, L, K, G, device="cuda", dtype=torch.bfloat16)
     w, idx, b = layer.weight.detach(), layer.group_index, layer.bias.detach()

@@ -1,14 +1,16 @@
 // Forward of the group-shared fixed fan-in layer:
 //   Z[b, g*G + j] = bias[g*G + j] + sum_k X[b, idx[g, k]] * W[g*G + j, k]
 //
-// One CTA = 64 batch rows x a range of groups; NW warps, and each warp owns whole groups
-// (g = first + warp, + NW, ...), so warps never wait for each other after the start. A warp computes
+// One CTA = 64 batch rows x a set of groups; NW warps, and each warp owns whole groups: with C CTAs
+// along the groups, warp w of CTA c takes groups c * NW + w + i * C * NW, so warps never wait for each
+// other after the start, and the CTAs running at any moment read and write one contiguous band of
+// weights and output columns (4 % faster than contiguous ranges per CTA at Amazon-3M and
+// AmazonTitles-670K, benchmarks/RESULTS.md). A warp computes
 // its group's [64 x G] output tile in passes of MTP 16-row tiles (all 64 rows when G <= 32), with the
 // group's weights streamed through a warp-private NSW-stage cp.async ring in chunks of 32 columns of K;
 // every weight fragment feeds MTP tensor-core products.
 //
-// RESIDENT: the CTA's 64 columns of XT (all H features) sit in shared memory for the whole range of
-// groups and the gather is done by ldmatrix row addresses (feature idx[g,k] -> one shared-memory row),
+// RESIDENT: the CTA's 64 columns of XT (all H features) sit in shared memory for all its groups and the gather is done by ldmatrix row addresses (feature idx[g,k] -> one shared-memory row),
 // so the input is read from L2 once per CTA instead of once per group. Otherwise (H too large for
 // shared memory) the warp gathers the rows of XT its chunk needs into its ring with cp.async.
 // Outputs go through a warp-private shared tile so that each lane stores whole 16-byte pieces.
@@ -18,8 +20,7 @@ template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NW, int NSW
 __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ XT, int ldxt,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         const u16* __restrict__ bias, u16* __restrict__ Z,
-                                                        long long ldz, int B, int H, int L, int K, int num_groups,
-                                                        int groups_per_cta) {
+                                                        long long ldz, int B, int H, int L, int K, int num_groups) {
   constexpr int BT = 64, GP = gsfi_pad16(G);
   constexpr int KCW = KP < 32 ? KP : 32, NKC = (KP + KCW - 1) / KCW;
   constexpr int MTP = GP <= 32 ? 4 : (GP == 64 ? 2 : 1), PASSES = 4 / MTP;
@@ -31,9 +32,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
-  const int g_begin = blockIdx.y * groups_per_cta;
-  const int g_end = min(num_groups, g_begin + groups_per_cta);
-  if (g_begin >= g_end) return;
+  if (blockIdx.y * NW >= num_groups) return;
   unsigned char* x_s = smem;
   unsigned char* ring = smem + (RESIDENT ? (H + 1) * XPITCH : 0) + warp * WARP_BYTES;
   unsigned char* o_s = ring + NSW * STAGE;
@@ -51,8 +50,8 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
     __syncthreads();
   }
 
-  const int first = g_begin + warp;
-  const int my_groups = first < g_end ? (g_end - first + NW - 1) / NW : 0;
+  const int first = blockIdx.y * NW + warp, stride = gridDim.y * NW;
+  const int my_groups = first < num_groups ? (num_groups - first + stride - 1) / stride : 0;
   const int nsteps = my_groups * PASSES * NKC;
 
   // The lane copies the same pieces of every weight chunk: offsets computed once, moved per step.
@@ -71,7 +70,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   auto issue = [&](int step) {
     unsigned char* st = ring + (step % NSW) * STAGE;
     const unsigned sta = smem_addr(st);
-    const int g = first + (step / (NKC * PASSES)) * NW, k0 = (step % NKC) * KCW;
+    const int g = first + (step / (NKC * PASSES)) * stride, k0 = (step % NKC) * KCW;
     const u16* wg = W + (long long)g * G * K + k0;
 #pragma unroll
     for (int i = 0; i < WPL; ++i) {
@@ -103,7 +102,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
 
   int s = 0;  // this warp's pipeline step: (group, pass, chunk of K) in order
   for (int gi = 0; gi < my_groups; ++gi) {
-    const int g = first + gi * NW;
+    const int g = first + gi * stride;
     // The bias of this lane's output columns (2 registers per 8 labels). Up to 32 labels it is loaded
     // before the group's products, so that the epilogue does not wait on global memory; larger groups
     // have no registers to spare for it (their accumulators spill) and load it in the epilogue.

@@ -14,8 +14,8 @@
 // global memory once at the end. Padded feature slots (K not a multiple of 16) add into private
 // trash rows past H instead of branching (the launcher allocates them only then). Without SMEM_ACC (H too large for shared memory) the adds go
 // to global memory as atomics.
-// Without ALIGNED_DZ (dZ rows not on 16-byte boundaries: an odd number of labels) the stages hold raw
-// dZ rows that realign_dz shifts into one aligned tile per step.
+// Without ALIGNED_DZ (dZ rows not on 16-byte boundaries: an odd number of labels) a step's dZ tile is
+// loaded into registers one step ahead and realigned on its way into the stage (DzStager).
 #include "gsfi_common.cuh"
 
 template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ>
@@ -34,9 +34,7 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = GP * WPITCH, IDX_STAGE = KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
-  // Unaligned dZ rows: the stages hold raw rows, realigned each step into one more Z tile.
-  unsigned char* z_aligned = smem + NST * STAGE;
-  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE + (ALIGNED_DZ ? 0 : Z_STAGE));
+  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
@@ -91,14 +89,6 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
         const bool valid = z_ok[i] && z_col[i] < labels_left;
         cp_async16(st + z_dst[i], valid ? zg + z_off[i] : dZ, valid);
       }
-    } else {
-      constexpr int PIECES = GP / 8 + 1;  // ZPITCH = 16 * PIECES
-      const long long end = (long long)(B - 1) * ldz + L;
-      for (int c = tid; c < BT * PIECES; c += NTHREADS) {
-        const int r = c / PIECES, piece = c % PIECES;
-        cp_async_dz_raw_piece(st + r * ZPITCH + piece * 16, dZ, (long long)(b0 + r) * ldz + (long long)g * G, piece,
-                              end, b0 + r < B);
-      }
     }
     const u16* wg = W + (long long)g * G * K + k0;
 #pragma unroll
@@ -113,26 +103,49 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     }
   };
 
+  // Unaligned dZ: a step's tile is loaded into registers two steps before it is stored into its stage
+  // (at step s the tile of step s + NST - 1 is stored and that of step s + NST + 1 loaded, slot = step
+  // parity): the global loads get two steps to land.
+  DzStager<BT, GP, NTHREADS, 2> dz_regs;
+  const long long dz_end = (long long)(B - 1) * ldz + L;
+  auto load_dz = [&](int step, int slot) {
+    const int g = g_begin + step / NKC;
+    dz_regs.load(slot, dZ, ldz, b0, B, (long long)g * G, L - g * G, dz_end, tid);
+  };
+  auto store_dz = [&](int step, int slot) { dz_regs.store(slot, smem + (step % NST) * STAGE, ZPITCH, tid); };
+
   for (int s = 0; s < NST - 1; ++s) {
-    if (s < nsteps) issue(s);
+    if (s < nsteps) {
+      issue(s);
+      if constexpr (!ALIGNED_DZ) {
+        load_dz(s, 0);
+        store_dz(s, 0);
+      }
+    }
     cp_async_commit();
   }
+  if (!ALIGNED_DZ && NST - 1 < nsteps) load_dz(NST - 1, (NST - 1) & 1);
+  if (!ALIGNED_DZ && NST < nsteps) load_dz(NST, NST & 1);
 
-  for (int s = 0; s < nsteps; ++s) {
+  // Two steps per iteration, unrolled, so that the register slots are compile-time indices.
+  for (int s_pair = 0; s_pair < nsteps; s_pair += 2)
+#pragma unroll
+  for (int parity = 0; parity < 2; ++parity) {
+    const int s = s_pair + parity;
+    if (s >= nsteps) break;
     cp_async_wait<NST - 2>();
     __syncthreads();
-    if (s + NST - 1 < nsteps) issue(s + NST - 1);
-    cp_async_commit();
-    const unsigned char* stage = smem + (s % NST) * STAGE;
-    if constexpr (!ALIGNED_DZ) {
-      const int g = g_begin + s / NKC;
-      realign_dz<GP>(stage, ZPITCH, z_aligned, ZPITCH, BT, (long long)b0 * ldz + (long long)g * G, ldz, L - g * G,
-                     tid, NTHREADS);
-      __syncthreads();
+    const int slot = (parity + NST - 1) & 1;  // of steps s + NST - 1 and s + NST + 1
+    if (s + NST - 1 < nsteps) {
+      issue(s + NST - 1);
+      if constexpr (!ALIGNED_DZ) store_dz(s + NST - 1, slot);
     }
+    cp_async_commit();
+    if (!ALIGNED_DZ && s + NST + 1 < nsteps) load_dz(s + NST + 1, slot);
     if (!active) continue;
 
-    const unsigned char* zs = ALIGNED_DZ ? stage : z_aligned;
+    const unsigned char* stage = smem + (s % NST) * STAGE;
+    const unsigned char* zs = stage;
     const unsigned char* ws = stage + Z_STAGE;
     const int* is = reinterpret_cast<const int*>(ws + W_STAGE);
     const int k0 = (s % NKC) * KC;

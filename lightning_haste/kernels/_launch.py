@@ -140,7 +140,7 @@ def _plan(fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int,
 
 # The kernels' parameter lists, in the C layout the driver copies from one buffer (native alignment):
 # Q = pointer, q = long long, i = int.
-_FORWARD_PARAMS = struct.Struct("@QiQQQQqiiiiii")
+_FORWARD_PARAMS = struct.Struct("@QiQQQQqiiiii")
 _GRAD_INPUT_PARAMS = struct.Struct("@QqQQQiiiiii")
 _GRAD_WEIGHT_PARAMS = struct.Struct("@QqQiQQQiiiiii")
 _NUMPY_PARAM = {"Q": np.uint64, "q": np.int64, "i": np.int32}
@@ -255,16 +255,14 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32,
-    aligned_dz: bool = True,
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
 ) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, _pad16(fan_in))
     z_tile = rows * (gp * 2 + 16)
     stage = z_tile + gp * (kc * 2 + 16) + kc * 4
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
-    realigned = 0 if aligned_dz else z_tile
-    return stages * stage + realigned + ((in_features + trash) * rows * 4 if smem_acc else 0)
+    return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
 
 def _grad_weight_shared(group_size: int, k_pad: int, stages: int, aligned_dz: bool = True) -> int:
@@ -372,8 +370,9 @@ def _whole_pieces(t: Tensor) -> bool:
 def _dz_rows(t: Tensor) -> tuple[Tensor, bool]:
     """``(dZ as the gradient kernels read it, whether its rows are whole aligned 8-label pieces)``.
 
-    Rows that are not (an odd number of labels, say) are read raw and realigned in shared memory, with
-    no copy of dZ, as long as the labels are contiguous and the first row starts on a 16-byte boundary;
+    Rows that are not (an odd number of labels, say) are read raw and realigned (grad-input: in registers
+    on their way into shared memory; grad-weight: in shared memory), with no copy of dZ, as long as the
+    labels are contiguous and the first row starts on a 16-byte boundary;
     other layouts (broadcast or transposed gradients) are copied by :func:`padded_rows`.
     """
     if _whole_pieces(t):
@@ -410,7 +409,8 @@ def _forward_plan(
     row_tiles = math.ceil(batch / 64)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     per_cta = math.ceil(per_cta / warps) * warps  # each warp owns whole groups
-    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, per_cta, index)
+    # The kernel deals the groups out to its CTAs by itself (strided); it needs no range per CTA.
+    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, 0, index)
 
 
 def gsfi_forward(
@@ -437,7 +437,7 @@ def gsfi_forward(
     )
     args = (
         _ptr(xt), xt.shape[1], _ptr(weight), _ptr(group_index), _ptr(bias), _ptr(out), out.stride(0), batch,
-        in_features, out_features, fan_in, num_groups, plan.per_cta,
+        in_features, out_features, fan_in, num_groups,
     )
     _launch(plan, _FORWARD_PARAMS, args, device)
     return out, xt
@@ -456,14 +456,14 @@ def _grad_input_plan(
     if rows is None:
         rows = 32
         for candidate in (128, 64):
-            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate, aligned_dz) <= max_shared
+            fits = _grad_input_shared(group_size, fan_in, in_features, True, 2, candidate) <= max_shared
             if fits and batch > candidate // 2:
                 rows = candidate
                 break
-    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows, aligned_dz) <= max_shared
+    smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, aligned_dz),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
         max_shared,
     )
     fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz), index)
