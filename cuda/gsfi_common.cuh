@@ -130,69 +130,90 @@ __device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pit
 }
 
 // The same rows without the shared-memory copy and barrier of realign_dz (which cost shared memory
-// the grad-input accumulator needs): [ROWS x GP] tiles travel through registers, DEPTH tiles in flight
-// (a slot each; callers index slots with unrolled loop counters so that they stay in registers).
-// load() reads each 8-label piece as the two 16-byte pieces from the boundary at or before it (never
-// past `end`, one past the last element of dZ); store(), DEPTH steps later when the loads have landed,
-// shifts each piece into place in registers and writes it to the shared tile as one aligned 16-byte
-// piece that ldmatrix reads. Rows past the batch and labels past the row's last (`labels_left`) become
-// zeros.
+// the grad-input accumulator needs), for a CTA whose batch rows stay the same at every step: its
+// [ROWS x GP] dZ tiles travel through registers, DEPTH tiles in flight (a slot each; callers index
+// slots with unrolled loop counters so that they stay in registers). load() reads each 8-label piece as
+// the two 16-byte pieces from the boundary at or before it (never past the last element of dZ);
+// store(), DEPTH steps later when the loads have landed, shifts each piece into place in registers and
+// writes it to the shared tile as one aligned 16-byte piece that ldmatrix reads. Rows past the batch
+// and labels past the row's last become zeros. Group tiles start at multiples of 8 labels, so a piece's
+// offset from its 16-byte boundary is that of its row: it and the row's address are computed once.
 template <int ROWS, int GP, int NTHREADS, int DEPTH>
 struct DzStager {
   static constexpr int PIECES = ROWS * (GP / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
   uint4 raw[DEPTH][PER_THREAD][2];
-  int info[DEPTH][PER_THREAD];  // (labels of the piece that belong to its row, 0..8) << 3 | element offset 0..7
+  int labels[DEPTH][PER_THREAD];  // of the piece that belong to its row (0..8)
+  const u16* base[PER_THREAD];    // the 16-byte boundary at or before the piece's first label of group 0
+  int meta[PER_THREAD];           // shared tile offset << 5 | last row of dZ << 4 | row in batch << 3 | offset 0..7
+  const u16* dz;
+  long long end;                  // one past dZ's last element
 
-  __device__ __forceinline__ void load(int slot, const u16* __restrict__ dZ, long long ldz, int row0, int B,
-                                       long long label0, int labels_left, long long end, int tid) {
+  __device__ __forceinline__ void init(const u16* __restrict__ dZ, long long ldz, int row0, int B, int L, int pitch,
+                                       int tid) {
+    dz = dZ;
+    end = (long long)(B - 1) * ldz + L;
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int c = tid + i * NTHREADS, r = c / (GP / 8), q = (c % (GP / 8)) * 8;
-      const int n = (c < PIECES && row0 + r < B) ? min(max(labels_left - q, 0), 8) : 0;
-      const long long e = (long long)(row0 + r) * ldz + label0 + q, a = e & ~7LL;
-      info[slot][i] = (n << 3) | (int)(e & 7);
+      const bool in_batch = c < PIECES && row0 + r < B;
+      const long long e = in_batch ? (long long)(row0 + r) * ldz + q : 0;
+      base[i] = dZ + (e & ~7LL);
+      // Only the last row's pieces can reach past the end (for rows of at least 16 labels): they check.
+      const bool last = in_batch && (row0 + r == B - 1 || ldz < 16);
+      meta[i] = ((r * pitch + q * 2) << 5) | (last << 4) | (in_batch << 3) | (int)(e & 7);
+    }
+  }
+
+  // Labels label0 (a multiple of 8) ..., of which labels_left belong to the row.
+  __device__ __forceinline__ void load(int slot, long long label0, int labels_left, int tid) {
+    const bool whole = labels_left >= GP;  // all but the last group: every piece is whole
 #pragma unroll
-      for (int w = 0; w < 2; ++w) {
-        const long long at = a + 8 * w;
-        if (n == 0 || (w == 1 && (e & 7) == 0)) {
-          raw[slot][i][w] = make_uint4(0u, 0u, 0u, 0u);
-        } else if (at + 8 <= end) {
-          raw[slot][i][w] = __ldg(reinterpret_cast<const uint4*>(dZ + at));
-        } else {  // the tensor's last elements: one at a time, none past the end
-          unsigned h[8];
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int q = ((tid + i * NTHREADS) % (GP / 8)) * 8;
+      const int n = !(meta[i] & 8) ? 0 : (whole ? 8 : min(max(labels_left - q, 0), 8));
+      labels[slot][i] = n;
+      const u16* at = base[i] + label0;
+      if (n == 0) {
+        raw[slot][i][0] = raw[slot][i][1] = make_uint4(0u, 0u, 0u, 0u);
+      } else if (!(meta[i] & 16) || (at - dz) + 16 <= end) {
+        raw[slot][i][0] = __ldg(reinterpret_cast<const uint4*>(at));
+        raw[slot][i][1] = __ldg(reinterpret_cast<const uint4*>(at + 8));
+      } else {  // the last row's last pieces: element by element, none past the end
+        const long long first = at - dz;
+        unsigned h[16];
 #pragma unroll
-          for (int k = 0; k < 8; ++k) h[k] = at + k < end ? __ldg(reinterpret_cast<const unsigned short*>(dZ + at + k)) : 0u;
-          raw[slot][i][w] = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
-        }
+        for (int k = 0; k < 16; ++k) h[k] = first + k < end ? __ldg(reinterpret_cast<const unsigned short*>(at + k)) : 0u;
+        raw[slot][i][0] = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+        raw[slot][i][1] =
+            make_uint4(h[8] | (h[9] << 16), h[10] | (h[11] << 16), h[12] | (h[13] << 16), h[14] | (h[15] << 16));
       }
     }
   }
 
-  __device__ __forceinline__ void store(int slot, unsigned char* tile, int pitch, int tid) const {
+  __device__ __forceinline__ void store(int slot, unsigned char* tile, int tid) const {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      const int c = tid + i * NTHREADS;
-      if (PIECES % NTHREADS != 0 && c >= PIECES) continue;
-      const int r = c / (GP / 8), q = (c % (GP / 8)) * 8;
-      const int n = info[slot][i] >> 3, off = info[slot][i] & 7;
+      if (PIECES % NTHREADS != 0 && tid + i * NTHREADS >= PIECES) continue;
+      const int off = meta[i] & 7, n = labels[slot][i];
       const uint4 p0 = raw[slot][i][0], p1 = raw[slot][i][1];
       const unsigned w[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-      // The piece's 5 words start at word off / 2 (two selects per word, no indexing: registers).
-      unsigned x[5];
+      // The piece's 5 words start at word off / 2: selected in two halvings (registers, no indexing).
+      unsigned y[6], x[5], v[4];
 #pragma unroll
-      for (int k = 0; k < 5; ++k) {
-        const unsigned lo = (off & 2) ? w[k + 1] : w[k], hi = (off & 2) ? w[k + 3] : w[k + 2];
-        x[k] = (off & 4) ? hi : lo;
-      }
+      for (int k = 0; k < 6; ++k) y[k] = (off & 4) ? w[k + 2] : w[k];
+#pragma unroll
+      for (int k = 0; k < 5; ++k) x[k] = (off & 2) ? y[k + 1] : y[k];
       const unsigned bits = (off & 1) * 16;  // an odd offset starts in the middle of a word
-      unsigned v[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        v[k] = __funnelshift_r(x[k], x[k + 1], bits);
-        if (2 * k >= n) v[k] = 0u;  // labels past the row's last are the next row's: zero them
-        else if (2 * k + 1 >= n) v[k] &= 0xffffu;
+      for (int k = 0; k < 4; ++k) v[k] = __funnelshift_r(x[k], x[k + 1], bits);
+      if (n < 8) {  // the last group's last piece: labels past the row's last are the next row's
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (2 * k >= n) v[k] = 0u;
+          else if (2 * k + 1 >= n) v[k] &= 0xffffu;
+        }
       }
-      *reinterpret_cast<uint4*>(tile + r * pitch + q * 2) = make_uint4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<uint4*>(tile + (meta[i] >> 5)) = make_uint4(v[0], v[1], v[2], v[3]);
     }
   }
 };

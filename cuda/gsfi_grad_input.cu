@@ -107,12 +107,12 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
   // (at step s the tile of step s + NST - 1 is stored and that of step s + NST + 1 loaded, slot = step
   // parity): the global loads get two steps to land.
   DzStager<BT, GP, NTHREADS, 2> dz_regs;
-  const long long dz_end = (long long)(B - 1) * ldz + L;
+  if (!ALIGNED_DZ) dz_regs.init(dZ, ldz, b0, B, L, ZPITCH, tid);
   auto load_dz = [&](int step, int slot) {
     const int g = g_begin + step / NKC;
-    dz_regs.load(slot, dZ, ldz, b0, B, (long long)g * G, L - g * G, dz_end, tid);
+    dz_regs.load(slot, (long long)g * G, L - g * G, tid);
   };
-  auto store_dz = [&](int step, int slot) { dz_regs.store(slot, smem + (step % NST) * STAGE, ZPITCH, tid); };
+  auto store_dz = [&](int step, int slot) { dz_regs.store(slot, smem + (step % NST) * STAGE, tid); };
 
   for (int s = 0; s < NST - 1; ++s) {
     if (s < nsteps) {
