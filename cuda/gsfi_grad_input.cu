@@ -103,10 +103,13 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     }
   };
 
-  // Unaligned dZ: a step's tile is loaded into registers two steps before it is stored into its stage
-  // (at step s the tile of step s + NST - 1 is stored and that of step s + NST + 1 loaded, slot = step
-  // parity): the global loads get two steps to land.
-  DzStager<BT, GP, NTHREADS, 2> dz_regs;
+  // Unaligned dZ: a step's tile is loaded into registers DEPTH steps before it is stored into its stage
+  // (at step s the tile of step s + NST - 1 is stored and that of step s + NST - 1 + DEPTH loaded into
+  // the same slot, slot = step mod DEPTH), so that the global loads get DEPTH steps to land: 4 when a
+  // thread holds one 8-label piece of a tile (short steps), else 2.
+  constexpr int PIECES_PER_THREAD = (BT * (GP / 8) + NTHREADS - 1) / NTHREADS;
+  constexpr int DEPTH = ALIGNED_DZ ? 1 : (PIECES_PER_THREAD == 1 ? 4 : 2);
+  DzStager<BT, GP, NTHREADS, DEPTH> dz_regs;
   if (!ALIGNED_DZ) dz_regs.init(dZ, ldz, b0, B, L, ZPITCH, tid);
   auto load_dz = [&](int step, int slot) {
     const int g = g_begin + step / NKC;
@@ -124,24 +127,27 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     }
     cp_async_commit();
   }
-  if (!ALIGNED_DZ && NST - 1 < nsteps) load_dz(NST - 1, (NST - 1) & 1);
-  if (!ALIGNED_DZ && NST < nsteps) load_dz(NST, NST & 1);
-
-  // Two steps per iteration, unrolled, so that the register slots are compile-time indices.
-  for (int s_pair = 0; s_pair < nsteps; s_pair += 2)
+  if constexpr (!ALIGNED_DZ) {
 #pragma unroll
-  for (int parity = 0; parity < 2; ++parity) {
-    const int s = s_pair + parity;
+    for (int d = 0; d < DEPTH; ++d)
+      if (NST - 1 + d < nsteps) load_dz(NST - 1 + d, (NST - 1 + d) % DEPTH);
+  }
+
+  // DEPTH steps per iteration, unrolled, so that the register slots are compile-time indices.
+  for (int s_block = 0; s_block < nsteps; s_block += DEPTH)
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) {
+    const int s = s_block + d;
     if (s >= nsteps) break;
     cp_async_wait<NST - 2>();
     __syncthreads();
-    const int slot = (parity + NST - 1) & 1;  // of steps s + NST - 1 and s + NST + 1
+    const int slot = (d + NST - 1) % DEPTH;  // of steps s + NST - 1 and s + NST - 1 + DEPTH
     if (s + NST - 1 < nsteps) {
       issue(s + NST - 1);
       if constexpr (!ALIGNED_DZ) store_dz(s + NST - 1, slot);
     }
     cp_async_commit();
-    if (!ALIGNED_DZ && s + NST + 1 < nsteps) load_dz(s + NST + 1, slot);
+    if (!ALIGNED_DZ && s + NST - 1 + DEPTH < nsteps) load_dz(s + NST - 1 + DEPTH, slot);
     if (!active) continue;
 
     const unsigned char* stage = smem + (s % NST) * STAGE;
