@@ -141,6 +141,11 @@ __device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pit
 template <int ROWS, int GP, int NTHREADS, int DEPTH>
 struct DzStager {
   static constexpr int PIECES = ROWS * (GP / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
+  // Fewer pieces than threads: every SPREAD-th thread takes one, so that all warps share the work.
+  static constexpr int SPREAD = PIECES < NTHREADS ? NTHREADS / PIECES : 1;
+  static __device__ __forceinline__ int piece(int tid, int i) {
+    return SPREAD > 1 ? (tid % SPREAD == 0 ? tid / SPREAD : PIECES) : tid + i * NTHREADS;
+  }
   uint4 raw[DEPTH][PER_THREAD][2];
   int labels[DEPTH][PER_THREAD];  // of the piece that belong to its row (0..8)
   const u16* base[PER_THREAD];    // the 16-byte boundary at or before the piece's first label of group 0
@@ -154,7 +159,7 @@ struct DzStager {
     end = (long long)(B - 1) * ldz + L;
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      const int c = tid + i * NTHREADS, r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+      const int c = piece(tid, i), r = c / (GP / 8), q = (c % (GP / 8)) * 8;
       const bool in_batch = c < PIECES && row0 + r < B;
       const long long e = in_batch ? (long long)(row0 + r) * ldz + q : 0;
       base[i] = dZ + (e & ~7LL);
@@ -169,7 +174,7 @@ struct DzStager {
     const bool whole = labels_left >= GP;  // all but the last group: every piece is whole
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      const int q = ((tid + i * NTHREADS) % (GP / 8)) * 8;
+      const int q = (piece(tid, i) % (GP / 8)) * 8;
       const int n = !(meta[i] & 8) ? 0 : (whole ? 8 : min(max(labels_left - q, 0), 8));
       labels[slot][i] = n;
       const u16* at = base[i] + label0;
@@ -193,7 +198,7 @@ struct DzStager {
   __device__ __forceinline__ void store(int slot, unsigned char* tile, int tid) const {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      if (PIECES % NTHREADS != 0 && tid + i * NTHREADS >= PIECES) continue;
+      if (PIECES % NTHREADS != 0 && piece(tid, i) >= PIECES) continue;
       const int off = meta[i] & 7, n = labels[slot][i];
       const uint4 p0 = raw[slot][i][0], p1 = raw[slot][i][1];
       const unsigned w[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
