@@ -147,11 +147,11 @@ struct DzStager {
     return SPREAD > 1 ? (tid % SPREAD == 0 ? tid / SPREAD : PIECES) : tid + i * NTHREADS;
   }
   uint4 raw[DEPTH][PER_THREAD][2];
-  int labels[DEPTH][PER_THREAD];  // of the piece that belong to its row (0..8)
-  const u16* base[PER_THREAD];    // the 16-byte boundary at or before the piece's first label of group 0
-  int meta[PER_THREAD];           // shared tile offset << 5 | last row of dZ << 4 | row in batch << 3 | offset 0..7
+  int left[DEPTH];               // labels of the slot's group that belong to a row (the same for the CTA)
+  const u16* base[PER_THREAD];   // the 16-byte boundary at or before the piece's first label of group 0
+  int meta[PER_THREAD];          // shared tile offset << 5 | last row of dZ << 4 | row in batch << 3 | offset 0..7
   const u16* dz;
-  long long end;                  // one past dZ's last element
+  long long end;                 // one past dZ's last element
 
   __device__ __forceinline__ void init(const u16* __restrict__ dZ, long long ldz, int row0, int B, int L, int pitch,
                                        int tid) {
@@ -169,25 +169,42 @@ struct DzStager {
     }
   }
 
+  // 16 bytes from global memory, or zeros without a read when !ok: predicated, so that the common path
+  // has no branches (a branch per piece cost more than the loads).
+  static __device__ __forceinline__ uint4 ldg16_or_zero(const u16* p, bool ok) {
+    uint4 v;
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "r"((int)ok));
+    return v;
+  }
+
   // Labels label0 (a multiple of 8) ..., of which labels_left belong to the row.
   __device__ __forceinline__ void load(int slot, long long label0, int labels_left, int tid) {
-    const bool whole = labels_left >= GP;  // all but the last group: every piece is whole
+    left[slot] = labels_left;
+    bool careful = false;  // a piece of the last row that reaches past the end of dZ
 #pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) {
-      const int q = (piece(tid, i) % (GP / 8)) * 8;
-      const int n = !(meta[i] & 8) ? 0 : (whole ? 8 : min(max(labels_left - q, 0), 8));
-      labels[slot][i] = n;
-      const u16* at = base[i] + label0;
-      if (n == 0) {
-        raw[slot][i][0] = raw[slot][i][1] = make_uint4(0u, 0u, 0u, 0u);
-      } else if (!(meta[i] & 16) || (at - dz) + 16 <= end) {
-        raw[slot][i][0] = __ldg(reinterpret_cast<const uint4*>(at));
-        raw[slot][i][1] = __ldg(reinterpret_cast<const uint4*>(at + 8));
-      } else {  // the last row's last pieces: element by element, none past the end
+    for (int i = 0; i < PER_THREAD; ++i) careful |= (meta[i] & 16) && (base[i] + label0 - dz) + 16 > end;
+    if (!careful) {
+#pragma unroll
+      for (int i = 0; i < PER_THREAD; ++i) {
+        const int q = (piece(tid, i) % (GP / 8)) * 8;
+        const bool ok = (meta[i] & 8) && q < labels_left;
+        raw[slot][i][0] = ldg16_or_zero(base[i] + label0, ok);
+        raw[slot][i][1] = ldg16_or_zero(base[i] + label0 + 8, ok);
+      }
+    } else {  // element by element, none past the end
+#pragma unroll
+      for (int i = 0; i < PER_THREAD; ++i) {
+        const int q = (piece(tid, i) % (GP / 8)) * 8;
+        const bool ok = (meta[i] & 8) && q < labels_left;
+        const u16* at = base[i] + label0;
         const long long first = at - dz;
         unsigned h[16];
 #pragma unroll
-        for (int k = 0; k < 16; ++k) h[k] = first + k < end ? __ldg(reinterpret_cast<const unsigned short*>(at + k)) : 0u;
+        for (int k = 0; k < 16; ++k)
+          h[k] = ok && first + k < end ? __ldg(reinterpret_cast<const unsigned short*>(at + k)) : 0u;
         raw[slot][i][0] = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
         raw[slot][i][1] =
             make_uint4(h[8] | (h[9] << 16), h[10] | (h[11] << 16), h[12] | (h[13] << 16), h[14] | (h[15] << 16));
@@ -196,10 +213,10 @@ struct DzStager {
   }
 
   __device__ __forceinline__ void store(int slot, unsigned char* tile, int tid) const {
+    const unsigned tile_addr = smem_addr(tile);
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      if (PIECES % NTHREADS != 0 && piece(tid, i) >= PIECES) continue;
-      const int off = meta[i] & 7, n = labels[slot][i];
+      const int off = meta[i] & 7;
       const uint4 p0 = raw[slot][i][0], p1 = raw[slot][i][1];
       const unsigned w[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
       // The piece's 5 words start at word off / 2: selected in two halvings (registers, no indexing).
@@ -211,14 +228,18 @@ struct DzStager {
       const unsigned bits = (off & 1) * 16;  // an odd offset starts in the middle of a word
 #pragma unroll
       for (int k = 0; k < 4; ++k) v[k] = __funnelshift_r(x[k], x[k + 1], bits);
-      if (n < 8) {  // the last group's last piece: labels past the row's last are the next row's
+      if (left[slot] < GP) {  // the last group: labels past the row's last are the next row's
+        const int n = left[slot] - (piece(tid, i) % (GP / 8)) * 8;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (2 * k >= n) v[k] = 0u;
           else if (2 * k + 1 >= n) v[k] &= 0xffffu;
         }
       }
-      *reinterpret_cast<uint4*>(tile + (meta[i] >> 5)) = make_uint4(v[0], v[1], v[2], v[3]);
+      const bool mine = PIECES % NTHREADS == 0 || piece(tid, i) < PIECES;
+      asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n @p st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n}\n"
+                   ::"r"(tile_addr + (meta[i] >> 5)), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"((int)mine)
+                   : "memory");
     }
   }
 };

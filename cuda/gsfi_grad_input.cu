@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
 
   // Unaligned dZ: a step's tile is loaded into registers DEPTH steps before it is stored into its stage
   // (at step s the tile of step s + NST - 1 is stored and that of step s + NST - 1 + DEPTH loaded into
-  // the same slot, slot = step mod DEPTH), so that the global loads get DEPTH steps to land: up to 8
-  // (as deep as the stages) when a thread holds at most one 8-label piece of a tile (short steps), else 2.
+  // the same slot, slot = step mod DEPTH), so that the global loads get DEPTH steps to land: 4 when a
+  // thread holds at most one 8-label piece of a tile (short steps), else 2.
   constexpr int PIECES_PER_THREAD = (BT * (GP / 8) + NTHREADS - 1) / NTHREADS;
-  constexpr int DEPTH = ALIGNED_DZ ? 1 : (PIECES_PER_THREAD == 1 ? (NST >= 8 ? 8 : 4) : 2);
+  constexpr int DEPTH = ALIGNED_DZ ? 1 : (PIECES_PER_THREAD == 1 ? 4 : 2);
   DzStager<BT, GP, NTHREADS, DEPTH> dz_regs;
   if (!ALIGNED_DZ) dz_regs.init(dZ, ldz, b0, B, L, ZPITCH, tid);
   auto load_dz = [&](int step, int slot) {
