@@ -1,5 +1,5 @@
 """Where the backward's time goes for labels counts that are not multiples of 8 (the official shapes):
-a padded copy of dZ against the gradient kernels reading dZ rows as they come (realigned in shared memory).
+a padded copy of dZ against the gradient kernels reading dZ rows as they come (realigned on the way).
 
     PYTHONPATH=. python3 benchmarks/grad_out_layout.py [key=value ...]
 

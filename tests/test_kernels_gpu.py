@@ -90,7 +90,8 @@ def test_kernels_match_float64_reference(case):
     grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), index, x.shape[1])
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
     if labels % 8:
-        # grad_out above has rows off 16-byte boundaries (read raw and realigned in shared memory);
+        # grad_out above has rows off 16-byte boundaries (read raw: grad-input realigns them in registers,
+        # grad-weight in shared memory);
         # the same dZ in padded, aligned rows, as a backward hands on a layout the kernels cannot read
         padded = kernels.padded_rows(grad_out)
         assert kernels.grad_out_for_kernels(padded) is padded

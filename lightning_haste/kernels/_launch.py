@@ -209,34 +209,28 @@ def _forward_shared(
 _FORWARD_SHAPES = ((12, 3), (8, 4), (8, 3), (8, 2), (4, 4), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
 
 
-_LARGE_LAYER_FORWARD_SHAPES = ((8, 3), (8, 2), (4, 3), (4, 2), (2, 3), (2, 2), (1, 2))
-
-
 def _forward_variant(
-    group_size: int, k_pad: int, in_features: int, max_shared: int, per_sm: Optional[int] = None, labels: int = 0
+    group_size: int, k_pad: int, in_features: int, max_shared: int, per_sm: Optional[int] = None
 ) -> tuple[bool, int, int, int]:
-    """(resident, warps, stages, shared bytes). Keep the input in shared memory when it fits. Up to 2^20
-    labels: the most warps per multiprocessor (warps per CTA times the CTAs that fit beside each other),
-    weighted by the weight ring's depth up to 3 stages; on a tie the smaller CTA, then the shorter ring.
-    Above: one CTA of 8 warps with a 3-stage ring where it fits.
+    """(resident, warps, stages, shared bytes). Keep the input in shared memory when it fits; then the most
+    warps per multiprocessor (warps per CTA times the CTAs that fit beside each other), weighted by the
+    weight ring's depth up to 3 stages; on a tie the smaller CTA, then the shorter ring.
 
-    Measured on H100 (benchmarks/RESULTS.md): up to 670K labels 12 warps with 3 stages beat 8 warps by
-    4-19 %; at 2M and 8.6M labels more warps per multiprocessor are slower (8.6M labels: 8 warps with 3
-    stages 3.07 ms, 12 warps 3.68 ms, two CTAs of 8 warps with 2 stages 3.85 ms)."""
+    Measured on H100 (benchmarks/RESULTS.md): 12 warps with 3 stages beat 8 warps by 4-19 % up to 670K
+    labels, and, since the CTAs take their groups strided, by 2-4 % at 2M and 8.6M labels too (with
+    contiguous group ranges per CTA they had been 20 % slower there)."""
     per_sm = max_shared + 1024 if per_sm is None else per_sm
     residents = (TUNING["forward_resident"],) if "forward_resident" in TUNING else (True, False)
-    large = labels > 2**20
-    shapes = _LARGE_LAYER_FORWARD_SHAPES if large and "forward_warps" not in TUNING else _FORWARD_SHAPES
     for resident in residents:
         best = None
-        for rank, (warps, stages) in enumerate(shapes):
+        for warps, stages in _FORWARD_SHAPES:
             if TUNING.get("forward_warps", warps) != warps or TUNING.get("forward_stages", stages) != stages:
                 continue
             shared = _forward_shared(group_size, k_pad, in_features, resident, warps, stages)
             if shared > max_shared:
                 continue
             ctas = max(1, min(8, per_sm // (shared + 1024)))
-            key = (-rank,) if large else (warps * ctas * min(stages, 3), ctas, -stages)
+            key = (warps * ctas * min(stages, 3), ctas, -stages)
             if best is None or key > best[0]:
                 best = (key, (resident, warps, stages, shared))
         if best is not None:
@@ -402,9 +396,7 @@ def _forward_plan(
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, per_sm = _device_limits(index)
-    resident, warps, stages, shared = _forward_variant(
-        group_size, k_pad, in_features, max_shared, per_sm, num_groups * group_size
-    )
+    resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared, per_sm)
     fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages), index)
     row_tiles = math.ceil(batch / 64)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
