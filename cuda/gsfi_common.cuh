@@ -141,10 +141,15 @@ __device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pit
 template <int ROWS, int GP, int NTHREADS, int DEPTH>
 struct DzStager {
   static constexpr int PIECES = ROWS * (GP / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
-  // Fewer pieces than threads: every SPREAD-th thread takes one, so that all warps share the work.
+  // Fewer pieces than threads: SPREAD threads share a piece, so that all warps share the work; all of them
+  // load it (one request: same addresses) and the first stores it. (Threads that skipped the loads made
+  // every warp's load predicate divergent, and the compiler turns predicated loads into branches.)
   static constexpr int SPREAD = PIECES < NTHREADS ? NTHREADS / PIECES : 1;
   static __device__ __forceinline__ int piece(int tid, int i) {
-    return SPREAD > 1 ? (tid % SPREAD == 0 ? tid / SPREAD : PIECES) : tid + i * NTHREADS;
+    return SPREAD > 1 ? tid / SPREAD : tid + i * NTHREADS;
+  }
+  static __device__ __forceinline__ bool stores(int tid, int i) {
+    return SPREAD > 1 ? tid % SPREAD == 0 : (PIECES % NTHREADS == 0 || tid + i * NTHREADS < PIECES);
   }
   uint4 raw[DEPTH][PER_THREAD][2];
   int left[DEPTH];               // labels of the slot's group that belong to a row (the same for the CTA)
@@ -169,15 +174,17 @@ struct DzStager {
     }
   }
 
-  // 16 bytes from global memory, or zeros without a read when !ok: predicated, so that the common path
+  // 32 bytes from global memory, or zeros without a read when !ok: predicated, so that the common path
   // has no branches (a branch per piece cost more than the loads).
-  static __device__ __forceinline__ uint4 ldg16_or_zero(const u16* p, bool ok) {
-    uint4 v;
-    asm("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+  static __device__ __forceinline__ void ldg32_or_zero(uint4 (&v)[2], const u16* p, bool ok) {
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %9, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " mov.b32 %4, 0;\n mov.b32 %5, 0;\n mov.b32 %6, 0;\n mov.b32 %7, 0;\n"
+        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%8];\n"
+        " @p ld.global.nc.v4.u32 {%4, %5, %6, %7}, [%8 + 16];\n}\n"
+        : "=r"(v[0].x), "=r"(v[0].y), "=r"(v[0].z), "=r"(v[0].w), "=r"(v[1].x), "=r"(v[1].y), "=r"(v[1].z),
+          "=r"(v[1].w)
         : "l"(p), "r"((int)ok));
-    return v;
   }
 
   // Labels label0 (a multiple of 8) ..., of which labels_left belong to the row.
@@ -185,14 +192,13 @@ struct DzStager {
     left[slot] = labels_left;
     bool careful = false;  // a piece of the last row that reaches past the end of dZ
 #pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) careful |= (meta[i] & 16) && (base[i] + label0 - dz) + 16 > end;
+    for (int i = 0; i < PER_THREAD; ++i) careful |= ((meta[i] & 16) != 0) & ((base[i] + label0 - dz) + 16 > end);
     if (!careful) {
 #pragma unroll
       for (int i = 0; i < PER_THREAD; ++i) {
         const int q = (piece(tid, i) % (GP / 8)) * 8;
         const bool ok = (meta[i] & 8) && q < labels_left;
-        raw[slot][i][0] = ldg16_or_zero(base[i] + label0, ok);
-        raw[slot][i][1] = ldg16_or_zero(base[i] + label0 + 8, ok);
+        ldg32_or_zero(raw[slot][i], base[i] + label0, ok);
       }
     } else {  // element by element, none past the end
 #pragma unroll
@@ -236,7 +242,7 @@ struct DzStager {
           else if (2 * k + 1 >= n) v[k] &= 0xffffu;
         }
       }
-      const bool mine = PIECES % NTHREADS == 0 || piece(tid, i) < PIECES;
+      const bool mine = stores(tid, i);
       asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n @p st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n}\n"
                    ::"r"(tile_addr + (meta[i] >> 5)), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"((int)mine)
                    : "memory");
