@@ -190,27 +190,25 @@ struct DzStager {
   // Labels label0 (a multiple of 8) ..., of which labels_left belong to the row.
   __device__ __forceinline__ void load(int slot, long long label0, int labels_left, int tid) {
     left[slot] = labels_left;
+    bool ok[PER_THREAD];   // the piece has labels of its row to read
     bool careful = false;  // a piece of the last row that reaches past the end of dZ
 #pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) careful |= ((meta[i] & 16) != 0) & ((base[i] + label0 - dz) + 16 > end);
+    for (int i = 0; i < PER_THREAD; ++i) {
+      ok[i] = (meta[i] & 8) && (piece(tid, i) % (GP / 8)) * 8 < labels_left;
+      careful |= ((meta[i] & 16) != 0) & ((base[i] + label0 - dz) + 16 > end);
+    }
     if (!careful) {
 #pragma unroll
-      for (int i = 0; i < PER_THREAD; ++i) {
-        const int q = (piece(tid, i) % (GP / 8)) * 8;
-        const bool ok = (meta[i] & 8) && q < labels_left;
-        ldg32_or_zero(raw[slot][i], base[i] + label0, ok);
-      }
+      for (int i = 0; i < PER_THREAD; ++i) ldg32_or_zero(raw[slot][i], base[i] + label0, ok[i]);
     } else {  // element by element, none past the end
 #pragma unroll
       for (int i = 0; i < PER_THREAD; ++i) {
-        const int q = (piece(tid, i) % (GP / 8)) * 8;
-        const bool ok = (meta[i] & 8) && q < labels_left;
         const u16* at = base[i] + label0;
         const long long first = at - dz;
         unsigned h[16];
 #pragma unroll
         for (int k = 0; k < 16; ++k)
-          h[k] = ok && first + k < end ? __ldg(reinterpret_cast<const unsigned short*>(at + k)) : 0u;
+          h[k] = ok[i] && first + k < end ? __ldg(reinterpret_cast<const unsigned short*>(at + k)) : 0u;
         raw[slot][i][0] = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
         raw[slot][i][1] =
             make_uint4(h[8] | (h[9] << 16), h[10] | (h[11] << 16), h[12] | (h[13] << 16), h[14] | (h[15] << 16));

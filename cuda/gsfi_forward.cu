@@ -10,8 +10,9 @@
 // group's weights streamed through a warp-private NSW-stage cp.async ring in chunks of 32 columns of K;
 // every weight fragment feeds MTP tensor-core products.
 //
-// RESIDENT: the CTA's 64 columns of XT (all H features) sit in shared memory for all its groups and the gather is done by ldmatrix row addresses (feature idx[g,k] -> one shared-memory row),
-// so the input is read from L2 once per CTA instead of once per group. Otherwise (H too large for
+// RESIDENT: the CTA's 64 columns of XT (all H features) sit in shared memory for all its groups and
+// the gather is done by ldmatrix row addresses (feature idx[g,k] -> one shared-memory row), so the
+// input is read from L2 once per CTA instead of once per group. Otherwise (H too large for
 // shared memory) the warp gathers the rows of XT its chunk needs into its ring with cp.async.
 // Outputs go through a warp-private shared tile so that each lane stores whole 16-byte pieces.
 #include "gsfi_common.cuh"

@@ -15,7 +15,7 @@
 // trash rows past H instead of branching (the launcher allocates them only then). Without SMEM_ACC (H too large for shared memory) the adds go
 // to global memory as atomics.
 // Without ALIGNED_DZ (dZ rows not on 16-byte boundaries: an odd number of labels) a step's dZ tile is
-// loaded into registers one step ahead and realigned on its way into the stage (DzStager).
+// loaded into registers two or four steps ahead and realigned on its way into the stage (DzStager).
 #include "gsfi_common.cuh"
 
 template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ>
@@ -150,9 +150,8 @@ __global__ void __launch_bounds__(256) gsfi_grad_input(const u16* __restrict__ d
     if (!ALIGNED_DZ && s + NST - 1 + DEPTH < nsteps) load_dz(s + NST - 1 + DEPTH, slot);
     if (!active) continue;
 
-    const unsigned char* stage = smem + (s % NST) * STAGE;
-    const unsigned char* zs = stage;
-    const unsigned char* ws = stage + Z_STAGE;
+    const unsigned char* zs = smem + (s % NST) * STAGE;
+    const unsigned char* ws = zs + Z_STAGE;
     const int* is = reinterpret_cast<const int*>(ws + W_STAGE);
     const int k0 = (s % NKC) * KC;
 

@@ -253,8 +253,7 @@ def _grad_input_shared(
 ) -> int:
     gp = _pad16(group_size)
     kc = _k_chunk(gp, _pad16(fan_in))
-    z_tile = rows * (gp * 2 + 16)
-    stage = z_tile + gp * (kc * 2 + 16) + kc * 4
+    stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
     return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
@@ -399,9 +398,10 @@ def _forward_plan(
     resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared, per_sm)
     fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages), index)
     row_tiles = math.ceil(batch / 64)
+    # One wave of CTAs, each with at least one group per warp; the kernel deals the groups out to its
+    # CTAs by itself (strided), so it takes no range per CTA.
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
-    per_cta = math.ceil(per_cta / warps) * warps  # each warp owns whole groups
-    # The kernel deals the groups out to its CTAs by itself (strided); it needs no range per CTA.
+    per_cta = math.ceil(per_cta / warps) * warps
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, 0, index)
 
 
