@@ -18,16 +18,20 @@ def _instantiations():
         a, b = str(flag_a).lower(), str(flag_b).lower()
         lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
         # flag_a: shared-memory accumulation / aligned dZ rows; flag_b: the second flag of each kernel
-        lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}, {b}>,")
+        lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}, {b}, 1, {a}>,")
         if flag_a:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, {2 if flag_b else 3}, {b}>,")
     lines += [f"(void*)&gsfi_forward<bf16_t, 32, 128, true, true, {w}, {n}>,"
               for w, n in ((12, 3), (8, 4), (4, 2), (2, 3), (1, 2))]
     lines += [f"(void*)&gsfi_forward<f16_t, {g}, {kp}, {a}, true, 12, 3>,"
               for g, kp, a in ((8, 16, "true"), (16, 128, "false"), (32, 512, "true"))]
-    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}, {a}>,"
-              for n in (2, 8) for r in (32, 64, 128) for a in ("true", "false")]
-    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128, false>," for g, kp in ((8, 16), (16, 128), (128, 512))]
+    lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}, {a}, 1, {o}>,"
+              for n in (2, 8) for r in (32, 64, 128) for a in ("true", "false") for o in ("true", "false")]
+    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128, false, 1, {str(g == 16).lower()}>," for g, kp in ((8, 16), (16, 128), (128, 512))]
+    # several groups per step (64 or 128 rows, shared-memory accumulation, G >= 16, warps owning batch tiles)
+    lines += [f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, true, 4, {r}, {a}, {s}, true>,"
+              for dtype in ("bf16_t", "f16_t") for g, kp, s in ((16, 64, 4), (16, 512, 2), (32, 128, 2), (64, 16, 2))
+              for r in (64, 128) for a in ("true", "false")]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}, true>," for n in (2, 4)]
     lines += [
         f"(void*)&gsfi_grad_weight_warp<{dtype}, {g}, {kp}, {n}, {w}, {a}>,"

@@ -101,6 +101,29 @@ def test_kernels_match_float64_reference(case):
                       ref_gx, x.dtype)
 
 
+@pytest.mark.parametrize(
+    "group_size,rows,groups",
+    [(16, 64, 4), (16, 128, 2), (16, 128, 4), (32, 64, 2), (32, 128, 1), (16, 32, 1), (64, 64, 1)],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("labels", [1000, 999], ids=["aligned-dZ", "raw-dZ"])
+def test_grad_input_tilings(group_size, rows, groups, labels):
+    # Every grad-input tiling on one shape: batch tiles of 32 (two warps per tile), 64 and 128 rows (a warp
+    # owns whole tiles), one to four groups per step (groups of a step share features: H is small), the
+    # last step's groups partly past L, padded feature slots (K = 72) and a partial last batch tile.
+    from lightning_haste import kernels
+
+    case = (150, 200, labels, group_size, 72, torch.bfloat16)
+    layer, x, grad_out = _inputs(case, seed=rows * 7 + groups + labels)
+    _, ref_gx, _, _ = _reference(layer, x, grad_out)
+    kernels._launch.TUNING.update(grad_input_rows=rows, grad_input_groups=groups)
+    try:
+        grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), layer.group_index, x.shape[1])
+    finally:
+        kernels._launch.TUNING.clear()
+    _assert_close("grad_input", grad_x, ref_gx, x.dtype)
+
+
 def test_gradients_of_a_transposed_grad_out():
     # A column-major dZ cannot be read as rows: the backward copies it once into padded rows.
     from lightning_haste import kernels

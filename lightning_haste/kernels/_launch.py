@@ -64,8 +64,8 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_weight_stages",
-#: "grad_weight_kernel" ("warp" or "cta").
+#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_groups"
+#: (groups per step), "grad_input_row_owned", "grad_weight_stages", "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
 
@@ -249,13 +249,31 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 
 
 def _grad_input_shared(
-    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32
+    group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32, groups: int = 1
 ) -> int:
     gp = _pad16(group_size)
-    kc = _k_chunk(gp, _pad16(fan_in))
-    stage = rows * (gp * 2 + 16) + gp * (kc * 2 + 16) + kc * 4
-    trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots
+    labels = groups * gp  # of a step's tile
+    kc = _k_chunk(labels, _pad16(fan_in))
+    stage = rows * (labels * 2 + 16) + labels * (kc * 2 + 16) + groups * kc * 4
+    trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots, 16 per warp
     return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
+
+
+def _grad_input_groups(group_size: int, rows: int, smem_acc: bool) -> tuple[int, bool]:
+    """(groups per grad-input step, whether each warp owns whole batch tiles) for one tiling.
+
+    Measured on H100 (benchmarks/RESULTS.md): groups of 16 labels are fastest with warps that own batch
+    tiles (each warp reads all of a group's weights, but its dZ fragments serve every feature tile), four
+    groups per step where a warp owns whole tiles of 64 or 128 rows (Amazon-670K: grad-input 0.231 ->
+    0.158 ms on raw dZ); larger groups with one group per step and a feature tile per warp (owning warps
+    were 5-12 % slower at the B = 512 shapes, LF-Paper2Keywords-8.6M and Amazon-3M).
+    TUNING["grad_input_groups"] / ["grad_input_row_owned"] override.
+    """
+    small = _pad16(group_size) == 16
+    whole_tiles = rows >= 64 and smem_acc and _pad16(group_size) == group_size
+    groups = int(TUNING.get("grad_input_groups", 4 if small else 1)) if whole_tiles else 1
+    row_owned = bool(TUNING.get("grad_input_row_owned", small)) or groups > 1
+    return groups, row_owned
 
 
 def _grad_weight_shared(group_size: int, k_pad: int, stages: int, aligned_dz: bool = True) -> int:
@@ -265,10 +283,14 @@ def _grad_weight_shared(group_size: int, k_pad: int, stages: int, aligned_dz: bo
     return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4 + realigned
 
 
-def _grid_rows(num_groups: int, row_tiles: int, shared: int, index: int) -> int:
-    """Groups per CTA so that one wave of CTAs covers the work."""
+def _grid_rows(num_groups: int, row_tiles: int, shared: int, index: int, fn: Any = None, threads: int = 256) -> int:
+    """Groups per CTA so that one wave of CTAs covers the work (CTAs per multiprocessor as shared memory
+    and, when the compiled kernel ``fn`` is given, its registers allow)."""
     sms, _, per_sm = _device_limits(index)
     per_sm_ctas = max(1, min(8, per_sm // max(shared + 1024, 1)))
+    regs = int(getattr(fn, "num_regs", 0) or 0) if fn is not None else 0
+    if regs:
+        per_sm_ctas = max(1, min(per_sm_ctas, 65536 // (regs * threads)))
     columns = max(1, (sms * per_sm_ctas) // row_tiles)
     return max(1, math.ceil(num_groups / columns))
 
@@ -453,14 +475,19 @@ def _grad_input_plan(
                 rows = candidate
                 break
     smem_acc = _grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= max_shared
+    groups, row_owned = _grad_input_groups(group_size, rows, smem_acc)
+    while groups > 1 and _grad_input_shared(group_size, fan_in, in_features, smem_acc, 2, rows, groups) > max_shared:
+        groups //= 2
     stages, shared = _deepest(
         "grad_input_stages",
-        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
+        lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, groups),
         max_shared,
     )
-    fn = _function("gsfi_grad_input", (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz), index)
+    template = (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz, groups, row_owned)
+    fn = _function("gsfi_grad_input", template, index)
     row_tiles = math.ceil(batch / rows)
-    per_cta = _grid_rows(num_groups, row_tiles, shared, index)
+    per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn)
+    per_cta = math.ceil(per_cta / groups) * groups  # whole steps per CTA
     return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
 
 
