@@ -90,7 +90,7 @@ __device__ __forceinline__ void cp_async16_bytes(unsigned dst, const void* src, 
 // dZ rows that need not start on 16-byte boundaries (ldz not a multiple of 8, e.g. an odd label count):
 // instead of a padded copy of dZ, a tile row whose first label is element e of dZ is copied raw, in
 // 16-byte pieces from the boundary at or before e (one piece more than the tile is wide), and
-// realign_dz then shifts it by e mod 8 elements into the aligned tile that ldmatrix reads. Elements
+// realign_dz then shifts it by e mod 8 elements in place into the aligned rows that ldmatrix reads. Elements
 // from `end` (one past the last element of dZ) on are not read; rows past the batch read nothing.
 __device__ __forceinline__ void cp_async_dz_raw_piece(unsigned dst, const u16* dZ, long long e_row, int piece,
                                                       long long end, bool row_ok) {
@@ -100,18 +100,24 @@ __device__ __forceinline__ void cp_async_dz_raw_piece(unsigned dst, const u16* d
   cp_async16_bytes(dst, bytes ? (const void*)(dZ + start) : (const void*)dZ, bytes);
 }
 
-// Raw rows (pitch raw_pitch) -> aligned [rows x GP] tile (pitch out_pitch); row r's first label is
-// element e_row0 + r * ldz; labels from labels_left on become 0 (they are the next row's values).
+// Raw rows -> the same rows aligned, in place: row r of the tile (pitch `pitch`) holds the raw 16-byte
+// pieces from the boundary at or before its first label, element e_row0 + r * ldz; afterwards its first
+// GP labels start at its start, and labels from labels_left on are 0 (they are the next row's values).
 // An output piece of 8 labels starts at raw element shift + q: it is read as the 5 words around it and
 // funnel-shifted by 16 bits when shift is odd (no branch: rows in one warp have different shifts).
-template <int GP>
-__device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pitch, unsigned char* out,
-                                           int out_pitch, int rows, long long e_row0, long long ldz,
-                                           int labels_left, int t, int nthreads) {
-  for (int c = t; c < rows * (GP / 8); c += nthreads) {
-    const int r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+// Those words overlap the next piece's output, so each of the NTHREADS threads that share the tile
+// reads all of its pieces, `sync()` waits for the others, then it writes: no second tile is needed.
+template <int GP, int ROWS, int NTHREADS, class Sync>
+__device__ __forceinline__ void realign_dz(unsigned char* tile, int pitch, long long e_row0, long long ldz,
+                                           int labels_left, int t, Sync sync) {
+  constexpr int PIECES = ROWS * (GP / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
+  uint4 out[PER_THREAD];
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int c = t + i * NTHREADS, r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+    if (PIECES % NTHREADS != 0 && c >= PIECES) continue;
     const int shift = (int)((e_row0 + r * ldz) & 7);
-    const unsigned* src = reinterpret_cast<const unsigned*>(raw + r * raw_pitch) + ((shift + q) >> 1);
+    const unsigned* src = reinterpret_cast<const unsigned*>(tile + r * pitch) + ((shift + q) >> 1);
     const unsigned bits = (shift & 1) * 16;
     unsigned w[5], v[4];
 #pragma unroll
@@ -125,12 +131,19 @@ __device__ __forceinline__ void realign_dz(const unsigned char* raw, int raw_pit
         else if (q + 2 * k + 1 >= labels_left) v[k] &= 0xffffu;
       }
     }
-    *reinterpret_cast<uint4*>(out + r * out_pitch + q * 2) = make_uint4(v[0], v[1], v[2], v[3]);
+    out[i] = make_uint4(v[0], v[1], v[2], v[3]);
+  }
+  sync();
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int c = t + i * NTHREADS, r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+    if (PIECES % NTHREADS != 0 && c >= PIECES) continue;
+    *reinterpret_cast<uint4*>(tile + r * pitch + q * 2) = out[i];
   }
 }
 
-// The same rows without the shared-memory copy and barrier of realign_dz (which cost shared memory
-// the grad-input accumulator needs), for a CTA whose batch rows stay the same at every step: its
+// The same rows without the barriers of realign_dz and without the raw tile's extra piece per row (which
+// cost shared memory the grad-input accumulator needs), for a CTA whose batch rows stay the same at every step: its
 // [ROWS x GP] dZ tiles travel through registers, DEPTH tiles in flight (a slot each; callers index
 // slots with unrolled loop counters so that they stay in registers). load() reads each 8-label piece as
 // the two 16-byte pieces from the boundary at or before it (never past the last element of dZ);

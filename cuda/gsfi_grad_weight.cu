@@ -25,8 +25,6 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
   constexpr int Z_STAGE = BT * ZPITCH, S_STAGE = KT * XPITCH, STAGE = Z_STAGE + S_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
   int* feat_s = reinterpret_cast<int*>(smem + NST * STAGE);
-  // Unaligned dZ rows (see realign_dz): raw rows in the stages, one aligned tile after the index.
-  unsigned char* z_aligned = smem + NST * STAGE + KT * 4;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tile = blockIdx.x;
@@ -104,13 +102,13 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     if (s + NST - 1 < nsteps) issue(s + NST - 1);
     cp_async_commit();
 
-    const unsigned char* stage = smem + (s % NST) * STAGE;
-    if constexpr (!ALIGNED_DZ) {
-      realign_dz<GT>(stage, ZPITCH, z_aligned, ZPITCH, BT, (long long)s * BT * ldz + label0, ldz,
-                     min(jrows, L - label0), tid, 128);
+    unsigned char* stage = smem + (s % NST) * STAGE;
+    if constexpr (!ALIGNED_DZ) {  // unaligned dZ rows: raw in the stage, realigned there (see realign_dz)
+      realign_dz<GT, BT, 128>(stage, ZPITCH, (long long)s * BT * ldz + label0, ldz, min(jrows, L - label0), tid,
+                              [] { __syncthreads(); });
       __syncthreads();
     }
-    const unsigned char* zs = ALIGNED_DZ ? stage : z_aligned;
+    const unsigned char* zs = stage;
     const unsigned char* xs = stage + Z_STAGE;
 #pragma unroll
     for (int b16 = 0; b16 < BT / 16; ++b16) {
@@ -205,8 +203,6 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
   const unsigned x_addr = smem_addr(smem);
   // Row H of the resident XT is zeros: padded columns k >= K read it.
   const unsigned ring_addr = x_addr + (H + 1) * xpitch + warp * NST * STAGE;
-  // Unaligned dZ rows (see realign_dz): raw rows in the ring, one aligned tile per warp after the rings.
-  unsigned char* z_aligned = smem + (H + 1) * xpitch + NW * NST * STAGE + warp * STAGE;
 
   for (int c = tid; c < (H + 1) * (bsteps * BW / 8); c += NW * 32) {
     const int h = c / (bsteps * BW / 8), col = (c % (bsteps * BW / 8)) * 8;
@@ -280,14 +276,12 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
       __syncwarp();
       if (s + NST - 1 < nsteps) issue(s + NST - 1);
       cp_async_commit();
-      unsigned zs = ring_addr + (s % NST) * STAGE;
-      if constexpr (!ALIGNED_DZ) {
+      const unsigned zs = ring_addr + (s % NST) * STAGE;
+      if constexpr (!ALIGNED_DZ) {  // unaligned dZ rows: raw in the ring, realigned there (see realign_dz)
         const int g = first + gi * NW;
-        const unsigned char* raw = smem + (zs - x_addr);
-        realign_dz<GP>(raw, ZPITCH, z_aligned, ZPITCH, BW, (long long)b * BW * ldz + (long long)g * G, ldz, L - g * G,
-                       lane, 32);
+        realign_dz<GP, BW, 32>(smem + (zs - x_addr), ZPITCH, (long long)b * BW * ldz + (long long)g * G, ldz,
+                               L - g * G, lane, [] { __syncwarp(); });
         __syncwarp();
-        zs = smem_addr(z_aligned);
       }
 #pragma unroll
       for (int b16 = 0; b16 < BW / 16; ++b16) {

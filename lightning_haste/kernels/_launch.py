@@ -276,11 +276,10 @@ def _grad_input_groups(group_size: int, rows: int, smem_acc: bool) -> tuple[int,
     return groups, row_owned
 
 
-def _grad_weight_shared(group_size: int, k_pad: int, stages: int, aligned_dz: bool = True) -> int:
+def _grad_weight_shared(group_size: int, k_pad: int, stages: int) -> int:
     gt = _pad16(group_size) if group_size < 64 else 64
     kt = min(k_pad, 128)
-    realigned = 0 if aligned_dz else 64 * (gt * 2 + 16)
-    return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4 + realigned
+    return stages * (64 * (gt * 2 + 16) + kt * 144) + kt * 4
 
 
 def _grid_rows(num_groups: int, row_tiles: int, shared: int, index: int, fn: Any = None, threads: int = 256) -> int:
@@ -510,12 +509,9 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     return grad_x.to(weight.dtype)
 
 
-def _grad_weight_warp_shared(
-    group_size: int, in_features: int, batch: int, stages: int, warps: int, aligned_dz: bool = True
-) -> int:
+def _grad_weight_warp_shared(group_size: int, in_features: int, batch: int, stages: int, warps: int) -> int:
     resident = (in_features + 1) * ((batch + 31) // 32 * 64 + 16)
-    tiles = stages + (0 if aligned_dz else 1)  # the ring, and a realigned tile for unaligned dZ rows
-    return resident + warps * tiles * 32 * (_pad16(group_size) * 2 + 16)
+    return resident + warps * stages * 32 * (_pad16(group_size) * 2 + 16)
 
 
 @functools.lru_cache(maxsize=256)
@@ -529,7 +525,7 @@ def _grad_weight_plan(
     # the resident XT (no L2 traffic for them), the group's gradient in the warp's registers.
     if _pad16(group_size) * k_pad <= 2048 and TUNING.get("grad_weight_kernel", "warp") == "warp":
         for warps, stages in ((8, 3), (8, 2), (4, 3), (4, 2), (2, 2)):
-            shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps, aligned_dz)
+            shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps)
             if shared <= max_shared:
                 fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps, aligned_dz), index)
                 ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
@@ -538,7 +534,7 @@ def _grad_weight_plan(
     # A 2-stage ring: never slower than 3 stages on H100 and 8 % faster at Amazon-3M (B = 128, two
     # batch steps per CTA), where the smaller CTAs fit twice as many per multiprocessor.
     stages = TUNING.get("grad_weight_stages", 2)
-    shared = _grad_weight_shared(group_size, k_pad, stages, aligned_dz)
+    shared = _grad_weight_shared(group_size, k_pad, stages)
     fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages, aligned_dz), index)
     tiles = num_groups * math.ceil(group_size / 64) * math.ceil(k_pad / min(k_pad, 128))
     return _plan(fn, (tiles, 1), 128, shared, 0, index)
