@@ -171,7 +171,9 @@ struct DzStager {
   const u16* dz;
   long long end;                 // one past dZ's last element
 
-  __device__ __forceinline__ void init(const u16* __restrict__ dZ, long long ldz, int row0, int B, int L, int pitch,
+  // offset(r, c): byte offset in the shared tile of row r's 16-byte piece c (the caller's tile layout).
+  template <class Offset>
+  __device__ __forceinline__ void init(const u16* __restrict__ dZ, long long ldz, int row0, int B, int L, Offset offset,
                                        int tid) {
     dz = dZ;
     end = (long long)(B - 1) * ldz + L;
@@ -183,7 +185,7 @@ struct DzStager {
       base[i] = dZ + (e & ~7LL);
       // Only the last row's pieces can reach past the end (for rows of at least 16 labels): they check.
       const bool last = in_batch && (row0 + r == B - 1 || ldz < 16);
-      meta[i] = ((r * pitch + q * 2) << 5) | (last << 4) | (in_batch << 3) | (int)(e & 7);
+      meta[i] = (offset(r, q / 8) << 5) | (last << 4) | (in_batch << 3) | (int)(e & 7);
     }
   }
 

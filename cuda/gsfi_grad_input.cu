@@ -44,7 +44,15 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   constexpr int NWN = ROW_OWNED ? (NN < 8 ? NN : 8) : NN / (TPW < NN ? TPW : NN);
   constexpr int MSPLIT = 8 / NWN, NPW = NN / NWN, MTW = (MT + MSPLIT - 1) / MSPLIT;
   static_assert(S == 1 || (ROW_OWNED && MSPLIT == 1 && GP == G), "several groups per step need whole tiles per warp");
-  constexpr int ZPITCH = LP * 2 + 16, WPITCH = KC * 2 + 16;
+  // The dZ tile's rows are not padded (16 bytes a row would cost the 2-group stages at 128 rows): the
+  // 16-byte pieces of row r are XOR-swizzled by z_swizzle(r), so that the 8 rows an ldmatrix reads at one
+  // piece fall into 8 different 16-byte bank groups.
+  constexpr int ZPITCH = LP * 2, WPITCH = KC * 2 + 16;
+  constexpr int Z_ROWS_PER_128 = ZPITCH >= 128 ? 1 : 128 / ZPITCH;
+  constexpr int Z_SWIZZLE_MASK = (ZPITCH >= 128 ? 128 : ZPITCH) / 16 - 1;
+  auto z_offset = [](int r, int piece) {
+    return r * ZPITCH + ((piece ^ ((r / Z_ROWS_PER_128) & Z_SWIZZLE_MASK)) << 4);
+  };
   constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = LP * WPITCH, IDX_STAGE = S * KC * 4;
   constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -75,7 +83,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   for (int i = 0; i < ZPT; ++i) {
     const int c = tid + i * NTHREADS, r = c / (LP / 8), col = (c % (LP / 8)) * 8;
     z_off[i] = (long long)(b0 + r) * ldz + col;
-    z_dst[i] = r * ZPITCH + col * 2;
+    z_dst[i] = z_offset(r, col / 8);
     z_col[i] = col;
     z_ok[i] = c < Z_CHUNKS && b0 + r < B && col % GP < G;
   }
@@ -132,7 +140,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   constexpr int PIECES_PER_THREAD = (BT * (LP / 8) + NTHREADS - 1) / NTHREADS;
   constexpr int DEPTH = ALIGNED_DZ ? 1 : (PIECES_PER_THREAD == 1 ? 4 : 2);
   DzStager<BT, LP, NTHREADS, DEPTH> dz_regs;
-  if (!ALIGNED_DZ) dz_regs.init(dZ, ldz, b0, B, L, ZPITCH, tid);
+  if (!ALIGNED_DZ) dz_regs.init(dZ, ldz, b0, B, L, z_offset, tid);
   auto load_dz = [&](int step, int slot) {
     const int g0 = g_begin + step / NKC * S;
     dz_regs.load(slot, (long long)g0 * G, labels_of(g0), tid);
@@ -197,7 +205,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
         for (int j32 = 0; j32 < (GP + 31) / 32; ++j32) {
           const int row = (warp_n * NPW + t) * 8 + (lane & 7);
           const int col = j32 * 32 + (lane >> 3) * 8;
-          ldsm_x4(bz[t][j32], smem_addr(zs + row * ZPITCH + (sub * GP + (col < GP ? col : col - 16)) * 2));
+          ldsm_x4(bz[t][j32], smem_addr(zs + z_offset(row, (sub * GP + (col < GP ? col : col - 16)) / 8)));
         }
 
       // All of the warp's products first, then all reads, adds and writes: independent work in flight

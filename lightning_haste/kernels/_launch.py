@@ -254,7 +254,7 @@ def _grad_input_shared(
     gp = _pad16(group_size)
     labels = groups * gp  # of a step's tile
     kc = _k_chunk(labels, _pad16(fan_in))
-    stage = rows * (labels * 2 + 16) + labels * (kc * 2 + 16) + groups * kc * 4
+    stage = rows * labels * 2 + labels * (kc * 2 + 16) + groups * kc * 4  # dZ rows swizzled, not padded
     trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots, 16 per warp
     return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
