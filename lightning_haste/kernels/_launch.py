@@ -265,9 +265,9 @@ def _grad_input_groups(group_size: int, rows: int, smem_acc: bool) -> tuple[int,
     Measured on H100 (benchmarks/RESULTS.md): groups of 16 labels are fastest with warps that own batch
     tiles (each warp reads all of a group's weights, but its dZ fragments serve every feature tile), four
     groups per step where a warp owns whole tiles of 64 or 128 rows (Amazon-670K: grad-input 0.231 ->
-    0.158 ms on raw dZ); larger groups with one group per step and a feature tile per warp (owning warps
-    were 5-12 % slower at the B = 512 shapes, LF-Paper2Keywords-8.6M and Amazon-3M).
-    TUNING["grad_input_groups"] / ["grad_input_row_owned"] override.
+    0.147 ms on raw dZ; the launcher halves the groups until two stages fit); larger groups with one group
+    per step and a feature tile per warp (owning warps were 4-18 % slower at the B = 512 shapes,
+    LF-Paper2Keywords-8.6M and Amazon-3M). TUNING["grad_input_groups"] / ["grad_input_row_owned"] override.
     """
     small = _pad16(group_size) == 16
     whole_tiles = rows >= 64 and smem_acc and _pad16(group_size) == group_size
