@@ -143,17 +143,17 @@ __device__ __forceinline__ void realign_dz(unsigned char* tile, int pitch, long 
 }
 
 // The same rows without the barriers of realign_dz and without the raw tile's extra piece per row (which
-// cost shared memory the grad-input accumulator needs), for a CTA whose batch rows stay the same at every step: its
-// [ROWS x GP] dZ tiles travel through registers, DEPTH tiles in flight (a slot each; callers index
-// slots with unrolled loop counters so that they stay in registers). load() reads each 8-label piece as
-// the two 16-byte pieces from the boundary at or before it (never past the last element of dZ);
-// store(), DEPTH steps later when the loads have landed, shifts each piece into place in registers and
-// writes it to the shared tile as one aligned 16-byte piece that ldmatrix reads. Rows past the batch
-// and labels past the row's last become zeros. Group tiles start at multiples of 8 labels, so a piece's
-// offset from its 16-byte boundary is that of its row: it and the row's address are computed once.
-template <int ROWS, int GP, int NTHREADS, int DEPTH>
+// cost shared memory the grad-input accumulator needs), for a CTA whose batch rows stay the same at every
+// step: its [ROWS x LABELS] dZ tiles (a step's labels) travel through registers, DEPTH tiles in flight (a
+// slot each; callers index slots with unrolled loop counters so that they stay in registers). load()
+// reads each 8-label piece as the two 16-byte pieces from the boundary at or before it (never past the
+// last element of dZ); store(), DEPTH steps later when the loads have landed, shifts each piece into place
+// in registers and writes it to the shared tile as one aligned 16-byte piece that ldmatrix reads. Rows
+// past the batch and labels past the tile's last become zeros. Tiles start at multiples of 8 labels, so a
+// piece's offset from its 16-byte boundary is that of its row: it and the row's address are computed once.
+template <int ROWS, int LABELS, int NTHREADS, int DEPTH>
 struct DzStager {
-  static constexpr int PIECES = ROWS * (GP / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
+  static constexpr int PIECES = ROWS * (LABELS / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
   // Fewer pieces than threads: SPREAD threads share a piece, so that all warps share the work; all of them
   // load it (one request: same addresses) and the first stores it. (Threads that skipped the loads made
   // every warp's load predicate divergent, and the compiler turns predicated loads into branches.)
@@ -165,7 +165,7 @@ struct DzStager {
     return SPREAD > 1 ? tid % SPREAD == 0 : (PIECES % NTHREADS == 0 || tid + i * NTHREADS < PIECES);
   }
   uint4 raw[DEPTH][PER_THREAD][2];
-  int left[DEPTH];               // labels of the slot's group that belong to a row (the same for the CTA)
+  int left[DEPTH];               // labels of the slot's tile that belong to a row (the same for the CTA)
   const u16* base[PER_THREAD];   // the 16-byte boundary at or before the piece's first label of group 0
   int meta[PER_THREAD];          // shared tile offset << 5 | last row of dZ << 4 | row in batch << 3 | offset 0..7
   const u16* dz;
@@ -179,7 +179,7 @@ struct DzStager {
     end = (long long)(B - 1) * ldz + L;
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      const int c = piece(tid, i), r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+      const int c = piece(tid, i), r = c / (LABELS / 8), q = (c % (LABELS / 8)) * 8;
       const bool in_batch = c < PIECES && row0 + r < B;
       const long long e = in_batch ? (long long)(row0 + r) * ldz + q : 0;
       base[i] = dZ + (e & ~7LL);
@@ -209,7 +209,7 @@ struct DzStager {
     bool careful = false;  // a piece of the last row that reaches past the end of dZ
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
-      ok[i] = (meta[i] & 8) && (piece(tid, i) % (GP / 8)) * 8 < labels_left;
+      ok[i] = (meta[i] & 8) && (piece(tid, i) % (LABELS / 8)) * 8 < labels_left;
       careful |= ((meta[i] & 16) != 0) & ((base[i] + label0 - dz) + 16 > end);
     }
     if (!careful) {
@@ -247,8 +247,8 @@ struct DzStager {
       const unsigned bits = (off & 1) * 16;  // an odd offset starts in the middle of a word
 #pragma unroll
       for (int k = 0; k < 4; ++k) v[k] = __funnelshift_r(x[k], x[k + 1], bits);
-      if (left[slot] < GP) {  // the last group: labels past the row's last are the next row's
-        const int n = left[slot] - (piece(tid, i) % (GP / 8)) * 8;
+      if (left[slot] < LABELS) {  // the tile reaches past the row's (or the CTA's) labels: zero them
+        const int n = left[slot] - (piece(tid, i) % (LABELS / 8)) * 8;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (2 * k >= n) v[k] = 0u;

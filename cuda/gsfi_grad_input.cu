@@ -18,9 +18,9 @@
 // loop over several groups. Inside a warp, two groups of one step may share a feature: the warp
 // finishes one group's adds (and __syncwarp) before it reads for the next. With 32 rows (4 tiles for
 // 8 warps) two warps share a tile and split its features, so S is 1 there.
-// Padded feature slots (K not a multiple of 16) add into trash rows past H (16 per warp) instead of
-// branching (the launcher allocates them only then). Without SMEM_ACC (H too large for shared memory)
-// the adds go to global memory as atomics.
+// Padded feature slots (K not a multiple of 16, or past K in a partial last chunk of K) add into trash
+// rows past H (16 per warp) instead of branching (the launcher allocates them only then). Without
+// SMEM_ACC (H too large for shared memory) the adds go to global memory as atomics.
 // Without ALIGNED_DZ (dZ rows not on 16-byte boundaries: an odd number of labels) a step's dZ tile is
 // loaded into registers two or four steps ahead and realigned on its way into the stage (DzStager).
 #include "gsfi_common.cuh"
@@ -44,9 +44,10 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   constexpr int NWN = ROW_OWNED ? (NN < 8 ? NN : 8) : NN / (TPW < NN ? TPW : NN);
   constexpr int MSPLIT = 8 / NWN, NPW = NN / NWN, MTW = (MT + MSPLIT - 1) / MSPLIT;
   static_assert(S == 1 || (ROW_OWNED && MSPLIT == 1 && GP == G), "several groups per step need whole tiles per warp");
+  static_assert((LP & (LP - 1)) == 0, "the dZ tile's swizzle needs rows of a power-of-two size");
   // The dZ tile's rows are not padded (16 bytes a row would cost the 2-group stages at 128 rows): the
-  // 16-byte pieces of row r are XOR-swizzled by z_swizzle(r), so that the 8 rows an ldmatrix reads at one
-  // piece fall into 8 different 16-byte bank groups.
+  // 16-byte pieces of row r are XOR-swizzled by a function of r (z_offset), so that the 8 rows an ldmatrix
+  // reads at one piece fall into 8 different 16-byte bank groups.
   constexpr int ZPITCH = LP * 2, WPITCH = KC * 2 + 16;
   constexpr int Z_ROWS_PER_128 = ZPITCH >= 128 ? 1 : 128 / ZPITCH;
   constexpr int Z_SWIZZLE_MASK = (ZPITCH >= 128 ? 128 : ZPITCH) / 16 - 1;
@@ -67,7 +68,9 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   const int warp_n = warp % NWN, warp_m = warp / NWN;
 
   if (SMEM_ACC) {
-    const int acc_rows = H + (K % 16 ? 8 * 16 : 0);  // trash rows only when there are padded slots
+    // Trash rows only when there are padded slots: K not a multiple of 16, or a last chunk of K that is
+    // partial (K = 160 in chunks of 128, say).
+    const int acc_rows = H + (NKC * KC > K ? 8 * 16 : 0);
     for (int i = tid; i < acc_rows * BT; i += NTHREADS) acc_s[i] = 0.f;
   }
 

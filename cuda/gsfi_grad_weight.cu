@@ -108,12 +108,11 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
                               [] { __syncthreads(); });
       __syncthreads();
     }
-    const unsigned char* zs = stage;
     const unsigned char* xs = stage + Z_STAGE;
 #pragma unroll
     for (int b16 = 0; b16 < BT / 16; ++b16) {
       unsigned a[MT][4];
-      load_dz_transposed<MT>(a, smem_addr(zs), ZPITCH, b16, lane);
+      load_dz_transposed<MT>(a, smem_addr(stage), ZPITCH, b16, lane);
       if (bias_tile && b16 % NWARP == warp) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) Ops<T>::mma(bacc[m], a[m], ones, ones);

@@ -17,7 +17,8 @@ def _instantiations():
     for dtype, g, kp, flag_a, flag_b in itertools.product(("bf16_t", "f16_t"), GROUP_SIZES, K_PADS, (True, False), (True, False)):
         a, b = str(flag_a).lower(), str(flag_b).lower()
         lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
-        # flag_a: shared-memory accumulation / aligned dZ rows; flag_b: the second flag of each kernel
+        # flag_a: shared-memory accumulation / aligned dZ rows (and grad-input warps owning batch tiles);
+        # flag_b: the second flag of each kernel
         lines.append(f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, {a}, 3, {32 if flag_a else 64}, {b}, 1, {a}>,")
         if flag_a:
             lines.append(f"(void*)&gsfi_grad_weight<{dtype}, {g}, {kp}, {2 if flag_b else 3}, {b}>,")

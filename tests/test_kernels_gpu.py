@@ -102,25 +102,40 @@ def test_kernels_match_float64_reference(case):
 
 
 @pytest.mark.parametrize(
-    "group_size,rows,groups",
-    [(16, 64, 4), (16, 128, 2), (16, 128, 4), (32, 64, 2), (32, 128, 1), (16, 32, 1), (64, 64, 1)],
+    "group_size,rows,groups,row_owned",
+    [(16, 64, 4, True), (16, 128, 2, True), (16, 128, 4, True), (32, 64, 2, True), (32, 128, 1, True),
+     (16, 32, 1, True), (16, 64, 1, False), (32, 128, 1, False), (64, 64, 1, False), (16, 64, 3, True)],
     ids=lambda v: str(v),
 )
 @pytest.mark.parametrize("labels", [1000, 999], ids=["aligned-dZ", "raw-dZ"])
-def test_grad_input_tilings(group_size, rows, groups, labels):
-    # Every grad-input tiling on one shape: batch tiles of 32 (two warps per tile), 64 and 128 rows (a warp
-    # owns whole tiles), one to four groups per step (groups of a step share features: H is small), the
-    # last step's groups partly past L, padded feature slots (K = 72) and a partial last batch tile.
+def test_grad_input_tilings(group_size, rows, groups, row_owned, labels):
+    # Every grad-input tiling on one shape: batch tiles of 32 rows (two warps per tile), 64 and 128 rows
+    # with warps owning whole batch tiles (one to four groups per step; the groups of a step share
+    # features: H is small) or taking one feature tile each, the last step's groups partly past L, padded
+    # feature slots (K = 72), a partial last batch tile. 3 groups per step become 2 (a power of two).
     from lightning_haste import kernels
 
     case = (150, 200, labels, group_size, 72, torch.bfloat16)
     layer, x, grad_out = _inputs(case, seed=rows * 7 + groups + labels)
     _, ref_gx, _, _ = _reference(layer, x, grad_out)
-    kernels._launch.TUNING.update(grad_input_rows=rows, grad_input_groups=groups)
+    kernels._launch.TUNING.update(grad_input_rows=rows, grad_input_groups=groups, grad_input_row_owned=row_owned)
     try:
         grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), layer.group_index, x.shape[1])
     finally:
         kernels._launch.TUNING.clear()
+    _assert_close("grad_input", grad_x, ref_gx, x.dtype)
+
+
+@pytest.mark.parametrize("group_size,fan_in", [(32, 160), (16, 144), (128, 96)])
+def test_grad_input_partial_last_chunk_of_fan_in(group_size, fan_in):
+    # fan_in a multiple of 16 whose last chunk of K is partial (chunks of 128, or 64 for G = 128): the
+    # slots past fan_in go to trash rows, which must exist although fan_in % 16 == 0.
+    from lightning_haste import kernels
+
+    case = (150, 200, 999, group_size, fan_in, torch.bfloat16)
+    layer, x, grad_out = _inputs(case, seed=fan_in)
+    _, ref_gx, _, _ = _reference(layer, x, grad_out)
+    grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), layer.group_index, x.shape[1])
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
 
 

@@ -251,11 +251,12 @@ def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple
 def _grad_input_shared(
     group_size: int, fan_in: int, in_features: int, smem_acc: bool, stages: int, rows: int = 32, groups: int = 1
 ) -> int:
-    gp = _pad16(group_size)
+    gp, k_pad = _pad16(group_size), _pad16(fan_in)
     labels = groups * gp  # of a step's tile
-    kc = _k_chunk(labels, _pad16(fan_in))
+    kc = _k_chunk(labels, k_pad)
     stage = rows * labels * 2 + labels * (kc * 2 + 16) + groups * kc * 4  # dZ rows swizzled, not padded
-    trash = 8 * 16 if fan_in % 16 else 0  # rows for padded feature slots, 16 per warp
+    # Rows for padded feature slots, 16 per warp: K not a multiple of 16, or a partial last chunk of K.
+    trash = 8 * 16 if math.ceil(k_pad / kc) * kc > fan_in else 0
     return stages * stage + ((in_features + trash) * rows * 4 if smem_acc else 0)
 
 
@@ -272,6 +273,7 @@ def _grad_input_groups(group_size: int, rows: int, smem_acc: bool) -> tuple[int,
     small = _pad16(group_size) == 16
     whole_tiles = rows >= 64 and smem_acc and _pad16(group_size) == group_size
     groups = int(TUNING.get("grad_input_groups", 4 if small else 1)) if whole_tiles else 1
+    groups = 1 << (max(1, groups).bit_length() - 1)  # a power of two: the dZ tile's swizzle needs one
     row_owned = bool(TUNING.get("grad_input_row_owned", small)) or groups > 1
     return groups, row_owned
 
