@@ -143,3 +143,14 @@ def test_cpu_autocast_runs_in_autocast_dtype():
     out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
     assert torch.count_nonzero(layer.weight.grad[40:]) == 0
+
+
+def test_grad_input_tuning_is_checked_before_anything_compiles(monkeypatch):
+    # The grad-input layouts exist for 32, 64 and 128 batch rows only; groups per step become a power of two.
+    monkeypatch.setitem(_launch.TUNING, "grad_input_rows", 48)
+    with pytest.raises(ValueError, match="grad_input_rows"):
+        _launch._grad_input_plan("bf16_t", 16, 64, 384, 64, 100, True, 0, (("grad_input_rows", 48),))
+    monkeypatch.setitem(_launch.TUNING, "grad_input_groups", 3)
+    assert _launch._grad_input_groups(16, 64, True) == (2, True)
+    assert _launch._grad_input_groups(16, 32, True) == (1, True)  # 32-row tiles: one group per step
+    assert _launch._grad_input_groups(8, 64, True)[0] == 1  # G = 8: one group (16-label tiles) per step
