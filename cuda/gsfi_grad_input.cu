@@ -66,6 +66,8 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   if (g_begin >= g_end) return;
   const int nsteps = (g_end - g_begin + S - 1) / S * NKC;
   const int warp_n = warp % NWN, warp_m = warp / NWN;
+  // Whether the warp's i-th feature tile exists (MT not a multiple of MSPLIT: the last warps have one fewer).
+  auto has_tile = [&](int i) { return MTW * MSPLIT == MT || warp_m + i * MSPLIT < MT; };
 
   if (SMEM_ACC) {
     // Trash rows only when there are padded slots: K not a multiple of 16, or a last chunk of K that is
@@ -218,8 +220,8 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
       int f0[MTW], f1[MTW];
 #pragma unroll
       for (int i = 0; i < MTW; ++i) {
+        if (!has_tile(i)) break;
         const int m = warp_m + i * MSPLIT;
-        if (MTW * MSPLIT != MT && m >= MT) break;
         // A = W_g^T for feature tile m: rows j of the group's weight tile, transposed by ldmatrix.
         unsigned a[GP / 16][4];
 #pragma unroll
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
         int p0[MTW][NPW], p1[MTW][NPW];  // float offsets in the accumulator
 #pragma unroll
         for (int i = 0; i < MTW; ++i) {
-          if (MTW * MSPLIT != MT && warp_m + i * MSPLIT >= MT) break;
+          if (!has_tile(i)) break;
 #pragma unroll
           for (int t = 0; t < NPW; ++t) {
             const int n = warp_n * NPW + t;  // 8-row block n of row f sits at block n ^ (f & 3)
@@ -256,7 +258,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
         }
 #pragma unroll
         for (int i = 0; i < MTW; ++i) {
-          if (MTW * MSPLIT != MT && warp_m + i * MSPLIT >= MT) break;
+          if (!has_tile(i)) break;
 #pragma unroll
           for (int t = 0; t < NPW; ++t) {
             u[i][t].x += acc[i][t][0];
@@ -271,8 +273,8 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
       } else {
 #pragma unroll
         for (int i = 0; i < MTW; ++i) {
+          if (!has_tile(i)) break;
           const int kr = (warp_m + i * MSPLIT) * 16 + (lane >> 2);
-          if (MTW * MSPLIT != MT && warp_m + i * MSPLIT >= MT) break;
           const bool v0 = k0 + kr < K, v1 = k0 + kr + 8 < K;
 #pragma unroll
           for (int t = 0; t < NPW; ++t) {

@@ -463,13 +463,13 @@ def _grad_input_plan(
     dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned_dz: bool,
     index: int, tuning: tuple,
 ) -> _Plan:
-    if TUNING.get("grad_input_rows", 32) not in (32, 64, 128):
-        raise ValueError(f"TUNING['grad_input_rows'] must be 32, 64 or 128, got {TUNING['grad_input_rows']!r}")
+    rows = TUNING.get("grad_input_rows")
+    if rows not in (None, 32, 64, 128):
+        raise ValueError(f"TUNING['grad_input_rows'] must be 32, 64 or 128, got {rows!r}")
     k_pad = _pad16(fan_in)
     _, max_shared, _ = _device_limits(index)
     # More batch rows per CTA spread the per-group overhead over more rows; they need a larger
     # accumulator: the most rows (up to 128, not more than the batch needs) whose accumulator fits.
-    rows = TUNING.get("grad_input_rows")
     if rows is None:
         rows = 32
         for candidate in (128, 64):
