@@ -1,11 +1,11 @@
-"""One gradient kernel at every benchmark shape under launcher tuning variants, on raw and padded dZ rows.
+"""One kernel at every benchmark shape under launcher tuning variants (the gradients on raw and padded dZ rows).
 
-    PYTHONPATH=. python3 benchmarks/gradient_variants.py [--kernel gradX|gradW] [NAME:key=value,key=value ...]
+    PYTHONPATH=. python3 benchmarks/gradient_variants.py [--kernel gradX|gradW|fwd] [NAME:key=value,key=value ...]
 
 Each NAME:settings argument is one variant (kernels._launch.TUNING overrides, e.g.
 ``rows64:grad_input_rows=64``; ``default:`` for the automatic choices). Per shape it prints the
 CUDA-graph median in ms of each variant, as ``raw/padded`` where the label count is odd (dZ rows off
-16-byte boundaries: the kernels read them raw and realign them; padded: the same dZ in aligned rows).
+16-byte boundaries: the kernels read them raw and realign them; padded: the same dZ in aligned rows; the forward: its own output).
 A variant that does not fit prints n/a. To compare two commits, run it from each commit's tree
 (``PYTHONPATH=<other tree> python3 <other tree>/benchmarks/gradient_variants.py``) on the same machine.
 """
@@ -35,7 +35,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=("gradX", "gradW"), default="gradX")
+    parser.add_argument("--kernel", choices=("gradX", "gradW", "fwd"), default="gradX")
     parser.add_argument("variants", nargs="*", default=["default:"])
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
@@ -44,10 +44,15 @@ def main() -> None:
         w, idx = layer.weight.detach(), layer.group_index
         dzs = [torch.randn(B, L, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
         dzp = [K_.padded_rows(d) for d in dzs] if L % 8 else None
-        xts = [K_.transpose_input(torch.randn(B, H, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+        xs = [torch.randn(B, H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        xts = [K_.transpose_input(x) for x in xs]
         grad_bias = torch.empty(L, device="cuda", dtype=torch.bfloat16)
+        if args.kernel == "fwd":
+            dzp = None  # the forward writes its own output
 
         def run(dz, i):
+            if args.kernel == "fwd":
+                return kernels.gsfi_forward(xs[i], w, idx, layer.bias.detach(), L)
             if args.kernel == "gradW":
                 return kernels.gsfi_grad_weight(dz[i], xts[i], idx, w, grad_bias=grad_bias)
             return kernels.gsfi_grad_input(dz[i], w, idx, H)
@@ -65,7 +70,7 @@ def main() -> None:
             cells.append(f"{vname}={cell}")
         K_.TUNING.clear()
         print(f"{name:24s}", "  ".join(cells), flush=True)
-        del layer, w, idx, dzs, dzp, xts
+        del layer, w, idx, dzs, dzp, xs, xts
         torch.cuda.empty_cache()
 
 

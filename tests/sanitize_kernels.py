@@ -10,14 +10,16 @@ import lightning_haste as lh
 from lightning_haste import kernels
 
 # (batch, in_features, out_features, group_size, fan_in, tuning): shared-memory-resident and streamed
-# input, 8- and 12-warp forward CTAs, shared-memory and global grad-input accumulation, 32- and 64-row
+# input, 8- and 12-warp forward CTAs, the Hopper (wgmma) forward, shared-memory and global grad-input accumulation, 32- and 64-row
 # grad-input tiles, one and several groups per grad-input step, warp-per-group and CTA-per-tile
 # grad-weight (both with the fused bias gradient)
 CASES = [
     (37, 300, 999, 32, 24, {}),
     (9, 4096, 100, 16, 64, {}),
     (70, 200, 300, 64, 128, {}),
-    (70, 300, 999, 32, 24, {"forward_warps": 8, "forward_stages": 4}),
+    (70, 300, 999, 32, 24, {"forward_kernel": "mma", "forward_warps": 8, "forward_stages": 4}),
+    (70, 300, 999, 32, 200, {"forward_kernel": "wgmma"}),  # Hopper forward (if sm_90): 4 chunks of K, last partial
+    (100, 300, 1000, 64, 64, {"forward_kernel": "wgmma", "forward_warpgroups": 2, "forward_stages": 2}),
     (70, 768, 999, 32, 136, {}),  # 64-row grad-input tiles, two feature chunks (128 + a partial one)
     (150, 300, 999, 16, 24, {"grad_input_rows": 64}),  # 4 groups per grad-input step, padded slots
     (150, 300, 1000, 32, 64, {"grad_input_rows": 128, "grad_input_groups": 2}),  # 2 groups a step, aligned dZ

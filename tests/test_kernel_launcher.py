@@ -24,7 +24,7 @@ def test_missing_cupy_gives_install_hint(monkeypatch):
 
 
 def test_sources_found_and_header_inlined():
-    for name in ("gsfi_forward", "gsfi_grad_input", "gsfi_grad_weight"):
+    for name in ("gsfi_forward", "gsfi_forward_sm90", "gsfi_grad_input", "gsfi_grad_weight"):
         text = _launch._source(name)
         assert '#include "gsfi_common.cuh"' not in text
         assert "struct bf16_t" in text and "void __launch_bounds__" in text
@@ -48,6 +48,39 @@ def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in
         )
         assert shared <= H100_SHARED
     assert _launch._grad_weight_shared(group_size, k_pad, 3) <= H100_SHARED
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("in_features", [384, 768, 1000])
+def test_hopper_forward_fits_where_the_input_is_resident(group_size, in_features):
+    variant = _launch._forward_sm90_variant(group_size, in_features, H100_SHARED)
+    assert variant is not None
+    warpgroups, stages, shared = variant
+    assert shared <= H100_SHARED and stages >= 2
+    if in_features <= 768 and group_size <= 64:
+        assert (warpgroups, stages) == (3, 3)  # the official shapes get the measured choice
+    assert _launch._forward_sm90_variant(group_size, 65536, H100_SHARED) is None  # too large: mma.sync kernel
+
+
+def test_hopper_forward_chosen_by_capability_and_shape():
+    use = _launch._uses_wgmma_forward
+    assert use((9, 0), 128, 32) and use((9, 0), 1, 128)  # LF-Paper2Keywords-8.6M, Amazon-3M-like
+    assert not use((9, 0), 129, 32) and not use((9, 0), 64, 16)  # B = 512 shapes, groups of 16: mma.sync
+    assert not use((8, 0), 64, 32) and not use((10, 0), 64, 32) and not use((8, 9), 64, 32)
+    try:
+        _launch.TUNING["forward_kernel"] = "wgmma"
+        assert use((9, 0), 512, 16) and not use((8, 0), 512, 16)  # wgmma exists on sm_90 only
+        _launch.TUNING["forward_kernel"] = "mma"
+        assert not use((9, 0), 128, 32)
+        _launch.TUNING["forward_kernel"] = "tensor"
+        with pytest.raises(ValueError, match="forward_kernel"):
+            use((9, 0), 128, 32)
+        _launch.TUNING.clear()
+        _launch.TUNING["forward_warpgroups"] = 7
+        with pytest.raises(ValueError, match="warpgroups"):
+            _launch._forward_sm90_variant(32, 768, H100_SHARED)
+    finally:
+        _launch.TUNING.clear()
 
 
 @pytest.mark.parametrize(
@@ -86,6 +119,7 @@ def test_official_small_group_shapes_get_the_resident_grad_weight(group_size, fa
     "kernel,params",
     [
         ("gsfi_forward", "_FORWARD_PARAMS"),
+        ("gsfi_forward_sm90", "_FORWARD_PARAMS"),
         ("gsfi_grad_input", "_GRAD_INPUT_PARAMS"),
         ("gsfi_grad_weight", "_GRAD_WEIGHT_PARAMS"),
         ("gsfi_grad_weight_warp", "_GRAD_WEIGHT_PARAMS"),

@@ -33,6 +33,10 @@ def _instantiations():
     lines += [f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, true, 4, {r}, {a}, {s}, true>,"
               for dtype in ("bf16_t", "f16_t") for g, kp, s in ((16, 64, 4), (16, 512, 2), (32, 128, 2), (64, 16, 2))
               for r in (64, 128) for a in ("true", "false")]
+    # the Hopper forward (wgmma; an empty body for sm_80): every group size, partial and whole chunks of K
+    lines += [f"(void*)&gsfi_forward_sm90<bf16_t, {g}, {kp}, {str(kp != 80).lower()}, {3 if g <= 32 else 2}, 3>,"
+              for g in GROUP_SIZES for kp in (16, 80, 512)]
+    lines += [f"(void*)&gsfi_forward_sm90<f16_t, {g}, {kp}, true, 6, 4>," for g, kp in ((8, 16), (32, 128), (128, 512))]
     lines += [f"(void*)&gsfi_grad_weight<bf16_t, 32, 128, {n}, true>," for n in (2, 4)]
     lines += [
         f"(void*)&gsfi_grad_weight_warp<{dtype}, {g}, {kp}, {n}, {w}, {a}>,"

@@ -126,6 +126,41 @@ def test_grad_input_tilings(group_size, rows, groups, row_owned, labels):
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
 
 
+@pytest.mark.parametrize("forward_kernel", ["wgmma", "mma"])
+@pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize(
+    "batch,fan_in,labels,dtype",
+    [(1, 8, 100, torch.bfloat16), (70, 72, 999, torch.float16), (130, 200, 1000, torch.bfloat16),
+     (64, 512, 520, torch.bfloat16)],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_forward_kernels(forward_kernel, group_size, batch, fan_in, labels, dtype):
+    # Both forward kernels on every group size: the Hopper one (wgmma, chunks of 64 columns of K: K = 8,
+    # 72 and 200 end in a partial chunk) where the device has it, and the mma.sync one; B = 1, a partial
+    # last batch tile, L not a multiple of G, odd L (2-byte stores).
+    from lightning_haste import kernels
+
+    if forward_kernel == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward needs a Hopper GPU (sm_90)")
+    layer, x, grad_out = _inputs((batch, 600, labels, group_size, fan_in, dtype), seed=group_size * 1000 + fan_in)
+    ref_out, _, _, _ = _reference(layer, x, grad_out)
+    kernels._launch.TUNING.update(forward_kernel=forward_kernel)
+    try:
+        out = torch.full((batch, (labels + 7) // 8 * 8), float("nan"), device="cuda", dtype=dtype)[:, :labels]
+        out, _ = kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, layer.bias.detach(), labels, out=out)
+        _assert_close("forward", out, ref_out, dtype)
+        packed = torch.full((batch, labels), float("nan"), device="cuda", dtype=dtype)
+        kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, None, labels, out=packed)
+        _assert_close("forward (packed rows, no bias)", packed, ref_out - layer.bias.detach().double(), dtype)
+        plan = kernels._launch._forward_plan(
+            kernels._launch.KERNEL_DTYPES[dtype], group_size, fan_in, 600, batch, layer.num_groups, False,
+            x.device.index, tuple(sorted(kernels._launch.TUNING.items())),
+        )
+        assert (plan.kernel == "gsfi_forward_sm90") == (forward_kernel == "wgmma")
+    finally:
+        kernels._launch.TUNING.clear()
+
+
 @pytest.mark.parametrize("group_size,fan_in", [(32, 160), (16, 144), (128, 96)])
 def test_grad_input_partial_last_chunk_of_fan_in(group_size, fan_in):
     # fan_in a multiple of 16 whose last chunk of K is partial (chunks of 128, or 64 for G = 128): the

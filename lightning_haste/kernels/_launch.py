@@ -63,8 +63,8 @@ _SOURCE_FILE = {"gsfi_grad_weight_warp": "gsfi_grad_weight"}
 _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
-#: Overrides of the automatic tile choices, for benchmarking: keys "forward_warps",
-#: "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_groups"
+#: Overrides of the automatic tile choices, for benchmarking: keys "forward_kernel" ("auto", "wgmma", "mma"),
+#: "forward_warpgroups", "forward_warps", "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_groups"
 #: (groups per step), "grad_input_row_owned", "grad_weight_stages", "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
@@ -74,9 +74,11 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _function(kernel: str, template_args: tuple, index: int) -> Any:
+def _function(kernel: str, template_args: tuple, index: int, arch_specific: bool = False) -> Any:
+    """The compiled ``kernel<template_args>``; ``arch_specific`` compiles for the device's architecture-
+    specific target (``sm_90a`` on Hopper), which the wgmma instructions need."""
     major, minor = _capability(index)
-    key = (kernel, template_args, index, major, minor)
+    key = (kernel, template_args, index, major, minor, arch_specific)
     fn = _functions.get(key)
     if fn is None:
         with _lock:
@@ -84,8 +86,9 @@ def _function(kernel: str, template_args: tuple, index: int) -> Any:
             if fn is None:
                 cupy = _cupy()
                 expr = f"{kernel}<{', '.join(_template_arg(a) for a in template_args)}>"
+                options = ("-std=c++17",) + ((f"-arch=sm_{major}{minor}a",) if arch_specific else ())
                 with cupy.cuda.Device(index):
-                    module = cupy.RawModule(code=_source(kernel), options=("-std=c++17",), name_expressions=[expr])
+                    module = cupy.RawModule(code=_source(kernel), options=options, name_expressions=[expr])
                     fn = module.get_function(expr)
                 _functions[key] = fn
     return fn
@@ -127,15 +130,18 @@ class _Plan:
     block: int
     shared: int
     per_cta: int
+    kernel: str = ""  # the kernel's name, for tests and benchmarks
 
 
-def _plan(fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int, index: int) -> _Plan:
+def _plan(
+    fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int, index: int, kernel: str = ""
+) -> _Plan:
     _, max_shared, _ = _device_limits(index)
     if shared > max_shared:
         raise ValueError(f"kernel needs {shared} bytes of shared memory, the device allows {max_shared}")
     if shared > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared:
         fn.max_dynamic_shared_size_bytes = shared
-    return _Plan(fn, grid, block, shared, per_cta)
+    return _Plan(fn, grid, block, shared, per_cta, kernel)
 
 
 # The kernels' parameter lists, in the C layout the driver copies from one buffer (native alignment):
@@ -236,6 +242,48 @@ def _forward_variant(
         if best is not None:
             return best[1]
     raise ValueError(f"no forward kernel variant fits in {max_shared} bytes of shared memory")
+
+
+def _forward_sm90_shared(group_size: int, in_features: int, warpgroups: int, stages: int) -> int:
+    stage = group_size * 128 + 64 * 4  # 64 columns of K of the group's weights (swizzled) and their indices
+    out_tiles = warpgroups * 4 * 16 * (group_size * 2 + 16)  # a 16-row output tile per warp
+    return warpgroups * stages * stage + out_tiles + (in_features + 1) * 144
+
+
+_FORWARD_SM90_SHAPES = ((3, 3), (2, 3), (1, 3))
+
+
+def _forward_sm90_variant(group_size: int, in_features: int, max_shared: int) -> Optional[tuple[int, int, int]]:
+    """(warpgroups, stages, shared bytes) of the Hopper forward, or None where the input does not fit in
+    shared memory (that forward keeps it resident). Three warpgroups with a 3-stage ring measured fastest
+    where this forward is used (benchmarks/RESULTS.md); TUNING["forward_warpgroups"] (1-6) and
+    ["forward_stages"] override."""
+    shapes = _FORWARD_SM90_SHAPES
+    if "forward_warpgroups" in TUNING or "forward_stages" in TUNING:
+        shapes = ((int(TUNING.get("forward_warpgroups", 3)), int(TUNING.get("forward_stages", 3))),)
+    for warpgroups, stages in shapes:
+        if not (1 <= warpgroups <= 6 and stages >= 2):
+            raise ValueError(f"the Hopper forward takes 1-6 warpgroups and 2+ stages, got {warpgroups}, {stages}")
+        shared = _forward_sm90_shared(group_size, in_features, warpgroups, stages)
+        if shared <= max_shared:
+            return warpgroups, stages, shared
+    return None
+
+
+def _uses_wgmma_forward(capability: tuple[int, int], batch: int, group_size: int) -> bool:
+    """Whether the forward runs the Hopper (wgmma) kernel: on sm_90 for batches of at most 128 rows and
+    groups of 32 or more labels, where it measured faster than the mma.sync kernel (H100,
+    benchmarks/RESULTS.md: LF-Paper2Keywords-8.6M 2.59 vs 3.08 ms, Amazon-3M 0.84 vs 0.91). With more
+    batch tiles or smaller groups it was slower (B = 512: 0.10-0.14 vs 0.09-0.12 ms; groups of 16:
+    AmazonTitles-670K 0.46 vs 0.33): a warpgroup spreads each group's copies, barrier, bias and output
+    addressing over four warps, 1.5 times the instructions of the mma.sync kernel at B = 512.
+    TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only on sm_90)."""
+    choice = TUNING.get("forward_kernel", "auto")
+    if choice not in ("auto", "wgmma", "mma"):
+        raise ValueError(f"TUNING['forward_kernel'] must be 'auto', 'wgmma' or 'mma', got {choice!r}")
+    if capability != (9, 0) or choice == "mma":
+        return False
+    return choice == "wgmma" or (batch <= 128 and group_size >= 32)
 
 
 def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple[int, int]:
@@ -418,14 +466,25 @@ def _forward_plan(
 ) -> _Plan:
     k_pad = _pad16(fan_in)
     _, max_shared, per_sm = _device_limits(index)
+    row_tiles = math.ceil(batch / 64)
+    sm90 = None
+    if _uses_wgmma_forward(_capability(index), batch, group_size):
+        sm90 = _forward_sm90_variant(group_size, in_features, max_shared)
+    if sm90 is not None:
+        warpgroups, stages, shared = sm90
+        template = (dtype, group_size, k_pad, aligned, warpgroups, stages)
+        fn = _function("gsfi_forward_sm90", template, index, True)
+        per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn, 128 * warpgroups)
+        per_cta = math.ceil(per_cta / warpgroups) * warpgroups
+        grid = (row_tiles, math.ceil(num_groups / per_cta))
+        return _plan(fn, grid, 128 * warpgroups, shared, 0, index, "gsfi_forward_sm90")
     resident, warps, stages, shared = _forward_variant(group_size, k_pad, in_features, max_shared, per_sm)
     fn = _function("gsfi_forward", (dtype, group_size, k_pad, resident, aligned, warps, stages), index)
-    row_tiles = math.ceil(batch / 64)
     # One wave of CTAs, each with at least one group per warp; the kernel deals the groups out to its
     # CTAs by itself (strided), so it takes no range per CTA.
     per_cta = _grid_rows(num_groups, row_tiles, shared, index)
     per_cta = math.ceil(per_cta / warps) * warps
-    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, 0, index)
+    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 32 * warps, shared, 0, index, "gsfi_forward")
 
 
 def gsfi_forward(
@@ -491,7 +550,7 @@ def _grad_input_plan(
     row_tiles = math.ceil(batch / rows)
     per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn)
     per_cta = math.ceil(per_cta / groups) * groups  # whole steps per CTA
-    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index)
+    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index, "gsfi_grad_input")
 
 
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
@@ -534,14 +593,15 @@ def _grad_weight_plan(
                 fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps, aligned_dz), index)
                 ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
                 per_cta = math.ceil(math.ceil(num_groups / ctas) / warps) * warps
-                return _plan(fn, (math.ceil(num_groups / per_cta), 1), 32 * warps, shared, per_cta, index)
+                grid = (math.ceil(num_groups / per_cta), 1)
+                return _plan(fn, grid, 32 * warps, shared, per_cta, index, "gsfi_grad_weight_warp")
     # A 2-stage ring: never slower than 3 stages on H100 and 8 % faster at Amazon-3M (B = 128, two
     # batch steps per CTA), where the smaller CTAs fit twice as many per multiprocessor.
     stages = TUNING.get("grad_weight_stages", 2)
     shared = _grad_weight_shared(group_size, k_pad, stages)
     fn = _function("gsfi_grad_weight", (dtype, group_size, k_pad, stages, aligned_dz), index)
     tiles = num_groups * math.ceil(group_size / 64) * math.ceil(k_pad / min(k_pad, 128))
-    return _plan(fn, (tiles, 1), 128, shared, 0, index)
+    return _plan(fn, (tiles, 1), 128, shared, 0, index, "gsfi_grad_weight")
 
 
 def gsfi_grad_weight(
