@@ -64,14 +64,15 @@ def test_hopper_forward_fits_where_the_input_is_resident(group_size, in_features
 
 def test_hopper_forward_chosen_by_capability_and_shape():
     use = _launch._uses_wgmma_forward
-    assert use((9, 0), 128, 32) and use((9, 0), 1, 128)  # LF-Paper2Keywords-8.6M, Amazon-3M-like
-    assert not use((9, 0), 129, 32) and not use((9, 0), 64, 16)  # B = 512 shapes, groups of 16: mma.sync
+    assert use((9, 0), 128, 64) and use((9, 0), 1, 128)  # Amazon-3M
+    assert not use((9, 0), 129, 64) and not use((9, 0), 128, 32) and not use((9, 0), 64, 16)  # mma.sync
+
     assert not use((8, 0), 64, 32) and not use((10, 0), 64, 32) and not use((8, 9), 64, 32)
     try:
         _launch.TUNING["forward_kernel"] = "wgmma"
         assert use((9, 0), 512, 16) and not use((8, 0), 512, 16)  # wgmma exists on sm_90 only
         _launch.TUNING["forward_kernel"] = "mma"
-        assert not use((9, 0), 128, 32)
+        assert not use((9, 0), 128, 64)
         _launch.TUNING["forward_kernel"] = "tensor"
         with pytest.raises(ValueError, match="forward_kernel"):
             use((9, 0), 128, 32)

@@ -272,18 +272,19 @@ def _forward_sm90_variant(group_size: int, in_features: int, max_shared: int) ->
 
 def _uses_wgmma_forward(capability: tuple[int, int], batch: int, group_size: int) -> bool:
     """Whether the forward runs the Hopper (wgmma) kernel: on sm_90 for batches of at most 128 rows and
-    groups of 32 or more labels, where it measured faster than the mma.sync kernel (H100,
-    benchmarks/RESULTS.md: LF-Paper2Keywords-8.6M 2.59 vs 3.08 ms, Amazon-3M 0.84 vs 0.91). With more
-    batch tiles or smaller groups it was slower (B = 512: 0.10-0.14 vs 0.09-0.12 ms; groups of 16:
-    AmazonTitles-670K 0.46 vs 0.33): a warpgroup spreads each group's copies, barrier, bias and output
-    addressing over four warps, 1.5 times the instructions of the mma.sync kernel at B = 512.
-    TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only on sm_90)."""
+    groups of 64 or more labels, where it measured faster than the mma.sync kernel (H100,
+    benchmarks/RESULTS.md: Amazon-3M 0.795 vs 0.906 ms). Elsewhere it was slower: B = 512 (0.13-0.79 vs
+    0.09-0.55 ms), groups of 16 (AmazonTitles-670K 0.445 vs 0.335), and at LF-Paper2Keywords-8.6M (groups
+    of 32, B = 128) it ranged from 2.59 to 3.52 ms against 3.08 with the ring depth. A warpgroup spreads
+    each group's copies, barrier, bias and output addressing over four warps: 1.5 times the instructions
+    of the mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only
+    on sm_90)."""
     choice = TUNING.get("forward_kernel", "auto")
     if choice not in ("auto", "wgmma", "mma"):
         raise ValueError(f"TUNING['forward_kernel'] must be 'auto', 'wgmma' or 'mma', got {choice!r}")
     if capability != (9, 0) or choice == "mma":
         return False
-    return choice == "wgmma" or (batch <= 128 and group_size >= 32)
+    return choice == "wgmma" or (batch <= 128 and group_size >= 64)
 
 
 def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple[int, int]:
