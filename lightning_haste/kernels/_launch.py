@@ -273,8 +273,8 @@ def _forward_sm90_variant(group_size: int, in_features: int, max_shared: int) ->
 def _uses_wgmma_forward(capability: tuple[int, int], batch: int, group_size: int) -> bool:
     """Whether the forward runs the Hopper (wgmma) kernel: on sm_90 for batches of at most 128 rows and
     groups of 64 or more labels, where it measured faster than the mma.sync kernel (H100,
-    benchmarks/RESULTS.md: Amazon-3M 0.795 vs 0.906 ms). Elsewhere it was slower: B = 512 (0.13-0.79 vs
-    0.09-0.55 ms), groups of 16 (AmazonTitles-670K 0.445 vs 0.335), and at LF-Paper2Keywords-8.6M (groups
+    benchmarks/RESULTS.md: Amazon-3M 0.800 vs 0.909 ms). Elsewhere it was slower: B = 512 (0.131-0.800 vs
+    0.091-0.554 ms), groups of 16 (AmazonTitles-670K 0.448 vs 0.327), and at LF-Paper2Keywords-8.6M (groups
     of 32, B = 128) it ranged from 2.59 to 3.52 ms against 3.08 with the ring depth. A warpgroup spreads
     each group's copies, barrier, bias and output addressing over four warps: 1.5 times the instructions
     of the mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only
