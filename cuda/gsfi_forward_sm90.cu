@@ -103,8 +103,11 @@ __global__ void __launch_bounds__(NWG * 128, 1)
   constexpr int XPITCH = BT * 2 + 16, OPITCH = G * 2 + 16;
   constexpr int W_STAGE = G * KCW * 2, IDX_STAGE = KCW * 4, O_BYTES = 16 * OPITCH;
   static_assert(W_STAGE % 1024 == 0, "swizzled weight stages must stay 1024-byte aligned");
-  extern __shared__ __align__(1024) unsigned char smem_sw128[];  // the swizzle needs 1024-byte atoms
-  unsigned char* smem = smem_sw128;
+  // The swizzled stages need 1024-byte alignment in the shared window (the swizzle XORs address bits
+  // 4-6 with bits 7-9); the dynamic allocation is only guaranteed 16, so the launcher adds 1 KB of slack
+  // and the kernel starts at the next 1024-byte boundary.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wl = warp & 3, t = tid & 127;  // warpgroup, warp in it, thread in it

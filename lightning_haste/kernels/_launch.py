@@ -247,17 +247,19 @@ def _forward_variant(
 def _forward_sm90_shared(group_size: int, in_features: int, warpgroups: int, stages: int) -> int:
     stage = group_size * 128 + 64 * 4  # 64 columns of K of the group's weights (swizzled) and their indices
     out_tiles = warpgroups * 4 * 16 * (group_size * 2 + 16)  # a 16-row output tile per warp
-    return warpgroups * stages * stage + out_tiles + (in_features + 1) * 144
+    slack = 1024  # the kernel aligns its swizzled stages to 1024 bytes itself
+    return warpgroups * stages * stage + out_tiles + (in_features + 1) * 144 + slack
 
 
-_FORWARD_SM90_SHAPES = ((3, 3), (2, 3), (1, 3))
+_FORWARD_SM90_SHAPES = ((3, 4), (3, 3), (2, 3), (1, 3))
 
 
 def _forward_sm90_variant(group_size: int, in_features: int, max_shared: int) -> Optional[tuple[int, int, int]]:
     """(warpgroups, stages, shared bytes) of the Hopper forward, or None where the input does not fit in
-    shared memory (that forward keeps it resident). Three warpgroups with a 3-stage ring measured fastest
-    where this forward is used (benchmarks/RESULTS.md); TUNING["forward_warpgroups"] (1-6) and
-    ["forward_stages"] override."""
+    shared memory (that forward keeps it resident). Three warpgroups with the deepest ring that fits
+    (4 stages, else 3) measured fastest where this forward is used (benchmarks/RESULTS.md: 4 stages at
+    LF-Paper2Keywords-8.6M, where 3 varied from 2.6 to 3.5 ms between builds; 4 do not fit at Amazon-3M);
+    TUNING["forward_warpgroups"] (1-6) and ["forward_stages"] override."""
     shapes = _FORWARD_SM90_SHAPES
     if "forward_warpgroups" in TUNING or "forward_stages" in TUNING:
         shapes = ((int(TUNING.get("forward_warpgroups", 3)), int(TUNING.get("forward_stages", 3))),)
@@ -272,19 +274,19 @@ def _forward_sm90_variant(group_size: int, in_features: int, max_shared: int) ->
 
 def _uses_wgmma_forward(capability: tuple[int, int], batch: int, group_size: int) -> bool:
     """Whether the forward runs the Hopper (wgmma) kernel: on sm_90 for batches of at most 128 rows and
-    groups of 64 or more labels, where it measured faster than the mma.sync kernel (H100,
-    benchmarks/RESULTS.md: Amazon-3M 0.800 vs 0.909 ms). Elsewhere it was slower: B = 512 (0.131-0.800 vs
-    0.091-0.554 ms), groups of 16 (AmazonTitles-670K 0.448 vs 0.327), and at LF-Paper2Keywords-8.6M (groups
-    of 32, B = 128) it ranged from 2.59 to 3.52 ms against 3.08 with the ring depth. A warpgroup spreads
-    each group's copies, barrier, bias and output addressing over four warps: 1.5 times the instructions
-    of the mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only
-    on sm_90)."""
+    groups of 32 or more labels, where it measured faster than the mma.sync kernel (H100,
+    benchmarks/RESULTS.md: Amazon-3M 0.80 vs 0.91 ms, LF-Paper2Keywords-8.6M 2.72-2.78 vs 3.08 in four
+    runs). Elsewhere it was slower: B = 512 (0.131-0.800 vs 0.091-0.554 ms) and groups of 16
+    (AmazonTitles-670K 0.448 vs 0.327, Amazon-670K 0.098 vs 0.090). A warpgroup spreads each group's
+    copies, barrier, bias and output addressing over four warps: 1.5 times the instructions of the
+    mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only on
+    sm_90)."""
     choice = TUNING.get("forward_kernel", "auto")
     if choice not in ("auto", "wgmma", "mma"):
         raise ValueError(f"TUNING['forward_kernel'] must be 'auto', 'wgmma' or 'mma', got {choice!r}")
     if capability != (9, 0) or choice == "mma":
         return False
-    return choice == "wgmma" or (batch <= 128 and group_size >= 64)
+    return choice == "wgmma" or (batch <= 128 and group_size >= 32)
 
 
 def _deepest(key: str, shared_for: Any, max_shared: int, most: int = 8) -> tuple[int, int]:
