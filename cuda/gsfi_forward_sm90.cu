@@ -11,7 +11,7 @@
 // ldmatrix of every weight fragment and issues one instruction per 64 x N x 16 product per warp
 // instead of N / 2 per 16 x N x 16. But each group's copies, barrier, bias loads and output addressing
 // now run in four warps: at B = 512 the kernel executes 1.5x the instructions of gsfi_forward and is
-// slower; the launcher uses it where it measured faster (benchmarks/RESULTS.md: B <= 128, G >= 64).
+// slower; the launcher uses it where it measured faster (benchmarks/RESULTS.md: B <= 128, G >= 32).
 //
 // Compiled only for sm_90a (the launcher passes -arch=sm_90a); other targets get an empty kernel that
 // the launcher never picks.
