@@ -51,6 +51,15 @@ __device__ __forceinline__ float Ops<f16_t>::to_float(u16 v) {
   return f;
 }
 
+// float32 addition that keeps subnormal operands and results: CuPy compiles every kernel with -ftz=true
+// (appended after the caller's options), which makes the compiler flush them in a C++ '+'; explicit PTX
+// without .ftz is IEEE on sm_80+.
+__device__ __forceinline__ float add_f32(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }

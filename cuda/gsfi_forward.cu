@@ -176,8 +176,8 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
 #pragma unroll
           for (int h8 = 0; h8 < 2; ++h8) {
             const int r = (lane >> 2) + h8 * 8;
-            *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
-                Ops<T>::pack(acc[m][n][2 * h8] + bias_v[n][0], acc[m][n][2 * h8 + 1] + bias_v[n][1]);
+            *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) = Ops<T>::pack(
+                add_f32(acc[m][n][2 * h8], bias_v[n][0]), add_f32(acc[m][n][2 * h8 + 1], bias_v[n][1]));
           }
         }
         __syncwarp();

@@ -31,26 +31,29 @@ template <class T, int N> struct Wgmma;
 #define GSFI_WGMMA_TAIL(PTX) ".f32." PTX "." PTX " "
 #define GSFI_DEFINE_WGMMA(TYPE, PTX)                                                                         \
   template <> struct Wgmma<TYPE, 8> {                                                                        \
-    static __device__ __forceinline__ void mma(float* d, const unsigned (&a)[4], unsigned long long desc, int accumulate) {  \
+    static __device__ __forceinline__ void mma(float* d, const unsigned (&a)[4], unsigned long long desc,    \
+                                               int accumulate) {                                           \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                              \
                    "wgmma.mma_async.sync.aligned.m64n8k16" GSFI_WGMMA_TAIL(PTX)                              \
                    "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"                                      \
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                          \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                         \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                  \
     }                                                                                                        \
   };                                                                                                         \
   template <> struct Wgmma<TYPE, 16> {                                                                       \
-    static __device__ __forceinline__ void mma(float* d, const unsigned (&a)[4], unsigned long long desc, int accumulate) {  \
+    static __device__ __forceinline__ void mma(float* d, const unsigned (&a)[4], unsigned long long desc,    \
+                                               int accumulate) {                                           \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                                             \
                    "wgmma.mma_async.sync.aligned.m64n16k16" GSFI_WGMMA_TAIL(PTX)                             \
                    "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"                       \
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
                      "+f"(d[7])                                                                              \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                         \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                  \
     }                                                                                                        \
   };                                                                                                         \
   template <> struct Wgmma<TYPE, 32> {                                                                       \
-    static __device__ __forceinline__ void mma(float* d, const unsigned (&a)[4], unsigned long long desc, int accumulate) {  \
+    static __device__ __forceinline__ void mma(float* d, const unsigned (&a)[4], unsigned long long desc,    \
+                                               int accumulate) {                                           \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                             \
                    "wgmma.mma_async.sync.aligned.m64n32k16" GSFI_WGMMA_TAIL(PTX)                             \
                    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, "  \
@@ -58,7 +61,7 @@ template <class T, int N> struct Wgmma;
                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
                      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
                      "+f"(d[14]), "+f"(d[15])                                                                \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                         \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                  \
     }                                                                                                        \
   };
 
@@ -217,7 +220,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
       for (int h8 = 0; h8 < 2; ++h8) {
         const int r = (lane >> 2) + h8 * 8;
         *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
-            Ops<T>::pack(acc[n8 * 4 + 2 * h8] + bias0, acc[n8 * 4 + 2 * h8 + 1] + bias1);
+            Ops<T>::pack(add_f32(acc[n8 * 4 + 2 * h8], bias0), add_f32(acc[n8 * 4 + 2 * h8 + 1], bias1));
       }
     }
     __syncwarp();

@@ -261,10 +261,10 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
           if (!has_tile(i)) break;
 #pragma unroll
           for (int t = 0; t < NPW; ++t) {
-            u[i][t].x += acc[i][t][0];
-            u[i][t].y += acc[i][t][1];
-            v[i][t].x += acc[i][t][2];
-            v[i][t].y += acc[i][t][3];
+            u[i][t].x = add_f32(u[i][t].x, acc[i][t][0]);
+            u[i][t].y = add_f32(u[i][t].y, acc[i][t][1]);
+            v[i][t].x = add_f32(v[i][t].x, acc[i][t][2]);
+            v[i][t].y = add_f32(v[i][t].y, acc[i][t][3]);
             *reinterpret_cast<float2*>(acc_s + p0[i][t]) = u[i][t];
             *reinterpret_cast<float2*>(acc_s + p1[i][t]) = v[i][t];
           }

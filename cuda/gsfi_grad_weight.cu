@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     for (int j = tid; j < jrows && label0 + j < L; j += blockDim.x) {
       float sum = 0.f;
 #pragma unroll
-      for (int w = 0; w < NWARP; ++w) sum += part[w * GT + j];
+      for (int w = 0; w < NWARP; ++w) sum = add_f32(sum, part[w * GT + j]);
       dB[label0 + j] = Ops<T>::from_float(sum);
     }
   }

@@ -161,6 +161,30 @@ def test_forward_kernels(forward_kernel, group_size, batch, fan_in, labels, dtyp
         kernels._launch.TUNING.clear()
 
 
+@pytest.mark.parametrize("forward_kernel", ["wgmma", "mma"])
+def test_forward_keeps_float32_subnormals(forward_kernel):
+    # CuPy compiles the kernels with -ftz=true, under which a C++ float addition flushes subnormals; the
+    # kernels add with explicit IEEE instructions. With zero weights every output is its bias exactly,
+    # here bfloat16 subnormals (|b| < 2**-126).
+    from lightning_haste import kernels
+
+    if forward_kernel == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward needs a Hopper GPU (sm_90)")
+    layer = lh.GroupSharedFanIn(300, 1000, 64, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.linspace(-1.0, 1.0, 1000, device="cuda") * 2.0**-127)
+    bias = layer.bias.detach()
+    assert int((bias != 0).sum()) > 900 and bool((bias.float().abs() < 2.0**-126).all())
+    x = torch.randn(100, 300, device="cuda", dtype=torch.bfloat16)
+    kernels._launch.TUNING.update(forward_kernel=forward_kernel)
+    try:
+        out, _ = kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, bias, 1000)
+    finally:
+        kernels._launch.TUNING.clear()
+    assert torch.equal(out, bias.expand(100, -1))
+
+
 @pytest.mark.parametrize("group_size,fan_in", [(32, 160), (16, 144), (128, 96)])
 def test_grad_input_partial_last_chunk_of_fan_in(group_size, fan_in):
     # fan_in a multiple of 16 whose last chunk of K is partial (chunks of 128, or 64 for G = 128): the
