@@ -55,28 +55,25 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   const int my_groups = first < num_groups ? (num_groups - first + stride - 1) / stride : 0;
   const int nsteps = my_groups * PASSES * NKC;
 
-  // The lane copies the same pieces of every weight chunk: offsets computed once, moved per step.
-  constexpr int W_CHUNKS = GP * (KCW / 8), WPL = (W_CHUNKS + 31) / 32;
-  int w_off[WPL], w_dst[WPL], w_col[WPL];
-  bool w_ok[WPL];
-#pragma unroll
-  for (int i = 0; i < WPL; ++i) {
-    const int c = lane + i * 32, r = c / (KCW / 8), col = (c % (KCW / 8)) * 8;
-    w_off[i] = r * K + col;
-    w_dst[i] = r * WPITCH + col * 2;
-    w_col[i] = col;
-    w_ok[i] = c < W_CHUNKS && r < G;
-  }
+  // The lane copies the same pieces of every weight chunk: rows lane / PPR + i * RPP, column (lane % PPR) * 8.
+  // Only the chunk's base moves per step and the stage is passed in, so each piece costs a few
+  // instructions (with per-piece offsets and the stage computed per step, ptxas rebuilt them from the
+  // thread and block ids every step: a third of the kernel's instructions at B = 512).
+  constexpr int PPR = KCW / 8, RPP = 32 / PPR, WPL = GP / RPP;
+  const int lane_row = lane / PPR, lane_col = (lane % PPR) * 8;
+  const int lane_w = lane_row * K + lane_col;
+  const unsigned lane_dst = lane_row * WPITCH + lane_col * 2;
 
-  auto issue = [&](int step) {
-    unsigned char* st = ring + (step % NSW) * STAGE;
-    const unsigned sta = smem_addr(st);
+  auto issue = [&](int step, int stage) {
+    unsigned char* st = ring + stage * STAGE;
+    const unsigned sta = smem_addr(st) + lane_dst;
     const int g = first + (step / (NKC * PASSES)) * stride, k0 = (step % NKC) * KCW;
-    const u16* wg = W + (long long)g * G * K + k0;
+    const bool k_ok = k0 + lane_col < K;
+    const u16* wg = k_ok ? W + (long long)g * G * K + k0 + lane_w : W;
 #pragma unroll
     for (int i = 0; i < WPL; ++i) {
-      const bool valid = w_ok[i] && k0 + w_col[i] < K;
-      cp_async16(sta + w_dst[i], valid ? wg + w_off[i] : W, valid);
+      const bool row_ok = GP == G || lane_row + i * RPP < G;
+      cp_async16(sta + i * RPP * WPITCH, row_ok ? wg + i * RPP * K : W, k_ok && row_ok);
     }
     const int* ig = idx + (long long)g * K + k0;
     if (lane < KCW / 4) {
@@ -97,11 +94,12 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   };
 
   for (int s = 0; s < NSW - 1; ++s) {
-    if (s < nsteps) issue(s);
+    if (s < nsteps) issue(s, s);
     cp_async_commit();
   }
 
   int s = 0;  // this warp's pipeline step: (group, pass, chunk of K) in order
+  int stage = 0;  // s % NSW, kept without a division
   for (int gi = 0; gi < my_groups; ++gi) {
     const int g = first + gi * stride;
     // The bias of this lane's output columns (2 registers per 8 labels). Up to 32 labels it is loaded
@@ -129,10 +127,12 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
       for (int kc = 0; kc < NKC; ++kc, ++s) {
         cp_async_wait<NSW - 2>();
         __syncwarp();
-        if (s + NSW - 1 < nsteps) issue(s + NSW - 1);
+        // Step s + NSW - 1 refills the stage that step s - 1 read.
+        if (s + NSW - 1 < nsteps) issue(s + NSW - 1, stage == 0 ? NSW - 1 : stage - 1);
         cp_async_commit();
 
-        const unsigned char* st = ring + (s % NSW) * STAGE;
+        const unsigned char* st = ring + stage * STAGE;
+        stage = stage == NSW - 1 ? 0 : stage + 1;
         const int* is = reinterpret_cast<const int*>(st + W_BYTES);
 #pragma unroll
         for (int k16 = 0; k16 < KCW / 16; ++k16) {
