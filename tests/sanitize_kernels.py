@@ -10,9 +10,9 @@ import lightning_haste as lh
 from lightning_haste import kernels
 
 # (batch, in_features, out_features, group_size, fan_in, tuning): shared-memory-resident and streamed
-# input, 8- and 12-warp forward CTAs, the Hopper (wgmma) forward, shared-memory and global grad-input accumulation, 32- and 64-row
-# grad-input tiles, one and several groups per grad-input step, warp-per-group and CTA-per-tile
-# grad-weight (both with the fused bias gradient)
+# input, 8- and 12-warp forward CTAs, the Hopper (wgmma) forward, shared-memory and global grad-input
+# accumulation, 32- and 64-row grad-input tiles, one and several groups per grad-input step,
+# warp-per-group and CTA-per-tile grad-weight (both with the fused bias gradient)
 CASES = [
     (37, 300, 999, 32, 24, {}),
     (9, 4096, 100, 16, 64, {}),

@@ -64,8 +64,9 @@ _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}
 
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_kernel" ("auto", "wgmma", "mma"),
-#: "forward_warpgroups", "forward_warps", "forward_stages", "forward_resident", "grad_input_stages", "grad_input_rows", "grad_input_groups"
-#: (groups per step), "grad_input_row_owned", "grad_weight_stages", "grad_weight_kernel" ("warp" or "cta").
+#: "forward_warpgroups", "forward_warps", "forward_stages", "forward_resident", "grad_input_stages",
+#: "grad_input_rows", "grad_input_groups" (groups per step), "grad_input_row_owned", "grad_weight_stages",
+#: "grad_weight_kernel" ("warp" or "cta").
 TUNING: dict[str, Any] = {}
 
 
@@ -277,9 +278,9 @@ def _uses_wgmma_forward(capability: tuple[int, int], batch: int, group_size: int
     groups of 32 or more labels, where it measured faster than the mma.sync kernel (H100,
     benchmarks/RESULTS.md: Amazon-3M 0.79 vs 0.91 ms, LF-Paper2Keywords-8.6M 2.72-2.79 vs 3.08 in every
     run). Elsewhere it was slower: B = 512 (0.130-0.812 vs 0.090-0.554 ms) and groups of 16
-    (AmazonTitles-670K 0.441 vs 0.336, Amazon-670K 0.097-0.103 vs 0.090-0.094). A warpgroup spreads each group's
-    copies, barrier, bias and output addressing over four warps: 1.5 times the instructions of the
-    mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only on
+    (AmazonTitles-670K 0.441 vs 0.336, Amazon-670K 0.097-0.103 vs 0.090-0.094). A warpgroup spreads each
+    group's copies, barrier, bias and output addressing over four warps: 1.5 times the instructions of
+    the mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only on
     sm_90)."""
     choice = TUNING.get("forward_kernel", "auto")
     if choice not in ("auto", "wgmma", "mma"):
