@@ -42,13 +42,13 @@ def main() -> None:
     for name, B, H, L, K, G in kb.SHAPES:
         layer = lh.GroupSharedFanIn(H, L, K, G, device="cuda", dtype=torch.bfloat16)
         w, idx = layer.weight.detach(), layer.group_index
-        dzs = [torch.randn(B, L, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-        dzp = [K_.padded_rows(d) for d in dzs] if L % 8 else None
         xs = [torch.randn(B, H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
         xts = [K_.transpose_input(x) for x in xs]
         grad_bias = torch.empty(L, device="cuda", dtype=torch.bfloat16)
-        if args.kernel == "fwd":
-            dzp = None  # the forward writes its own output
+        dzs = dzp = None  # the forward reads no dZ
+        if args.kernel != "fwd":
+            dzs = [torch.randn(B, L, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+            dzp = [K_.padded_rows(d) for d in dzs] if L % 8 else None
 
         def run(dz, i):
             if args.kernel == "fwd":

@@ -73,6 +73,60 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// The bias of this lane's output columns of group g in the tensor-core C layout (mma.sync m16n8, and each
+// warp's rows of wgmma m64nN): columns n * 8 + 2 * (lane % 4) and the next one; 0 past the group's G
+// labels, past L, or without a bias.
+template <class T, int N8>
+__device__ __forceinline__ void load_bias_fragment(float (&bias_v)[N8][2], const u16* __restrict__ bias, int g,
+                                                   int G, int L, int lane) {
+#pragma unroll
+  for (int n = 0; n < N8; ++n) {
+    const int j = n * 8 + 2 * (lane & 3);
+    const int p = g * G + j;
+    bias_v[n][0] = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
+    bias_v[n][1] = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
+  }
+}
+
+// One 16-row slice of a group's output from its C fragments (acc[n]: columns n * 8 ..., rows lane / 4 and
+// lane / 4 + 8): bias added, rounded once, then through the warp's shared tile `o_s` (pitch N8 * 16 + 16
+// bytes) so that every lane stores whole 16-byte pieces of output rows (full 32-byte sectors) instead of
+// scattered 4-byte pairs. Rows from B on and labels from `cols` on are not written. ALIGNED_Z: rows start
+// on 16-byte boundaries and have room up to the next multiple of 8 labels (the launcher pads the storage),
+// so a piece that crosses L ends in that padding.
+template <class T, int N8, bool ALIGNED_Z>
+__device__ __forceinline__ void store_output_slice(const float (&acc)[N8][4], const float (&bias_v)[N8][2],
+                                                   unsigned char* o_s, u16* __restrict__ Z, long long ldz,
+                                                   int row0, int B, long long col0, int cols, int lane) {
+  constexpr int OPITCH = N8 * 16 + 16;
+#pragma unroll
+  for (int n = 0; n < N8; ++n) {
+    const int j = n * 8 + 2 * (lane & 3);
+#pragma unroll
+    for (int h8 = 0; h8 < 2; ++h8) {
+      const int r = (lane >> 2) + h8 * 8;
+      *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
+          Ops<T>::pack(add_f32(acc[n][2 * h8], bias_v[n][0]), add_f32(acc[n][2 * h8 + 1], bias_v[n][1]));
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int c = lane; c < 16 * N8; c += 32) {
+    const int r = c / N8, j = (c % N8) * 8;
+    const int b = row0 + r;
+    if (b >= B || j >= cols) continue;
+    const unsigned char* src = o_s + r * OPITCH + j * 2;
+    u16* dst = Z + (long long)b * ldz + col0 + j;
+    if (ALIGNED_Z) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      const u16* s16 = reinterpret_cast<const u16*>(src);
+      for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
+    }
+  }
+  __syncwarp();
+}
+
 // A fragments of dZ^T for the grad-weight product, one 16-row batch slice: A[m = label j][k = batch b] =
 // dZ[b][j], read from a [batch][labels] shared tile (row pitch `pitch` bytes) transposed by ldmatrix;
 // MT tiles of 16 labels.

@@ -107,16 +107,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
     // have no registers to spare for it (their accumulators spill) and load it in the epilogue.
     constexpr bool EARLY_BIAS = GP <= 32;
     float bias_v[GP / 8][2];
-    auto load_bias = [&]() {
-#pragma unroll
-      for (int n = 0; n < GP / 8; ++n) {
-        const int j = n * 8 + 2 * (lane & 3);
-        const int p = g * G + j;
-        bias_v[n][0] = (bias != nullptr && j < G && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
-        bias_v[n][1] = (bias != nullptr && j + 1 < G && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
-      }
-    };
-    if (EARLY_BIAS) load_bias();
+    if (EARLY_BIAS) load_bias_fragment<T>(bias_v, bias, g, G, L, lane);
     for (int pass = 0; pass < PASSES; ++pass) {
       float acc[MTP][GP / 8][4];
 #pragma unroll
@@ -163,43 +154,14 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
           }
         }
       }
-      // Bias, round once, then through the warp's shared tile so that every lane writes whole 16-byte
-      // pieces of output rows (full 32-byte sectors) instead of scattered 4-byte pairs. The tile holds
-      // one 16-row slice at a time: a quarter of the shared memory of a whole pass, which buys warps.
+      // One 16-row slice at a time through the warp's output tile: a quarter of the shared memory of a
+      // whole pass, which buys warps.
       const int cols = min(G, L - g * G);
-      if (!EARLY_BIAS) load_bias();
+      if (!EARLY_BIAS) load_bias_fragment<T>(bias_v, bias, g, G, L, lane);
 #pragma unroll
-      for (int m = 0; m < MTP; ++m) {
-#pragma unroll
-        for (int n = 0; n < GP / 8; ++n) {
-          const int j = n * 8 + 2 * (lane & 3);
-#pragma unroll
-          for (int h8 = 0; h8 < 2; ++h8) {
-            const int r = (lane >> 2) + h8 * 8;
-            *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) = Ops<T>::pack(
-                add_f32(acc[m][n][2 * h8], bias_v[n][0]), add_f32(acc[m][n][2 * h8 + 1], bias_v[n][1]));
-          }
-        }
-        __syncwarp();
-        const int row0 = b0 + (pass * MTP + m) * 16;
-#pragma unroll
-        for (int c = lane; c < 16 * (GP / 8); c += 32) {
-          const int r = c / (GP / 8), j = (c % (GP / 8)) * 8;
-          const int b = row0 + r;
-          if (b >= B || j >= cols) continue;
-          const unsigned char* src = o_s + r * OPITCH + j * 2;
-          u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
-          if (ALIGNED_Z) {
-            // Rows start on 16-byte boundaries and have room up to the next multiple of 8 labels (the
-            // launcher pads the storage), so a piece that crosses L ends in that padding.
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-          } else {
-            const u16* s16 = reinterpret_cast<const u16*>(src);
-            for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
-          }
-        }
-        __syncwarp();
-      }
+      for (int m = 0; m < MTP; ++m)
+        store_output_slice<T, GP / 8, ALIGNED_Z>(acc[m], bias_v, o_s, Z, ldz, b0 + (pass * MTP + m) * 16, B,
+                                                 (long long)g * G, cols, lane);
     }
   }
   cp_async_wait<0>();

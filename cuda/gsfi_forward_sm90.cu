@@ -82,9 +82,10 @@ __device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned addr) {
 // Pins the accumulators in registers at this point of the program: the compiler must not move reads or
 // writes of them across the wgmma fence / wait that surround the asynchronous products.
 template <int R>
-__device__ __forceinline__ void wgmma_fence_operands(float (&acc)[R]) {
+__device__ __forceinline__ void wgmma_fence_operands(float (&acc)[R][4]) {
 #pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+  for (int i = 0; i < R; ++i)
+    asm volatile("" : "+f"(acc[i][0]), "+f"(acc[i][1]), "+f"(acc[i][2]), "+f"(acc[i][3])::"memory");
 }
 // The same for A fragments held in registers: wgmma reads them after the instruction has issued.
 template <int R>
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
   int s = 0;  // this warpgroup's pipeline step: (group, chunk of K) in order
   for (int gi = 0; gi < my_groups; ++gi) {
     const int g = first + gi * stride;
-    float acc[G / 2];
+    float acc[G / 8][4];
     for (int kc = 0; kc < NKC; ++kc, ++s) {
       cp_async_wait<NSW - 2>();
       // The ring's pieces were written through the generic proxy; wgmma reads through the async proxy.
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
         if (kc * KCW + k16 * 16 >= KP) break;
 #pragma unroll
         for (int n = 0; n < NPROD; ++n)
-          Wgmma<T, NN>::mma(acc + n * (NN / 2), a[k16], wgmma_desc_sw128(wst + n * NN * 128 + k16 * 32),
+          Wgmma<T, NN>::mma(&acc[n * (NN / 8)][0], a[k16], wgmma_desc_sw128(wst + n * NN * 128 + k16 * 32),
                             kc + k16 > 0);
       }
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -207,39 +208,12 @@ __global__ void __launch_bounds__(NWG * 128, 1)
       wgmma_fence_operands(a);
     }
 
-    // Bias, round once, then through the warp's shared tile so that every lane writes whole 16-byte pieces
-    // of output rows. Accumulator i: column i / 4 * 8 + 2 * (lane % 4) + i % 2, row lane / 4 + 8 * (i / 2 % 2)
-    // of the warp's 16 rows (the mma.sync C layout, per 8 columns).
-    const int cols = min(G, L - g * G);
-#pragma unroll
-    for (int n8 = 0; n8 < G / 8; ++n8) {
-      const int j = n8 * 8 + 2 * (lane & 3), p = g * G + j;
-      const float bias0 = (bias != nullptr && p < L) ? Ops<T>::to_float(bias[p]) : 0.f;
-      const float bias1 = (bias != nullptr && p + 1 < L) ? Ops<T>::to_float(bias[p + 1]) : 0.f;
-#pragma unroll
-      for (int h8 = 0; h8 < 2; ++h8) {
-        const int r = (lane >> 2) + h8 * 8;
-        *reinterpret_cast<unsigned*>(o_s + r * OPITCH + j * 2) =
-            Ops<T>::pack(add_f32(acc[n8 * 4 + 2 * h8], bias0), add_f32(acc[n8 * 4 + 2 * h8 + 1], bias1));
-      }
-    }
-    __syncwarp();
-    const int row0 = b0 + wl * 16;
-#pragma unroll
-    for (int c = lane; c < 16 * (G / 8); c += 32) {
-      const int r = c / (G / 8), j = (c % (G / 8)) * 8;
-      const int b = row0 + r;
-      if (b >= B || j >= cols) continue;
-      const unsigned char* src = o_s + r * OPITCH + j * 2;
-      u16* dst = Z + (long long)b * ldz + (long long)g * G + j;
-      if (ALIGNED_Z) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        const u16* s16 = reinterpret_cast<const u16*>(src);
-        for (int e = 0; e < 8 && j + e < cols; ++e) dst[e] = s16[e];
-      }
-    }
-    __syncwarp();
+    // Accumulator [n][i] of the warp's 16 rows: column n * 8 + 2 * (lane % 4) + i % 2, row lane / 4 + 8 * (i / 2)
+    // (the mma.sync C layout, per 8 columns).
+    float bias_v[G / 8][2];
+    load_bias_fragment<T>(bias_v, bias, g, G, L, lane);
+    store_output_slice<T, G / 8, ALIGNED_Z>(acc, bias_v, o_s, Z, ldz, b0 + wl * 16, B, (long long)g * G,
+                                            min(G, L - g * G), lane);
   }
   cp_async_wait<0>();
 #endif
