@@ -276,8 +276,8 @@ def _forward_sm90_variant(group_size: int, in_features: int, max_shared: int) ->
 def _uses_wgmma_forward(capability: tuple[int, int], batch: int, group_size: int) -> bool:
     """Whether the forward runs the Hopper (wgmma) kernel: on sm_90 for batches of at most 128 rows and
     groups of 32 or more labels, where it measured faster than the mma.sync kernel (H100,
-    benchmarks/RESULTS.md: Amazon-3M 0.79 vs 0.91 ms, LF-Paper2Keywords-8.6M 2.72-2.79 vs 3.08 in every
-    run). Elsewhere it was slower: B = 512 (0.130-0.812 vs 0.090-0.554 ms) and groups of 16
+    benchmarks/RESULTS.md, last run: Amazon-3M 0.67 vs 0.88 ms, LF-Paper2Keywords-8.6M 2.80 vs 3.29; it was
+    faster there in every run). Elsewhere it was slower: B = 512 (0.130-0.812 vs 0.090-0.554 ms) and groups of 16
     (AmazonTitles-670K 0.441 vs 0.336, Amazon-670K 0.097-0.103 vs 0.090-0.094). A warpgroup spreads each
     group's copies, barrier, bias and output addressing over four warps: 1.5 times the instructions of
     the mma.sync kernel at B = 512. TUNING["forward_kernel"] = "wgmma" or "mma" overrides (wgmma only on
