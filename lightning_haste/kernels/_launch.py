@@ -587,7 +587,7 @@ def _grad_weight_plan(
     index: int, tuning: tuple,
 ) -> _Plan:
     k_pad = _pad16(fan_in)
-    sms, max_shared, per_sm = _device_limits(index)
+    _, max_shared, _ = _device_limits(index)
     # Small groups and a batch whose XT fits in shared memory: one warp per group, the gathers read
     # the resident XT (no L2 traffic for them), the group's gradient in the warp's registers.
     if _pad16(group_size) * k_pad <= 2048 and TUNING.get("grad_weight_kernel", "warp") == "warp":
@@ -595,8 +595,7 @@ def _grad_weight_plan(
             shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps)
             if shared <= max_shared:
                 fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps, aligned_dz), index)
-                ctas = sms * max(1, min(8, per_sm // (shared + 1024)))
-                per_cta = math.ceil(math.ceil(num_groups / ctas) / warps) * warps
+                per_cta = math.ceil(_grid_rows(num_groups, 1, shared, index) / warps) * warps
                 grid = (math.ceil(num_groups / per_cta), 1)
                 return _plan(fn, grid, 32 * warps, shared, per_cta, index, "gsfi_grad_weight_warp")
     # A 2-stage ring: never slower than 3 stages on H100 and 8 % faster at Amazon-3M (B = 128, two
