@@ -24,6 +24,7 @@ CASES = [
     (150, 300, 999, 16, 24, {"grad_input_rows": 64}),  # 4 groups per grad-input step, padded slots
     (150, 300, 1000, 32, 64, {"grad_input_rows": 128, "grad_input_groups": 2}),  # 2 groups a step, aligned dZ
     (70, 200, 999, 32, 160, {}),  # fan_in % 16 == 0 with a partial last chunk of K: trash rows
+    (150, 200, 999, 16, 128, {"grad_weight_warps": 6, "grad_weight_stages": 3}),  # 6-warp grad-weight, raw dZ
 ]
 for batch, in_features, out_features, group_size, fan_in, tuning in CASES:
     kernels._launch.TUNING.clear()

@@ -111,11 +111,20 @@ def test_forward_variant_choice(group_size, fan_in, in_features, labels, expecte
     ids=["Amazon-670K", "AmazonTitles-670K", "LF-Paper2Keywords-8.6M"],
 )
 def test_official_small_group_shapes_get_the_resident_grad_weight(group_size, fan_in, in_features, batch):
-    fits = [
-        (w, n) for w, n in ((8, 3), (8, 2), (4, 3), (4, 2), (2, 2))
-        if _launch._grad_weight_warp_shared(group_size, in_features, batch, n, w) <= H100_SHARED
-    ]
-    assert fits and fits[0][0] >= 4
+    warps, stages, shared = _launch._grad_weight_warp_variant(group_size, in_features, batch, H100_SHARED)
+    assert shared <= H100_SHARED and warps >= 6 and stages == 3
+    # AmazonTitles-670K: 8 warps with 3 stages do not fit beside its XT; 6 with 3 stages are taken.
+    assert (warps, stages) == ((6, 3) if batch == 256 else (8, 3))
+
+
+def test_grad_weight_warp_tuning(monkeypatch):
+    assert _launch._grad_weight_warp_variant(16, 4096, 256, H100_SHARED) is None  # XT too large: tile kernel
+    monkeypatch.setitem(_launch.TUNING, "grad_weight_warps", 4)
+    monkeypatch.setitem(_launch.TUNING, "grad_weight_stages", 4)
+    assert _launch._grad_weight_warp_variant(16, 384, 256, H100_SHARED)[:2] == (4, 4)
+    monkeypatch.setitem(_launch.TUNING, "grad_weight_warps", 8)
+    with pytest.raises(ValueError, match="8 warps and 4 stages"):
+        _launch._grad_weight_warp_variant(16, 384, 256, H100_SHARED)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ def _instantiations():
     lines += [
         f"(void*)&gsfi_grad_weight_warp<{dtype}, {g}, {kp}, {n}, {w}, {a}>,"
         for dtype in ("bf16_t", "f16_t") for g, kp in ((8, 16), (8, 128), (16, 64), (16, 128), (32, 64))
-        for n, w in ((3, 8), (2, 4)) for a in ("true", "false")
+        for n, w in ((3, 8), (3, 6), (2, 4)) for a in ("true", "false")
     ]
     return "\n".join(lines)
 

@@ -126,6 +126,36 @@ def test_grad_input_tilings(group_size, rows, groups, row_owned, labels):
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
 
 
+@pytest.mark.parametrize("warps,stages", [(6, 3), (8, 2), (4, 4), (2, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("group_size,fan_in", [(16, 128), (32, 56)])
+@pytest.mark.parametrize("labels", [1000, 999], ids=["aligned-dZ", "raw-dZ"])
+def test_grad_weight_warp_rings(warps, stages, group_size, fan_in, labels):
+    # The warp-per-group grad-weight with the rings the launcher picks (6 warps: a CTA's groups dealt out
+    # to a number of warps that is not a power of two), the last CTA's groups partly past L, a batch that
+    # is not a multiple of the 32-row steps; the fused bias gradient too.
+    from lightning_haste import kernels
+
+    case = (150, 200, labels, group_size, fan_in, torch.bfloat16)
+    layer, x, grad_out = _inputs(case, seed=warps * 100 + stages * 10 + group_size + labels)
+    _, _, ref_gw, ref_gb = _reference(layer, x, grad_out)
+    kernels._launch.TUNING.update(grad_weight_warps=warps, grad_weight_stages=stages)
+    try:
+        grad_w = torch.full_like(layer.weight, float("nan"))
+        grad_b = torch.full_like(layer.bias, float("nan"))
+        xt = kernels._launch.transpose_input(x)
+        kernels.gsfi_grad_weight(grad_out, xt, layer.group_index, layer.weight.detach(), out=grad_w, grad_bias=grad_b)
+        plan = kernels._launch._grad_weight_plan(
+            "bf16_t", group_size, fan_in, 200, 150, layer.num_groups, labels % 8 == 0, x.device.index,
+            tuple(sorted(kernels._launch.TUNING.items())),
+        )
+        assert plan.kernel == "gsfi_grad_weight_warp" and plan.block == 32 * warps
+    finally:
+        kernels._launch.TUNING.clear()
+    _assert_close("grad_weight", grad_w, ref_gw, x.dtype)
+    _assert_close("grad_bias", grad_b, ref_gb, x.dtype)
+    assert torch.count_nonzero(grad_w[layer.out_features :]) == 0
+
+
 @pytest.mark.parametrize("forward_kernel", ["wgmma", "mma"])
 @pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize(

@@ -581,6 +581,34 @@ def _grad_weight_warp_shared(group_size: int, in_features: int, batch: int, stag
     return resident + warps * stages * 32 * (_pad16(group_size) * 2 + 16)
 
 
+# (warps, stages) of the warp grad-weight, in order of preference: a third stage is worth more than the
+# last two warps (H200, benchmarks/RESULTS.md: AmazonTitles-670K, where 8 x 3 does not fit beside its
+# 203 KB of XT, 0.382 ms with 6 x 3 against 0.400 with 8 x 2; 0.315 against 0.391 on padded dZ).
+_GRAD_WEIGHT_WARP_SHAPES = ((8, 3), (6, 3), (8, 2), (4, 3), (4, 2), (2, 2))
+
+
+def _grad_weight_warp_variant(
+    group_size: int, in_features: int, batch: int, max_shared: int
+) -> Optional[tuple[int, int, int]]:
+    """(warps, stages, shared bytes) of the warp grad-weight: the first of ``_GRAD_WEIGHT_WARP_SHAPES`` that
+    fits beside the resident XT, or None. TUNING["grad_weight_warps"] (with ["grad_weight_stages"],
+    default 2) forces one, and raises if it does not fit."""
+    shapes = _GRAD_WEIGHT_WARP_SHAPES
+    forced = "grad_weight_warps" in TUNING
+    if forced:
+        shapes = ((int(TUNING["grad_weight_warps"]), int(TUNING.get("grad_weight_stages", 2))),)
+    for warps, stages in shapes:
+        if not (1 <= warps <= 32 and stages >= 2):
+            raise ValueError(f"the warp grad-weight takes 1-32 warps and 2+ stages, got {warps}, {stages}")
+        shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps)
+        if shared <= max_shared:
+            return warps, stages, shared
+    if forced:
+        raise ValueError(f"the warp grad-weight with {shapes[0][0]} warps and {shapes[0][1]} stages needs "
+                         f"{shared} bytes of shared memory, the device allows {max_shared}")
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def _grad_weight_plan(
     dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned_dz: bool,
@@ -591,13 +619,13 @@ def _grad_weight_plan(
     # Small groups and a batch whose XT fits in shared memory: one warp per group, the gathers read
     # the resident XT (no L2 traffic for them), the group's gradient in the warp's registers.
     if _pad16(group_size) * k_pad <= 2048 and TUNING.get("grad_weight_kernel", "warp") == "warp":
-        for warps, stages in ((8, 3), (8, 2), (4, 3), (4, 2), (2, 2)):
-            shared = _grad_weight_warp_shared(group_size, in_features, batch, stages, warps)
-            if shared <= max_shared:
-                fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps, aligned_dz), index)
-                per_cta = math.ceil(_grid_rows(num_groups, 1, shared, index) / warps) * warps
-                grid = (math.ceil(num_groups / per_cta), 1)
-                return _plan(fn, grid, 32 * warps, shared, per_cta, index, "gsfi_grad_weight_warp")
+        variant = _grad_weight_warp_variant(group_size, in_features, batch, max_shared)
+        if variant is not None:
+            warps, stages, shared = variant
+            fn = _function("gsfi_grad_weight_warp", (dtype, group_size, k_pad, stages, warps, aligned_dz), index)
+            per_cta = math.ceil(_grid_rows(num_groups, 1, shared, index) / warps) * warps
+            grid = (math.ceil(num_groups / per_cta), 1)
+            return _plan(fn, grid, 32 * warps, shared, per_cta, index, "gsfi_grad_weight_warp")
     # A 2-stage ring: never slower than 3 stages on H100 and 8 % faster at Amazon-3M (B = 128, two
     # batch steps per CTA), where the smaller CTAs fit twice as many per multiprocessor.
     stages = TUNING.get("grad_weight_stages", 2)
