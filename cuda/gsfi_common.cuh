@@ -150,7 +150,8 @@ __device__ __forceinline__ void cp_async16_bytes(unsigned dst, const void* src, 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
 
-// dZ rows that need not start on 16-byte boundaries (ldz not a multiple of 8, e.g. an odd label count):
+// dZ rows that need not start on 16-byte boundaries (ldz not a multiple of 8, e.g. an odd label count), as
+// the tile grad-weight reads them (the warp grad-weight reads them through RawDzTile below):
 // instead of a padded copy of dZ, a tile row whose first label is element e of dZ is copied raw, in
 // 16-byte pieces from the boundary at or before e (one piece more than the tile is wide), and
 // realign_dz then shifts it by e mod 8 elements in place into the aligned rows that ldmatrix reads. Elements
@@ -205,7 +206,87 @@ __device__ __forceinline__ void realign_dz(unsigned char* tile, int pitch, long 
   }
 }
 
-// The same rows without the barriers of realign_dz and without the raw tile's extra piece per row (which
+// Unaligned dZ rows (an odd number of labels, say) for the grad-weight products, without a padded copy of
+// dZ: a tile of ROWS rows x GP labels (GP = 16 * MT) whose first element e0 is a multiple of 8 (tiles
+// start at multiples of 8 rows and of 8 labels) is copied raw, row r as the GP / 8 + 1 16-byte pieces from
+// the boundary at or before its first label, element e0 + r * ldz. That label then sits (r * ldz) mod 8
+// elements into the row at every step, so a thread's copy offsets and fragment addresses are computed
+// once, and load_a reads the tensor-core fragments straight from the raw rows, two 16-bit loads per
+// register (rows 2t and 2t + 1 of a fragment start 4 or more banks apart at these pitches, and a row's 8
+// labels span at most 8 consecutive words: no bank conflicts). realign_dz's pass had cost the warp
+// grad-weight half again its instructions and shared-memory wavefronts (bank conflicts): AmazonTitles-670K
+// 0.383 -> 0.360 ms on H200 (benchmarks/RESULTS.md). The tile grad-weight keeps realign_dz: there the
+// direct loads took 70 more registers, a CTA per multiprocessor fewer (Amazon-3M 1.02 -> 1.30 ms).
+template <int GP, int ROWS, int NTHREADS>
+struct RawDzTile {
+  static constexpr int PIECES = GP / 8 + 1, PITCH = 16 * PIECES;  // raw pieces and bytes per tile row
+  static constexpr int COPIES = ROWS * PIECES, CPT = (COPIES + NTHREADS - 1) / NTHREADS;
+  long long off[CPT];  // the piece's first element, from e0
+  int meta[CPT];       // row << 16 | byte offset in the tile; -1: not this thread's
+  int lo, hi;          // byte offsets of label lane / 4 in rows 2 (lane % 4) and 2 (lane % 4) + 1
+
+  __device__ __forceinline__ void init(long long ldz, int t, int lane) {
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = t + i * NTHREADS, r = c / PIECES, piece = c % PIECES;
+      const long long first = (long long)r * ldz;
+      off[i] = first - (first & 7) + piece * 8;
+      meta[i] = COPIES % NTHREADS != 0 && c >= COPIES ? -1 : (r << 16) | (r * PITCH + piece * 16);
+    }
+    const int g = lane >> 2, r = 2 * (lane & 3);
+    lo = r * PITCH + 2 * ((int)(((long long)r * ldz) & 7) + g);
+    hi = (r + 1) * PITCH + 2 * ((int)(((long long)(r + 1) * ldz) & 7) + g);
+  }
+
+  // The tile whose row 0's first label is element e0; `rows` of its rows are in the batch, `end` is one past
+  // dZ's last element. Rows past the batch and bytes from `end` on become zeros without being read.
+  __device__ __forceinline__ void copy(unsigned tile, const u16* dZ, long long e0, int rows, long long end,
+                                       long long ldz) const {
+    // Every row followed by another row of dZ at least GP + 8 elements on: no piece reaches past the end.
+    const bool inside = rows > ROWS && ldz >= GP + 8;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      if (COPIES % NTHREADS != 0 && meta[i] < 0) continue;
+      const long long start = e0 + off[i];
+      if (inside) {
+        cp_async16(tile + (meta[i] & 0xffff), dZ + start, true);
+      } else {
+        const long long left = (meta[i] >> 16) < rows ? end - start : 0;
+        const int bytes = left >= 8 ? 16 : (left > 0 ? (int)left * 2 : 0);
+        cp_async16_bytes(tile + (meta[i] & 0xffff), bytes ? (const void*)(dZ + start) : (const void*)dZ, bytes);
+      }
+    }
+  }
+
+  // A fragments of dZ^T for batch slice b16, as load_dz_transposed reads them from aligned rows; labels from
+  // labels_left on (the next row's values) read as 0.
+  template <int MT>
+  __device__ __forceinline__ void load_a(unsigned (&a)[MT][4], const unsigned char* tile, int b16, int labels_left,
+                                         int lane) const {
+    static_assert(MT * 16 == GP, "one fragment row per label of the tile");
+    auto pair = [&](int offset) {
+      const unsigned char* p = tile + b16 * 16 * PITCH + offset;
+      return (unsigned)*reinterpret_cast<const u16*>(p + lo) | ((unsigned)*reinterpret_cast<const u16*>(p + hi) << 16);
+    };
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      a[m][0] = pair(m * 32);
+      a[m][1] = pair(m * 32 + 16);
+      a[m][2] = pair(m * 32 + 8 * PITCH);
+      a[m][3] = pair(m * 32 + 8 * PITCH + 16);
+    }
+    if (labels_left < GP) {  // the last labels of dZ's rows
+      const int g = lane >> 2;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m * 16 + g >= labels_left) a[m][0] = a[m][2] = 0u;
+        if (m * 16 + g + 8 >= labels_left) a[m][1] = a[m][3] = 0u;
+      }
+    }
+  }
+};
+
+// Raw rows for grad-input, without the raw tile's extra piece per row (which
 // cost shared memory the grad-input accumulator needs), for a CTA whose batch rows stay the same at every
 // step: its [ROWS x LABELS] dZ tiles (a step's labels) travel through registers, DEPTH tiles in flight (a
 // slot each; callers index slots with unrolled loop counters so that they stay in registers). load()

@@ -217,6 +217,11 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
   const int my_groups = (g_end - first + NW - 1) / NW;
   const int nsteps = my_groups * bsteps;
 
+  // Unaligned dZ rows: copied raw, the fragments read from them (RawDzTile; ZPITCH is its pitch).
+  RawDzTile<GP, BW, 32> raw;
+  if (!ALIGNED_DZ) raw.init(ldz, lane, lane);
+  const long long end = (long long)(B - 1) * ldz + L;
+
   auto issue = [&](int step) {
     const int g = first + (step / bsteps) * NW, bs = (step % bsteps) * BW;
     const unsigned st = ring_addr + (step % NST) * STAGE;
@@ -230,13 +235,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
                    valid);
       }
     } else {
-      constexpr int PIECES = GP / 8 + 1;  // ZPITCH = 16 * PIECES
-      const long long end = (long long)(B - 1) * ldz + L;
-      for (int c = lane; c < BW * PIECES; c += 32) {
-        const int r = c / PIECES, piece = c % PIECES;
-        cp_async_dz_raw_piece(st + r * ZPITCH + piece * 16, dZ, (long long)(bs + r) * ldz + (long long)g * G, piece,
-                              end, bs + r < B);
-      }
+      raw.copy(st, dZ, (long long)bs * ldz + (long long)g * G, B - bs, end, ldz);
     }
   };
 
@@ -276,16 +275,14 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
       if (s + NST - 1 < nsteps) issue(s + NST - 1);
       cp_async_commit();
       const unsigned zs = ring_addr + (s % NST) * STAGE;
-      if constexpr (!ALIGNED_DZ) {  // unaligned dZ rows: raw in the ring, realigned there (see realign_dz)
-        const int g = first + gi * NW;
-        realign_dz<GP, BW, 32>(smem + (zs - x_addr), ZPITCH, (long long)b * BW * ldz + (long long)g * G, ldz,
-                               L - g * G, lane, [] { __syncwarp(); });
-        __syncwarp();
-      }
 #pragma unroll
       for (int b16 = 0; b16 < BW / 16; ++b16) {
         unsigned a[MT][4];
-        load_dz_transposed<MT>(a, zs, ZPITCH, b16, lane);
+        if (ALIGNED_DZ) {
+          load_dz_transposed<MT>(a, zs, ZPITCH, b16, lane);
+        } else {
+          raw.template load_a<MT>(a, smem + (zs - x_addr), b16, L - (first + gi * NW) * G, lane);
+        }
         if (dB != nullptr) {
 #pragma unroll
           for (int m = 0; m < MT; ++m) Ops<T>::mma(bacc[m], a[m], ones, ones);
