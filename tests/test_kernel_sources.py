@@ -60,3 +60,42 @@ def test_kernel_sources_compile(tmp_path, arch):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+# One instantiation of each kernel and of each of its code paths that does float32 arithmetic outside the
+# tensor cores (bias, epilogue, accumulation, realignment, raw dZ rows).
+_ARITHMETIC_PATHS = """
+(void*)&gsfi_forward<bf16_t, 32, 128, true, true, 12, 3>,
+(void*)&gsfi_forward<f16_t, 16, 64, false, false, 8, 3>,
+(void*)&gsfi_forward_sm90<bf16_t, 64, 128, true, 3, 3>,
+(void*)&gsfi_grad_input<bf16_t, 32, 128, true, 2, 64, false, 1, false>,
+(void*)&gsfi_grad_input<bf16_t, 16, 128, true, 2, 128, true, 2, true>,
+(void*)&gsfi_grad_input<f16_t, 64, 512, false, 3, 32, false, 1, false>,
+(void*)&gsfi_grad_weight<bf16_t, 64, 128, 2, false>,
+(void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 3, 6, false>,
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_kernels_keep_float32_subnormals_under_cupys_ftz(tmp_path):
+    # CuPy compiles every RawModule with -ftz=true, after our options: a plain C++ float addition (or
+    # multiplication, conversion, ...) then becomes a .ftz instruction that flushes subnormals to zero. The
+    # kernels do their float32 arithmetic with explicit IEEE PTX (add_f32); this keeps new code from
+    # bringing a flushing one back. Comparisons (setp.*.ftz) are allowed: the only one is grad-input's
+    # `v != 0` before a float32 global atomic, which flushes in hardware anyway.
+    import re
+
+    source = tmp_path / "arithmetic.cu"
+    source.write_text(
+        "".join(f'#include "{p.name}"\n' for p in sorted(CUDA_DIR.glob("*.cu")))
+        + "void* gsfi_arithmetic_paths[] = {" + _ARITHMETIC_PATHS + "};\n"
+    )
+    ptx = tmp_path / "arithmetic.ptx"
+    result = subprocess.run(
+        ["nvcc", "-std=c++17", "-arch=sm_90a", "-ftz=true", "-I", str(CUDA_DIR), "--ptx", str(source), "-o", str(ptx)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    opcodes = re.findall(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)", ptx.read_text(), flags=re.MULTILINE)
+    flushing = sorted({op for op in opcodes if ".ftz" in op and not op.startswith("setp.")})
+    assert not flushing, f"float instructions that flush subnormals under CuPy's -ftz=true: {flushing}"
