@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 benchmarks/gradient_variants.py [--kernel gradX|gradW|fwd] [NAME:key=value,key=value ...]
 
 Each NAME:settings argument is one variant (kernels._launch.TUNING overrides, e.g.
-``rows64:grad_input_rows=64``; ``default:`` for the automatic choices). Per shape it prints the
+``rows64:grad_input_rows=64``; ``default:`` for the automatic choices; ``deterministic=1`` runs the variant
+under ``torch.use_deterministic_algorithms(True)``). Per shape it prints the
 CUDA-graph median in ms of each variant, as ``raw/padded`` where the label count is odd (dZ rows off
 16-byte boundaries: the kernels read them raw and realign them; padded: the same dZ in aligned rows; the forward: its own output).
 A variant that does not fit prints n/a. To compare two commits, run it from each commit's tree
@@ -59,6 +60,8 @@ def main() -> None:
 
         cells = []
         for vname, tuning in variants:
+            tuning = dict(tuning)
+            torch.use_deterministic_algorithms(bool(tuning.pop("deterministic", 0)))
             K_.TUNING.clear()
             K_.TUNING.update(tuning)
             try:
@@ -67,6 +70,8 @@ def main() -> None:
                     cell += f"/{kb.timeit(lambda i: run(dzp, i), 2):.3f}"
             except ValueError:  # the variant does not fit this shape
                 cell = "n/a"
+            finally:
+                torch.use_deterministic_algorithms(False)
             cells.append(f"{vname}={cell}")
         K_.TUNING.clear()
         print(f"{name:24s}", "  ".join(cells), flush=True)

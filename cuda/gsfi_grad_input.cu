@@ -25,7 +25,8 @@
 // loaded into registers two or four steps ahead and realigned on its way into the stage (DzStager).
 #include "gsfi_common.cuh"
 
-template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ, int S, bool ROW_OWNED>
+template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ, int S, bool ROW_OWNED,
+          bool PARTIALS = false>
 __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
@@ -45,6 +46,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   constexpr int MSPLIT = 8 / NWN, NPW = NN / NWN, MTW = (MT + MSPLIT - 1) / MSPLIT;
   static_assert(S == 1 || (ROW_OWNED && MSPLIT == 1 && GP == G), "several groups per step need whole tiles per warp");
   static_assert((LP & (LP - 1)) == 0, "the dZ tile's swizzle needs rows of a power-of-two size");
+  static_assert(!PARTIALS || SMEM_ACC, "per-column partial sums need the shared-memory accumulator");
   // The dZ tile's rows are not padded (16 bytes a row would cost the 2-group stages at 128 rows): the
   // 16-byte pieces of row r are XOR-swizzled by a function of r (z_offset), so that the 8 rows an ldmatrix
   // reads at one piece fall into 8 different 16-byte bank groups.
@@ -296,11 +298,14 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
     __syncthreads();
     const int rows = min(BT, B - b0);
     const bool only_cta = gridDim.y == 1;
+    // PARTIALS: each column of CTAs writes its own [B x H] slice (dX + blockIdx.y * B * H), which the
+    // launcher sums in a fixed order: no atomics, so the result is the same in every run.
+    float* out = PARTIALS ? dX + (long long)blockIdx.y * B * H : dX;
     for (int i = tid; i < rows * H; i += NTHREADS) {
       const int r = i / H, h = i - r * H;
       const float v = acc_s[h * BT + (r ^ ((h & 3) << 3))];
-      float* dst = dX + (long long)(b0 + r) * H + h;
-      if (only_cta) {
+      float* dst = out + (long long)(b0 + r) * H + h;
+      if (PARTIALS || only_cta) {
         *dst = v;
       } else if (v != 0.f) {
         atomicAdd(dst, v);

@@ -12,7 +12,8 @@ from lightning_haste import kernels
 # (batch, in_features, out_features, group_size, fan_in, tuning): shared-memory-resident and streamed
 # input, 8- and 12-warp forward CTAs, the Hopper (wgmma) forward, shared-memory and global grad-input
 # accumulation, 32- and 64-row grad-input tiles, one and several groups per grad-input step,
-# warp-per-group and CTA-per-tile grad-weight (both with the fused bias gradient)
+# warp-per-group and CTA-per-tile grad-weight (both with the fused bias gradient), grad-input's per-column
+# partial sums (torch.use_deterministic_algorithms)
 CASES = [
     (37, 300, 999, 32, 24, {}),
     (9, 4096, 100, 16, 64, {}),
@@ -25,8 +26,11 @@ CASES = [
     (150, 300, 1000, 32, 64, {"grad_input_rows": 128, "grad_input_groups": 2}),  # 2 groups a step, aligned dZ
     (70, 200, 999, 32, 160, {}),  # fan_in % 16 == 0 with a partial last chunk of K: trash rows
     (150, 200, 999, 16, 128, {"grad_weight_warps": 6, "grad_weight_stages": 3}),  # 6-warp grad-weight, raw dZ
+    (150, 200, 29999, 32, 72, {"deterministic": True}),  # grad-input partial sums per CTA column, raw dZ
 ]
 for batch, in_features, out_features, group_size, fan_in, tuning in CASES:
+    tuning = dict(tuning)
+    torch.use_deterministic_algorithms(tuning.pop("deterministic", False))
     kernels._launch.TUNING.clear()
     kernels._launch.TUNING.update(tuning)
     layer = lh.GroupSharedFanIn(in_features, out_features, fan_in, group_size, device="cuda", dtype=torch.bfloat16)

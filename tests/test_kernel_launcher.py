@@ -200,3 +200,37 @@ def test_grad_input_tuning_is_checked_before_anything_compiles(monkeypatch):
     assert _launch._grad_input_groups(16, 64, True) == (2, True)
     assert _launch._grad_input_groups(16, 32, True) == (1, True)  # 32-row tiles: one group per step
     assert _launch._grad_input_groups(8, 64, True)[0] == 1  # G = 8: one group (16-label tiles) per step
+
+
+class _FakeKernel:
+    num_regs = 200
+    max_dynamic_shared_size_bytes = 0
+
+
+def test_grad_input_under_deterministic_algorithms_writes_partial_sums(monkeypatch):
+    # Several CTAs share each batch row at AmazonTitles-670K (2 x 66 CTAs): normally they add into dX with
+    # float32 atomics; under torch.use_deterministic_algorithms each column writes a slice of its own.
+    monkeypatch.setattr(_launch, "_device_limits", lambda index: (132, H100_SHARED, H100_SHARED + 1024))
+    compiled = []
+    monkeypatch.setattr(_launch, "_function", lambda kernel, template, index, *a: compiled.append(template) or _FakeKernel())
+    shape = ("bf16_t", 16, 128, 384, 256, 41881, False, 0, ())
+    fast = _launch._grad_input_plan.__wrapped__(*shape)
+    exact = _launch._grad_input_plan.__wrapped__(*shape, True)
+    assert fast.grid[1] > 1 and not fast.partials and not fast.deterministic
+    assert exact.partials and exact.deterministic and exact.grid == fast.grid and compiled[-1][-1] is True
+    # The slices hold no more than one wave of CTAs' accumulators.
+    assert exact.grid[0] * exact.grid[1] * 128 * 384 * 4 <= 132 * H100_SHARED
+    # One CTA column: plain stores, deterministic without slices. No shared-memory accumulator: atomics.
+    one = _launch._grad_input_plan.__wrapped__("bf16_t", 16, 64, 384, 20000, 40, False, 0, (), True)
+    assert one.grid[1] == 1 and one.deterministic and not one.partials
+    wide = _launch._grad_input_plan.__wrapped__("bf16_t", 16, 64, 65536, 64, 41881, False, 0, (), True)
+    assert not wide.deterministic and not wide.partials
+
+
+def test_alert_not_deterministic_follows_torch(monkeypatch):
+    monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="deterministic implementation"):
+        _launch._alert_not_deterministic("The CUDA grad-input kernel")
+    monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: True)
+    with pytest.warns(UserWarning, match="deterministic implementation"):
+        _launch._alert_not_deterministic("The CUDA grad-input kernel")

@@ -29,6 +29,9 @@ def _instantiations():
     lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}, {a}, 1, {o}>,"
               for n in (2, 8) for r in (32, 64, 128) for a in ("true", "false") for o in ("true", "false")]
     lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128, false, 1, {str(g == 16).lower()}>," for g, kp in ((8, 16), (16, 128), (128, 512))]
+    # per-column partial sums (torch.use_deterministic_algorithms)
+    lines += [f"(void*)&gsfi_grad_input<bf16_t, {g}, 128, true, 2, {r}, {a}, {s}, {o}, true>,"
+              for g, r, s, o in ((16, 128, 2, "true"), (32, 64, 1, "false")) for a in ("true", "false")]
     # several groups per step (64 or 128 rows, shared-memory accumulation, G >= 16, warps owning batch tiles)
     lines += [f"(void*)&gsfi_grad_input<{dtype}, {g}, {kp}, true, 4, {r}, {a}, {s}, true>,"
               for dtype in ("bf16_t", "f16_t") for g, kp, s in ((16, 64, 4), (16, 512, 2), (32, 128, 2), (64, 16, 2))
@@ -71,6 +74,7 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_grad_input<bf16_t, 32, 128, true, 2, 64, false, 1, false>,
 (void*)&gsfi_grad_input<bf16_t, 16, 128, true, 2, 128, true, 2, true>,
 (void*)&gsfi_grad_input<f16_t, 64, 512, false, 3, 32, false, 1, false>,
+(void*)&gsfi_grad_input<bf16_t, 32, 128, true, 2, 64, true, 1, false, true>,
 (void*)&gsfi_grad_weight<bf16_t, 64, 128, 2, false>,
 (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 3, 6, false>,
 """

@@ -126,6 +126,48 @@ def test_grad_input_tilings(group_size, rows, groups, row_owned, labels):
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
 
 
+@pytest.mark.parametrize("labels", [30000, 29999], ids=["aligned-dZ", "raw-dZ"])
+def test_grad_input_under_deterministic_algorithms(labels):
+    # Several CTAs share each batch row here; they add into dX with float32 atomics, whose order varies
+    # from run to run. Under torch.use_deterministic_algorithms each column of CTAs writes a slice of its
+    # own, summed in a fixed order: every run gives the same bits, and the float64 reference within tolerance.
+    from lightning_haste import kernels
+
+    case = (150, 200, labels, 32, 72, torch.bfloat16)
+    layer, x, grad_out = _inputs(case, seed=labels)
+    _, ref_gx, _, _ = _reference(layer, x, grad_out)
+    torch.use_deterministic_algorithms(True)
+    try:
+        plan = kernels._launch._grad_input_plan(
+            "bf16_t", 32, 72, 200, 150, layer.num_groups, labels % 8 == 0, x.device.index, (), True
+        )
+        assert plan.grid[1] > 1 and plan.partials and plan.deterministic
+        runs = [kernels.gsfi_grad_input(grad_out, layer.weight.detach(), layer.group_index, 200) for _ in range(3)]
+        xg = x.detach().clone().requires_grad_(True)
+        layer(xg).backward(grad_out)  # through the layer's autograd op too
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(runs[0], r) for r in runs[1:]) and torch.equal(xg.grad, runs[0])
+    _assert_close("grad_input (deterministic)", runs[0], ref_gx, x.dtype)
+
+
+def test_grad_input_without_a_deterministic_kernel_raises_or_warns():
+    # in_features too large for the shared-memory accumulator: the kernel adds with float32 atomics.
+    from lightning_haste import kernels
+
+    layer, x, grad_out = _inputs((9, 65536, 300, 32, 24, torch.bfloat16), seed=1)
+    args = (grad_out, layer.weight.detach(), layer.group_index, 65536)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            kernels.gsfi_grad_input(*args)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="deterministic"):
+            kernels.gsfi_grad_input(*args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("warps,stages", [(6, 3), (8, 2), (4, 4), (2, 2)], ids=lambda v: str(v))
 @pytest.mark.parametrize("group_size,fan_in", [(16, 128), (32, 56)])
 @pytest.mark.parametrize("labels", [1000, 999], ids=["aligned-dZ", "raw-dZ"])

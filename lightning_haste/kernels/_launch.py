@@ -66,7 +66,7 @@ _functions: dict[tuple, Any] = {}
 #: Overrides of the automatic tile choices, for benchmarking: keys "forward_kernel" ("auto", "wgmma", "mma"),
 #: "forward_warpgroups", "forward_warps", "forward_stages", "forward_resident", "grad_input_stages",
 #: "grad_input_rows", "grad_input_groups" (groups per step), "grad_input_row_owned", "grad_weight_stages",
-#: "grad_weight_kernel" ("warp" or "cta").
+#: "grad_weight_kernel" ("warp" or "cta"), "grad_weight_warps" (with "grad_weight_stages").
 TUNING: dict[str, Any] = {}
 
 
@@ -132,17 +132,33 @@ class _Plan:
     shared: int
     per_cta: int
     kernel: str = ""  # the kernel's name, for tests and benchmarks
+    partials: bool = False  # grad-input: each column of CTAs writes its own [B, H] slice, summed afterwards
+    deterministic: bool = True  # the same result in every run (no float atomics whose order varies)
 
 
 def _plan(
-    fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int, index: int, kernel: str = ""
+    fn: Any, grid: tuple[int, int], block: int, shared: int, per_cta: int, index: int, kernel: str = "", **flags: bool
 ) -> _Plan:
     _, max_shared, _ = _device_limits(index)
     if shared > max_shared:
         raise ValueError(f"kernel needs {shared} bytes of shared memory, the device allows {max_shared}")
     if shared > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared:
         fn.max_dynamic_shared_size_bytes = shared
-    return _Plan(fn, grid, block, shared, per_cta, kernel)
+    return _Plan(fn, grid, block, shared, per_cta, kernel, **flags)
+
+
+def _alert_not_deterministic(what: str) -> None:
+    """What torch does for its own operations that lack a deterministic implementation when
+    ``torch.use_deterministic_algorithms(True)`` is set: raise, or warn where ``warn_only=True``."""
+    message = (
+        f"{what} does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. Pass backend='torch' to the layer for this shape, or call "
+        "torch.use_deterministic_algorithms(True, warn_only=True) to be warned instead."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 # The kernels' parameter lists, in the C layout the driver copies from one buffer (native alignment):
@@ -524,8 +540,13 @@ def gsfi_forward(
 @functools.lru_cache(maxsize=256)
 def _grad_input_plan(
     dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned_dz: bool,
-    index: int, tuning: tuple,
+    index: int, tuning: tuple, deterministic: bool = False,
 ) -> _Plan:
+    """Kernel and grid for grad-input. Where several CTAs share batch rows they add their sums into dX with
+    float32 atomics, in an order that varies from run to run; ``deterministic`` (torch's
+    ``use_deterministic_algorithms``) has each column of CTAs write its own slice instead (``partials``),
+    summed in a fixed order by the launcher. The grid is one wave, so the slices hold no more than the
+    wave's shared-memory accumulators (about 30 MB on an H100)."""
     rows = TUNING.get("grad_input_rows")
     if rows not in (None, 32, 64, 128):
         raise ValueError(f"TUNING['grad_input_rows'] must be 32, 64 or 128, got {rows!r}")
@@ -549,12 +570,23 @@ def _grad_input_plan(
         lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, groups),
         max_shared,
     )
-    template = (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz, groups, row_owned)
-    fn = _function("gsfi_grad_input", template, index)
     row_tiles = math.ceil(batch / rows)
-    per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn)
-    per_cta = math.ceil(per_cta / groups) * groups  # whole steps per CTA
-    return _plan(fn, (row_tiles, math.ceil(num_groups / per_cta)), 256, shared, per_cta, index, "gsfi_grad_input")
+
+    def grid_for(partials: bool) -> tuple[Any, int, int]:
+        template = (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz, groups, row_owned, partials)
+        fn = _function("gsfi_grad_input", template, index)
+        per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn)
+        per_cta = math.ceil(per_cta / groups) * groups  # whole steps per CTA
+        return fn, per_cta, math.ceil(num_groups / per_cta)
+
+    fn, per_cta, columns = grid_for(False)
+    partials = deterministic and smem_acc and columns > 1
+    if partials:
+        fn, per_cta, columns = grid_for(True)
+    exact = smem_acc and (columns == 1 or partials)
+    return _plan(
+        fn, (row_tiles, columns), 256, shared, per_cta, index, "gsfi_grad_input", partials=partials, deterministic=exact
+    )
 
 
 def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
@@ -563,16 +595,25 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     grad_out, aligned_dz = _dz_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device
+    deterministic = torch.are_deterministic_algorithms_enabled()
     plan = _grad_input_plan(
         KERNEL_DTYPES[grad_out.dtype], group_size, fan_in, in_features, batch, num_groups, aligned_dz, device.index,
-        tuple(sorted(TUNING.items())),
+        tuple(sorted(TUNING.items())), deterministic,
     )
-    grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
+    if deterministic and not plan.deterministic:
+        _alert_not_deterministic(f"The CUDA grad-input kernel with in_features={in_features} (too many for its "
+                                 "shared-memory accumulator: float32 atomics)")
+    if plan.partials:  # one [B, H] slice per column of CTAs, every element written; summed in a fixed order
+        grad_x = torch.empty(plan.grid[1], batch, in_features, dtype=torch.float32, device=device)
+    else:
+        grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
     args = (
         _ptr(grad_out), grad_out.stride(0), _ptr(weight), _ptr(group_index), _ptr(grad_x), batch, in_features,
         out_features, fan_in, num_groups, plan.per_cta,
     )
     _launch(plan, _GRAD_INPUT_PARAMS, args, device)
+    if plan.partials:
+        grad_x = grad_x.sum(0)
     return grad_x.to(weight.dtype)
 
 
