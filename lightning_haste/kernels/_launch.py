@@ -570,19 +570,16 @@ def _grad_input_plan(
         lambda n: _grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows, groups),
         max_shared,
     )
+    # Deterministic: the kernel that writes per-column slices; with a single column of CTAs it writes dX itself
+    # (slice 0, plain stores), so the launcher allocates slices only for several columns.
+    slices = deterministic and smem_acc
+    template = (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz, groups, row_owned, slices)
+    fn = _function("gsfi_grad_input", template, index)
     row_tiles = math.ceil(batch / rows)
-
-    def grid_for(partials: bool) -> tuple[Any, int, int]:
-        template = (dtype, group_size, k_pad, smem_acc, stages, rows, aligned_dz, groups, row_owned, partials)
-        fn = _function("gsfi_grad_input", template, index)
-        per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn)
-        per_cta = math.ceil(per_cta / groups) * groups  # whole steps per CTA
-        return fn, per_cta, math.ceil(num_groups / per_cta)
-
-    fn, per_cta, columns = grid_for(False)
-    partials = deterministic and smem_acc and columns > 1
-    if partials:
-        fn, per_cta, columns = grid_for(True)
+    per_cta = _grid_rows(num_groups, row_tiles, shared, index, fn)
+    per_cta = math.ceil(per_cta / groups) * groups  # whole steps per CTA
+    columns = math.ceil(num_groups / per_cta)
+    partials = slices and columns > 1
     exact = smem_acc and (columns == 1 or partials)
     return _plan(
         fn, (row_tiles, columns), 256, shared, per_cta, index, "gsfi_grad_input", partials=partials, deterministic=exact
