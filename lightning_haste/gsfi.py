@@ -222,7 +222,15 @@ class GroupSharedFanIn(nn.Module):
         return (self.group_index.data_ptr(), self.group_index._version)
 
     def check_group_index(self) -> None:
-        """Validate ``group_index`` (shape, dtype, range, distinct rows); cached until it changes."""
+        """Validate ``group_index`` (shape, dtype, range, distinct rows); cached until it changes.
+
+        The layer validates its index when it is built, when a state dict is loaded and after a rewire; in
+        eager mode every forward also re-checks an index that was edited in place since (its version or
+        storage changed). Under ``torch.compile`` this per-call check is skipped: compiled code reads no
+        data pointers or tensor versions.
+        """
+        if torch.compiler.is_compiling():
+            return
         key = self._index_key()
         if key != self._validated_index:
             check_group_index(
@@ -234,6 +242,18 @@ class GroupSharedFanIn(nn.Module):
         """Record the current ``group_index`` as validated (for code that built it valid, e.g. a rewire)."""
         self._validated_index = self._index_key()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # type: ignore[no-untyped-def]
+        # Validate an incoming index before it is copied in: a bad one raises and leaves the layer as it was.
+        incoming = state_dict.get(prefix + "group_index")
+        if isinstance(incoming, Tensor) and tuple(incoming.shape) == tuple(self.group_index.shape):
+            check_group_index(incoming, self.in_features, num_groups=self.num_groups, fan_in=self.fan_in)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if isinstance(incoming, Tensor) and tuple(incoming.shape) == tuple(self.group_index.shape):
+            self.mark_group_index_valid()
+
     def rewire(
         self,
         prune_fraction: Optional[float] = None,
@@ -244,7 +264,7 @@ class GroupSharedFanIn(nn.Module):
         init: str = "zero",
         init_scale: float = 1e-3,
         generator: Optional[torch.Generator] = None,
-    ) -> "RewireStats":
+    ) -> RewireStats:
         """Prune and regrow the slots of every group in place; see :func:`lightning_haste.dst.rewire_`.
 
         Reset the optimizer state of the regrown weights afterwards with
@@ -258,21 +278,27 @@ class GroupSharedFanIn(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        # The layer's own tensors are consistent by construction (and checked on load): only the input is
+        # validated per call, and the index only when it changed.
         check_float_tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}"
             )
+        if x.numel() == 0:
+            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
+        weight, bias = self.weight, self.bias
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but weight has dtype {weight.dtype}; cast one of them "
+                "(no implicit precision change is made)"
+            )
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but weight is on {weight.device}; move them to one device")
         self.check_group_index()
-        return F.group_shared_fanin(
-            x,
-            self.weight,
-            self.group_index,
-            self.bias,
-            self.out_features,
-            memory_budget=self.memory_budget,
-            check_index=False,
-            backend=self.backend,
+        x, weight, bias = F._autocast_arguments(x, weight, bias)
+        return F.apply_checked(
+            x, weight, self.group_index, bias, self.out_features, self.memory_budget, self.backend
         )
 
     @torch.no_grad()
@@ -288,6 +314,7 @@ class GroupSharedFanIn(nn.Module):
         self.group_index.copy_(self.group_index.gather(1, order.to(torch.int64)))
         weight = self.weight.view(self.num_groups, self.group_size, self.fan_in)
         weight.copy_(weight.gather(2, order.unsqueeze(1).expand_as(weight)))
+        self.mark_group_index_valid()  # a permutation of each valid row is valid
 
     def to_dense(self) -> Tensor:
         """The equivalent masked dense weight ``[out_features, in_features]`` (differentiable)."""

@@ -8,6 +8,7 @@ import torch
 
 import lightning_haste as lh
 from lightning_haste import kernels
+from lightning_haste.kernels import tuning
 
 # (batch, in_features, out_features, group_size, fan_in, tuning): shared-memory-resident and streamed
 # input, 8- and 12-warp forward CTAs, the Hopper (wgmma) forward, shared-memory and global grad-input
@@ -15,24 +16,22 @@ from lightning_haste import kernels
 # warp-per-group and CTA-per-tile grad-weight (both with the fused bias gradient), grad-input's per-column
 # partial sums (torch.use_deterministic_algorithms)
 CASES = [
-    (37, 300, 999, 32, 24, {}),
-    (9, 4096, 100, 16, 64, {}),
-    (70, 200, 300, 64, 128, {}),
-    (70, 300, 999, 32, 24, {"forward_kernel": "mma", "forward_warps": 8, "forward_stages": 4}),
-    (70, 300, 999, 32, 200, {"forward_kernel": "wgmma"}),  # Hopper forward (if sm_90): 4 chunks of K, last partial
-    (100, 300, 1000, 64, 64, {"forward_kernel": "wgmma", "forward_warpgroups": 2, "forward_stages": 2}),
-    (70, 768, 999, 32, 136, {}),  # 64-row grad-input tiles, two feature chunks (128 + a partial one)
-    (150, 300, 999, 16, 24, {"grad_input_rows": 64}),  # 4 groups per grad-input step, padded slots
-    (150, 300, 1000, 32, 64, {"grad_input_rows": 128, "grad_input_groups": 2}),  # 2 groups a step, aligned dZ
-    (70, 200, 999, 32, 160, {}),  # fan_in % 16 == 0 with a partial last chunk of K: trash rows
-    (150, 200, 999, 16, 128, {"grad_weight_warps": 6, "grad_weight_stages": 3}),  # 6-warp grad-weight, raw dZ
-    (150, 200, 29999, 32, 72, {"deterministic": True}),  # grad-input partial sums per CTA column, raw dZ
+    (37, 300, 999, 32, 24, ""),
+    (9, 4096, 100, 16, 64, ""),
+    (70, 200, 300, 64, 128, ""),
+    (70, 300, 999, 32, 24, "forward.kernel=mma forward.mma_warps=8 forward.mma_stages=4"),
+    (70, 300, 999, 32, 200, "forward.kernel=wgmma"),  # Hopper forward (if sm_90): 4 chunks of K, last partial
+    (100, 300, 1000, 64, 64, "forward.kernel=wgmma forward.wgmma_warpgroups=2 forward.wgmma_stages=2"),
+    (70, 768, 999, 32, 136, ""),  # 64-row grad-input tiles, two feature chunks (128 + a partial one)
+    (150, 300, 999, 16, 24, "grad_input.rows=64"),  # 4 groups per grad-input step, padded slots
+    (150, 300, 1000, 32, 64, "grad_input.rows=128 grad_input.groups=2"),  # 2 groups a step, aligned dZ
+    (70, 200, 999, 32, 160, ""),  # fan_in % 16 == 0 with a partial last chunk of K: trash rows
+    (150, 200, 999, 16, 128, "grad_weight.warp_warps=6 grad_weight.warp_stages=3"),  # 6-warp grad-weight, raw dZ
+    (150, 200, 29999, 32, 72, "deterministic"),  # grad-input partial sums per CTA column, raw dZ
 ]
-for batch, in_features, out_features, group_size, fan_in, tuning in CASES:
-    tuning = dict(tuning)
-    torch.use_deterministic_algorithms(tuning.pop("deterministic", False))
-    kernels._launch.TUNING.clear()
-    kernels._launch.TUNING.update(tuning)
+
+
+def run(batch: int, in_features: int, out_features: int, group_size: int, fan_in: int, settings: str) -> None:
     layer = lh.GroupSharedFanIn(in_features, out_features, fan_in, group_size, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
     dz = torch.randn(batch, out_features, device="cuda", dtype=torch.bfloat16)
@@ -43,5 +42,12 @@ for batch, in_features, out_features, group_size, fan_in, tuning in CASES:
     gw = kernels.gsfi_grad_weight(dz, xt, layer.group_index, w, grad_bias=gb)
     torch.cuda.synchronize()
     sums = [float(t.float().abs().sum()) for t in (out, gx, gw, gb)]
-    print(batch, in_features, out_features, group_size, fan_in, tuning, "ok", sums)
-kernels._launch.TUNING.clear()
+    print(batch, in_features, out_features, group_size, fan_in, settings or "auto", "ok", sums)
+
+
+for batch, in_features, out_features, group_size, fan_in, settings in CASES:
+    items = settings.split()
+    torch.use_deterministic_algorithms("deterministic" in items)
+    with tuning.use(tuning.parse([item for item in items if item != "deterministic"])):
+        run(batch, in_features, out_features, group_size, fan_in, settings)
+torch.use_deterministic_algorithms(False)

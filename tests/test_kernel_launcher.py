@@ -1,5 +1,6 @@
-"""The kernel launcher's CPU-side logic (CuPy is imported lazily; CI has neither CuPy nor a GPU)."""
+"""The kernels' CPU-side logic: plans, variant choices, layouts, tuning (CI has neither CuPy nor a GPU)."""
 
+import dataclasses
 import re
 import sys
 
@@ -8,24 +9,24 @@ import torch
 
 import lightning_haste as lh
 from lightning_haste import functional as LF
-from lightning_haste.kernels import _launch
+from lightning_haste.kernels import forward, grad_input, grad_weight, layout, runtime, tuning
 
 H100_SHARED = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200
 
 
 def test_missing_cupy_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    _launch._cupy.cache_clear()
+    runtime.cupy.cache_clear()
     try:
-        with pytest.raises(_launch.KernelUnavailableError, match="pip install"):
-            _launch._cupy()
+        with pytest.raises(runtime.KernelUnavailableError, match="pip install"):
+            runtime.cupy()
     finally:
-        _launch._cupy.cache_clear()
+        runtime.cupy.cache_clear()
 
 
 def test_sources_found_and_header_inlined():
     for name in ("gsfi_forward", "gsfi_forward_sm90", "gsfi_grad_input", "gsfi_grad_weight"):
-        text = _launch._source(name)
+        text = runtime.source(name)
         assert '#include "gsfi_common.cuh"' not in text
         assert "struct bf16_t" in text and "void __launch_bounds__" in text
 
@@ -34,26 +35,28 @@ def test_sources_found_and_header_inlined():
 @pytest.mark.parametrize("fan_in", [8, 64, 128, 512])
 @pytest.mark.parametrize("in_features", [384, 768, 4096, 65536])
 def test_every_supported_shape_has_a_kernel_variant_that_fits(group_size, fan_in, in_features):
-    k_pad = _launch._pad16(fan_in)
-    resident, warps, stages, shared = _launch._forward_variant(group_size, k_pad, in_features, H100_SHARED)
+    k_pad = layout.pad16(fan_in)
+    resident, warps, stages, shared = forward.mma_variant(group_size, k_pad, in_features, H100_SHARED)
     assert shared <= H100_SHARED and warps >= 1 and stages >= 2
     if in_features <= 768 and group_size <= 32:
         assert resident and warps >= 8  # the official shapes keep the input in shared memory
     for rows in (32, 64, 128):
-        smem_acc = _launch._grad_input_shared(group_size, fan_in, in_features, True, 2, rows) <= H100_SHARED
-        stages, shared = _launch._deepest(
-            "grad_input_stages",
-            lambda n: _launch._grad_input_shared(group_size, fan_in, in_features, smem_acc, n, rows),
+        smem_acc = grad_input.shared_bytes(group_size, fan_in, in_features, True, 2, rows) <= H100_SHARED
+        stages, shared = grad_input._deepest_stages(
+            lambda n, smem_acc=smem_acc, rows=rows: grad_input.shared_bytes(
+                group_size, fan_in, in_features, smem_acc, n, rows
+            ),
             H100_SHARED,
+            None,
         )
         assert shared <= H100_SHARED
-    assert _launch._grad_weight_shared(group_size, k_pad, 3) <= H100_SHARED
+    assert grad_weight.tile_shared_bytes(group_size, k_pad, 3) <= H100_SHARED
 
 
 @pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("in_features", [384, 768, 1000])
 def test_hopper_forward_fits_where_the_input_is_resident(group_size, in_features):
-    variant = _launch._forward_sm90_variant(group_size, in_features, H100_SHARED)
+    variant = forward.wgmma_variant(group_size, in_features, H100_SHARED)
     assert variant is not None
     warpgroups, stages, shared = variant
     assert shared <= H100_SHARED and stages >= 2
@@ -61,29 +64,24 @@ def test_hopper_forward_fits_where_the_input_is_resident(group_size, in_features
         assert (warpgroups, stages) == (3, 4)  # LF-Paper2Keywords-8.6M: the measured choice
     if in_features == 768 and group_size == 64:
         assert (warpgroups, stages) == (3, 3)  # Amazon-3M
-    assert _launch._forward_sm90_variant(group_size, 65536, H100_SHARED) is None  # too large: mma.sync kernel
+    assert forward.wgmma_variant(group_size, 65536, H100_SHARED) is None  # too large: mma.sync kernel
 
 
 def test_hopper_forward_chosen_by_capability_and_shape():
-    use = _launch._uses_wgmma_forward
+    use = forward.uses_wgmma
     assert use((9, 0), 128, 64) and use((9, 0), 128, 32) and use((9, 0), 1, 128)  # Amazon-3M, P2K
     assert not use((9, 0), 129, 64) and not use((9, 0), 64, 16)  # B = 512, groups of 16: mma.sync
 
     assert not use((8, 0), 64, 32) and not use((10, 0), 64, 32) and not use((8, 9), 64, 32)
-    try:
-        _launch.TUNING["forward_kernel"] = "wgmma"
-        assert use((9, 0), 512, 16) and not use((8, 0), 512, 16)  # wgmma exists on sm_90 only
-        _launch.TUNING["forward_kernel"] = "mma"
-        assert not use((9, 0), 128, 64)
-        _launch.TUNING["forward_kernel"] = "tensor"
-        with pytest.raises(ValueError, match="forward_kernel"):
-            use((9, 0), 128, 32)
-        _launch.TUNING.clear()
-        _launch.TUNING["forward_warpgroups"] = 7
-        with pytest.raises(ValueError, match="warpgroups"):
-            _launch._forward_sm90_variant(32, 768, H100_SHARED)
-    finally:
-        _launch.TUNING.clear()
+    wgmma = tuning.ForwardTuning(kernel="wgmma")
+    assert use((9, 0), 512, 16, wgmma) and not use((8, 0), 512, 16, wgmma)  # wgmma exists on sm_90 only
+    assert not use((9, 0), 128, 64, tuning.ForwardTuning(kernel="mma"))
+    with pytest.raises(ValueError, match="kernel"):
+        tuning.ForwardTuning(kernel="tensor")
+    with pytest.raises(ValueError, match="wgmma_warpgroups"):
+        tuning.ForwardTuning(wgmma_warpgroups=7)
+    forced = tuning.ForwardTuning(wgmma_warpgroups=2)
+    assert forward.wgmma_variant(32, 768, H100_SHARED, forced)[:2] == (2, 3)  # stages default to 3
 
 
 @pytest.mark.parametrize(
@@ -101,7 +99,7 @@ def test_forward_variant_choice(group_size, fan_in, in_features, labels, expecte
     # The variants measured fastest on H100 (benchmarks/RESULTS.md): 12 warps with a 3-stage weight ring
     # where they fit, at any label count (`labels` only names the shape); the large groups only fit 8 warps
     # with 2 stages; the input always resident.
-    resident, warps, stages, _ = _launch._forward_variant(group_size, fan_in, in_features, H100_SHARED, 233472)
+    resident, warps, stages, _ = forward.mma_variant(group_size, fan_in, in_features, H100_SHARED, 233472)
     assert resident and (warps, stages) == expected
 
 
@@ -111,56 +109,58 @@ def test_forward_variant_choice(group_size, fan_in, in_features, labels, expecte
     ids=["Amazon-670K", "AmazonTitles-670K", "LF-Paper2Keywords-8.6M"],
 )
 def test_official_small_group_shapes_get_the_resident_grad_weight(group_size, fan_in, in_features, batch):
-    warps, stages, shared = _launch._grad_weight_warp_variant(group_size, in_features, batch, H100_SHARED)
+    warps, stages, shared = grad_weight.warp_variant(group_size, in_features, batch, H100_SHARED)
     assert shared <= H100_SHARED and warps >= 6 and stages == 3
     # AmazonTitles-670K: 8 warps with 3 stages do not fit beside its XT; 6 with 3 stages are taken.
     assert (warps, stages) == ((6, 3) if batch == 256 else (8, 3))
 
 
-def test_grad_weight_warp_tuning(monkeypatch):
-    assert _launch._grad_weight_warp_variant(16, 4096, 256, H100_SHARED) is None  # XT too large: tile kernel
-    monkeypatch.setitem(_launch.TUNING, "grad_weight_warps", 4)
-    monkeypatch.setitem(_launch.TUNING, "grad_weight_stages", 4)
-    assert _launch._grad_weight_warp_variant(16, 384, 256, H100_SHARED)[:2] == (4, 4)
-    monkeypatch.setitem(_launch.TUNING, "grad_weight_warps", 8)
+def test_grad_weight_warp_tuning():
+    assert grad_weight.warp_variant(16, 4096, 256, H100_SHARED) is None  # XT too large: tile kernel
+    forced = tuning.GradWeightTuning(warp_warps=4, warp_stages=4)
+    assert grad_weight.warp_variant(16, 384, 256, H100_SHARED, forced)[:2] == (4, 4)
     with pytest.raises(ValueError, match="8 warps and 4 stages"):
-        _launch._grad_weight_warp_variant(16, 384, 256, H100_SHARED)
+        grad_weight.warp_variant(16, 384, 256, H100_SHARED, tuning.GradWeightTuning(warp_warps=8, warp_stages=4))
+    # the tile kernel's ring depth is its own field: it does not force the warp kernel
+    assert grad_weight.warp_variant(16, 384, 64, H100_SHARED, tuning.GradWeightTuning(tile_stages=3))[:2] == (8, 3)
+    assert not grad_weight.uses_warp_kernel(16, 64, tuning.GradWeightTuning(kernel="tile"))
+    assert grad_weight.uses_warp_kernel(16, 64) and not grad_weight.uses_warp_kernel(32, 128)
 
 
 @pytest.mark.parametrize(
-    "kernel,params",
+    "file,kernel,module",
     [
-        ("gsfi_forward", "_FORWARD_PARAMS"),
-        ("gsfi_forward_sm90", "_FORWARD_PARAMS"),
-        ("gsfi_grad_input", "_GRAD_INPUT_PARAMS"),
-        ("gsfi_grad_weight", "_GRAD_WEIGHT_PARAMS"),
-        ("gsfi_grad_weight_warp", "_GRAD_WEIGHT_PARAMS"),
+        ("gsfi_forward", "gsfi_forward", forward),
+        ("gsfi_forward_sm90", "gsfi_forward_sm90", forward),
+        ("gsfi_grad_input", "gsfi_grad_input", grad_input),
+        ("gsfi_grad_weight", "gsfi_grad_weight", grad_weight),
+        ("gsfi_grad_weight", "gsfi_grad_weight_warp", grad_weight),
     ],
 )
-def test_packed_parameters_match_the_kernel_signatures(kernel, params):
+def test_packed_parameters_match_the_kernel_signatures(file, kernel, module):
     # The launcher packs arguments into one buffer in C layout: the codes must follow the declaration.
-    source = _launch._source(kernel)
+    source = runtime.source(file)
     signature = re.search(rf"\b{kernel}\(([^)]*)\)", source).group(1)
     codes = ""
     for declaration in signature.split(","):
         declaration = declaration.strip()
         codes += "Q" if "*" in declaration else ("q" if declaration.startswith("long long") else "i")
         assert "*" in declaration or declaration.split()[0] in ("int", "long"), declaration
-    assert getattr(_launch, params).format == "@" + codes
+    assert module.PARAMS.format == "@" + codes
 
 
 def test_padded_rows_pads_with_zeros():
     t = torch.randn(3, 13)
-    padded = _launch.padded_rows(t)
+    padded = layout.padded_rows(t)
     assert torch.equal(padded, t) and padded.stride(0) == 16
     assert torch.count_nonzero(padded.as_strided((3, 16), (16, 1))[:, 13:]) == 0
     aligned = torch.randn(3, 16)
-    assert _launch.padded_rows(aligned) is aligned
+    assert layout.padded_rows(aligned) is aligned
     # the padded view goes on to the next kernel as it is: one copy per backward, not one per kernel
-    assert _launch.padded_rows(padded) is padded
+    assert layout.padded_rows(padded) is padded
     # a view of someone else's padded storage is copied (its padding may hold anything)
     foreign = torch.randn(3, 16)[:, :13]
-    again = _launch.padded_rows(foreign)
+    again = layout.padded_rows(foreign)
     assert again is not foreign and torch.equal(again, foreign)
     assert torch.count_nonzero(again.as_strided((3, 16), (16, 1))[:, 13:]) == 0
 
@@ -191,15 +191,18 @@ def test_cpu_autocast_runs_in_autocast_dtype():
     assert torch.count_nonzero(layer.weight.grad[40:]) == 0
 
 
-def test_grad_input_tuning_is_checked_before_anything_compiles(monkeypatch):
-    # The grad-input layouts exist for 32, 64 and 128 batch rows only; groups per step become a power of two.
-    monkeypatch.setitem(_launch.TUNING, "grad_input_rows", 48)
-    with pytest.raises(ValueError, match="grad_input_rows"):
-        _launch._grad_input_plan("bf16_t", 16, 64, 384, 64, 100, True, 0, (("grad_input_rows", 48),))
-    monkeypatch.setitem(_launch.TUNING, "grad_input_groups", 3)
-    assert _launch._grad_input_groups(16, 64, True) == (2, True)
-    assert _launch._grad_input_groups(16, 32, True) == (1, True)  # 32-row tiles: one group per step
-    assert _launch._grad_input_groups(8, 64, True)[0] == 1  # G = 8: one group (16-label tiles) per step
+def test_grad_input_tuning_is_checked_before_anything_compiles():
+    # The grad-input layouts exist for 32, 64 and 128 batch rows only; groups per step are a power of two.
+    with pytest.raises(ValueError, match="rows"):
+        tuning.GradInputTuning(rows=48)
+    with pytest.raises(ValueError, match="groups"):
+        tuning.GradInputTuning(groups=3)
+    two = tuning.GradInputTuning(groups=2)
+    assert grad_input.groups_per_step(16, 64, True, two) == (2, True)
+    assert grad_input.groups_per_step(16, 32, True, two) == (1, True)  # 32-row tiles: one group per step
+    assert grad_input.groups_per_step(8, 64, True, two)[0] == 1  # G = 8: one group (16-label tiles) per step
+    assert grad_input.groups_per_step(16, 64, True) == (4, True)
+    assert grad_input.groups_per_step(32, 64, True) == (1, False)
 
 
 class _FakeKernel:
@@ -210,27 +213,95 @@ class _FakeKernel:
 def test_grad_input_under_deterministic_algorithms_writes_partial_sums(monkeypatch):
     # Several CTAs share each batch row at AmazonTitles-670K (2 x 66 CTAs): normally they add into dX with
     # float32 atomics; under torch.use_deterministic_algorithms each column writes a slice of its own.
-    monkeypatch.setattr(_launch, "_device_limits", lambda index: (132, H100_SHARED, H100_SHARED + 1024))
+    monkeypatch.setattr(runtime, "device_limits", lambda index: (132, H100_SHARED, H100_SHARED + 1024))
     compiled = []
-    monkeypatch.setattr(_launch, "_function", lambda kernel, template, index, *a: compiled.append(template) or _FakeKernel())
-    shape = ("bf16_t", 16, 128, 384, 256, 41881, False, 0, ())
-    fast = _launch._grad_input_plan.__wrapped__(*shape)
-    exact = _launch._grad_input_plan.__wrapped__(*shape, True)
+    monkeypatch.setattr(
+        runtime, "compile_kernel", lambda file, kernel, template, index, *a: compiled.append(template) or _FakeKernel()
+    )
+    shape = ("bf16_t", 16, 128, 384, 256, 41881, False, 0, tuning.GradInputTuning())
+    fast = grad_input.plan.__wrapped__(*shape)
+    exact = grad_input.plan.__wrapped__(*shape, True)
     assert fast.grid[1] > 1 and not fast.partials and not fast.deterministic
     assert exact.partials and exact.deterministic and exact.grid == fast.grid and compiled[-1][-1] is True
     # The slices hold no more than one wave of CTAs' accumulators.
     assert exact.grid[0] * exact.grid[1] * 128 * 384 * 4 <= 132 * H100_SHARED
     # One CTA column: plain stores, deterministic without slices. No shared-memory accumulator: atomics.
-    one = _launch._grad_input_plan.__wrapped__("bf16_t", 16, 64, 384, 20000, 40, False, 0, (), True)
+    one = grad_input.plan.__wrapped__("bf16_t", 16, 64, 384, 20000, 40, False, 0, tuning.GradInputTuning(), True)
     assert one.grid[1] == 1 and one.deterministic and not one.partials
-    wide = _launch._grad_input_plan.__wrapped__("bf16_t", 16, 64, 65536, 64, 41881, False, 0, (), True)
+    wide = grad_input.plan.__wrapped__("bf16_t", 16, 64, 65536, 64, 41881, False, 0, tuning.GradInputTuning(), True)
     assert not wide.deterministic and not wide.partials
 
 
 def test_alert_not_deterministic_follows_torch(monkeypatch):
     monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="deterministic implementation"):
-        _launch._alert_not_deterministic("The CUDA grad-input kernel")
+        runtime.alert_not_deterministic("The CUDA grad-input kernel")
     monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: True)
     with pytest.warns(UserWarning, match="deterministic implementation"):
-        _launch._alert_not_deterministic("The CUDA grad-input kernel")
+        runtime.alert_not_deterministic("The CUDA grad-input kernel")
+
+
+def test_tuning_settings_are_typed_and_validated():
+    with pytest.raises(TypeError):
+        tuning.ForwardTuning(stages=3)  # unknown field
+    with pytest.raises(TypeError, match="mma_warps"):
+        tuning.ForwardTuning(mma_warps=8.0)
+    with pytest.raises(TypeError, match="row_owned"):
+        tuning.GradInputTuning(row_owned=1)
+    with pytest.raises(ValueError, match="tile_stages"):
+        tuning.GradWeightTuning(tile_stages=1)
+    with pytest.raises(TypeError, match="grad_input"):
+        tuning.Tuning(grad_input=tuning.ForwardTuning())
+    settings = tuning.ForwardTuning(kernel="mma", mma_warps=8)
+    assert hash(settings) == hash(tuning.ForwardTuning(kernel="mma", mma_warps=8))  # usable as a cache key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.mma_warps = 4  # type: ignore[misc]
+
+
+def test_tuning_context_manager_nests_and_restores():
+    default = tuning.current()
+    assert default == tuning.Tuning()
+    with tuning.use(tuning.GradInputTuning(rows=64)) as outer:
+        assert tuning.current().grad_input.rows == 64 and outer is tuning.current()
+        with tuning.use(tuning.ForwardTuning(kernel="mma")):
+            assert tuning.current().forward.kernel == "mma" and tuning.current().grad_input.rows == 64
+        assert tuning.current().forward.kernel == "auto"
+        with pytest.raises(RuntimeError):
+            with tuning.use(tuning.GradWeightTuning(kernel="tile")):
+                raise RuntimeError("boom")
+        assert tuning.current().grad_weight.kernel == "auto"
+    assert tuning.current() == default
+    with pytest.raises(ValueError, match="two GradInputTuning"):
+        with tuning.use(tuning.GradInputTuning(rows=64), tuning.GradInputTuning(rows=32)):
+            pass
+    with pytest.raises(TypeError):
+        with tuning.use({"grad_input_rows": 64}):  # type: ignore[arg-type]
+            pass
+
+
+def test_tuning_parse():
+    parsed = tuning.parse("forward.kernel=mma forward.mma_resident=false grad_input.rows=64,grad_weight.warp_warps=6")
+    assert parsed.forward == tuning.ForwardTuning(kernel="mma", mma_resident=False)
+    assert parsed.grad_input == tuning.GradInputTuning(rows=64)
+    assert parsed.grad_weight == tuning.GradWeightTuning(warp_warps=6)
+    assert tuning.parse([]) == tuning.Tuning()
+    with pytest.raises(ValueError, match="unknown field"):
+        tuning.parse("forward.stages=3")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        tuning.parse("backward.rows=3")
+    with pytest.raises(ValueError, match="kernel.field=value"):
+        tuning.parse("rows=64")
+    with pytest.raises(ValueError, match="rows"):
+        tuning.parse("grad_input.rows=48")
+
+
+def test_tuning_is_part_of_the_plan_cache_key(monkeypatch):
+    # A plan built under one setting is never reused under another: the settings are an argument of the
+    # cached plan functions, read from tuning.current() by each launcher.
+    monkeypatch.setattr(runtime, "device_limits", lambda index: (132, H100_SHARED, H100_SHARED + 1024))
+    monkeypatch.setattr(runtime, "capability", lambda index: (9, 0))
+    monkeypatch.setattr(runtime, "compile_kernel", lambda file, kernel, template, index, *a: _FakeKernel())
+    args = ("bf16_t", 32, 64, 384, 128, 1000, True, 0)
+    auto = forward.plan.__wrapped__(*args)
+    mma = forward.plan.__wrapped__(*args, tuning.ForwardTuning(kernel="mma"))
+    assert auto.kernel == "gsfi_forward_sm90" and mma.kernel == "gsfi_forward"

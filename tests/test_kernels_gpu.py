@@ -5,6 +5,8 @@ import torch
 
 import lightning_haste as lh
 from lightning_haste import functional as LF
+from lightning_haste import kernels
+from lightning_haste.kernels import tuning
 
 pytestmark = pytest.mark.gpu
 
@@ -67,14 +69,13 @@ def _assert_close(name, got, ref, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-L{c[2]}-G{c[3]}-K{c[4]}-{str(c[5])[6:]}")
 def test_kernels_match_float64_reference(case):
-    from lightning_haste import kernels
-
     layer, x, grad_out = _inputs(case, seed=hash(case) % 2**31)
     ref_out, ref_gx, ref_gw, ref_gb = _reference(layer, x, grad_out)
     index, labels = layer.group_index, layer.out_features
     # Rows padded to a multiple of 8 labels (the layout the kernels allocate): 16-byte stores.
     storage = torch.full((x.shape[0], (labels + 7) // 8 * 8), float("nan"), device="cuda", dtype=x.dtype)
-    out, xt = kernels.gsfi_forward(x, layer.weight.detach(), index, layer.bias.detach(), labels, out=storage[:, :labels])
+    bias = layer.bias.detach()
+    out, xt = kernels.gsfi_forward(x, layer.weight.detach(), index, bias, labels, out=storage[:, :labels])
     _assert_close("forward", out, ref_out, x.dtype)
     if labels % 8:
         # Packed rows of odd length: the 2-byte store path.
@@ -97,14 +98,14 @@ def test_kernels_match_float64_reference(case):
         assert kernels.grad_out_for_kernels(padded) is padded
         grad_w = kernels.gsfi_grad_weight(padded, xt, index, layer.weight.detach(), out=grad_w.fill_(float("nan")))
         _assert_close("grad_weight (padded dZ)", grad_w, ref_gw, x.dtype)
-        _assert_close("grad_input (padded dZ)", kernels.gsfi_grad_input(padded, layer.weight.detach(), index, x.shape[1]),
-                      ref_gx, x.dtype)
+        grad_x = kernels.gsfi_grad_input(padded, layer.weight.detach(), index, x.shape[1])
+        _assert_close("grad_input (padded dZ)", grad_x, ref_gx, x.dtype)
 
 
 @pytest.mark.parametrize(
     "group_size,rows,groups,row_owned",
     [(16, 64, 4, True), (16, 128, 2, True), (16, 128, 4, True), (32, 64, 2, True), (32, 128, 1, True),
-     (16, 32, 1, True), (16, 64, 1, False), (32, 128, 1, False), (64, 64, 1, False), (16, 64, 3, True)],
+     (16, 32, 1, True), (16, 64, 1, False), (32, 128, 1, False), (64, 64, 1, False), (16, 64, 2, True)],
     ids=lambda v: str(v),
 )
 @pytest.mark.parametrize("labels", [1000, 999], ids=["aligned-dZ", "raw-dZ"])
@@ -112,17 +113,12 @@ def test_grad_input_tilings(group_size, rows, groups, row_owned, labels):
     # Every grad-input tiling on one shape: batch tiles of 32 rows (two warps per tile), 64 and 128 rows
     # with warps owning whole batch tiles (one to four groups per step; the groups of a step share
     # features: H is small) or taking one feature tile each, the last step's groups partly past L, padded
-    # feature slots (K = 72), a partial last batch tile. 3 groups per step become 2 (a power of two).
-    from lightning_haste import kernels
-
+    # feature slots (K = 72), a partial last batch tile.
     case = (150, 200, labels, group_size, 72, torch.bfloat16)
     layer, x, grad_out = _inputs(case, seed=rows * 7 + groups + labels)
     _, ref_gx, _, _ = _reference(layer, x, grad_out)
-    kernels._launch.TUNING.update(grad_input_rows=rows, grad_input_groups=groups, grad_input_row_owned=row_owned)
-    try:
+    with tuning.use(tuning.GradInputTuning(rows=rows, groups=groups, row_owned=row_owned)):
         grad_x = kernels.gsfi_grad_input(grad_out, layer.weight.detach(), layer.group_index, x.shape[1])
-    finally:
-        kernels._launch.TUNING.clear()
     _assert_close("grad_input", grad_x, ref_gx, x.dtype)
 
 
@@ -131,15 +127,14 @@ def test_grad_input_under_deterministic_algorithms(labels):
     # Several CTAs share each batch row here; they add into dX with float32 atomics, whose order varies
     # from run to run. Under torch.use_deterministic_algorithms each column of CTAs writes a slice of its
     # own, summed in a fixed order: every run gives the same bits, and the float64 reference within tolerance.
-    from lightning_haste import kernels
-
     case = (150, 200, labels, 32, 72, torch.bfloat16)
     layer, x, grad_out = _inputs(case, seed=labels)
     _, ref_gx, _, _ = _reference(layer, x, grad_out)
     torch.use_deterministic_algorithms(True)
     try:
-        plan = kernels._launch._grad_input_plan(
-            "bf16_t", 32, 72, 200, 150, layer.num_groups, labels % 8 == 0, x.device.index, (), True
+        plan = kernels.grad_input.plan(
+            "bf16_t", 32, 72, 200, 150, layer.num_groups, labels % 8 == 0, x.device.index, tuning.GradInputTuning(),
+            True,
         )
         # 30 labels: one group, one column of CTAs, which writes dX itself (no slices)
         assert plan.deterministic and plan.partials == (plan.grid[1] > 1) and (plan.grid[1] > 1) == (labels > 30)
@@ -154,8 +149,6 @@ def test_grad_input_under_deterministic_algorithms(labels):
 
 def test_grad_input_without_a_deterministic_kernel_raises_or_warns():
     # in_features too large for the shared-memory accumulator: the kernel adds with float32 atomics.
-    from lightning_haste import kernels
-
     layer, x, grad_out = _inputs((9, 65536, 300, 32, 24, torch.bfloat16), seed=1)
     args = (grad_out, layer.weight.detach(), layer.group_index, 65536)
     torch.use_deterministic_algorithms(True)
@@ -176,24 +169,19 @@ def test_grad_weight_warp_rings(warps, stages, group_size, fan_in, labels):
     # The warp-per-group grad-weight with the rings the launcher picks (6 warps: a CTA's groups dealt out
     # to a number of warps that is not a power of two), the last CTA's groups partly past L, a batch that
     # is not a multiple of the 32-row steps; the fused bias gradient too.
-    from lightning_haste import kernels
-
     case = (150, 200, labels, group_size, fan_in, torch.bfloat16)
     layer, x, grad_out = _inputs(case, seed=warps * 100 + stages * 10 + group_size + labels)
     _, _, ref_gw, ref_gb = _reference(layer, x, grad_out)
-    kernels._launch.TUNING.update(grad_weight_warps=warps, grad_weight_stages=stages)
-    try:
+    settings = tuning.GradWeightTuning(warp_warps=warps, warp_stages=stages)
+    with tuning.use(settings):
         grad_w = torch.full_like(layer.weight, float("nan"))
         grad_b = torch.full_like(layer.bias, float("nan"))
-        xt = kernels._launch.transpose_input(x)
+        xt = kernels.layout.transpose_input(x)
         kernels.gsfi_grad_weight(grad_out, xt, layer.group_index, layer.weight.detach(), out=grad_w, grad_bias=grad_b)
-        plan = kernels._launch._grad_weight_plan(
-            "bf16_t", group_size, fan_in, 200, 150, layer.num_groups, labels % 8 == 0, x.device.index,
-            tuple(sorted(kernels._launch.TUNING.items())),
-        )
-        assert plan.kernel == "gsfi_grad_weight_warp" and plan.block == 32 * warps
-    finally:
-        kernels._launch.TUNING.clear()
+    plan = kernels.grad_weight.plan(
+        "bf16_t", group_size, fan_in, 200, 150, layer.num_groups, labels % 8 == 0, x.device.index, settings
+    )
+    assert plan.kernel == "gsfi_grad_weight_warp" and plan.block == 32 * warps
     _assert_close("grad_weight", grad_w, ref_gw, x.dtype)
     _assert_close("grad_bias", grad_b, ref_gb, x.dtype)
     assert torch.count_nonzero(grad_w[layer.out_features :]) == 0
@@ -211,27 +199,23 @@ def test_forward_kernels(forward_kernel, group_size, batch, fan_in, labels, dtyp
     # Both forward kernels on every group size: the Hopper one (wgmma, chunks of 64 columns of K: K = 8,
     # 72 and 200 end in a partial chunk) where the device has it, and the mma.sync one; B = 1, a partial
     # last batch tile, L not a multiple of G, odd L (2-byte stores).
-    from lightning_haste import kernels
-
     if forward_kernel == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma forward needs a Hopper GPU (sm_90)")
     layer, x, grad_out = _inputs((batch, 600, labels, group_size, fan_in, dtype), seed=group_size * 1000 + fan_in)
     ref_out, _, _, _ = _reference(layer, x, grad_out)
-    kernels._launch.TUNING.update(forward_kernel=forward_kernel)
-    try:
+    settings = tuning.ForwardTuning(kernel=forward_kernel)
+    with tuning.use(settings):
         out = torch.full((batch, (labels + 7) // 8 * 8), float("nan"), device="cuda", dtype=dtype)[:, :labels]
         out, _ = kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, layer.bias.detach(), labels, out=out)
         _assert_close("forward", out, ref_out, dtype)
         packed = torch.full((batch, labels), float("nan"), device="cuda", dtype=dtype)
         kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, None, labels, out=packed)
         _assert_close("forward (packed rows, no bias)", packed, ref_out - layer.bias.detach().double(), dtype)
-        plan = kernels._launch._forward_plan(
-            kernels._launch.KERNEL_DTYPES[dtype], group_size, fan_in, 600, batch, layer.num_groups, False,
-            x.device.index, tuple(sorted(kernels._launch.TUNING.items())),
-        )
-        assert (plan.kernel == "gsfi_forward_sm90") == (forward_kernel == "wgmma")
-    finally:
-        kernels._launch.TUNING.clear()
+    plan = kernels.forward.plan(
+        kernels.layout.KERNEL_DTYPES[dtype], group_size, fan_in, 600, batch, layer.num_groups, False,
+        x.device.index, settings,
+    )
+    assert (plan.kernel == "gsfi_forward_sm90") == (forward_kernel == "wgmma")
 
 
 @pytest.mark.parametrize("forward_kernel", ["wgmma", "mma"])
@@ -239,8 +223,6 @@ def test_forward_keeps_float32_subnormals(forward_kernel):
     # CuPy compiles the kernels with -ftz=true, under which a C++ float addition flushes subnormals; the
     # kernels add with explicit IEEE instructions. With zero weights every output is its bias exactly,
     # here bfloat16 subnormals (|b| < 2**-126).
-    from lightning_haste import kernels
-
     if forward_kernel == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma forward needs a Hopper GPU (sm_90)")
     layer = lh.GroupSharedFanIn(300, 1000, 64, 32, device="cuda", dtype=torch.bfloat16)
@@ -250,11 +232,8 @@ def test_forward_keeps_float32_subnormals(forward_kernel):
     bias = layer.bias.detach()
     assert int((bias != 0).sum()) > 900 and bool((bias.float().abs() < 2.0**-126).all())
     x = torch.randn(100, 300, device="cuda", dtype=torch.bfloat16)
-    kernels._launch.TUNING.update(forward_kernel=forward_kernel)
-    try:
+    with tuning.use(tuning.ForwardTuning(kernel=forward_kernel)):
         out, _ = kernels.gsfi_forward(x, layer.weight.detach(), layer.group_index, bias, 1000)
-    finally:
-        kernels._launch.TUNING.clear()
     assert torch.equal(out, bias.expand(100, -1))
 
 
@@ -262,8 +241,6 @@ def test_forward_keeps_float32_subnormals(forward_kernel):
 def test_grad_input_partial_last_chunk_of_fan_in(group_size, fan_in):
     # fan_in a multiple of 16 whose last chunk of K is partial (chunks of 128, or 64 for G = 128): the
     # slots past fan_in go to trash rows, which must exist although fan_in % 16 == 0.
-    from lightning_haste import kernels
-
     case = (150, 200, 999, group_size, fan_in, torch.bfloat16)
     layer, x, grad_out = _inputs(case, seed=fan_in)
     _, ref_gx, _, _ = _reference(layer, x, grad_out)
@@ -273,8 +250,6 @@ def test_grad_input_partial_last_chunk_of_fan_in(group_size, fan_in):
 
 def test_gradients_of_a_transposed_grad_out():
     # A column-major dZ cannot be read as rows: the backward copies it once into padded rows.
-    from lightning_haste import kernels
-
     case = (40, 256, 333, 32, 64, torch.bfloat16)
     layer, x, grad_out = _inputs(case, seed=12)
     _, ref_gx, ref_gw, ref_gb = _reference(layer, x, grad_out)

@@ -1,34 +1,44 @@
-"""CUDA kernel launchers for the group-shared fixed fan-in layer.
+"""CUDA kernels of the group-shared fixed fan-in layer, one unit per GPU operation.
 
-This package is the only place that knows CuPy. CuPy is imported lazily, on the first launch, so that
-CPU-only installs import ``lightning_haste`` without it. Sources live in the top-level ``cuda/`` folder
-and are compiled at run time with NVRTC through ``cupy.RawModule``; compiled functions are cached per
-(kernel, dtype, group size, padded fan-in, variant, device architecture).
+Layout of the package (data flows one way: layer -> op -> launcher -> ``cuda/*.cu``):
+
+- :mod:`.runtime`: sources, the NVRTC compile cache (per kernel, template arguments and architecture),
+  device limits, plans, launches on torch's current stream. The only module that imports CuPy (lazily,
+  on the first launch), so CPU-only installs import ``lightning_haste`` without it.
+- :mod:`.layout`: the tensor layouts the kernels read and write (transposed input, aligned/padded rows)
+  and the argument checks all launchers share.
+- :mod:`.tuning`: typed per-kernel overrides of the automatic variant choices, applied with ``tuning.use``.
+- one module per operation, holding its shared-memory size formula, variant choice, cached plan and
+  launcher: :mod:`.forward`, :mod:`.grad_input`, :mod:`.grad_weight`.
+
+The ``torch.library`` custom ops that make these launchers visible to ``torch.compile`` live in
+:mod:`lightning_haste.ops`. ``cuda/README.md`` lists the steps to add a kernel.
 
 Everything here takes and returns torch tensors; memory comes from torch's caching allocator and
 launches go to torch's current stream, with no host synchronisation.
 """
 
-from ._launch import (
-    SUPPORTED_GROUP_SIZES,
-    MAX_FAN_IN,
-    KernelUnavailableError,
-    gsfi_forward,
-    gsfi_grad_input,
-    gsfi_grad_weight,
-    grad_out_for_kernels,
-    padded_rows,
-    supports,
-)
+from . import forward, grad_input, grad_weight, layout, runtime, tuning
+from .forward import gsfi_forward
+from .grad_input import gsfi_grad_input
+from .grad_weight import gsfi_grad_weight
+from .layout import MAX_FAN_IN, SUPPORTED_GROUP_SIZES, grad_out_for_kernels, padded_rows, supports
+from .runtime import KernelUnavailableError
 
 __all__ = [
-    "SUPPORTED_GROUP_SIZES",
     "MAX_FAN_IN",
+    "SUPPORTED_GROUP_SIZES",
     "KernelUnavailableError",
+    "forward",
+    "grad_input",
+    "grad_out_for_kernels",
+    "grad_weight",
     "gsfi_forward",
     "gsfi_grad_input",
     "gsfi_grad_weight",
-    "grad_out_for_kernels",
+    "layout",
     "padded_rows",
+    "runtime",
     "supports",
+    "tuning",
 ]
