@@ -39,10 +39,9 @@ def dense_targets(positives, num_labels):
 
 
 def precision_at_k(top_ids: torch.Tensor, positives, ks=(1, 3, 5)):
-    hits = torch.tensor(
-        [[float(np.isin(row[:k], pos).sum()) / k for k in ks] for row, pos in zip(top_ids.tolist(), positives)]
-    )
-    return {f"P@{k}": float(v) for k, v in zip(ks, hits.mean(0))}
+    rows = zip(top_ids.tolist(), positives, strict=True)
+    hits = torch.tensor([[float(np.isin(row[:k], pos).sum()) / k for k in ks] for row, pos in rows])
+    return {f"P@{k}": float(v) for k, v in zip(ks, hits.mean(0), strict=True)}
 
 
 class Model(nn.Module):

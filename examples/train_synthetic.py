@@ -79,15 +79,15 @@ def main() -> None:
         print(f"{name:<14}" + "".join(f"{results['test/' + k]:8.3f}" for k in keys) + f"{params:>15,}{seconds:9.1f}")
 
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - optional: the results print without it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, k in zip(axes, ("P@1", "P@3", "P@5")):
+    for ax, k in zip(axes, ("P@1", "P@3", "P@5"), strict=True):
         for name, (_, history, _, _) in runs.items():
             ax.plot([r["step"] for r in history.rows], [r[f"val/{k}"] for r in history.rows], marker="o", label=name)
         ax.set_title(k)

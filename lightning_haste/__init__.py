@@ -1,5 +1,7 @@
 """lightning-haste: HASTE group-shared fixed fan-in output layers for extreme multi-label training."""
 
+import importlib
+
 from . import dst, functional
 from .dst import RewireStats, reset_optimizer_state_
 from .gsfi import GroupSharedFanIn, bank_interleaved_order, sample_group_index
@@ -18,7 +20,7 @@ __all__ = [
     "reset_optimizer_state_",
     "sample_group_index",
 ]
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 
 _LAZY = {
@@ -31,7 +33,5 @@ _LAZY = {
 def __getattr__(name: str):
     # These import Lightning / torchmetrics; load them on first use so that the layers import fast.
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'lightning_haste' has no attribute {name!r}")

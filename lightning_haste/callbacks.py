@@ -48,8 +48,8 @@ class SparseRegrowthCallback(Callback):
 
     Args:
         interval: optimizer steps between rewires.
-        prune_fraction: fraction of each group's slots pruned at step 0 (SPEC: 0.15-0.25).
-        end: fraction of the total steps after which the topology is frozen (SPEC: 0.66-0.7).
+        prune_fraction: fraction of each group's slots pruned at step 0 (usually 0.15-0.25).
+        end: fraction of the total steps after which the topology is frozen (usually 0.66-0.7).
         schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` decay of the fraction.
         score, init, init_scale: as for :func:`lightning_haste.dst.rewire_`.
         seed: base seed of the rewiring draws.
@@ -106,7 +106,8 @@ class SparseRegrowthCallback(Callback):
         step = trainer.global_step  # optimizer steps taken so far
         if not self._layers or step == 0 or step % self.interval or step == self.last_rewire_step:
             return
-        fraction = prune_fraction_at(step, self.end * trainer.estimated_stepping_batches, self.prune_fraction, self.schedule)
+        end_step = self.end * trainer.estimated_stepping_batches
+        fraction = prune_fraction_at(step, end_step, self.prune_fraction, self.schedule)
         self.last_rewire_step = step
         if fraction <= 0.0:
             return

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from lightning.pytorch import LightningModule
 from torch import nn

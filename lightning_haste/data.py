@@ -7,9 +7,10 @@ label-id tensors, "index": Tensor [B]}``; targets stay sparse all the way to the
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -132,7 +133,7 @@ def write_bow(path: Union[str, os.PathLike], data: XMCData) -> None:
         for i in range(len(data)):
             labels = ",".join(map(str, data.labels.indices[data.labels.indptr[i] : data.labels.indptr[i + 1]]))
             row = slice(features.indptr[i], features.indptr[i + 1])
-            feats = " ".join(f"{j}:{v:.6g}" for j, v in zip(features.indices[row], features.data[row]))
+            feats = " ".join(f"{j}:{v:.6g}" for j, v in zip(features.indices[row], features.data[row], strict=True))
             fh.write(f"{labels} {feats}\n" if labels else f" {feats}\n")
 
 
@@ -326,13 +327,13 @@ class XMCDataModule(LightningDataModule):
     @classmethod
     def synthetic(
         cls, *, seed: int = 0, batch_size: int = 256, shuffle: bool = True, **kwargs: Any
-    ) -> "XMCDataModule":
+    ) -> XMCDataModule:
         """The embedded default data: :func:`synthetic_xmc` with ``kwargs``."""
         train, test = synthetic_xmc(seed=seed, **kwargs)
         return cls(train, test=test, batch_size=batch_size, shuffle=shuffle)
 
     @classmethod
-    def from_bow_directory(cls, directory: Union[str, os.PathLike], **kwargs: Any) -> "XMCDataModule":
+    def from_bow_directory(cls, directory: Union[str, os.PathLike], **kwargs: Any) -> XMCDataModule:
         """A repository data set folder with ``train.txt`` and ``test.txt`` in the bag-of-words format (and
         optionally ``filter_labels_test.txt``)."""
         return BowXMCDataModule(str(directory), **kwargs)

@@ -1,4 +1,4 @@
-"""Dynamic sparse training for the group-shared fixed fan-in layer (SPEC section 4).
+"""Dynamic sparse training (prune and regrow) for the group-shared fixed fan-in layer.
 
 A rewire scores every slot of every group (``mean`` or ``max`` over the group's real labels of
 ``|weight|``), prunes the lowest-scoring slots of each group (a fraction of ``fan_in``, or all below a
@@ -47,7 +47,7 @@ class RewireStats:
     regrown: Tensor
 
 
-def slot_scores(layer: "GroupSharedFanIn", score: str = "mean") -> Tensor:
+def slot_scores(layer: GroupSharedFanIn, score: str = "mean") -> Tensor:
     """Per-slot scores ``[num_groups, fan_in]`` (float32): ``mean`` or ``max`` of ``|weight|`` over the
     group's real labels (the padding labels of the last group do not count)."""
     if score not in SCORES:
@@ -60,7 +60,7 @@ def slot_scores(layer: "GroupSharedFanIn", score: str = "mean") -> Tensor:
     return weight.sum(dim=1) / labels
 
 
-def regrown_weight_mask(layer: "GroupSharedFanIn", regrown: Tensor) -> Tensor:
+def regrown_weight_mask(layer: GroupSharedFanIn, regrown: Tensor) -> Tensor:
     """Bool mask shaped like ``layer.weight``: the weights of regrown slots (padding labels excluded)."""
     mask = regrown.repeat_interleave(layer.group_size, dim=0)
     mask[layer.out_features :] = False
@@ -106,7 +106,7 @@ def _draw_new_features(
 
 @torch.no_grad()
 def rewire_(
-    layer: "GroupSharedFanIn",
+    layer: GroupSharedFanIn,
     prune_fraction: Optional[float] = None,
     *,
     threshold: Optional[float] = None,

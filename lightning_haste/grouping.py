@@ -1,5 +1,5 @@
-"""Label grouping (SPEC section 3): PIFA label embeddings, FAISS / balanced k-means / random groups of
-exactly ``group_size`` labels, cohesion, and the frequency-based head/tail split."""
+"""Label grouping: PIFA label embeddings, FAISS / balanced k-means / random groups of exactly
+``group_size`` labels, cohesion, and the frequency-based head/tail split."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def split_head_tail(label_frequencies: Any, head_ratio: float, group_size: int) 
     (ties by label id). The head holds the ``head_ratio`` most frequent fraction, rounded up to a multiple of
     ``group_size`` (and at most all labels)."""
     group_size = _check_group_size(group_size)
-    freq = np.asarray(label_frequencies.detach().cpu() if isinstance(label_frequencies, torch.Tensor) else label_frequencies)
+    if isinstance(label_frequencies, torch.Tensor):
+        label_frequencies = label_frequencies.detach().cpu()
+    freq = np.asarray(label_frequencies)
     if freq.ndim != 1 or freq.size == 0:
         raise ValueError(f"label_frequencies must be a non-empty 1-D array, got shape {freq.shape}")
     if not np.issubdtype(freq.dtype, np.number) or np.issubdtype(freq.dtype, np.complexfloating):
@@ -156,7 +158,7 @@ class LabelGrouping:
         return {"group_ids": torch.from_numpy(self.group_ids.copy()), "group_size": self.group_size}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "LabelGrouping":
+    def from_state_dict(cls, state: dict[str, Any]) -> LabelGrouping:
         return cls(np.asarray(state["group_ids"], dtype=np.int64), int(state["group_size"]))
 
     def for_labels(self, label_ids: np.ndarray, num_labels: int, fill: int = -1) -> np.ndarray:
@@ -333,7 +335,7 @@ def _faiss_greedy_order(
         seeds = rng.choice(remaining.size, num_seeds, replace=False)
         _, neighbours = index.search(unit[remaining[seeds]], min(k, remaining.size))
         taken = np.zeros(remaining.size, dtype=bool)
-        for seed, row in zip(seeds, neighbours):
+        for seed, row in zip(seeds, neighbours, strict=True):
             if taken[seed]:
                 continue
             row = row[row >= 0]

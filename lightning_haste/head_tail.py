@@ -1,11 +1,12 @@
-"""Dense head + group-shared sparse tail output layer (SPEC section 2)."""
+"""Dense head + group-shared sparse tail output layer."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -246,7 +247,8 @@ class HeadTailOutput(nn.Module):
             rows = positions[head_cols]
             head = self.head
             bias = head.bias.index_select(0, rows) if head.bias is not None else None
-            parts.append((head_cols, nn.functional.linear(self._head_input(x2d), head.weight.index_select(0, rows), bias)))
+            weight = head.weight.index_select(0, rows)
+            parts.append((head_cols, nn.functional.linear(self._head_input(x2d), weight, bias)))
         if tail_cols.numel():
             tail = self.tail
             tail.check_group_index()

@@ -1,4 +1,4 @@
-"""Extreme multi-label ranking metrics as torchmetrics (SPEC section 6): P@k, nDCG@k, PSP@k.
+"""Extreme multi-label ranking metrics as torchmetrics: P@k, nDCG@k, PSP@k.
 
 Each metric takes the top-k predicted label ids ``[N, >= max k]`` (or a ``[N, L]`` score tensor, from which
 the top-k is taken) and the targets as a list of 1-D tensors of positive label ids (or a ``torch.sparse_csr``
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,7 +38,8 @@ def _targets_csr(targets: Targets, rows: int, device: torch.device) -> tuple[Ten
     elif sp.issparse(targets):
         csr = sp.csr_matrix(targets)
         csr.sort_indices()
-        crow, col = torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64)), torch.from_numpy(np.asarray(csr.indices, dtype=np.int64))
+        crow = torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64))
+        col = torch.from_numpy(np.asarray(csr.indices, dtype=np.int64))
     else:
         lists = [torch.as_tensor(t).reshape(-1).long() for t in targets]
         crow = torch.tensor([0] + [t.numel() for t in lists]).cumsum(0)

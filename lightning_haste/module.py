@@ -3,7 +3,8 @@ output layer; subclass it together with ``LightningModule`` and (optionally) giv
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +78,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return {"parts": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        for opt, part in zip(self.optimizers, state_dict["parts"]):
+        for opt, part in zip(self.optimizers, state_dict["parts"], strict=True):
             opt.load_state_dict(part)
         self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
 
@@ -87,11 +88,11 @@ class HasteXMCModule:
 
     Call :meth:`configure_haste` in ``__init__``. The output layer (:class:`HeadTailOutput`) is built in
     ``setup`` from the datamodule's statistics (``num_labels``, ``label_frequencies``, and for the grouping its
-    ``label_embeddings`` if it has them, else PIFA embeddings from ``train_data``). Override :meth:`encode` to turn a batch into features (default: the batch's
-    ``"features"``, for bag-of-words input). Training uses BCE with logits (or squared hinge) on sparse
-    targets; validation/test log P@k, nDCG@k and PSP@k; ``predict_step`` returns top-k ``(scores, label ids)``
-    in original label ids; :meth:`configure_optimizers` gives AdamW to the encoder and SGD with momentum to
-    the output layer (override it to change that).
+    ``label_embeddings`` if it has them, else PIFA embeddings from ``train_data``). Override :meth:`encode` to
+    turn a batch into features (default: the batch's ``"features"``, for bag-of-words input). Training uses
+    BCE with logits (or squared hinge) on sparse targets; validation/test log P@k, nDCG@k and PSP@k;
+    ``predict_step`` returns top-k ``(scores, label ids)`` in original label ids; :meth:`configure_optimizers`
+    gives AdamW to the encoder and SGD with momentum to the output layer (override it to change that).
     """
 
     output: Optional[HeadTailOutput]
@@ -116,7 +117,20 @@ class HasteXMCModule:
         output_weight_decay: float = 1e-4,
         seed: int = 0,
     ) -> None:
-        """Store the output-layer and training settings (see the README for their meaning)."""
+        """Store the output-layer and training settings; the layer itself is built in ``setup``.
+
+        Args:
+            in_features: width of :meth:`encode`'s output (default: the datamodule's ``num_features``).
+            head_ratio, fan_in, group_size, head_features, tail_features: as for :class:`HeadTailOutput`.
+            grouping: how the tail labels are grouped (:func:`~lightning_haste.grouping.group_labels` method:
+                ``"faiss-greedy"``, ``"balanced-kmeans"`` or ``"random"``), or ``None`` for frequency order.
+            loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets.
+            k: the cut-offs of the validation/test metrics and of ``predict_step``'s top-k (its largest).
+            psp_a, psp_b: the propensity constants A and B of PSP@k.
+            encoder_lr: AdamW learning rate of the encoder (every parameter outside the output layer).
+            output_lr, output_momentum, output_weight_decay: SGD settings of the output layer.
+            seed: seed of the grouping and of the output layer's index and initial weights.
+        """
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_haste as lh
@@ -91,7 +92,7 @@ def test_optimizer_state_reset_at_regrown_weights():
     callback = lh.SparseRegrowthCallback(interval=5, prune_fraction=0.5, end=1.0, log=False)
     _trainer([callback, Peek()], max_steps=12).fit(module)
     assert len(calls) == 2 and len(states) == 2
-    for (_, stats), momentum in zip(calls, states):
+    for (_, stats), momentum in zip(calls, states, strict=True):
         mask = lh.dst.regrown_weight_mask(module.layer, stats.regrown)
         assert torch.all(momentum[mask] == 0) and torch.count_nonzero(momentum[~mask][:100]) > 0
 
@@ -121,8 +122,6 @@ class StopAt(Callback):
 
 
 def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_run(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     make = lambda: lh.SparseRegrowthCallback(interval=4, prune_fraction=0.4, end=0.8, seed=7, log=False)  # noqa: E731
     straight = Tiny()
     _trainer([make()], max_steps=24).fit(straight)

@@ -19,8 +19,8 @@ def test_cli_fits_and_tests_with_the_shipped_config(tmp_path):
     config = ROOT / "examples" / "configs" / "synthetic.yaml"
     small = ["--trainer.max_steps=12", "--trainer.val_check_interval=6", "--trainer.enable_progress_bar=false",
              "--data.init_args.num_train=400", "--data.init_args.num_test=100", "--data.init_args.num_labels=200",
-             "--data.init_args.num_features=64", "--data.init_args.batch_size=32", "--model.hidden=32", "--model.fan_in=16",
-             f"--trainer.default_root_dir={tmp_path}"]
+             "--data.init_args.num_features=64", "--data.init_args.batch_size=32", "--model.hidden=32",
+             "--model.fan_in=16", f"--trainer.default_root_dir={tmp_path}"]
     _run(["-m", "lightning_haste.cli", "fit", f"--config={config}", *small], tmp_path)
     ckpt = next(tmp_path.rglob("*.ckpt"))
     _run(["-m", "lightning_haste.cli", "test", f"--config={config}", *small, f"--ckpt_path={ckpt}"], tmp_path)
@@ -30,7 +30,7 @@ def test_train_bow_example_on_written_files(tmp_path):
     train, test = synthetic_xmc(300, 80, 120, 40, seed=5)
     write_bow(tmp_path / "train.txt", train)
     write_bow(tmp_path / "test.txt", test)
-    (tmp_path / "filter_labels_test.txt").write_text("0 %d\n" % test.labels[0].indices[0])
+    (tmp_path / "filter_labels_test.txt").write_text(f"0 {test.labels[0].indices[0]}\n")
     out = _run([str(ROOT / "examples" / "train_bow.py"), str(tmp_path), "--steps", "10", "--fan-in", "8",
                 "--group-size", "8", "--accelerator", "cpu"], tmp_path)
     assert "P@1=" in out and "PSP@5=" in out

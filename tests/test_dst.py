@@ -40,9 +40,8 @@ def test_pruned_slots_are_exactly_the_lowest_scores(score):
     before_index = layer.group_index.clone()
     weights = layer.weight.detach().abs().double().view(num_groups, group_size, fan_in)
     real = [min(group_size, layer.out_features - g * group_size) for g in range(num_groups)]
-    expected_scores = torch.stack(
-        [weights[g, : real[g]].mean(0) if score == "mean" else weights[g, : real[g]].max(0).values for g in range(num_groups)]
-    )
+    reduce = (lambda w: w.mean(0)) if score == "mean" else (lambda w: w.max(0).values)
+    expected_scores = torch.stack([reduce(weights[g, : real[g]]) for g in range(num_groups)])
     torch.testing.assert_close(dst.slot_scores(layer, score).double(), expected_scores, rtol=1e-6, atol=1e-7)
     stats = layer.rewire(0.25, score=score, generator=torch.Generator().manual_seed(4))
     count = math.floor(0.25 * fan_in)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -109,8 +111,6 @@ def test_split_head_tail():
 
 
 def test_grouping_feeds_head_tail_output_and_round_trips():
-    import warnings
-
     freq = np.random.default_rng(2).integers(1, 50, size=200)
     head, tail = split_head_tail(freq, 0.1, 8)  # 24 head labels, 176 tail labels = 22 groups
     emb, _ = planted(22, 8)  # embedding i belongs to tail label tail[i]

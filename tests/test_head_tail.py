@@ -56,7 +56,11 @@ def test_head_is_most_frequent_and_rounded_to_group_size():
 
 @pytest.mark.parametrize(
     "slices",
-    [dict(), dict(tail_features=(0, 14), head_features=(14, 24)), dict(tail_features=slice(4, 24), head_features=slice(0, 4))],
+    [
+        dict(),
+        dict(tail_features=(0, 14), head_features=(14, 24)),
+        dict(tail_features=slice(4, 24), head_features=slice(0, 4)),
+    ],
 )
 def test_logits_in_original_order_match_dense_reference(slices):
     layer = _make(**slices)
@@ -70,7 +74,8 @@ def test_logits_in_original_order_match_dense_reference(slices):
     internal = torch.cat(
         [layer.head(x2[:, slice(*layer.head_slice)]), layer.tail(x2[:, slice(*layer.tail_slice)])], dim=1
     )
-    torch.testing.assert_close(out.detach().reshape(-1, 203)[:, layer.label_permutation], internal.detach(), rtol=0, atol=0)
+    original = out.detach().reshape(-1, 203)
+    torch.testing.assert_close(original[:, layer.label_permutation], internal.detach(), rtol=0, atol=0)
     grad = torch.randn_like(out)
     out.backward(grad)
     torch.testing.assert_close(x.grad, grad @ weight, rtol=0, atol=1e-10)

@@ -1,4 +1,5 @@
 import math
+import socket
 
 import numpy as np
 import pytest
@@ -25,17 +26,17 @@ def brute_force(scores, targets, ks, inv=None):
     p, ndcg, num, den = {}, {}, {}, {}
     for k in ks:
         pk, nk, nu, de = [], [], [], []
-        for row, pos in zip(top, targets):
+        for row, pos in zip(top, targets, strict=True):
             pos = set(pos.tolist())
-            y = [1.0 if l in pos else 0.0 for l in row[:k]]
+            y = [1.0 if label in pos else 0.0 for label in row[:k]]
             pk.append(sum(y) / k)
             dcg = sum(v / math.log2(r + 2) for r, v in enumerate(y))
             depth = min(k, len(pos))
             idcg = sum(1 / math.log2(r + 2) for r in range(depth))
             nk.append(dcg / idcg if depth else 0.0)
             if inv is not None:
-                nu.append(sum(inv[l] for l in row[:k] if l in pos))
-                de.append(sum(sorted((inv[l] for l in pos), reverse=True)[:k]))
+                nu.append(sum(inv[label] for label in row[:k] if label in pos))
+                de.append(sum(sorted((inv[label] for label in pos), reverse=True)[:k]))
         p[k], ndcg[k] = np.mean(pk), np.mean(nk)
         if inv is not None:
             num[k], den[k] = np.sum(nu), np.sum(de)
@@ -113,8 +114,6 @@ def _ddp_worker(rank, world, port, queue):
 
 
 def test_ddp_reduction_equals_single_process():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

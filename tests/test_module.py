@@ -1,11 +1,25 @@
+import zlib
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import lightning_haste as lh
-from lightning_haste.data import XMCDataModule, XMCFormatError, read_bow, synthetic_xmc, write_bow
+from lightning_haste.data import (
+    XMCData,
+    XMCDataModule,
+    XMCFormatError,
+    read_bow,
+    read_filter_labels,
+    read_label_matrix,
+    read_raw_text_dataset,
+    synthetic_xmc,
+    write_bow,
+)
 from lightning_haste.module import HasteXMCModule, sparse_bce_with_logits, sparse_squared_hinge
 
 
@@ -92,8 +106,6 @@ def test_predict_returns_original_label_ids():
 
 
 def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     dm = _dm(seed=3, shuffle=False)
     straight = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -106,8 +118,9 @@ def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
     Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, max_steps=20, limit_val_batches=0).fit(
         resumed, dm, ckpt_path=next(tmp_path.glob("*step=10*.ckpt")))
-    a = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(straight, dm, verbose=False)[0]
-    b = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(resumed, dm, verbose=False)[0]
+    evaluator = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    a = Trainer(**evaluator).validate(straight, dm, verbose=False)[0]
+    b = Trainer(**evaluator).validate(resumed, dm, verbose=False)[0]
     assert a == pytest.approx(b, abs=1e-6)
 
 
@@ -156,8 +169,6 @@ class TextModel(HasteXMCModule, LightningModule):
         self.configure_haste(in_features=32, **kw)
 
     def encode(self, batch):
-        import zlib
-
         ids, offsets = [], []
         for text in batch["texts"]:
             offsets.append(len(ids))
@@ -179,8 +190,6 @@ def _write_text_split(folder, name, data, rng):
 
 
 def test_text_encoder_trains_end_to_end_on_raw_text_files(tmp_path):
-    from lightning_haste.data import read_raw_text_dataset
-
     rng = np.random.default_rng(0)
     train, test = synthetic_xmc(800, 200, 150, 16, seed=6)
     _write_text_split(tmp_path, "trn", train, rng)
@@ -206,8 +215,6 @@ def test_user_label_embeddings_drive_the_grouping():
 
 
 def test_label_file_and_filter_errors_name_file_and_line(tmp_path):
-    from lightning_haste.data import read_filter_labels, read_label_matrix
-
     f = tmp_path / "trn_X_Y.txt"
     f.write_text("2 5\n0:1 3:1\n7:1\n")
     with pytest.raises(XMCFormatError, match="trn_X_Y.txt:3: label id 7 out of range"):
@@ -224,10 +231,6 @@ def test_label_file_and_filter_errors_name_file_and_line(tmp_path):
 
 def test_sparse_feature_batches_train():
     train, test = synthetic_xmc(300, 80, 120, 40, seed=8)
-    import scipy.sparse as sp
-
-    from lightning_haste.data import XMCData
-
     dm = XMCDataModule(XMCData(sp.csr_matrix(train.features), train.labels),
                        test=XMCData(sp.csr_matrix(test.features), test.labels), batch_size=32, sparse_features=True)
     batch = next(iter(dm.train_dataloader()))
