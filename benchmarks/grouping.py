@@ -44,8 +44,9 @@ def main() -> None:
             start = time.perf_counter()
             grouping = group_labels(emb, args.group_size, method=method, progress=False)
             seconds = time.perf_counter() - start
-            print(f"{num_labels:>10,} {method:<16} {seconds:>8.1f} {grouping.cohesion(emb):>9.3f} {random_cohesion:>8.3f}",
-                  flush=True)
+            cohesion = grouping.cohesion(emb)
+            line = f"{num_labels:>10,} {method:<16} {seconds:>8.1f} {cohesion:>9.3f} {random_cohesion:>8.3f}"
+            print(line, flush=True)
         del emb
 
 
