@@ -4,9 +4,8 @@
 // One CTA = 64 batch rows x a set of groups; NW warps, and each warp owns whole groups: with C CTAs
 // along the groups, warp w of CTA c takes groups c * NW + w + i * C * NW, so warps never wait for each
 // other after the start, and the CTAs running at any moment read and write one contiguous band of
-// weights and output columns (4 % faster than contiguous ranges per CTA at Amazon-3M and
-// AmazonTitles-670K, benchmarks/RESULTS.md). A warp computes
-// its group's [64 x G] output tile in passes of MTP 16-row tiles (all 64 rows when G <= 32), with the
+// weights and output columns (which runs faster than a contiguous range of groups per CTA). A warp
+// computes its group's [64 x G] output tile in passes of MTP 16-row tiles (all 64 rows when G <= 32), with the
 // group's weights streamed through a warp-private NSW-stage cp.async ring in chunks of 32 columns of K;
 // every weight fragment feeds MTP tensor-core products.
 //
@@ -17,26 +16,47 @@
 // Outputs go through a warp-private shared tile so that each lane stores whole 16-byte pieces.
 #include "gsfi_common.cuh"
 
+// Dynamic shared memory of gsfi_forward, in this order: with RESIDENT the CTA's 64 columns of XT
+// [H + 1][XPITCH] (row H zeros), then per warp a ring of NSW stages and a 16-row output tile [16][OPITCH].
+// A stage holds a chunk of the group's weights [GP][WPITCH], its KCW indices and, without RESIDENT, the
+// KCW gathered rows of XT [KCW][XPITCH]. Rows carry 16 bytes of padding, so the 8 rows an ldmatrix reads
+// fall into different banks.
+template <int G, int KP, bool RESIDENT, int NW, int NSW>
+struct ForwardSmem {
+  static constexpr int BT = 64, GP = gsfi_pad16(G);
+  static constexpr int KCW = KP < 32 ? KP : 32;  // columns of K per stage
+  static constexpr int XPITCH = BT * 2 + 16, WPITCH = KCW * 2 + 16, OPITCH = GP * 2 + 16;
+  static constexpr int W_BYTES = GP * WPITCH, IDX_BYTES = KCW * 4, S_BYTES = RESIDENT ? 0 : KCW * XPITCH;
+  static constexpr int IDX_OFFSET = W_BYTES, S_OFFSET = W_BYTES + IDX_BYTES;  // in a stage
+  static constexpr int STAGE = W_BYTES + IDX_BYTES + S_BYTES, O_BYTES = 16 * OPITCH;
+  static constexpr int O_OFFSET = NSW * STAGE;  // the output tile, in a warp's share
+  static constexpr int WARP_BYTES = NSW * STAGE + O_BYTES;
+  // The resident input; warp w's share (its ring's stage 0) starts x_bytes(H) + w * WARP_BYTES in.
+  static __host__ __device__ constexpr int x_bytes(int H) { return RESIDENT ? (H + 1) * XPITCH : 0; }
+  static __host__ __device__ constexpr long long total_bytes(int H) {
+    return (long long)x_bytes(H) + (long long)NW * WARP_BYTES;
+  }
+};
+
 template <class T, int G, int KP, bool RESIDENT, bool ALIGNED_Z, int NW, int NSW>
 __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ XT, int ldxt,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         const u16* __restrict__ bias, u16* __restrict__ Z,
                                                         long long ldz, int B, int H, int L, int K, int num_groups) {
-  constexpr int BT = 64, GP = gsfi_pad16(G);
-  constexpr int KCW = KP < 32 ? KP : 32, NKC = (KP + KCW - 1) / KCW;
+  using Smem = ForwardSmem<G, KP, RESIDENT, NW, NSW>;
+  constexpr int BT = Smem::BT, GP = Smem::GP;
+  constexpr int KCW = Smem::KCW, NKC = (KP + KCW - 1) / KCW;
   constexpr int MTP = GP <= 32 ? 4 : (GP == 64 ? 2 : 1), PASSES = 4 / MTP;
-  constexpr int XPITCH = BT * 2 + 16, WPITCH = KCW * 2 + 16, OPITCH = GP * 2 + 16;
-  constexpr int W_BYTES = GP * WPITCH, IDX_BYTES = KCW * 4, S_BYTES = RESIDENT ? 0 : KCW * XPITCH;
-  constexpr int STAGE = W_BYTES + IDX_BYTES + S_BYTES, O_BYTES = 16 * OPITCH;
-  constexpr int WARP_BYTES = NSW * STAGE + O_BYTES;
+  constexpr int XPITCH = Smem::XPITCH, WPITCH = Smem::WPITCH;
+  constexpr int IDX_OFFSET = Smem::IDX_OFFSET, S_OFFSET = Smem::S_OFFSET, STAGE = Smem::STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
   if (blockIdx.y * NW >= num_groups) return;
   unsigned char* x_s = smem;
-  unsigned char* ring = smem + (RESIDENT ? (H + 1) * XPITCH : 0) + warp * WARP_BYTES;
-  unsigned char* o_s = ring + NSW * STAGE;
+  unsigned char* ring = smem + Smem::x_bytes(H) + warp * Smem::WARP_BYTES;
+  unsigned char* o_s = ring + Smem::O_OFFSET;
 
   if (RESIDENT) {
     for (int c = tid; c < H * (BT / 8); c += NW * 32) {
@@ -58,7 +78,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
   // The lane copies the same pieces of every weight chunk: rows lane / PPR + i * RPP, column (lane % PPR) * 8.
   // Only the chunk's base moves per step and the stage is passed in, so each piece costs a few
   // instructions (with per-piece offsets and the stage computed per step, ptxas rebuilt them from the
-  // thread and block ids every step: a third of the kernel's instructions at B = 512).
+  // thread and block ids every step, a large share of the kernel's instructions).
   constexpr int PPR = KCW / 8, RPP = 32 / PPR, WPL = GP / RPP;
   const int lane_row = lane / PPR, lane_col = (lane % PPR) * 8;
   const int lane_w = lane_row * K + lane_col;
@@ -78,7 +98,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
     const int* ig = idx + (long long)g * K + k0;
     if (lane < KCW / 4) {
       const bool valid = k0 + lane * 4 < K;
-      cp_async16(smem_addr(st + W_BYTES + lane * 16), valid ? ig + lane * 4 : idx, valid);
+      cp_async16(smem_addr(st + IDX_OFFSET + lane * 16), valid ? ig + lane * 4 : idx, valid);
     }
     if (!RESIDENT) {
 #pragma unroll
@@ -87,7 +107,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
         const bool rvalid = k0 + r < K;
         const int f = rvalid ? ig[r] : 0;
         const bool valid = rvalid && b0 + col < ldxt;
-        cp_async16(smem_addr(st + W_BYTES + IDX_BYTES + r * XPITCH + col * 2),
+        cp_async16(smem_addr(st + S_OFFSET + r * XPITCH + col * 2),
                    valid ? XT + (long long)f * ldxt + b0 + col : XT, valid);
       }
     }
@@ -124,7 +144,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
 
         const unsigned char* st = ring + stage * STAGE;
         stage = stage == NSW - 1 ? 0 : stage + 1;
-        const int* is = reinterpret_cast<const int*>(st + W_BYTES);
+        const int* is = reinterpret_cast<const int*>(st + IDX_OFFSET);
 #pragma unroll
         for (int k16 = 0; k16 < KCW / 16; ++k16) {
           unsigned bw[GP / 16][4];
@@ -139,7 +159,7 @@ __global__ void __launch_bounds__(NW * 32) gsfi_forward(const u16* __restrict__ 
             const int f = kc * KCW + kk < K ? is[kk] : H;
             arow = x_s + f * XPITCH;
           } else {
-            arow = st + W_BYTES + IDX_BYTES + kk * XPITCH;
+            arow = st + S_OFFSET + kk * XPITCH;
           }
           const unsigned abase = smem_addr(arow) + (pass * MTP * 16 + ((lane >> 3) & 1) * 8) * 2;
 #pragma unroll

@@ -10,8 +10,8 @@
 // reads (the 16-byte piece p of row r lands at piece p ^ (r % 8)). Against mma.sync this removes the
 // ldmatrix of every weight fragment and issues one instruction per 64 x N x 16 product per warp
 // instead of N / 2 per 16 x N x 16. But each group's copies, barrier, bias loads and output addressing
-// now run in four warps: at B = 512 the kernel executes 1.5x the instructions of gsfi_forward and is
-// slower; the launcher uses it where it measured faster (benchmarks/RESULTS.md: B <= 128, G >= 32).
+// now run in four warps: at large batches the kernel executes more instructions than gsfi_forward and is
+// slower, so the launcher uses it only for small batches and large groups (B <= 128, G >= 32).
 //
 // Compiled only for sm_90a (the launcher passes -arch=sm_90a); other targets get an empty kernel that
 // the launcher never picks.
@@ -95,6 +95,30 @@ __device__ __forceinline__ void wgmma_fence_operands(unsigned (&a)[R][4]) {
     asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
 }
 
+// Dynamic shared memory of gsfi_forward_sm90, from the first 1024-byte boundary of the allocation (the
+// swizzled stages need 1024-byte alignment in the shared window: the swizzle XORs address bits 4-6 with
+// bits 7-9; the dynamic allocation is only guaranteed 16, so ALIGN_SLACK bytes of the total let the kernel
+// start at the next boundary, align_skip bytes in). In this order: per warpgroup a ring of NSW swizzled
+// weight chunks [G][64 values], then per warpgroup a ring of their NSW index chunks, then a 16-row output
+// tile [16][OPITCH] per warp, then the resident input [H + 1][XPITCH] (row H zeros).
+template <int G, int NWG, int NSW>
+struct ForwardSm90Smem {
+  static constexpr int BT = 64, KCW = 64;  // batch rows per CTA, columns of K per stage
+  static constexpr int XPITCH = BT * 2 + 16, OPITCH = G * 2 + 16;
+  static constexpr int W_STAGE = G * KCW * 2, IDX_STAGE = KCW * 4, O_BYTES = 16 * OPITCH;
+  static_assert(W_STAGE % 1024 == 0, "swizzled weight stages must stay 1024-byte aligned");
+  // Warpgroup wg's weight ring starts at wg * NSW * W_STAGE, its index ring at I_OFFSET + wg * NSW *
+  // IDX_STAGE; warp w's output tile at O_OFFSET + w * O_BYTES.
+  static constexpr int I_OFFSET = NWG * NSW * W_STAGE;                // the index rings
+  static constexpr int O_OFFSET = NWG * NSW * (W_STAGE + IDX_STAGE);  // the output tiles
+  static constexpr int X_OFFSET = NWG * NSW * (W_STAGE + IDX_STAGE) + NWG * 4 * O_BYTES;  // the input
+  static constexpr int ALIGN_SLACK = 1024;
+  // Bytes from the allocation's shared-window address `addr` to the next 1024-byte boundary.
+  static __host__ __device__ constexpr unsigned align_skip(unsigned addr) { return (1024 - (addr & 1023)) & 1023; }
+  static __host__ __device__ constexpr long long total_bytes(int H) {
+    return (long long)X_OFFSET + (long long)(H + 1) * XPITCH + ALIGN_SLACK;
+  }
+};
 
 template <class T, int G, int KP, bool ALIGNED_Z, int NWG, int NSW>
 __global__ void __launch_bounds__(NWG * 128, 1)
@@ -102,25 +126,22 @@ __global__ void __launch_bounds__(NWG * 128, 1)
                       const u16* __restrict__ bias, u16* __restrict__ Z, long long ldz, int B, int H, int L, int K,
                       int num_groups) {
 #if GSFI_HAS_WGMMA
-  constexpr int BT = 64, KCW = 64, NKC = (KP + KCW - 1) / KCW;
+  using Smem = ForwardSm90Smem<G, NWG, NSW>;
+  constexpr int BT = Smem::BT, KCW = Smem::KCW, NKC = (KP + KCW - 1) / KCW;
   constexpr int NN = G < 32 ? G : 32, NPROD = G / NN;  // wgmma width and products per 16 columns of K
-  constexpr int XPITCH = BT * 2 + 16, OPITCH = G * 2 + 16;
-  constexpr int W_STAGE = G * KCW * 2, IDX_STAGE = KCW * 4, O_BYTES = 16 * OPITCH;
-  static_assert(W_STAGE % 1024 == 0, "swizzled weight stages must stay 1024-byte aligned");
-  // The swizzled stages need 1024-byte alignment in the shared window (the swizzle XORs address bits
-  // 4-6 with bits 7-9); the dynamic allocation is only guaranteed 16, so the launcher adds 1 KB of slack
-  // and the kernel starts at the next 1024-byte boundary.
+  constexpr int XPITCH = Smem::XPITCH, W_STAGE = Smem::W_STAGE, IDX_STAGE = Smem::IDX_STAGE;
+  // The layout starts at the allocation's first 1024-byte boundary (ForwardSm90Smem).
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = smem_raw + Smem::align_skip(smem_addr(smem_raw));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wl = warp & 3, t = tid & 127;  // warpgroup, warp in it, thread in it
   const int b0 = blockIdx.x * BT;
   if (blockIdx.y * NWG >= num_groups) return;
   unsigned char* w_ring = smem + wg * NSW * W_STAGE;
-  unsigned char* i_ring = smem + NWG * NSW * W_STAGE + wg * NSW * IDX_STAGE;
-  unsigned char* o_s = smem + NWG * NSW * (W_STAGE + IDX_STAGE) + warp * O_BYTES;
-  unsigned char* x_s = smem + NWG * NSW * (W_STAGE + IDX_STAGE) + NWG * 4 * O_BYTES;
+  unsigned char* i_ring = smem + Smem::I_OFFSET + wg * NSW * IDX_STAGE;
+  unsigned char* o_s = smem + Smem::O_OFFSET + warp * Smem::O_BYTES;
+  unsigned char* x_s = smem + Smem::X_OFFSET;
 
   for (int c = tid; c < H * (BT / 8); c += NWG * 128) {
     const int h = c / (BT / 8), col = (c % (BT / 8)) * 8;
@@ -192,7 +213,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
       }
       // The products of a step complete before the next step's ldmatrix (wait_group 0): ptxas serialises
       // register-A products anyway when the next fragments load while they are in flight, and a version
-      // with two fragment sets and two accumulator sets measured no faster (benchmarks/RESULTS.md).
+      // with two fragment sets and two accumulator sets was no faster.
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
       for (int k16 = 0; k16 < K16; ++k16) {

@@ -25,15 +25,175 @@
 // loaded into registers two or four steps ahead and realigned on its way into the stage (DzStager).
 #include "gsfi_common.cuh"
 
+// Weights per pipeline stage: a [G_PAD x K_CHUNK] tile of at most 16 KB, K_CHUNK in [16, 128].
+__host__ __device__ constexpr int gsfi_k_chunk(int g_pad, int k_pad) {
+  int cap = 8192 / g_pad;
+  cap = cap > 128 ? 128 : (cap < 16 ? 16 : cap);
+  cap = cap / 16 * 16;
+  return k_pad < cap ? k_pad : cap;
+}
+
+// Raw rows for grad-input, without the extra 16-byte piece per row of grad-weight's raw tiles (which would
+// cost shared memory the grad-input accumulator needs), for a CTA whose batch rows stay the same at every
+// step: its [ROWS x LABELS] dZ tiles (a step's labels) travel through registers, DEPTH tiles in flight (a
+// slot each; callers index slots with unrolled loop counters so that they stay in registers). load()
+// reads each 8-label piece as the two 16-byte pieces from the boundary at or before it (never past the
+// last element of dZ); store(), DEPTH steps later when the loads have landed, shifts each piece into place
+// in registers and writes it to the shared tile as one aligned 16-byte piece that ldmatrix reads. Rows
+// past the batch and labels past the tile's last become zeros. Tiles start at multiples of 8 labels, so a
+// piece's offset from its 16-byte boundary is that of its row: it and the row's address are computed once.
+template <int ROWS, int LABELS, int NTHREADS, int DEPTH>
+struct DzStager {
+  static constexpr int PIECES = ROWS * (LABELS / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
+  // Fewer pieces than threads: SPREAD threads share a piece, so that all warps share the work; all of them
+  // load it (one request: same addresses) and the first stores it. (Threads that skipped the loads made
+  // every warp's load predicate divergent, and the compiler turns predicated loads into branches.)
+  static constexpr int SPREAD = PIECES < NTHREADS ? NTHREADS / PIECES : 1;
+  static __device__ __forceinline__ int piece(int tid, int i) {
+    return SPREAD > 1 ? tid / SPREAD : tid + i * NTHREADS;
+  }
+  static __device__ __forceinline__ bool stores(int tid, int i) {
+    return SPREAD > 1 ? tid % SPREAD == 0 : (PIECES % NTHREADS == 0 || tid + i * NTHREADS < PIECES);
+  }
+  uint4 raw[DEPTH][PER_THREAD][2];
+  int left[DEPTH];               // labels of the slot's tile that belong to a row (the same for the CTA)
+  const u16* base[PER_THREAD];   // the 16-byte boundary at or before the piece's first label of group 0
+  int meta[PER_THREAD];          // shared tile offset << 5 | last row of dZ << 4 | row in batch << 3 | offset 0..7
+  const u16* dz;
+  long long end;                 // one past dZ's last element
+
+  // offset(r, c): byte offset in the shared tile of row r's 16-byte piece c (the caller's tile layout).
+  template <class Offset>
+  __device__ __forceinline__ void init(const u16* __restrict__ dZ, long long ldz, int row0, int B, int L, Offset offset,
+                                       int tid) {
+    dz = dZ;
+    end = (long long)(B - 1) * ldz + L;
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int c = piece(tid, i), r = c / (LABELS / 8), q = (c % (LABELS / 8)) * 8;
+      const bool in_batch = c < PIECES && row0 + r < B;
+      const long long e = in_batch ? (long long)(row0 + r) * ldz + q : 0;
+      base[i] = dZ + (e & ~7LL);
+      // Only the last row's pieces can reach past the end (for rows of at least 16 labels): they check.
+      const bool last = in_batch && (row0 + r == B - 1 || ldz < 16);
+      meta[i] = (offset(r, q / 8) << 5) | (last << 4) | (in_batch << 3) | (int)(e & 7);
+    }
+  }
+
+  // 32 bytes from global memory, or zeros without a read when !ok: predicated, so that the common path
+  // has no branches (a branch per piece cost more than the loads).
+  static __device__ __forceinline__ void ldg32_or_zero(uint4 (&v)[2], const u16* p, bool ok) {
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %9, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " mov.b32 %4, 0;\n mov.b32 %5, 0;\n mov.b32 %6, 0;\n mov.b32 %7, 0;\n"
+        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%8];\n"
+        " @p ld.global.nc.v4.u32 {%4, %5, %6, %7}, [%8 + 16];\n}\n"
+        : "=r"(v[0].x), "=r"(v[0].y), "=r"(v[0].z), "=r"(v[0].w), "=r"(v[1].x), "=r"(v[1].y), "=r"(v[1].z),
+          "=r"(v[1].w)
+        : "l"(p), "r"((int)ok));
+  }
+
+  // Labels label0 (a multiple of 8) ..., of which labels_left belong to the row.
+  __device__ __forceinline__ void load(int slot, long long label0, int labels_left, int tid) {
+    left[slot] = labels_left;
+    bool ok[PER_THREAD];   // the piece has labels of its row to read
+    bool careful = false;  // a piece of the last row that reaches past the end of dZ
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      ok[i] = (meta[i] & 8) && (piece(tid, i) % (LABELS / 8)) * 8 < labels_left;
+      careful |= ((meta[i] & 16) != 0) & ((base[i] + label0 - dz) + 16 > end);
+    }
+    if (!careful) {
+#pragma unroll
+      for (int i = 0; i < PER_THREAD; ++i) ldg32_or_zero(raw[slot][i], base[i] + label0, ok[i]);
+    } else {  // element by element, none past the end
+#pragma unroll
+      for (int i = 0; i < PER_THREAD; ++i) {
+        const u16* at = base[i] + label0;
+        const long long first = at - dz;
+        unsigned h[16];
+#pragma unroll
+        for (int k = 0; k < 16; ++k)
+          h[k] = ok[i] && first + k < end ? __ldg(reinterpret_cast<const unsigned short*>(at + k)) : 0u;
+        raw[slot][i][0] = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+        raw[slot][i][1] =
+            make_uint4(h[8] | (h[9] << 16), h[10] | (h[11] << 16), h[12] | (h[13] << 16), h[14] | (h[15] << 16));
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(int slot, unsigned char* tile, int tid) const {
+    const unsigned tile_addr = smem_addr(tile);
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int off = meta[i] & 7;
+      const uint4 p0 = raw[slot][i][0], p1 = raw[slot][i][1];
+      const unsigned w[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+      // The piece's 5 words start at word off / 2: selected in two halvings (registers, no indexing).
+      unsigned y[6], x[5], v[4];
+#pragma unroll
+      for (int k = 0; k < 6; ++k) y[k] = (off & 4) ? w[k + 2] : w[k];
+#pragma unroll
+      for (int k = 0; k < 5; ++k) x[k] = (off & 2) ? y[k + 1] : y[k];
+      const unsigned bits = (off & 1) * 16;  // an odd offset starts in the middle of a word
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = __funnelshift_r(x[k], x[k + 1], bits);
+      if (left[slot] < LABELS) {  // the tile reaches past the row's (or the CTA's) labels: zero them
+        const int n = left[slot] - (piece(tid, i) % (LABELS / 8)) * 8;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (2 * k >= n) v[k] = 0u;
+          else if (2 * k + 1 >= n) v[k] &= 0xffffu;
+        }
+      }
+      const bool mine = stores(tid, i);
+      asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n @p st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n}\n"
+                   ::"r"(tile_addr + (meta[i] >> 5)), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"((int)mine)
+                   : "memory");
+    }
+  }
+};
+
+// Dynamic shared memory of gsfi_grad_input: NST pipeline stages, then with SMEM_ACC the float32 accumulator
+// [acc_rows(H, K)][BT] (8-row blocks of row h swizzled by h mod 4). A stage holds the step's dZ tile
+// [BT][LP] (Z_STAGE bytes), its weight chunk [LP][WPITCH] (at W_OFFSET) and its S * KC indices (at
+// IDX_OFFSET). The dZ tile's rows are not padded (16 bytes a row would cost the 2-group stages at 128
+// rows): the 16-byte pieces of row r are XOR-swizzled by a function of r (z_offset), so that the 8 rows an
+// ldmatrix reads at one piece fall into 8 different 16-byte bank groups. The accumulator has TRASH_ROWS
+// rows past H (16 per warp) only when there are padded feature slots, K not a multiple of 16 or a last
+// chunk of K that is partial (K = 160 in chunks of 128, say): the kernel's K, not KP, decides.
+template <int G, int KP, bool SMEM_ACC, int NST, int BT, int S>
+struct GradInputSmem {
+  static constexpr int GP = gsfi_pad16(G), LP = S * GP;  // labels of a step's tile
+  static constexpr int KC = gsfi_k_chunk(LP, KP), NKC = (KP + KC - 1) / KC;
+  static constexpr int ZPITCH = LP * 2, WPITCH = KC * 2 + 16;
+  static constexpr int Z_ROWS_PER_128 = ZPITCH >= 128 ? 1 : 128 / ZPITCH;
+  static constexpr int Z_SWIZZLE_MASK = (ZPITCH >= 128 ? 128 : ZPITCH) / 16 - 1;
+  // Byte offset in the dZ tile of row r's 16-byte piece `piece`.
+  static __host__ __device__ constexpr int z_offset(int r, int piece) {
+    return r * ZPITCH + ((piece ^ ((r / Z_ROWS_PER_128) & Z_SWIZZLE_MASK)) << 4);
+  }
+  static constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = LP * WPITCH, IDX_STAGE = S * KC * 4;
+  static constexpr int W_OFFSET = Z_STAGE, IDX_OFFSET = Z_STAGE + W_STAGE;  // in a stage
+  static constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
+  static constexpr int ACC_OFFSET = NST * STAGE;  // the accumulator
+  static constexpr int TRASH_ROWS = 8 * 16;
+  static __host__ __device__ constexpr int acc_rows(int H, int K) { return H + (NKC * KC > K ? TRASH_ROWS : 0); }
+  static __host__ __device__ constexpr long long total_bytes(int H, int K) {
+    return (long long)ACC_OFFSET + (SMEM_ACC ? (long long)acc_rows(H, K) * BT * 4 : 0LL);
+  }
+};
+
 template <class T, int G, int KP, bool SMEM_ACC, int NST, int BT, bool ALIGNED_DZ, int S, bool ROW_OWNED,
           bool PARTIALS = false>
 __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict__ dZ, long long ldz,
                                                         const u16* __restrict__ W, const int* __restrict__ idx,
                                                         float* __restrict__ dX, int B, int H, int L, int K,
                                                         int num_groups, int groups_per_cta) {
+  using Smem = GradInputSmem<G, KP, SMEM_ACC, NST, BT, S>;
   constexpr int NTHREADS = 256, NN = BT / 8;                     // BT = 32, 64 or 128 batch rows
-  constexpr int GP = gsfi_pad16(G), LP = S * GP;                  // labels of a step's tile
-  constexpr int KC = gsfi_k_chunk(LP, KP), NKC = (KP + KC - 1) / KC;
+  constexpr int GP = Smem::GP, LP = Smem::LP;                    // labels of a step's tile
+  constexpr int KC = Smem::KC, NKC = Smem::NKC;
   constexpr int MT = KC / 16;                                    // 16-feature tiles per group and step
   // A warp computes MTW feature tiles x NPW batch tiles: NWN warps along the batch tiles, MSPLIT along the
   // features. ROW_OWNED: as many warps along the batch as there are tiles (up to 8), so that a warp owns
@@ -47,19 +207,13 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   static_assert(S == 1 || (ROW_OWNED && MSPLIT == 1 && GP == G), "several groups per step need whole tiles per warp");
   static_assert((LP & (LP - 1)) == 0, "the dZ tile's swizzle needs rows of a power-of-two size");
   static_assert(!PARTIALS || SMEM_ACC, "per-column partial sums need the shared-memory accumulator");
-  // The dZ tile's rows are not padded (16 bytes a row would cost the 2-group stages at 128 rows): the
-  // 16-byte pieces of row r are XOR-swizzled by a function of r (z_offset), so that the 8 rows an ldmatrix
-  // reads at one piece fall into 8 different 16-byte bank groups.
-  constexpr int ZPITCH = LP * 2, WPITCH = KC * 2 + 16;
-  constexpr int Z_ROWS_PER_128 = ZPITCH >= 128 ? 1 : 128 / ZPITCH;
-  constexpr int Z_SWIZZLE_MASK = (ZPITCH >= 128 ? 128 : ZPITCH) / 16 - 1;
-  auto z_offset = [](int r, int piece) {
-    return r * ZPITCH + ((piece ^ ((r / Z_ROWS_PER_128) & Z_SWIZZLE_MASK)) << 4);
-  };
-  constexpr int Z_STAGE = BT * ZPITCH, W_STAGE = LP * WPITCH, IDX_STAGE = S * KC * 4;
-  constexpr int STAGE = Z_STAGE + W_STAGE + IDX_STAGE;
+  // The shared-memory carve-up (GradInputSmem): stages, the swizzled dZ tile, the accumulator.
+  constexpr int WPITCH = Smem::WPITCH;
+  auto z_offset = [](int r, int piece) { return Smem::z_offset(r, piece); };
+  constexpr int W_OFFSET = Smem::W_OFFSET, W_STAGE = Smem::W_STAGE, IDX_OFFSET = Smem::IDX_OFFSET;
+  constexpr int STAGE = Smem::STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* acc_s = reinterpret_cast<float*>(smem + NST * STAGE);
+  float* acc_s = reinterpret_cast<float*>(smem + Smem::ACC_OFFSET);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * BT;
@@ -74,7 +228,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   if (SMEM_ACC) {
     // Trash rows only when there are padded slots: K not a multiple of 16, or a last chunk of K that is
     // partial (K = 160 in chunks of 128, say).
-    const int acc_rows = H + (NKC * KC > K ? 8 * 16 : 0);
+    const int acc_rows = Smem::acc_rows(H, K);
     for (int i = tid; i < acc_rows * BT; i += NTHREADS) acc_s[i] = 0.f;
   }
 
@@ -100,7 +254,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
   for (int i = 0; i < WPT; ++i) {
     const int c = tid + i * NTHREADS, r = c / (KC / 8), col = (c % (KC / 8)) * 8;
     w_off[i] = r * K + col;
-    w_dst[i] = Z_STAGE + r * WPITCH + col * 2;
+    w_dst[i] = W_OFFSET + r * WPITCH + col * 2;
     w_row[i] = r;
     w_col[i] = col;
     w_ok[i] = c < W_CHUNKS && r % GP < G;
@@ -135,7 +289,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
     if (tid < S * KC / 4) {
       const int sub = tid / (KC / 4), kq = tid % (KC / 4) * 4;
       const bool valid = g0 + sub < g_end && k0 + kq < K;
-      cp_async16(st + Z_STAGE + W_STAGE + (sub * KC + kq) * 4, valid ? idx + (long long)(g0 + sub) * K + k0 + kq : idx,
+      cp_async16(st + IDX_OFFSET + (sub * KC + kq) * 4, valid ? idx + (long long)(g0 + sub) * K + k0 + kq : idx,
                  valid);
     }
   };
@@ -172,6 +326,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
 
   // Padded feature slots go to the warp's own 16 trash rows (in the last chunk of K every feature tile of
   // a warp may be padding, and warps that share batch tiles would collide in shared rows).
+  static_assert(Smem::TRASH_ROWS == NTHREADS / 32 * 16, "16 trash rows per warp");
   const int trash = H + warp * 16 + (lane >> 2);
   const int col_in_tile = 2 * (lane & 3);
 
@@ -193,7 +348,7 @@ __global__ void __launch_bounds__(256, 1) gsfi_grad_input(const u16* __restrict_
     if (MSPLIT > MT && warp_m >= MT) continue;
 
     const unsigned char* zs = smem + (s % NST) * STAGE;
-    const unsigned char* ws = zs + Z_STAGE;
+    const unsigned char* ws = zs + W_OFFSET;
     const int* is = reinterpret_cast<const int*>(ws + W_STAGE);
     const int k0 = (s % NKC) * KC;
     // The CTA's last step may have fewer groups (their tiles are zeros, but their feature slots would

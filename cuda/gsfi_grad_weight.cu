@@ -11,20 +11,201 @@
 // costs no separate pass over dZ (which is as large as the output).
 #include "gsfi_common.cuh"
 
+// Copy a [rows x cols] tile of 16-bit values (cols a multiple of 8) from global memory into shared
+// memory with row pitch `spitch` bytes, 16 bytes per cp.async. The global rows must start on 16-byte
+// boundaries (ld a multiple of 8, aligned base; the launcher pads rows that are not). Element (r, c)
+// is valid when r < row_limit and c < col_limit, checked per 8-element piece; invalid pieces become 0.
+__device__ __forceinline__ void load_tile(unsigned char* smem, int spitch, const u16* g, long long ld, int rows,
+                                          int cols, int row_limit, int col_limit, int tid, int nthreads) {
+  const int chunks_per_row = cols / 8;
+  for (int c = tid; c < rows * chunks_per_row; c += nthreads) {
+    const int r = c / chunks_per_row, col = (c % chunks_per_row) * 8;
+    const bool valid = r < row_limit && col < col_limit;
+    cp_async16(smem_addr(smem + r * spitch + col * 2), valid ? (const void*)(g + (long long)r * ld + col) : (const void*)g,
+               valid);
+  }
+}
+
+// A fragments of dZ^T for the grad-weight product, one 16-row batch slice: A[m = label j][k = batch b] =
+// dZ[b][j], read from a [batch][labels] shared tile (row pitch `pitch` bytes) transposed by ldmatrix;
+// MT tiles of 16 labels.
+template <int MT>
+__device__ __forceinline__ void load_dz_transposed(unsigned (&a)[MT][4], unsigned tile, int pitch, int b16, int lane) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int row = b16 * 16 + (lane & 7) + (lane >> 4) * 8;
+    const int col = m * 16 + ((lane >> 3) & 1) * 8;
+    ldsm_x4_trans(a[m], tile + row * pitch + col * 2);
+  }
+}
+
+// dZ rows that need not start on 16-byte boundaries (ldz not a multiple of 8, e.g. an odd label count), as
+// the tile grad-weight reads them (the warp grad-weight reads them through RawDzTile below):
+// instead of a padded copy of dZ, a tile row whose first label is element e of dZ is copied raw, in
+// 16-byte pieces from the boundary at or before e (one piece more than the tile is wide), and
+// realign_dz then shifts it by e mod 8 elements in place into the aligned rows that ldmatrix reads. Elements
+// from `end` (one past the last element of dZ) on are not read; rows past the batch read nothing.
+__device__ __forceinline__ void cp_async_dz_raw_piece(unsigned dst, const u16* dZ, long long e_row, int piece,
+                                                      long long end, bool row_ok) {
+  const long long start = (e_row & ~7LL) + piece * 8;
+  const long long left = row_ok ? end - start : 0;
+  const int bytes = left >= 8 ? 16 : (left > 0 ? (int)left * 2 : 0);
+  cp_async16_bytes(dst, bytes ? (const void*)(dZ + start) : (const void*)dZ, bytes);
+}
+
+// Raw rows -> the same rows aligned, in place: row r of the tile (pitch `pitch`) holds the raw 16-byte
+// pieces from the boundary at or before its first label, element e_row0 + r * ldz; afterwards its first
+// GP labels start at its start, and labels from labels_left on are 0 (they are the next row's values).
+// An output piece of 8 labels starts at raw element shift + q: it is read as the 5 words around it and
+// funnel-shifted by 16 bits when shift is odd (no branch: rows in one warp have different shifts).
+// Those words overlap the next piece's output, so each of the NTHREADS threads that share the tile
+// reads all of its pieces, `sync()` waits for the others, then it writes: no second tile is needed.
+template <int GP, int ROWS, int NTHREADS, class Sync>
+__device__ __forceinline__ void realign_dz(unsigned char* tile, int pitch, long long e_row0, long long ldz,
+                                           int labels_left, int t, Sync sync) {
+  constexpr int PIECES = ROWS * (GP / 8), PER_THREAD = (PIECES + NTHREADS - 1) / NTHREADS;
+  uint4 out[PER_THREAD];
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int c = t + i * NTHREADS, r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+    if (PIECES % NTHREADS != 0 && c >= PIECES) continue;
+    const int shift = (int)((e_row0 + r * ldz) & 7);
+    const unsigned* src = reinterpret_cast<const unsigned*>(tile + r * pitch) + ((shift + q) >> 1);
+    const unsigned bits = (shift & 1) * 16;
+    unsigned w[5], v[4];
+#pragma unroll
+    for (int k = 0; k < 5; ++k) w[k] = src[k];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = __funnelshift_r(w[k], w[k + 1], bits);
+    if (q + 8 > labels_left) {  // the group's last labels: zero what lies past them
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (q + 2 * k >= labels_left) v[k] = 0u;
+        else if (q + 2 * k + 1 >= labels_left) v[k] &= 0xffffu;
+      }
+    }
+    out[i] = make_uint4(v[0], v[1], v[2], v[3]);
+  }
+  sync();
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int c = t + i * NTHREADS, r = c / (GP / 8), q = (c % (GP / 8)) * 8;
+    if (PIECES % NTHREADS != 0 && c >= PIECES) continue;
+    *reinterpret_cast<uint4*>(tile + r * pitch + q * 2) = out[i];
+  }
+}
+
+// Unaligned dZ rows (an odd number of labels, say) for the grad-weight products, without a padded copy of
+// dZ: a tile of ROWS rows x GP labels (GP = 16 * MT) whose first element e0 is a multiple of 8 (tiles
+// start at multiples of 8 rows and of 8 labels) is copied raw, row r as the GP / 8 + 1 16-byte pieces from
+// the boundary at or before its first label, element e0 + r * ldz. That label then sits (r * ldz) mod 8
+// elements into the row at every step, so a thread's copy offsets and fragment addresses are computed
+// once, and load_a reads the tensor-core fragments straight from the raw rows, two 16-bit loads per
+// register (rows 2t and 2t + 1 of a fragment start 4 or more banks apart at these pitches, and a row's 8
+// labels span at most 8 consecutive words: no bank conflicts). A realign_dz pass would add many
+// instructions and shared-memory wavefronts (bank conflicts) to the warp grad-weight, which made it
+// slower. The tile grad-weight keeps realign_dz: there the direct loads take many more registers, which
+// costs a CTA per multiprocessor and made it slower.
+template <int GP, int ROWS, int NTHREADS>
+struct RawDzTile {
+  static constexpr int PIECES = GP / 8 + 1, PITCH = 16 * PIECES;  // raw pieces and bytes per tile row
+  static constexpr int COPIES = ROWS * PIECES, CPT = (COPIES + NTHREADS - 1) / NTHREADS;
+  long long off[CPT];  // the piece's first element, from e0
+  int meta[CPT];       // row << 16 | byte offset in the tile; -1: not this thread's
+  int lo, hi;          // byte offsets of label lane / 4 in rows 2 (lane % 4) and 2 (lane % 4) + 1
+
+  __device__ __forceinline__ void init(long long ldz, int t, int lane) {
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = t + i * NTHREADS, r = c / PIECES, piece = c % PIECES;
+      const long long first = (long long)r * ldz;
+      off[i] = first - (first & 7) + piece * 8;
+      meta[i] = COPIES % NTHREADS != 0 && c >= COPIES ? -1 : (r << 16) | (r * PITCH + piece * 16);
+    }
+    const int g = lane >> 2, r = 2 * (lane & 3);
+    lo = r * PITCH + 2 * ((int)(((long long)r * ldz) & 7) + g);
+    hi = (r + 1) * PITCH + 2 * ((int)(((long long)(r + 1) * ldz) & 7) + g);
+  }
+
+  // The tile whose row 0's first label is element e0; `rows` of its rows are in the batch, `end` is one past
+  // dZ's last element. Rows past the batch and bytes from `end` on become zeros without being read.
+  __device__ __forceinline__ void copy(unsigned tile, const u16* dZ, long long e0, int rows, long long end,
+                                       long long ldz) const {
+    // Every row followed by another row of dZ at least GP + 8 elements on: no piece reaches past the end.
+    const bool inside = rows > ROWS && ldz >= GP + 8;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      if (COPIES % NTHREADS != 0 && meta[i] < 0) continue;
+      const long long start = e0 + off[i];
+      if (inside) {
+        cp_async16(tile + (meta[i] & 0xffff), dZ + start, true);
+      } else {
+        const long long left = (meta[i] >> 16) < rows ? end - start : 0;
+        const int bytes = left >= 8 ? 16 : (left > 0 ? (int)left * 2 : 0);
+        cp_async16_bytes(tile + (meta[i] & 0xffff), bytes ? (const void*)(dZ + start) : (const void*)dZ, bytes);
+      }
+    }
+  }
+
+  // A fragments of dZ^T for batch slice b16, as load_dz_transposed reads them from aligned rows; labels from
+  // labels_left on (the next row's values) read as 0.
+  template <int MT>
+  __device__ __forceinline__ void load_a(unsigned (&a)[MT][4], const unsigned char* tile, int b16, int labels_left,
+                                         int lane) const {
+    static_assert(MT * 16 == GP, "one fragment row per label of the tile");
+    auto pair = [&](int offset) {
+      const unsigned char* p = tile + b16 * 16 * PITCH + offset;
+      return (unsigned)*reinterpret_cast<const u16*>(p + lo) | ((unsigned)*reinterpret_cast<const u16*>(p + hi) << 16);
+    };
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      a[m][0] = pair(m * 32);
+      a[m][1] = pair(m * 32 + 16);
+      a[m][2] = pair(m * 32 + 8 * PITCH);
+      a[m][3] = pair(m * 32 + 8 * PITCH + 16);
+    }
+    if (labels_left < GP) {  // the last labels of dZ's rows
+      const int g = lane >> 2;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m * 16 + g >= labels_left) a[m][0] = a[m][2] = 0u;
+        if (m * 16 + g + 8 >= labels_left) a[m][1] = a[m][3] = 0u;
+      }
+    }
+  }
+};
+
+// Dynamic shared memory of gsfi_grad_weight: NST pipeline stages, then the tile's KT feature indices (at
+// FEAT_OFFSET). A stage holds a 64-row dZ tile [BT][ZPITCH], GT labels and one 16-byte piece more per row
+// (unaligned dZ rows arrive raw, from the 16-byte boundary at or before their first label, and are
+// realigned in place), then the 64-row slices of the KT gathered rows of XT [KT][XPITCH] (at X_OFFSET).
+// After the last step the first stage takes the warps' bias partial sums, [NWARP][GT] floats.
+template <int G, int KP, int NST>
+struct GradWeightTileSmem {
+  static constexpr int BT = 64, NWARP = 4;
+  static constexpr int GT = G < 64 ? gsfi_pad16(G) : 64, KT = KP < 128 ? KP : 128;
+  static constexpr int ZPITCH = GT * 2 + 16, XPITCH = BT * 2 + 16;
+  static constexpr int Z_STAGE = BT * ZPITCH, S_STAGE = KT * XPITCH, STAGE = Z_STAGE + S_STAGE;
+  static constexpr int X_OFFSET = Z_STAGE;        // in a stage
+  static constexpr int FEAT_OFFSET = NST * STAGE;  // the feature indices
+  static_assert(NWARP * GT * 4 <= STAGE, "the bias partial sums fit in the first stage");
+  static __host__ __device__ constexpr long long total_bytes() { return (long long)FEAT_OFFSET + KT * 4; }
+};
+
 template <class T, int G, int KP, int NST, bool ALIGNED_DZ>
 __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ dZ, long long ldz,
                                                          const u16* __restrict__ XT, int ldxt,
                                                          const int* __restrict__ idx, u16* __restrict__ dW,
                                                          u16* __restrict__ dB, int B, int H, int L, int K,
                                                          int num_groups, int groups_per_cta) {
-  constexpr int BT = 64, NWARP = 4;
-  constexpr int GT = G < 64 ? gsfi_pad16(G) : 64, KT = KP < 128 ? KP : 128;
+  using Smem = GradWeightTileSmem<G, KP, NST>;
+  constexpr int BT = Smem::BT, NWARP = Smem::NWARP;
+  constexpr int GT = Smem::GT, KT = Smem::KT;
   constexpr int NJT = (G + GT - 1) / GT, NKT = (KP + KT - 1) / KT;
   constexpr int MT = GT / 16, NT = KT / 8, NT_PER_WARP = (NT + NWARP - 1) / NWARP;
-  constexpr int ZPITCH = GT * 2 + 16, XPITCH = BT * 2 + 16;
-  constexpr int Z_STAGE = BT * ZPITCH, S_STAGE = KT * XPITCH, STAGE = Z_STAGE + S_STAGE;
+  constexpr int ZPITCH = Smem::ZPITCH, XPITCH = Smem::XPITCH, X_OFFSET = Smem::X_OFFSET, STAGE = Smem::STAGE;
   extern __shared__ __align__(16) unsigned char smem[];
-  int* feat_s = reinterpret_cast<int*>(smem + NST * STAGE);
+  int* feat_s = reinterpret_cast<int*>(smem + Smem::FEAT_OFFSET);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tile = blockIdx.x;
@@ -51,7 +232,7 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     const int r = c / (BT / 8), col = (c % (BT / 8)) * 8;
     const int f = c < S_CHUNKS ? feat_s[r] : -1;
     s_src[i] = f >= 0 ? XT + (long long)f * ldxt + col : nullptr;
-    s_dst[i] = Z_STAGE + r * XPITCH + col * 2;
+    s_dst[i] = X_OFFSET + r * XPITCH + col * 2;
     s_col[i] = col;
   }
 
@@ -61,7 +242,8 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     if constexpr (ALIGNED_DZ) {
       load_tile(st, ZPITCH, dZ + (long long)bs * ldz + label0, ldz, BT, GT, B - bs, min(jrows, L - label0), tid, 128);
     } else {
-      constexpr int PIECES = GT / 8 + 1;  // ZPITCH = 16 * PIECES
+      constexpr int PIECES = GT / 8 + 1;
+      static_assert(ZPITCH == 16 * PIECES, "a raw dZ row is one 16-byte piece wider than the tile");
       const long long end = (long long)(B - 1) * ldz + L;
       for (int c = tid; c < BT * PIECES; c += 128) {
         const int r = c / PIECES, piece = c % PIECES;
@@ -108,7 +290,7 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
                               [] { __syncthreads(); });
       __syncthreads();
     }
-    const unsigned char* xs = stage + Z_STAGE;
+    const unsigned char* xs = stage + X_OFFSET;
 #pragma unroll
     for (int b16 = 0; b16 < BT / 16; ++b16) {
       unsigned a[MT][4];
@@ -155,7 +337,7 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
     // Every column of a ones-product holds the row sum; lane 4r holds rows r and r + 8 of each
     // 16-label tile. The 4 warps' partial sums meet in the (now idle) first pipeline stage.
     __syncthreads();
-    float* part = reinterpret_cast<float*>(smem);
+    float* part = reinterpret_cast<float*>(smem);  // [NWARP][GT] (GradWeightTileSmem)
     if ((lane & 3) == 0) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
@@ -177,8 +359,25 @@ __global__ void __launch_bounds__(128) gsfi_grad_weight(const u16* __restrict__ 
 // one warp's registers, 64 floats per lane; and B x H small enough that all of XT fits in shared
 // memory): the CTA keeps XT resident and each warp owns whole groups. The gathered operand comes
 // straight from the resident XT through ldmatrix row addresses, so the K x B gather of every group
-// costs no L2 traffic (it dominates the tile kernel above at the official small-group shapes); only
+// costs no L2 traffic (that gather dominates the tile kernel above for small groups); only
 // the group's dZ columns stream through a warp-private NST-stage ring in steps of 32 rows.
+//
+// Dynamic shared memory of gsfi_grad_weight_warp: the resident XT [H + 1][x_pitch(B)] (every row the batch
+// padded to 32, then 16 bytes; row H zeros), then per warp a ring of NST 32-row dZ tiles [BW][ZPITCH]
+// (GP labels and one 16-byte piece more per row: unaligned rows arrive raw, RawDzTile), warp w's from
+// x_bytes(H, B) + w * NST * STAGE on.
+template <int G, int NST, int NW>
+struct GradWeightWarpSmem {
+  static constexpr int BW = 32, GP = gsfi_pad16(G);
+  static constexpr int ZPITCH = GP * 2 + 16, STAGE = BW * ZPITCH;
+  static __host__ __device__ constexpr int bsteps(int B) { return (B + BW - 1) / BW; }
+  static __host__ __device__ constexpr int x_pitch(int B) { return bsteps(B) * BW * 2 + 16; }
+  static __host__ __device__ constexpr int x_bytes(int H, int B) { return (H + 1) * x_pitch(B); }
+  static __host__ __device__ constexpr long long total_bytes(int H, int B) {
+    return (long long)x_bytes(H, B) + (long long)NW * NST * STAGE;
+  }
+};
+
 template <class T, int G, int KP, int NST, int NW, bool ALIGNED_DZ>
 __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __restrict__ dZ, long long ldz,
                                                                   const u16* __restrict__ XT, int ldxt,
@@ -186,10 +385,12 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
                                                                   u16* __restrict__ dW, u16* __restrict__ dB,
                                                                   int B, int H, int L, int K, int num_groups,
                                                                   int groups_per_cta) {
-  constexpr int BW = 32, GP = gsfi_pad16(G);
+  using Smem = GradWeightWarpSmem<G, NST, NW>;
+  constexpr int BW = Smem::BW, GP = Smem::GP;
   constexpr int MT = GP / 16, NT = KP / 8;
   static_assert(GP * KP <= 2048, "the group's gradient must fit in the warp's registers");
-  constexpr int ZPITCH = GP * 2 + 16, STAGE = BW * ZPITCH;
+  constexpr int ZPITCH = Smem::ZPITCH, STAGE = Smem::STAGE;
+  static_assert(RawDzTile<GP, BW, 32>::PITCH == ZPITCH, "the ring's tiles hold raw dZ rows");
   constexpr int Z_PER_LANE = (BW * (GP / 8) + 31) / 32;
   extern __shared__ __align__(16) unsigned char smem[];
 
@@ -197,11 +398,11 @@ __global__ void __launch_bounds__(NW * 32) gsfi_grad_weight_warp(const u16* __re
   const int g_begin = blockIdx.x * groups_per_cta;
   const int g_end = min(num_groups, g_begin + groups_per_cta);
   if (g_begin >= g_end) return;
-  const int bsteps = (B + BW - 1) / BW;
-  const int xpitch = bsteps * BW * 2 + 16;  // resident XT row: the batch padded to 32, then 16 bytes
+  const int bsteps = Smem::bsteps(B);
+  const int xpitch = Smem::x_pitch(B);  // resident XT row: the batch padded to 32, then 16 bytes
   const unsigned x_addr = smem_addr(smem);
   // Row H of the resident XT is zeros: padded columns k >= K read it.
-  const unsigned ring_addr = x_addr + (H + 1) * xpitch + warp * NST * STAGE;
+  const unsigned ring_addr = x_addr + Smem::x_bytes(H, B) + warp * NST * STAGE;
 
   for (int c = tid; c < (H + 1) * (bsteps * BW / 8); c += NW * 32) {
     const int h = c / (bsteps * BW / 8), col = (c % (bsteps * BW / 8)) * 8;

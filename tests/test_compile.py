@@ -1,5 +1,7 @@
 """torch.compile and torch.library: the layers compile with fullgraph=True; the ops pass opcheck."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,12 @@ from torch import nn
 import lightning_haste as lh
 from lightning_haste import ops
 
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS under torch.use_deterministic_algorithms
+
 FREQUENCIES = torch.arange(200, 0, -1).double()
+# The gradient ops are the backward of the forward ops and are not differentiable themselves (no double
+# backward): opcheck checks their schema, fake tensors and that they have no autograd formula to skip.
+FIRST_ORDER = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 class _Model(nn.Module):
@@ -84,7 +91,8 @@ def test_reference_ops_pass_opcheck(bias, dtype):
     grad = torch.randn(5, 50, dtype=dtype)
     for needs in ((True, True, bias), (True, False, False), (False, True, bias)):
         torch.library.opcheck(
-            ops.gsfi_reference_backward, (grad, x.detach(), weight.detach(), layer.group_index, 2**20, *needs)
+            ops.gsfi_reference_backward, (grad, x.detach(), weight.detach(), layer.group_index, 2**20, *needs),
+            test_utils=FIRST_ORDER,
         )
 
 
@@ -99,11 +107,19 @@ def test_cuda_ops_pass_opcheck(bias, labels):
     weight = layer.weight.detach().requires_grad_(True)
     b = layer.bias.detach().requires_grad_(True) if bias else None
     # test_autograd_registration and the aot test run the op's backward through the other two ops
-    torch.library.opcheck(ops.gsfi_forward, (x, weight, layer.group_index, b, labels))
-    grad = torch.randn(40, labels, device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(ops.gsfi_grad_input, (grad, weight.detach(), layer.group_index, 128))
-    _, xt = ops.gsfi_forward(x.detach(), weight.detach(), layer.group_index, b, labels)
-    torch.library.opcheck(ops.gsfi_grad_weight, (grad, xt, layer.group_index, weight.detach(), bias))
+    # (deterministic: grad-input's float32 atomics would make eager and compiled runs differ in the last bits)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.library.opcheck(ops.gsfi_forward, (x, weight, layer.group_index, b, labels))
+        grad = torch.randn(40, labels, device="cuda", dtype=torch.bfloat16)
+        grad_input_args = (grad, weight.detach(), layer.group_index, 128)
+        torch.library.opcheck(ops.gsfi_grad_input, grad_input_args, test_utils=FIRST_ORDER)
+        _, xt = ops.gsfi_forward(x.detach(), weight.detach(), layer.group_index, b, labels)
+        torch.library.opcheck(
+            ops.gsfi_grad_weight, (grad, xt, layer.group_index, weight.detach(), bias), test_utils=FIRST_ORDER
+        )
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.gpu

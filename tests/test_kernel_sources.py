@@ -1,6 +1,7 @@
 """Every kernel source compiles with nvcc for sm_80 and sm_90a (CI has nvcc but no GPU)."""
 
 import itertools
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,8 @@ K_PADS = (16, 128, 512)
 
 def _instantiations():
     lines = []
-    for dtype, g, kp, flag_a, flag_b in itertools.product(("bf16_t", "f16_t"), GROUP_SIZES, K_PADS, (True, False), (True, False)):
+    flags = (True, False)
+    for dtype, g, kp, flag_a, flag_b in itertools.product(("bf16_t", "f16_t"), GROUP_SIZES, K_PADS, flags, flags):
         a, b = str(flag_a).lower(), str(flag_b).lower()
         lines.append(f"(void*)&gsfi_forward<{dtype}, {g}, {kp}, {a}, {b}, 8, 3>,")
         # flag_a: shared-memory accumulation / aligned dZ rows (and grad-input warps owning batch tiles);
@@ -28,7 +30,8 @@ def _instantiations():
               for g, kp, a in ((8, 16, "true"), (16, 128, "false"), (32, 512, "true"))]
     lines += [f"(void*)&gsfi_grad_input<bf16_t, 32, 128, true, {n}, {r}, {a}, 1, {o}>,"
               for n in (2, 8) for r in (32, 64, 128) for a in ("true", "false") for o in ("true", "false")]
-    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128, false, 1, {str(g == 16).lower()}>," for g, kp in ((8, 16), (16, 128), (128, 512))]
+    lines += [f"(void*)&gsfi_grad_input<f16_t, {g}, {kp}, true, 2, 128, false, 1, {str(g == 16).lower()}>,"
+              for g, kp in ((8, 16), (16, 128), (128, 512))]
     # per-column partial sums (torch.use_deterministic_algorithms)
     lines += [f"(void*)&gsfi_grad_input<bf16_t, {g}, 128, true, 2, {r}, {a}, {s}, {o}, true>,"
               for g, r, s, o in ((16, 128, 2, "true"), (32, 64, 1, "false")) for a in ("true", "false")]
@@ -87,8 +90,6 @@ def test_kernels_keep_float32_subnormals_under_cupys_ftz(tmp_path):
     # kernels do their float32 arithmetic with explicit IEEE PTX (add_f32); this keeps new code from
     # bringing a flushing one back. Comparisons (setp.*.ftz) are allowed: the only one is grad-input's
     # `v != 0` before a float32 global atomic, which flushes in hardware anyway.
-    import re
-
     source = tmp_path / "arithmetic.cu"
     source.write_text(
         "".join(f'#include "{p.name}"\n' for p in sorted(CUDA_DIR.glob("*.cu")))

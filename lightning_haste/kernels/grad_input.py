@@ -134,7 +134,7 @@ def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_fe
     if p.partials:  # one [B, H] slice per column of CTAs, every element written; summed in a fixed order
         grad_x = torch.empty(p.grid[1], batch, in_features, dtype=torch.float32, device=device)
     else:
-        grad_x = torch.zeros(batch, in_features, dtype=torch.float32, device=device)
+        grad_x = runtime.zero_(torch.empty(batch, in_features, dtype=torch.float32, device=device))
     args = (
         ptr(grad_out), grad_out.stride(0), ptr(weight), ptr(group_index), ptr(grad_x), batch, in_features,
         out_features, fan_in, num_groups, p.per_cta,
