@@ -194,11 +194,11 @@ def _cuda_grads(ctx: Any, grad_out: Tensor, padded: bool) -> tuple:
     if padded:
         kernels = _kernels()
         if need_x:
-            grad_x = kernels.gsfi_grad_input(grad_out, weight, group_index, ctx.in_features)
+            grad_x = kernels.gsfi_grad_input(grad_out, weight, group_index, ctx.in_features, checked=False)
         if need_w:
             # The grad-weight kernel sums the bias gradient from the dZ tiles it reads anyway.
             grad_b = grad_out.new_empty(grad_out.shape[1]) if need_b else None
-            grad_w = kernels.gsfi_grad_weight(grad_out, xt, group_index, weight, grad_bias=grad_b)
+            grad_w = kernels.gsfi_grad_weight(grad_out, xt, group_index, weight, grad_bias=grad_b, checked=False)
     else:
         if need_x:
             grad_x = gsfi_grad_input(grad_out, weight, group_index, ctx.in_features)
@@ -223,7 +223,8 @@ class _CUDAFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int
     ) -> Tensor:
-        out, xt = _kernels().gsfi_forward(x, weight, group_index, bias, out_features)
+        # checked=False: the functional form checked these tensors (kernels.supports) just before.
+        out, xt = _kernels().gsfi_forward(x, weight, group_index, bias, out_features, checked=False)
         _cuda_setup(ctx, (x, weight, group_index, bias, out_features), (out, xt))
         return out
 

@@ -20,6 +20,7 @@ from .layout import (
     KERNEL_DTYPES,
     check_kernel_arguments,
     check_out,
+    kernel_sizes,
     pad16,
     padded_output,
     ptr,
@@ -157,11 +158,17 @@ def gsfi_forward(
     out_features: int,
     out: Optional[Tensor] = None,
     xt: Optional[Tensor] = None,
+    *,
+    checked: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Forward on CUDA. Returns ``(Z [B, out_features], XT)``; XT is reused by the weight gradient.
 
-    ``xt`` may pass :func:`~lightning_haste.kernels.layout.transpose_input` of ``x2d`` made beforehand."""
-    num_groups, fan_in, group_size = check_kernel_arguments(x2d, weight, group_index)
+    ``xt`` may pass :func:`~lightning_haste.kernels.layout.transpose_input` of ``x2d`` made beforehand.
+    ``checked=False`` skips the argument checks, for callers that made them (the layer, once per call)."""
+    if checked:
+        num_groups, fan_in, group_size = check_kernel_arguments(x2d, weight, group_index)
+    else:
+        num_groups, fan_in, group_size = kernel_sizes(weight, group_index)
     if bias is not None and (bias.dtype != x2d.dtype or not bias.is_contiguous()):
         raise TypeError("bias must be contiguous and of the input dtype for the CUDA kernels")
     batch, in_features = x2d.shape

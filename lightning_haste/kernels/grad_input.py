@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .layout import KERNEL_DTYPES, check_kernel_arguments, dz_rows, pad16, ptr
+from .layout import KERNEL_DTYPES, check_kernel_arguments, dz_rows, kernel_sizes, pad16, ptr
 from .tuning import GradInputTuning, current
 
 __all__ = ["gsfi_grad_input", "k_chunk", "plan", "shared_bytes"]
@@ -115,9 +115,15 @@ def plan(
     )
 
 
-def gsfi_grad_input(grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int) -> Tensor:
-    """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype)."""
-    num_groups, fan_in, group_size = check_kernel_arguments(grad_out, weight, group_index)
+def gsfi_grad_input(
+    grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int, *, checked: bool = True
+) -> Tensor:
+    """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype); ``checked=False`` skips
+    the argument checks, for callers that made them."""
+    if checked:
+        num_groups, fan_in, group_size = check_kernel_arguments(grad_out, weight, group_index)
+    else:
+        num_groups, fan_in, group_size = kernel_sizes(weight, group_index)
     grad_out, aligned_dz = dz_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device

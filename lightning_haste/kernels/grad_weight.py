@@ -17,7 +17,7 @@ from typing import Optional
 from torch import Tensor
 
 from . import runtime
-from .layout import KERNEL_DTYPES, check_kernel_arguments, check_out, dz_rows, pad16, ptr
+from .layout import KERNEL_DTYPES, check_kernel_arguments, check_out, dz_rows, kernel_sizes, pad16, ptr
 from .tuning import GradWeightTuning, current
 
 __all__ = ["gsfi_grad_weight", "plan", "tile_shared_bytes", "warp_shared_bytes"]
@@ -109,13 +109,19 @@ def gsfi_grad_weight(
     weight: Tensor,
     out: Optional[Tensor] = None,
     grad_bias: Optional[Tensor] = None,
+    *,
+    checked: bool = True,
 ) -> Tensor:
-    """``dW`` shaped like ``weight``; padding labels get exact zeros.
+    """``dW`` shaped like ``weight``; padding labels get exact zeros (``checked=False`` skips the argument
+    checks, for callers that made them).
 
     When ``grad_bias`` (``[out_features]``, the weight dtype) is given, the same launch also writes the
     bias gradient ``grad_out.sum(0)`` into it (float32 sums, rounded once), saving a pass over ``grad_out``.
     """
-    num_groups, fan_in, group_size = check_kernel_arguments(grad_out, weight, group_index)
+    if checked:
+        num_groups, fan_in, group_size = check_kernel_arguments(grad_out, weight, group_index)
+    else:
+        num_groups, fan_in, group_size = kernel_sizes(weight, group_index)
     grad_out, aligned_dz = dz_rows(grad_out)
     batch, out_features = grad_out.shape
     index = grad_out.device.index

@@ -49,11 +49,17 @@ def ptr(t: Optional[Tensor]) -> int:
 
 def supports(x: Tensor, weight: Tensor, group_index: Tensor) -> bool:
     """Whether the kernels handle these arguments (else the pure-PyTorch path runs)."""
-    if not (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype):
+    if not (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype and weight.data_ptr() % 16 == 0):
         return False
     num_groups, fan_in = group_index.shape
     group_size = weight.shape[0] // num_groups
     return group_size in SUPPORTED_GROUP_SIZES and fan_in % 8 == 0 and fan_in <= MAX_FAN_IN
+
+
+def kernel_sizes(weight: Tensor, group_index: Tensor) -> tuple[int, int, int]:
+    """``(num_groups, fan_in, group_size)`` of arguments checked before."""
+    num_groups, fan_in = group_index.shape
+    return num_groups, fan_in, weight.shape[0] // num_groups
 
 
 def check_kernel_arguments(x: Tensor, weight: Tensor, group_index: Tensor) -> tuple[int, int, int]:
