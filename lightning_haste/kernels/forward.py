@@ -18,7 +18,6 @@ from torch import Tensor
 from . import runtime
 from .layout import (
     KERNEL_DTYPES,
-    check_kernel_arguments,
     check_out,
     kernel_sizes,
     pad16,
@@ -165,10 +164,7 @@ def gsfi_forward(
 
     ``xt`` may pass :func:`~lightning_haste.kernels.layout.transpose_input` of ``x2d`` made beforehand.
     ``checked=False`` skips the argument checks, for callers that made them (the layer, once per call)."""
-    if checked:
-        num_groups, fan_in, group_size = check_kernel_arguments(x2d, weight, group_index)
-    else:
-        num_groups, fan_in, group_size = kernel_sizes(weight, group_index)
+    num_groups, fan_in, group_size = kernel_sizes(x2d, weight, group_index, checked)
     if bias is not None and (bias.dtype != x2d.dtype or not bias.is_contiguous()):
         raise TypeError("bias must be contiguous and of the input dtype for the CUDA kernels")
     batch, in_features = x2d.shape

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .layout import KERNEL_DTYPES, check_kernel_arguments, dz_rows, kernel_sizes, pad16, ptr
+from .layout import KERNEL_DTYPES, dz_rows, kernel_sizes, pad16, ptr
 from .tuning import GradInputTuning, current
 
 __all__ = ["gsfi_grad_input", "k_chunk", "plan", "shared_bytes"]
@@ -120,10 +120,7 @@ def gsfi_grad_input(
 ) -> Tensor:
     """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype); ``checked=False`` skips
     the argument checks, for callers that made them."""
-    if checked:
-        num_groups, fan_in, group_size = check_kernel_arguments(grad_out, weight, group_index)
-    else:
-        num_groups, fan_in, group_size = kernel_sizes(weight, group_index)
+    num_groups, fan_in, group_size = kernel_sizes(grad_out, weight, group_index, checked)
     grad_out, aligned_dz = dz_rows(grad_out)
     batch, out_features = grad_out.shape
     device = grad_out.device

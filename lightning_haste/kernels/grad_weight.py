@@ -17,7 +17,7 @@ from typing import Optional
 from torch import Tensor
 
 from . import runtime
-from .layout import KERNEL_DTYPES, check_kernel_arguments, check_out, dz_rows, kernel_sizes, pad16, ptr
+from .layout import KERNEL_DTYPES, check_out, dz_rows, kernel_sizes, pad16, ptr
 from .tuning import GradWeightTuning, current
 
 __all__ = ["gsfi_grad_weight", "plan", "tile_shared_bytes", "warp_shared_bytes"]
@@ -118,10 +118,7 @@ def gsfi_grad_weight(
     When ``grad_bias`` (``[out_features]``, the weight dtype) is given, the same launch also writes the
     bias gradient ``grad_out.sum(0)`` into it (float32 sums, rounded once), saving a pass over ``grad_out``.
     """
-    if checked:
-        num_groups, fan_in, group_size = check_kernel_arguments(grad_out, weight, group_index)
-    else:
-        num_groups, fan_in, group_size = kernel_sizes(weight, group_index)
+    num_groups, fan_in, group_size = kernel_sizes(grad_out, weight, group_index, checked)
     grad_out, aligned_dz = dz_rows(grad_out)
     batch, out_features = grad_out.shape
     index = grad_out.device.index

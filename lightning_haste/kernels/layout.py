@@ -59,8 +59,11 @@ def supports(x: Tensor, weight: Tensor, group_index: Tensor) -> bool:
     return group_size in SUPPORTED_GROUP_SIZES and fan_in % 8 == 0 and fan_in <= MAX_FAN_IN
 
 
-def kernel_sizes(weight: Tensor, group_index: Tensor) -> tuple[int, int, int]:
-    """``(num_groups, fan_in, group_size)`` of arguments checked before."""
+def kernel_sizes(x: Tensor, weight: Tensor, group_index: Tensor, checked: bool = True) -> tuple[int, int, int]:
+    """``(num_groups, fan_in, group_size)``; with ``checked`` after :func:`check_kernel_arguments`, without
+    for arguments checked before (the layer checks once per call)."""
+    if checked:
+        return check_kernel_arguments(x, weight, group_index)
     num_groups, fan_in = group_index.shape
     return num_groups, fan_in, weight.shape[0] // num_groups
 
