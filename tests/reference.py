@@ -1,4 +1,4 @@
-"""Float64 masked-dense reference for the group-shared fixed fan-in layer (SPEC section 1)."""
+"""Float64 masked-dense reference for the group-shared fixed fan-in layer."""
 
 import torch
 
