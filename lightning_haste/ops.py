@@ -143,10 +143,9 @@ def gsfi_forward(
 @gsfi_forward.register_fake
 def _(x: Tensor, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int
       ) -> tuple[Tensor, Tensor]:
+    # The real op allocates Z through the same function: the fake's strides cannot drift from it.
     batch, in_features = x.shape
-    storage = x.new_empty(batch, _pad8(out_features))
-    out = storage if _pad8(out_features) == out_features else storage[:, :out_features]
-    return out, x.new_empty(in_features, _pad8(batch))
+    return _kernels().layout.padded_output(batch, out_features, x), x.new_empty(in_features, _pad8(batch))
 
 
 @torch.library.custom_op("lightning_haste::gsfi_grad_input", mutates_args=())

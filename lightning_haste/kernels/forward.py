@@ -156,21 +156,18 @@ def gsfi_forward(
     bias: Optional[Tensor],
     out_features: int,
     out: Optional[Tensor] = None,
-    xt: Optional[Tensor] = None,
     *,
     checked: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Forward on CUDA. Returns ``(Z [B, out_features], XT)``; XT is reused by the weight gradient.
 
-    ``xt`` may pass :func:`~lightning_haste.kernels.layout.transpose_input` of ``x2d`` made beforehand.
     ``checked=False`` skips the argument checks, for callers that made them (the layer, once per call)."""
     num_groups, fan_in, group_size = kernel_sizes(x2d, weight, group_index, checked)
     if bias is not None and (bias.dtype != x2d.dtype or not bias.is_contiguous()):
         raise TypeError("bias must be contiguous and of the input dtype for the CUDA kernels")
     batch, in_features = x2d.shape
     index = x2d.device.index
-    if xt is None:
-        xt = transpose_input(x2d)
+    xt = transpose_input(x2d)
     out = padded_output(batch, out_features, x2d) if out is None else check_out(out, (batch, out_features), x2d)
     # 16-byte stores need aligned rows with room up to the next multiple of 8 labels.
     aligned = rows_aligned(out) and out.stride(0) >= (out_features + 7) // 8 * 8
