@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import loss as fused_loss
+from . import ops
 from ._checks import check_float_tensor, check_memory_budget, check_positive_int, check_same_device_dtype
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
@@ -266,6 +268,86 @@ class HeadTailOutput(nn.Module):
         for columns, logits in parts:
             out.index_copy_(1, columns, logits)
         return out.reshape(*lead, labels.numel())
+
+    def _positions_on_host(self) -> np.ndarray:
+        """``label_position`` as a NumPy array, cached per version of the buffer (a state dict can replace it)."""
+        buffer = self.label_position
+        key = (buffer.data_ptr(), buffer._version, buffer.device)
+        cached = getattr(self, "_host_positions", None)
+        if cached is None or cached[0] != key:
+            cached = (key, buffer.detach().cpu().numpy())
+            self._host_positions = cached
+        return cached[1]
+
+    def loss(self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce") -> Tensor:
+        """The training loss against sparse targets, without computing or storing the ``[batch, num_labels]`` logits.
+
+        Equals ``sparse_bce_with_logits(self(x), targets)`` (``loss="bce"``) or ``sparse_squared_hinge(self(x),
+        targets)`` (``loss="squared_hinge"``): the per-label loss summed over all labels, averaged over the rows,
+        with label ``l`` of row ``i`` a positive when ``l`` is in ``targets[i]``. Differentiable with respect to
+        ``x`` and every parameter. Its temporaries are chunks of labels of at most
+        :func:`~lightning_haste.loss.workspace_bytes` (at most ``memory_budget``); on CUDA with bfloat16/float16
+        the tail runs fused kernels that never store its logits.
+
+        Args:
+            x: encoder output ``[..., in_features]``; the rows are the flattened leading dimensions.
+            targets: the positives: one 1-D integer tensor of original label ids per row, or a
+                ``[rows, num_labels]`` torch sparse CSR tensor or SciPy sparse matrix (stored non-zeros are
+                positives). A label listed twice in a row counts once.
+            loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``.
+
+        Returns:
+            A scalar: float32 for 16-bit inputs (sums in float32, chunks added in float64), else the input dtype.
+            Under ``torch.autocast`` the layer runs in the autocast dtype, as ``nn.Linear`` does.
+        """
+        fused_loss.check_loss(loss)
+        x2d = self._check_input(x)
+        batch = x2d.shape[0]
+        rows, labels = fused_loss.sparse_targets(targets, batch, self.num_labels)
+        positions = self._positions_on_host()[labels]
+        order = np.lexsort((rows, positions))
+        rows, positions = rows[order], positions[order]
+
+        head, tail = self.head, self.tail
+        device_type = x2d.device.type
+        autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x2d.dtype
+        cast = (lambda t: t if t is None else t.to(dtype)) if autocast else (lambda t: t)  # noqa: E731
+        x2d = cast(x2d)
+        params = (
+            cast(head.weight) if head is not None else None,
+            cast(head.bias) if head is not None else None,
+            cast(tail.weight) if tail is not None else None,
+            cast(tail.bias) if tail is not None else None,
+            None,
+        )
+        kernels = False
+        if tail is not None:
+            tail.check_group_index()
+            index = tail.group_index
+            kernels = tail.backend != "torch" and F._uses_kernels(x2d, params[2], index, tail.backend)
+            if kernels:
+                index = index if index.dtype == torch.int32 else index.to(torch.int32)
+                index = index.contiguous()
+                params = (params[0], params[1], params[2].contiguous(),
+                          params[3].contiguous() if params[3] is not None else None, index)
+            else:
+                params = params[:4] + (index,)
+        group_size = tail.group_size if tail is not None else 1
+        fan_in = tail.fan_in if tail is not None else 1
+        chunks = fused_loss.loss_chunks(batch, self.num_head_labels, self.num_tail_labels, group_size, fan_in,
+                                        x2d.dtype, kernels, self.memory_budget)
+        bounds = torch.from_numpy(np.searchsorted(positions, np.asarray(chunks.starts)).astype(np.int64))
+        device = x2d.device
+        rows_t = torch.from_numpy(rows).to(device, non_blocking=True)
+        positions_t = torch.from_numpy(positions).to(device, non_blocking=True)
+        slices = [*self.head_slice, *self.tail_slice]
+        args = (x2d, params, rows_t, positions_t, bounds, loss, slices, self.num_head_labels, self.num_tail_labels,
+                kernels, self.memory_budget)
+        if autocast:
+            with torch.autocast(device_type, enabled=False):
+                return ops.head_tail_loss_2d(*args)
+        return ops.head_tail_loss_2d(*args)
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, label ids)`` per row, sorted by descending score, original ids.

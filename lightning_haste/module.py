@@ -9,33 +9,43 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._reference import accumulation_dtype
 from .grouping import group_labels, label_embeddings_from_features, split_head_tail
 from .head_tail import FeatureSlice, HeadTailOutput
+from .loss import SparseTargets, dense_part, sparse_targets
 from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK
 
 __all__ = ["HasteXMCModule", "CombinedOptimizer", "sparse_bce_with_logits", "sparse_squared_hinge"]
 
 
-def _positions(logits: Tensor, targets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    counts = torch.tensor([t.numel() for t in targets], device=logits.device)
-    rows = torch.repeat_interleave(torch.arange(len(targets), device=logits.device), counts)
-    cols = torch.cat([t.to(logits.device, torch.long) for t in targets]) if len(targets) else rows
-    return rows, cols
+def _positives(logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [rows, labels], got shape {tuple(logits.shape)}")
+    rows, labels = sparse_targets(targets, logits.shape[0], logits.shape[1])
+    return torch.from_numpy(rows).to(logits.device), torch.from_numpy(labels).to(logits.device)
 
 
-def sparse_bce_with_logits(logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
-    """Binary cross-entropy with logits against sparse targets (lists of positive label ids), summed over
-    labels and averaged over instances: ``softplus(z).sum() - z[positives].sum()``, no dense target matrix."""
-    rows, cols = _positions(logits, targets)
-    return (nn.functional.softplus(logits.float()).sum() - logits[rows, cols].float().sum()) / logits.shape[0]
+def sparse_bce_with_logits(logits: Tensor, targets: SparseTargets) -> Tensor:
+    """Binary cross-entropy with logits against sparse targets, summed over labels and averaged over rows:
+    ``(softplus(z).sum() - z[positives].sum()) / rows``, with no dense target matrix.
+
+    ``targets`` as :meth:`HeadTailOutput.loss` takes them (a label listed twice in a row counts once). 16-bit
+    logits are summed in float32, float32 and float64 in their own dtype. This needs the full logits: the
+    training step uses the fused :meth:`HeadTailOutput.loss`, which gives the same value without them.
+    """
+    rows, cols = _positives(logits, targets)
+    z = logits.to(accumulation_dtype(logits.dtype))
+    return (dense_part("bce", z).sum() - z[rows, cols].sum()) / logits.shape[0]
 
 
-def sparse_squared_hinge(logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
-    """Squared hinge ``sum max(0, 1 - s z)^2`` with ``s = +1`` on positives and ``-1`` elsewhere, per instance."""
-    rows, cols = _positions(logits, targets)
-    z = logits.float()
+def sparse_squared_hinge(logits: Tensor, targets: SparseTargets) -> Tensor:
+    """Squared hinge ``sum max(0, 1 - s z)^2`` with ``s = +1`` on positives and ``-1`` elsewhere, summed over labels
+    and averaged over rows; targets and precision as for :func:`sparse_bce_with_logits`."""
+    rows, cols = _positives(logits, targets)
+    z = logits.to(accumulation_dtype(logits.dtype))
     pos = z[rows, cols]
-    total = torch.relu(1 + z).square().sum() - torch.relu(1 + pos).square().sum() + torch.relu(1 - pos).square().sum()
+    correction = torch.relu(1 - pos).square().sum() - torch.relu(1 + pos).square().sum()
+    total = dense_part("squared_hinge", z).sum() + correction
     return total / logits.shape[0]
 
 

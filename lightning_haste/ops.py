@@ -8,7 +8,8 @@ Each operation exists twice, with one implementation underneath:
   ``torch.compile`` sees (it traces neither CuPy nor data pointers). Registered ops:
 
   ``lightning_haste::gsfi_reference_forward`` / ``gsfi_reference_backward`` (pure PyTorch, any device),
-  ``lightning_haste::gsfi_forward``, ``gsfi_grad_input``, ``gsfi_grad_weight`` (the CUDA kernels).
+  ``lightning_haste::gsfi_forward``, ``gsfi_grad_input``, ``gsfi_grad_weight`` (the CUDA kernels),
+  ``lightning_haste::head_tail_loss`` / ``head_tail_loss_backward`` (the fused loss of the output layer).
 
 :func:`group_shared_fanin_2d` picks the eager or the compiled form; both give bit-identical results.
 """
@@ -30,6 +31,9 @@ __all__ = [
     "gsfi_reference_backward",
     "gsfi_reference_forward",
     "group_shared_fanin_2d",
+    "head_tail_loss",
+    "head_tail_loss_2d",
+    "head_tail_loss_backward",
 ]
 
 
@@ -260,3 +264,122 @@ def group_shared_fanin_2d(
     if compiling:
         return gsfi_reference_forward(x, weight, group_index, bias, out_features, memory_budget)
     return _ReferenceFunction.apply(x, weight, group_index, bias, out_features, memory_budget)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused loss of the output layer (lightning_haste.loss): one op for the loss, one for its gradients.
+def _loss_layout(loss: str, slices: list[int], num_head: int, num_tail: int, kernels: bool, memory_budget: int):
+    from .loss import LossLayout  # noqa: PLC0415 - loss imports this module's neighbours only
+
+    return LossLayout(loss, (slices[0], slices[1]), (slices[2], slices[3]), num_head, num_tail, kernels, memory_budget)
+
+
+@torch.library.custom_op("lightning_haste::head_tail_loss", mutates_args=())
+def head_tail_loss(
+    x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Optional[Tensor],
+    tail_bias: Optional[Tensor], tail_index: Optional[Tensor], rows: Tensor, positions: Tensor, bounds: Tensor,
+    loss: str, slices: list[int], num_head: int, num_tail: int, kernels: bool, memory_budget: int,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, logits of the positives)`` of the output layer on ``x``; ``rows``/``positions``: the positives
+    sorted by internal label position; ``bounds``: a CPU int64 tensor of their offsets at each chunk start."""
+    from .loss import loss_forward  # noqa: PLC0415
+
+    params = (head_weight, head_bias, tail_weight, tail_bias, tail_index)
+    layout = _loss_layout(loss, slices, num_head, num_tail, kernels, memory_budget)
+    return loss_forward(x, params, rows, positions, bounds.tolist(), layout)
+
+
+@head_tail_loss.register_fake
+def _(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows, positions, bounds, loss, slices, num_head,
+      num_tail, kernels, memory_budget):
+    from ._reference import accumulation_dtype  # noqa: PLC0415
+
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty((), dtype=acc), x.new_empty(rows.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("lightning_haste::head_tail_loss_backward", mutates_args=())
+def head_tail_loss_backward(
+    grad: Tensor, x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor],
+    tail_weight: Optional[Tensor], tail_bias: Optional[Tensor], tail_index: Optional[Tensor], rows: Tensor,
+    positions: Tensor, z_pos: Tensor, bounds: Tensor, loss: str, slices: list[int], num_head: int, num_tail: int,
+    kernels: bool, memory_budget: int, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`head_tail_loss` (x, head weight, head bias, tail weight, tail bias); an empty
+    tensor for each one not needed."""
+    from .loss import loss_backward  # noqa: PLC0415
+
+    params = (head_weight, head_bias, tail_weight, tail_bias, tail_index)
+    layout = _loss_layout(loss, slices, num_head, num_tail, kernels, memory_budget)
+    grads = loss_backward(grad, x, params, rows, positions, z_pos, bounds.tolist(), layout, tuple(needs))
+    return tuple(g if g is not None else _empty(x) for g in grads)  # type: ignore[return-value]
+
+
+@head_tail_loss_backward.register_fake
+def _(grad, x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows, positions, z_pos, bounds, loss,
+      slices, num_head, num_tail, kernels, memory_budget, needs):
+    like = (x, head_weight, head_bias, tail_weight, tail_bias)
+    return tuple(t.new_empty(t.shape) if n and t is not None else _empty(x) for t, n in zip(like, needs, strict=False))
+
+
+_LOSS_DIFFERENTIABLE = (0, 1, 2, 3, 4)  # x and the four parameters; the index and the targets are not
+
+
+def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, hw, hb, tw, tb, ti, rows, positions, bounds = inputs[:9]
+    ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, output[1], bounds)
+    ctx.static = inputs[9:]
+
+
+def _loss_needs(ctx: Any) -> list[bool]:
+    flags = ctx.needs_input_grad
+    return [bool(flags[0]), bool(flags[1]), bool(flags[2]), bool(flags[3]), bool(flags[4])]
+
+
+def _loss_grads(ctx: Any, grad: Tensor, grad_z_pos: Optional[Tensor]) -> tuple:
+    x, hw, hb, tw, tb, ti, rows, positions, z_pos, bounds = ctx.saved_tensors
+    needs = _loss_needs(ctx)
+    grads = head_tail_loss_backward(grad, x, hw, hb, tw, tb, ti, rows, positions, z_pos, bounds, *ctx.static,
+                                    needs)
+    return tuple(g if n else None for g, n in zip(grads, needs, strict=True)) + (None,) * 10
+
+
+torch.library.register_autograd("lightning_haste::head_tail_loss", _loss_grads, setup_context=_loss_setup)
+
+
+class _HeadTailLossFunction(torch.autograd.Function):
+    """The eager form of the fused loss."""
+
+    @staticmethod
+    def forward(ctx: Any, x, hw, hb, tw, tb, ti, rows, positions, bounds, *static):  # type: ignore[override]
+        from .loss import loss_forward  # noqa: PLC0415
+
+        layout = _loss_layout(*static)
+        loss, z_pos = loss_forward(x, (hw, hb, tw, tb, ti), rows, positions, bounds.tolist(), layout)
+        ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, z_pos)
+        ctx.bounds = bounds.tolist()
+        ctx.layout = layout
+        ctx.mark_non_differentiable(z_pos)
+        return loss, z_pos
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor, grad_z_pos: Optional[Tensor]) -> tuple:  # type: ignore[override]
+        from .loss import loss_backward  # noqa: PLC0415
+
+        x, hw, hb, tw, tb, ti, rows, positions, z_pos = ctx.saved_tensors
+        needs = tuple(_loss_needs(ctx))
+        grads = loss_backward(grad, x, (hw, hb, tw, tb, ti), rows, positions, z_pos, ctx.bounds, ctx.layout, needs)
+        return grads + (None,) * 10
+
+
+def head_tail_loss_2d(
+    x: Tensor, params: tuple, rows: Tensor, positions: Tensor, bounds: Tensor, loss: str, slices: list[int],
+    num_head: int, num_tail: int, kernels: bool, memory_budget: int,
+) -> Tensor:
+    """The fused loss on validated arguments: the custom op under ``torch.compile``, the autograd function in
+    eager mode (less host time)."""
+    args = (x, *params, rows, positions, bounds, loss, slices, num_head, num_tail, kernels, memory_budget)
+    if torch.compiler.is_compiling():
+        return head_tail_loss(*args)[0]
+    return _HeadTailLossFunction.apply(*args)[0]

@@ -116,10 +116,12 @@ def plan(
 
 
 def gsfi_grad_input(
-    grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int, *, checked: bool = True
+    grad_out: Tensor, weight: Tensor, group_index: Tensor, in_features: int, *, checked: bool = True,
+    float32: bool = False,
 ) -> Tensor:
-    """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype); ``checked=False`` skips
-    the argument checks, for callers that made them."""
+    """``dX [B, in_features]`` (float32 accumulation, returned in the weight dtype, or as the float32 sums with
+    ``float32``, for callers that add several of them); ``checked=False`` skips the argument checks, for
+    callers that made them."""
     num_groups, fan_in, group_size = kernel_sizes(grad_out, weight, group_index, checked)
     grad_out, aligned_dz = dz_rows(grad_out)
     batch, out_features = grad_out.shape
@@ -145,4 +147,4 @@ def gsfi_grad_input(
     runtime.launch(p, args, device.index)
     if p.partials:
         grad_x = grad_x.sum(0)
-    return grad_x.to(weight.dtype)
+    return grad_x if float32 else grad_x.to(weight.dtype)

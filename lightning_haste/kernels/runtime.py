@@ -41,7 +41,7 @@ _INSTALL_HINT = (
     "(or pip install cupy-cuda13x)."
 )
 
-#: The header every kernel source includes; inlined so that CuPy's compile cache key covers all of it.
+#: The header every kernel source includes (also how :func:`cuda_dir` recognises the folder).
 COMMON_HEADER = "gsfi_common.cuh"
 
 
@@ -68,13 +68,25 @@ def cupy() -> Any:
     return cp
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"[^\n]*$', re.MULTILINE)
+
+
 @functools.cache
 def source(file: str) -> str:
-    """The text of ``cuda/<file>.cu`` with the common header inlined."""
+    """The text of ``cuda/<file>.cu`` with the headers of ``cuda/`` it includes inlined, each once (so that
+    CuPy's compile cache key covers all of the code, and NVRTC needs no include path)."""
     folder = cuda_dir()
-    header = (folder / COMMON_HEADER).read_text().replace("#pragma once", "")
-    text = (folder / f"{file}.cu").read_text()
-    return re.sub(rf'#include "{re.escape(COMMON_HEADER)}"', lambda _: header, text)
+    seen: set[str] = set()
+
+    def inline(match: re.Match) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (folder / name).read_text().replace("#pragma once", "")
+        return _LOCAL_INCLUDE.sub(inline, text)
+
+    return _LOCAL_INCLUDE.sub(inline, (folder / f"{file}.cu").read_text())
 
 
 @functools.cache

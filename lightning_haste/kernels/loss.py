@@ -1,0 +1,116 @@
+"""The fused loss kernels of the tail (``cuda/gsfi_loss.cu``): the loss of the logits and the logits' gradient
+straight from the forward's tensor-core tiles, with no logits tensor in between.
+
+The per-label loss splits into a dense part that depends on the logit alone (every label scored as a
+negative: ``softplus(z)`` for binary cross-entropy, ``relu(1 + z)^2`` for the squared hinge) and a correction
+at the positives, which the caller computes on the side. ``gsfi_loss_sum`` reduces the dense part to one
+float32 partial sum per warp; ``gsfi_loss_grad`` writes ``scale * d(dense part)/dz`` for a range of groups, the
+chunk of dZ that the gradient kernels then read. Both run the forward's main loop (the mma.sync kernel's
+variants and tuning: :func:`lightning_haste.kernels.forward.mma_variant`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import runtime
+from .forward import mma_variant
+from .layout import KERNEL_DTYPES, check_out, kernel_sizes, pad16, ptr, rows_aligned
+from .tuning import ForwardTuning, current
+
+__all__ = ["LOSS_KINDS", "gsfi_loss_grad", "gsfi_loss_sum", "plan"]
+
+#: The loss names and the kernels' LOSS template argument.
+LOSS_KINDS = {"bce": 0, "squared_hinge": 1}
+
+#: gsfi_loss_sum parameters: XT, ldxt, W, idx, bias, partial, B, H, L, K, num_groups.
+SUM_PARAMS = struct.Struct("@QiQQQQiiiii")
+#: gsfi_loss_grad parameters: XT, ldxt, W, idx, bias, scale, dZ, ldz, B, H, L, K, num_groups.
+GRAD_PARAMS = struct.Struct("@QiQQQQQqiiiii")
+
+
+@functools.lru_cache(maxsize=256)
+def plan(
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, loss: str, grad: bool,
+    aligned: bool, index: int, settings: ForwardTuning = ForwardTuning(),
+) -> runtime.Plan:
+    """Kernel and grid of ``gsfi_loss_grad`` (``grad``) or ``gsfi_loss_sum`` for one problem shape: the
+    forward's mma.sync variant for it (the same main loop and shared memory) and its one-wave grid."""
+    k_pad = pad16(fan_in)
+    _, max_shared, per_sm = runtime.device_limits(index)
+    resident, warps, stages, shared = mma_variant(group_size, k_pad, in_features, max_shared, per_sm, settings)
+    if grad:
+        template = (dtype, group_size, k_pad, resident, aligned, warps, stages, LOSS_KINDS[loss])
+        name, params = "gsfi_loss_grad", GRAD_PARAMS
+    else:
+        template = (dtype, group_size, k_pad, resident, warps, stages, LOSS_KINDS[loss])
+        name, params = "gsfi_loss_sum", SUM_PARAMS
+    fn = runtime.compile_kernel("gsfi_loss", name, template, index)
+    row_tiles = math.ceil(batch / 64)
+    per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index)
+    per_cta = math.ceil(per_cta / warps) * warps
+    grid = (row_tiles, math.ceil(num_groups / per_cta))
+    return runtime.make_plan(fn, grid, 32 * warps, shared, per_cta, index, params, name)
+
+
+def _check_loss(loss: str) -> None:
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss must be one of {sorted(LOSS_KINDS)}, got {loss!r}")
+
+
+def gsfi_loss_sum(
+    xt: Tensor, batch: int, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int,
+    loss: str, *, checked: bool = True,
+) -> Tensor:
+    """float32 partial sums (one per warp of the grid; their sum is the total) of the dense part of the loss over
+    the ``[batch, out_features]`` logits of the layer. ``xt`` is the transposed input
+    (:func:`~lightning_haste.kernels.layout.transpose_input`, ``[in_features, ldxt]``)."""
+    _check_loss(loss)
+    num_groups, fan_in, group_size = kernel_sizes(xt.t()[:batch], weight, group_index, checked)
+    in_features = xt.shape[0]
+    index = xt.device.index
+    p = plan(
+        KERNEL_DTYPES[xt.dtype], group_size, fan_in, in_features, batch, num_groups, loss, False, True, index,
+        current().forward,
+    )
+    warps = p.block // 32
+    partial = torch.empty(p.grid[0] * p.grid[1] * warps, dtype=torch.float32, device=xt.device)
+    args = (
+        ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(partial), batch, in_features,
+        out_features, fan_in, num_groups,
+    )
+    runtime.launch(p, args, index)
+    return partial
+
+
+def gsfi_loss_grad(
+    xt: Tensor, batch: int, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int,
+    loss: str, scale: Tensor, out: Tensor, *, checked: bool = True,
+) -> Tensor:
+    """Write ``scale * d(dense part of the loss)/dz`` of the ``[batch, out_features]`` logits into ``out``
+    (rows contiguous, in the input dtype) and return it. ``scale`` is a one-element float32 tensor on the
+    device (read by the kernel: no host synchronisation)."""
+    _check_loss(loss)
+    num_groups, fan_in, group_size = kernel_sizes(xt.t()[:batch], weight, group_index, checked)
+    if scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != xt.device:
+        raise ValueError("scale must be a one-element float32 tensor on the input's device")
+    in_features = xt.shape[0]
+    index = xt.device.index
+    out = check_out(out, (batch, out_features), xt)
+    aligned = rows_aligned(out) and out.stride(0) >= (out_features + 7) // 8 * 8
+    p = plan(
+        KERNEL_DTYPES[xt.dtype], group_size, fan_in, in_features, batch, num_groups, loss, True, aligned, index,
+        current().forward,
+    )
+    args = (
+        ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(scale), ptr(out), out.stride(0), batch,
+        in_features, out_features, fan_in, num_groups,
+    )
+    runtime.launch(p, args, index)
+    return out

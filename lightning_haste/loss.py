@@ -1,0 +1,391 @@
+"""The fused loss of the output layer: BCE with logits or squared hinge on sparse targets, without ever holding
+the ``[batch, labels]`` logits.
+
+The loss of a row is the sum over all labels of the per-label loss; :func:`head_tail_loss` averages it over the
+rows. The per-label loss splits into a dense part that depends on the logit ``z`` alone, as if every label were
+a negative, and a correction at the positives:
+
+==================  ====================  ====================================  =========================
+loss                dense part            correction at a positive              its gradient, in all
+==================  ====================  ====================================  =========================
+``"bce"``           ``softplus(z)``       ``-z``                                ``sigmoid(z) - 1``
+``"squared_hinge"`` ``relu(1 + z)^2``     ``relu(1 - z)^2 - relu(1 + z)^2``     ``-2 relu(1 - z)``
+==================  ====================  ====================================  =========================
+
+The dense part is reduced chunk by chunk of labels (the dense head in label chunks, the sparse tail in chunks of
+groups, or on CUDA in one pass of the fused kernels, ``lightning_haste.kernels.loss``); the positives' logits are
+computed on the side, ``O(positives * fan_in)``. The backward recomputes each chunk's logits, forms their
+gradient, overwrites the positives' entries with their full gradient and feeds the chunk to the gradient
+computations, so that no temporary grows with the number of labels beyond the chunk (``workspace_bytes``).
+
+16-bit inputs accumulate in float32 (the loss is float32, sums of chunks in float64); float32 and float64 stay
+in their dtype. The dense head's logits are ``nn.Linear``'s, rounded to the input dtype as ``nn.Linear``
+rounds them; the tail's are never rounded before the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._reference import _gather_groups, accumulation_dtype
+
+__all__ = [
+    "LOSSES",
+    "LossChunks",
+    "SparseTargets",
+    "dense_part",
+    "loss_chunks",
+    "sparse_targets",
+    "workspace_bytes",
+]
+
+#: The losses the fused path computes.
+LOSSES = ("bce", "squared_hinge")
+
+#: Targets as the package takes them: one 1-D tensor (or array, or list) of positive label ids per row, or a
+#: ``[rows, labels]`` torch sparse CSR tensor or SciPy sparse matrix whose stored non-zeros are the positives.
+SparseTargets = Union[Sequence[Any], Tensor, Any]
+
+
+def check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Targets.
+def _as_label_array(row: int, values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"targets[{row}] must hold integer label ids, got dtype {values.dtype}")
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"targets[{row}] must be 1-D, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"targets[{row}] must hold integer label ids, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def sparse_targets(targets: SparseTargets, num_rows: int, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positives of ``targets`` as ``(rows, labels)`` int64 arrays, sorted by row then label.
+
+    A label listed twice in a row is one positive (the loss treats targets as a set). Raises for a row count
+    other than ``num_rows``, ids outside ``[0, num_labels)`` and non-integer ids. Reading a CUDA tensor
+    synchronises with the device; the collate functions of the package give CPU tensors.
+    """
+    if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
+        if targets.dim() != 2 or tuple(targets.shape) != (num_rows, num_labels):
+            raise ValueError(f"sparse targets must have shape ({num_rows}, {num_labels}), got {tuple(targets.shape)}")
+        indptr = targets.crow_indices().cpu().numpy().astype(np.int64)
+        labels = targets.col_indices().cpu().numpy().astype(np.int64)
+        keep = targets.values().cpu().numpy() != 0
+        rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(indptr))[keep]
+        labels = labels[keep]
+    elif hasattr(targets, "tocsr") and hasattr(targets, "shape"):  # scipy.sparse
+        if tuple(targets.shape) != (num_rows, num_labels):
+            raise ValueError(f"sparse targets must have shape ({num_rows}, {num_labels}), got {tuple(targets.shape)}")
+        csr = targets.tocsr()
+        keep = np.asarray(csr.data) != 0
+        rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(csr.indptr))[keep]
+        labels = np.asarray(csr.indices, dtype=np.int64)[keep]
+    elif isinstance(targets, (Tensor, np.ndarray, str)) or not isinstance(targets, Sequence):
+        raise TypeError(
+            "targets must be a sequence of 1-D label-id tensors (one per row), a torch sparse CSR tensor or a "
+            f"SciPy sparse matrix, got {type(targets).__name__}"
+        )
+    else:
+        if len(targets) != num_rows:
+            raise ValueError(f"targets has {len(targets)} rows but the input has {num_rows}")
+        parts = [_as_label_array(r, t) for r, t in enumerate(targets)]
+        counts = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+        rows = np.repeat(np.arange(num_rows, dtype=np.int64), counts)
+        labels = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(
+            f"target label ids must lie in [0, {num_labels}) (num_labels), found values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    keys = np.unique(rows * num_labels + labels)  # sorted, each (row, label) once
+    return keys // num_labels, keys % num_labels
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-label loss.
+def _softplus(z: Tensor) -> Tensor:
+    # softplus(z) = z + log1p(e^-z) is z within rounding once e^-z < eps * z: from 20 in float32 (torch's default
+    # threshold), from 40 in float64.
+    return F.softplus(z, threshold=40.0 if z.dtype == torch.float64 else 20.0)
+
+
+def dense_part(loss: str, z: Tensor) -> Tensor:
+    """The per-label loss of ``z`` as a negative label: ``softplus(z)`` or ``relu(1 + z)^2``."""
+    return _softplus(z) if loss == "bce" else torch.relu(1 + z).square()
+
+
+def _dense_grad(loss: str, z: Tensor) -> Tensor:
+    return torch.sigmoid(z) if loss == "bce" else 2 * torch.relu(1 + z)
+
+
+def _positive_correction(loss: str, z: Tensor) -> Tensor:
+    if loss == "bce":
+        return -z
+    return torch.relu(1 - z).square() - torch.relu(1 + z).square()
+
+
+def _positive_grad(loss: str, z: Tensor) -> Tensor:
+    """The whole gradient of a positive's loss: dense part plus correction."""
+    return -torch.sigmoid(-z) if loss == "bce" else -2 * torch.relu(1 - z)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunks.
+def workspace_bytes(batch: int, num_labels: int, memory_budget: int) -> int:
+    """Bytes the fused loss's per-chunk temporaries may take: a sixteenth of a 16-bit ``[batch, labels]`` tensor
+    (its logits are what it never holds), at least 4 MiB, at most ``memory_budget``."""
+    return max(1, min(memory_budget, max(batch * num_labels * 2 // 16, 4 * 2**20)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossChunks:
+    """How the fused loss walks over the labels: ``head`` label ranges ``[l0, l1)`` of the dense head and
+    ``tail`` group ranges ``[g0, g1)`` of the tail, and the internal label position where each chunk starts
+    (``starts``, head chunks then tail chunks, then the label count)."""
+
+    head: tuple[tuple[int, int], ...]
+    tail: tuple[tuple[int, int], ...]
+    starts: tuple[int, ...]
+
+
+def loss_chunks(
+    batch: int, num_head: int, num_tail: int, group_size: int, fan_in: int, dtype: torch.dtype, kernels: bool,
+    memory_budget: int,
+) -> LossChunks:
+    """The chunks for one problem shape (a pure function of it: the forward and the backward agree)."""
+    workspace = workspace_bytes(batch, num_head + num_tail, memory_budget)
+    item = torch.empty((), dtype=dtype).element_size()
+    acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
+    head: list[tuple[int, int]] = []
+    if num_head:
+        # logits and their gradient in the input dtype, two accumulation-dtype temporaries of the loss
+        per_label = batch * (2 * item + 2 * acc)
+        step = max(1, workspace // per_label)
+        head = [(l0, min(num_head, l0 + step)) for l0 in range(0, num_head, step)]
+    tail: list[tuple[int, int]] = []
+    if num_tail:
+        num_groups = -(-num_tail // group_size)
+        if kernels:  # the chunk of dZ the fused kernel writes, in the input dtype
+            step = max(1, workspace // (batch * group_size * item))
+        else:  # gathered inputs and their gradient, logits and their gradient, weights and their gradient
+            step = max(1, workspace // (acc * (3 * batch * fan_in + 3 * batch * group_size + 2 * group_size * fan_in)))
+        tail = [(g0, min(num_groups, g0 + step)) for g0 in range(0, num_groups, step)]
+    starts = tuple(l0 for l0, _ in head) + tuple(num_head + g0 * group_size for g0, _ in tail)
+    return LossChunks(tuple(head), tuple(tail), starts + (num_head + num_tail,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward and backward (what the op and the autograd function run).
+@dataclasses.dataclass(frozen=True)
+class LossLayout:
+    """The static description of one output layer for the fused loss."""
+
+    loss: str
+    head_slice: tuple[int, int]
+    tail_slice: tuple[int, int]
+    num_head: int
+    num_tail: int
+    kernels: bool
+    memory_budget: int
+
+
+def _tail_logits(x_tail: Tensor, weight: Tensor, index: Tensor, bias: Optional[Tensor], g0: int, g1: int,
+                 num_tail: int, acc: torch.dtype) -> Tensor:
+    """Accumulation-dtype logits ``[B, labels]`` of groups ``[g0, g1)`` by the pure-PyTorch path."""
+    group_size = weight.shape[0] // index.shape[0]
+    p0, p1 = g0 * group_size, min(num_tail, g1 * group_size)
+    xg = _gather_groups(x_tail, index[g0:g1], acc)  # [c, B, K]
+    w = weight[p0 : g1 * group_size].to(acc).view(g1 - g0, group_size, -1)
+    z = torch.bmm(xg, w.transpose(1, 2)).transpose(0, 1).reshape(x_tail.shape[0], -1)[:, : p1 - p0]
+    return z + bias[p0:p1].to(acc) if bias is not None else z
+
+
+def _positive_logits(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, split: int, layout: LossLayout,
+                     acc: torch.dtype) -> Tensor:
+    """Accumulation-dtype logits of the positives (``positions`` sorted, the first ``split`` in the head)."""
+    head_weight, head_bias, tail_weight, tail_bias, tail_index = params
+    z = torch.empty(rows.shape[0], dtype=acc, device=x.device)
+    if split:
+        xh = x[:, layout.head_slice[0] : layout.head_slice[1]]
+        r, p = rows[:split], positions[:split]
+        zh = (xh.index_select(0, r).to(acc) * head_weight.index_select(0, p).to(acc)).sum(1)
+        z[:split] = zh + head_bias.index_select(0, p).to(acc) if head_bias is not None else zh
+    if split < rows.shape[0]:
+        xt = x[:, layout.tail_slice[0] : layout.tail_slice[1]]
+        group_size = tail_weight.shape[0] // tail_index.shape[0]
+        r, t = rows[split:], positions[split:] - layout.num_head
+        features = tail_index.index_select(0, t // group_size).long()  # [P, K]
+        zt = (xt[r.unsqueeze(1), features].to(acc) * tail_weight.index_select(0, t).to(acc)).sum(1)
+        z[split:] = zt + tail_bias.index_select(0, t).to(acc) if tail_bias is not None else zt
+    return z
+
+
+def loss_forward(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, bounds: Sequence[int],
+                 layout: LossLayout) -> tuple[Tensor, Tensor]:
+    """``(loss, logits of the positives)``; ``bounds`` are the positives' offsets at each chunk start."""
+    head_weight, head_bias, tail_weight, tail_bias, tail_index = params
+    batch = x.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    chunks = _chunks(x, layout, tail_weight, tail_index)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    if head_weight is not None:
+        xh = x[:, layout.head_slice[0] : layout.head_slice[1]]
+        for l0, l1 in chunks.head:
+            z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None)
+            total += dense_part(layout.loss, z.to(acc)).sum(dtype=torch.float64)
+    if tail_weight is not None:
+        x_tail = x[:, layout.tail_slice[0] : layout.tail_slice[1]]
+        if layout.kernels:
+            from .kernels import layout as kernel_layout  # noqa: PLC0415 - the CUDA path only
+            from .kernels.loss import gsfi_loss_sum  # noqa: PLC0415
+
+            xt = kernel_layout.transpose_input(x_tail)
+            partial = gsfi_loss_sum(xt, batch, tail_weight, tail_index, tail_bias, layout.num_tail, layout.loss,
+                                    checked=False)
+            total += partial.sum(dtype=torch.float64)
+        else:
+            for g0, g1 in chunks.tail:
+                z = _tail_logits(x_tail, tail_weight, tail_index, tail_bias, g0, g1, layout.num_tail, acc)
+                total += dense_part(layout.loss, z).sum(dtype=torch.float64)
+    split = bounds[len(chunks.head)]
+    z_pos = _positive_logits(x, params, rows, positions, split, layout, acc)
+    total += _positive_correction(layout.loss, z_pos).sum(dtype=torch.float64)
+    return (total / batch).to(acc), z_pos
+
+
+def _chunks(x: Tensor, layout: LossLayout, tail_weight: Optional[Tensor], tail_index: Optional[Tensor]) -> LossChunks:
+    group_size = tail_weight.shape[0] // tail_index.shape[0] if tail_weight is not None else 1
+    fan_in = tail_index.shape[1] if tail_index is not None else 1
+    return loss_chunks(x.shape[0], layout.num_head, layout.num_tail, group_size, fan_in, x.dtype, layout.kernels,
+                       layout.memory_budget)
+
+
+def loss_backward(
+    grad: Tensor, x: Tensor, params: tuple, rows: Tensor, positions: Tensor, z_pos: Tensor, bounds: Sequence[int],
+    layout: LossLayout, needs: tuple[bool, bool, bool, bool, bool, bool],
+) -> tuple[Optional[Tensor], ...]:
+    """``(dx, d head weight, d head bias, d tail weight, d tail bias)`` for the loss's incoming gradient ``grad``,
+    ``None`` where ``needs`` (x and the five parameters' flags; the index's is ignored) says not needed."""
+    head_weight, head_bias, tail_weight, tail_bias, tail_index = params
+    need_x, need_hw, need_hb, need_tw, need_tb = needs[:5]
+    batch = x.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    chunks = _chunks(x, layout, tail_weight, tail_index)
+    scale = grad.detach().to(acc) / batch  # stays on the device: no host synchronisation
+    grad_pos = (scale * _positive_grad(layout.loss, z_pos)).to(x.dtype)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+    grads: dict[str, Optional[Tensor]] = {"hw": None, "hb": None, "tw": None, "tb": None}
+
+    def overwrite_positives(dz: Tensor, chunk: int, first_label: int) -> None:
+        a, b = bounds[chunk], bounds[chunk + 1]
+        if b > a:
+            dz[rows[a:b], positions[a:b] - first_label] = grad_pos[a:b]
+
+    if head_weight is not None and (need_x or need_hw or need_hb):
+        h0, h1 = layout.head_slice
+        xh = x[:, h0:h1]
+        grads["hw"] = torch.empty_like(head_weight) if need_hw else None
+        grads["hb"] = torch.empty_like(head_bias) if need_hb else None
+        for c, (l0, l1) in enumerate(chunks.head):
+            z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None)
+            dz = (scale * _dense_grad(layout.loss, z.to(acc))).to(x.dtype)
+            overwrite_positives(dz, c, l0)
+            if grad_x is not None:
+                grad_x[:, h0:h1] += (dz @ head_weight[l0:l1]).to(acc)
+            if grads["hw"] is not None:
+                grads["hw"][l0:l1] = dz.t() @ xh
+            if grads["hb"] is not None:
+                grads["hb"][l0:l1] = dz.sum(0, dtype=acc)
+    if tail_weight is not None and (need_x or need_tw or need_tb):
+        t0, t1 = layout.tail_slice
+        x_tail = x[:, t0:t1]
+        grads["tw"] = torch.empty_like(tail_weight) if need_tw else None
+        grads["tb"] = torch.empty_like(tail_bias) if need_tb else None
+        first = len(chunks.head)
+        if layout.kernels:
+            _tail_backward_kernels(x_tail, tail_weight, tail_bias, tail_index, chunks, scale, layout,
+                                   lambda dz, c, p0: overwrite_positives(dz, first + c, layout.num_head + p0),
+                                   grad_x[:, t0:t1] if grad_x is not None else None, grads["tw"], grads["tb"])
+        else:
+            _tail_backward_torch(x_tail, tail_weight, tail_bias, tail_index, chunks, scale, layout, acc,
+                                 lambda dz, c, p0: overwrite_positives(dz, first + c, layout.num_head + p0),
+                                 grad_x[:, t0:t1] if grad_x is not None else None, grads["tw"], grads["tb"])
+    return (
+        grad_x.to(x.dtype) if grad_x is not None else None,
+        grads["hw"], grads["hb"], grads["tw"], grads["tb"],
+    )
+
+
+def _tail_backward_torch(x_tail, weight, bias, index, chunks, scale, layout, acc, overwrite, grad_x, grad_w, grad_b):
+    group_size = weight.shape[0] // index.shape[0]
+    batch, fan_in = x_tail.shape[0], index.shape[1]
+    for c, (g0, g1) in enumerate(chunks.tail):
+        groups = g1 - g0
+        p0, p1 = g0 * group_size, min(layout.num_tail, g1 * group_size)
+        z = _tail_logits(x_tail, weight, index, bias, g0, g1, layout.num_tail, acc)
+        dz = (scale * _dense_grad(layout.loss, z)).to(x_tail.dtype)
+        overwrite(dz, c, p0)
+        if grad_b is not None:
+            grad_b[p0:p1] = dz.sum(0, dtype=acc)
+        dz = dz.to(acc)
+        if p1 - p0 < groups * group_size:  # the last group's padding labels have a zero gradient
+            dz = F.pad(dz, (0, groups * group_size - (p1 - p0)))
+        dz = dz.view(batch, groups, group_size).transpose(0, 1)  # [c, B, G]
+        idx = index[g0:g1]
+        if grad_w is not None:
+            xg = _gather_groups(x_tail, idx, acc)
+            grad_w[p0 : g1 * group_size] = torch.bmm(dz.transpose(1, 2), xg).reshape(-1, fan_in)
+        if grad_x is not None:
+            w = weight[p0 : g1 * group_size].to(acc).view(groups, group_size, fan_in)
+            dxg = torch.bmm(dz, w).transpose(0, 1).reshape(batch, groups * fan_in)
+            grad_x.index_add_(1, idx.reshape(-1).long(), dxg)
+
+
+def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, overwrite, grad_x, grad_w, grad_b):
+    from .kernels import layout as kernel_layout  # noqa: PLC0415 - the CUDA path only
+    from .kernels.grad_input import gsfi_grad_input  # noqa: PLC0415
+    from .kernels.grad_weight import gsfi_grad_weight  # noqa: PLC0415
+    from .kernels.loss import gsfi_loss_grad  # noqa: PLC0415
+
+    group_size = weight.shape[0] // index.shape[0]
+    batch, in_features = x_tail.shape
+    xt = kernel_layout.transpose_input(x_tail)
+    scale32 = scale.to(torch.float32).reshape(1)
+    widest = max(g1 - g0 for g0, g1 in chunks.tail) * group_size
+    storage = torch.empty(batch, (widest + 7) // 8 * 8, dtype=x_tail.dtype, device=x_tail.device)
+    for c, (g0, g1) in enumerate(chunks.tail):
+        p0, p1 = g0 * group_size, min(layout.num_tail, g1 * group_size)
+        labels = p1 - p0
+        w, idx = weight[p0 : g1 * group_size], index[g0:g1]
+        dz = storage[:, :labels]
+        if labels % 8:  # the kernels read whole 8-label pieces: the padding columns must be zeros
+            storage[:, labels : (labels + 7) // 8 * 8].zero_()
+            setattr(dz, kernel_layout._ZERO_PADDED, True)
+        gsfi_loss_grad(xt, batch, w, idx, bias[p0:p1] if bias is not None else None, labels, layout.loss, scale32,
+                       dz, checked=False)
+        overwrite(dz, c, p0)
+        if grad_x is not None:
+            grad_x += gsfi_grad_input(dz, w, idx, in_features, checked=False, float32=True)
+        if grad_w is not None or grad_b is not None:
+            out = grad_w[p0 : g1 * group_size] if grad_w is not None else torch.empty_like(w)
+            gsfi_grad_weight(dz, xt, idx, w, out=out, grad_bias=grad_b[p0:p1] if grad_b is not None else None,
+                             checked=False)
