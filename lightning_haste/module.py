@@ -100,7 +100,9 @@ class HasteXMCModule:
     ``setup`` from the datamodule's statistics (``num_labels``, ``label_frequencies``, and for the grouping its
     ``label_embeddings`` if it has them, else PIFA embeddings from ``train_data``). Override :meth:`encode` to
     turn a batch into features (default: the batch's ``"features"``, for bag-of-words input). Training uses
-    BCE with logits (or squared hinge) on sparse targets; validation/test log P@k, nDCG@k and PSP@k;
+    BCE with logits (or squared hinge) on sparse targets, fused with the output layer
+    (:meth:`HeadTailOutput.loss`: the ``[B, num_labels]`` logits are never formed; override :meth:`haste_loss`
+    for a loss of your own on the full logits, the slow path); validation/test log P@k, nDCG@k and PSP@k;
     ``predict_step`` returns top-k ``(scores, label ids)`` in original label ids; :meth:`configure_optimizers`
     gives AdamW to the encoder and SGD with momentum to the output layer (override it to change that).
     """
@@ -134,7 +136,8 @@ class HasteXMCModule:
             head_ratio, fan_in, group_size, head_features, tail_features: as for :class:`HeadTailOutput`.
             grouping: how the tail labels are grouped (:func:`~lightning_haste.grouping.group_labels` method:
                 ``"faiss-greedy"``, ``"balanced-kmeans"`` or ``"random"``), or ``None`` for frequency order.
-            loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets.
+            loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets: summed over
+                the labels, averaged over the rows, computed fused with the output layer.
             k: the cut-offs of the validation/test metrics and of ``predict_step``'s top-k (its largest).
             psp_a, psp_b: the propensity constants A and B of PSP@k.
             encoder_lr: AdamW learning rate of the encoder (every parameter outside the output layer).
@@ -193,11 +196,24 @@ class HasteXMCModule:
         return features.to_dense() if features.layout != torch.strided else features
 
     def haste_loss(self, logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
+        """A loss on the full ``[B, num_labels]`` logits (original label order) and the batch's sparse targets.
+
+        Not called by default: :meth:`haste_training_loss` computes the configured loss fused, without the
+        logits. Override this method to train with a loss of your own; the training step then computes the full
+        logits and calls it: the slow path, which holds several ``[B, num_labels]`` tensors.
+        """
         fn = sparse_bce_with_logits if self.haste["loss"] == "bce" else sparse_squared_hinge
         return fn(logits, targets)
 
+    def haste_training_loss(self, features: Tensor, targets: Sequence[Tensor]) -> Tensor:
+        """The training loss of a batch: :meth:`HeadTailOutput.loss` (fused: no ``[B, num_labels]`` logits), or
+        :meth:`haste_loss` on the full logits when a subclass overrides it."""
+        if type(self).haste_loss is not HasteXMCModule.haste_loss:
+            return self.haste_loss(self.output(features), targets)
+        return self.output.loss(features, targets, loss=self.haste["loss"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.haste_loss(self.output(self.encode(batch)), batch["targets"])
+        loss = self.haste_training_loss(self.encode(batch), batch["targets"])
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["targets"]))
         return loss
 
