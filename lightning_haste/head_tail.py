@@ -300,6 +300,17 @@ class HeadTailOutput(nn.Module):
             A scalar: float32 for 16-bit inputs (sums in float32, chunks added in float64), else the input dtype.
             Under ``torch.autocast`` the layer runs in the autocast dtype, as ``nn.Linear`` does.
         """
+        args, autocast = self.loss_arguments(x, targets, loss)
+        if autocast:
+            with torch.autocast(args[0].device.type, enabled=False):
+                return ops.head_tail_loss_2d(*args)
+        return ops.head_tail_loss_2d(*args)
+
+    def loss_arguments(self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce") -> tuple[tuple, bool]:
+        """The validated arguments of :func:`lightning_haste.ops.head_tail_loss_2d` for :meth:`loss`, and whether
+        autocast was on (the op then runs with it off, on arguments cast to its dtype). For callers that replay
+        the loss on fixed targets, e.g. in a CUDA graph: this is the part of :meth:`loss` that reads the targets
+        on the host and copies them to the device."""
         fused_loss.check_loss(loss)
         x2d = self._check_input(x)
         batch = x2d.shape[0]
@@ -344,10 +355,7 @@ class HeadTailOutput(nn.Module):
         slices = [*self.head_slice, *self.tail_slice]
         args = (x2d, params, rows_t, positions_t, bounds, loss, slices, self.num_head_labels, self.num_tail_labels,
                 kernels, self.memory_budget)
-        if autocast:
-            with torch.autocast(device_type, enabled=False):
-                return ops.head_tail_loss_2d(*args)
-        return ops.head_tail_loss_2d(*args)
+        return args, autocast
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, label ids)`` per row, sorted by descending score, original ids.

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_haste import HeadTailOutput
+from lightning_haste import HeadTailOutput, ops
 from lightning_haste.data import XMCDataModule
 from lightning_haste.loss import loss_chunks, sparse_targets, workspace_bytes
 from lightning_haste.module import HasteXMCModule, sparse_bce_with_logits, sparse_squared_hinge
@@ -260,7 +260,8 @@ def test_no_tensor_of_batch_times_labels_elements_is_allocated(loss):
 def test_gradient_accumulation_adds_up():
     layer = _layer(memory_budget=4000)
     gen = torch.Generator().manual_seed(7)
-    x1, x2 = torch.randn(3, 40, dtype=torch.float64, generator=gen), torch.randn(5, 40, dtype=torch.float64, generator=gen)
+    x1 = torch.randn(3, 40, dtype=torch.float64, generator=gen)
+    x2 = torch.randn(5, 40, dtype=torch.float64, generator=gen)
     t1, t2 = _targets(3, layer.num_labels, gen), _targets(5, layer.num_labels, gen)
     (layer.loss(x1, t1) / 2).backward()
     (layer.loss(x2, t2) / 2).backward()
@@ -316,8 +317,6 @@ def test_compiled_loss_matches_eager():
 
 
 def test_loss_ops_pass_opcheck():
-    from lightning_haste import ops
-
     layer = _layer(dtype=torch.float32, memory_budget=4000)
     x = torch.randn(4, 40, requires_grad=True)
     rows = torch.tensor([0, 1, 3])

@@ -1,0 +1,196 @@
+"""The fused loss on CUDA (kernels of lightning_haste.kernels.loss) against float64 references; run on a GPU:
+PYTHONPATH=. python3 -m pytest -m gpu tests/test_loss_gpu.py"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_haste import HeadTailOutput, kernels
+from lightning_haste import functional as LF
+from lightning_haste.kernels import layout
+from lightning_haste.loss import dense_part, loss_chunks
+from lightning_haste.module import sparse_bce_with_logits, sparse_squared_hinge
+
+pytestmark = pytest.mark.gpu
+LOSSES = ("bce", "squared_hinge")
+RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+NORM_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _assert_close(name, got, ref, dtype_tol):
+    assert not torch.isnan(got).any(), f"{name}: NaN (an element was not written)"
+    got = got.double().cpu()
+    ref = ref.double().cpu()
+    rel = ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+    assert rel <= NORM_TOL[dtype_tol], f"{name}: relative error {rel}"
+    bound = RTOL[dtype_tol] * ref.abs() + 1e-3 * ref.abs().max()
+    bad = (got - ref).abs() > bound
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements off, first at {bad.nonzero()[0].tolist()}"
+
+
+def _poison_allocator(nbytes=512 * 2**20):
+    """Fill the caching allocator's free memory with NaN, so that an output element a kernel never writes shows."""
+    block = torch.full((nbytes // 2,), float("nan"), dtype=torch.float16, device="cuda")
+    del block
+
+
+# (batch, in_features, labels, group_size, fan_in, dtype)
+KERNEL_CASES = [
+    (37, 384, 1001, 16, 64, torch.bfloat16),  # odd label count, short last group
+    (130, 768, 4096, 32, 128, torch.bfloat16),  # more than two 64-row tiles
+    (64, 384, 2050, 64, 128, torch.float16),
+    (9, 4096, 500, 32, 24, torch.bfloat16),  # input too wide for shared memory: streaming gathers
+    (200, 96, 777, 8, 16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-L{c[2]}-G{c[3]}-K{c[4]}-{str(c[5])[6:]}")
+def test_loss_kernels_match_float64_reference(case, loss):
+    batch, in_features, labels, group_size, fan_in, dtype = case
+    gen = torch.Generator(device="cuda").manual_seed(labels + batch)
+    num_groups = -(-labels // group_size)
+    weight = (torch.randn(num_groups * group_size, fan_in, device="cuda", generator=gen) * 0.3).to(dtype)
+    weight[labels:] = 0
+    index = torch.stack([torch.randperm(in_features, device="cuda", generator=gen)[:fan_in] for _ in range(num_groups)])
+    index = index.int().contiguous()
+    bias = torch.randn(labels, device="cuda", generator=gen).to(dtype)
+    x = (torch.randn(batch, in_features, device="cuda", generator=gen) * 2).to(dtype)
+    z = LF.group_shared_fanin(x.double(), weight.double(), index, bias.double(), labels, backend="torch")
+    xt = layout.transpose_input(x)
+    partial = kernels.loss.gsfi_loss_sum(xt, batch, weight, index, bias, labels, loss)
+    expected = dense_part(loss, z).sum()
+    got = partial.double().sum()
+    assert abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item()) + 1e-3, (got.item(), expected.item())
+    scale = torch.tensor([0.37], device="cuda")
+    grad = (torch.sigmoid(z) if loss == "bce" else 2 * torch.relu(1 + z)) * 0.37
+    storage = torch.full((batch, (labels + 7) // 8 * 8), float("nan"), dtype=dtype, device="cuda")
+    out = kernels.loss.gsfi_loss_grad(xt, batch, weight, index, bias, labels, loss, scale, storage[:, :labels])
+    _assert_close("dZ (aligned rows)", out, grad, dtype)
+    if labels % 8:
+        packed = torch.full((batch, labels), float("nan"), dtype=dtype, device="cuda")
+        kernels.loss.gsfi_loss_grad(xt, batch, weight, index, bias, labels, loss, scale, packed)
+        _assert_close("dZ (packed rows)", packed, grad, dtype)
+
+
+def _layer(num_labels, in_features, group_size, fan_in, dtype, seed, **kw):
+    freq = np.random.default_rng(seed).integers(0, 100, num_labels)
+    layer = HeadTailOutput(in_features, freq, head_ratio=kw.pop("head_ratio", 0.1), fan_in=fan_in,
+                           group_size=group_size, device="cuda", dtype=dtype,
+                           generator=torch.Generator(device="cuda").manual_seed(seed), **kw)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(3.0)
+        layer.tail.zero_padding_()
+    return layer
+
+
+def _float64_loss_and_grads(layer, x, targets, loss):
+    """The unfused float64 path (the full logits, a float64 copy of the layer): reference value and gradients."""
+    ref = copy.deepcopy(layer).double()
+    ref.tail.backend = "torch"
+    x64 = x.detach().double().requires_grad_(True)
+    fn = sparse_bce_with_logits if loss == "bce" else sparse_squared_hinge
+    value = fn(ref(x64), targets)
+    value.backward()
+    params = [ref.head.weight.grad, ref.head.bias.grad, ref.tail.weight.grad, ref.tail.bias.grad]
+    return value.detach(), x64.grad, params
+
+
+def _random_targets(batch, num_labels, gen, layer):
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(0, 8, (1,), generator=gen))
+        targets.append(torch.randperm(num_labels, generator=gen)[:n])
+    targets[0] = torch.tensor([], dtype=torch.long)
+    targets[1] = torch.randperm(num_labels, generator=gen)[: num_labels // 3]  # many positives
+    targets[2] = layer.label_permutation[: layer.num_head_labels][:5].cpu()  # head only
+    targets[3] = layer.label_permutation[layer.num_head_labels :][-7:].cpu()  # tail only, in the last group
+    return targets
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    "case",
+    [(70, 384, 3001, 16, 64, torch.bfloat16, 2**28), (70, 384, 3001, 16, 64, torch.bfloat16, 20_000),
+     (129, 768, 2050, 32, 128, torch.float16, 50_000), (33, 512, 1003, 64, 128, torch.bfloat16, 2**28)],
+    ids=lambda c: f"B{c[0]}-H{c[1]}-L{c[2]}-G{c[3]}-K{c[4]}-{str(c[5])[6:]}-budget{c[6]}",
+)
+def test_fused_loss_value_and_gradients_match_float64(case, loss):
+    batch, in_features, num_labels, group_size, fan_in, dtype, budget = case
+    layer = _layer(num_labels, in_features, group_size, fan_in, dtype, seed=num_labels, memory_budget=budget,
+                   tail_features=(0, in_features // 2) if group_size == 16 else None)
+    gen = torch.Generator().manual_seed(batch)
+    targets = _random_targets(batch, num_labels, gen, layer)
+    x = torch.randn(batch, in_features, generator=gen).to("cuda", dtype).requires_grad_(True)
+    chunks = loss_chunks(batch, layer.num_head_labels, layer.num_tail_labels, group_size, fan_in, dtype, True,
+                         budget)
+    assert (len(chunks.tail) > 1) == (budget < 2**28)
+    _poison_allocator()
+    value = layer.loss(x, targets, loss=loss)
+    value.backward()
+    ref_value, ref_gx, ref_params = _float64_loss_and_grads(layer, x, targets, loss)
+    assert value.dtype == torch.float32
+    assert abs(value.item() - ref_value.item()) <= 1e-3 * abs(ref_value.item()), (value.item(), ref_value.item())
+    _assert_close("dx", x.grad, ref_gx, dtype)
+    got = [layer.head.weight.grad, layer.head.bias.grad, layer.tail.weight.grad, layer.tail.bias.grad]
+    for name, g, r in zip(("head weight", "head bias", "tail weight", "tail bias"), got, ref_params, strict=True):
+        assert g.dtype == dtype
+        _assert_close(name, g, r, dtype)
+    assert torch.count_nonzero(layer.tail.weight.grad[layer.num_tail_labels :]) == 0
+
+
+def test_fused_loss_is_deterministic_and_compiles():
+    layer = _layer(5000, 384, 32, 64, torch.bfloat16, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    targets = _random_targets(64, 5000, gen, layer)
+    x = torch.randn(64, 384, generator=gen).to("cuda", torch.bfloat16)
+
+    def step(inputs):
+        value = layer.loss(inputs, targets)
+        return (value,) + torch.autograd.grad(value, [layer.tail.weight, layer.tail.bias, layer.head.weight])
+
+    first = step(x)
+    second = step(x)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)(x)
+    for a, b in zip(compiled, first, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_autocast_with_float32_parameters_runs_the_kernels():
+    layer = _layer(3000, 384, 16, 64, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    targets = _random_targets(32, 3000, gen, layer)
+    x = torch.randn(32, 384, generator=gen).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        value = layer.loss(x, targets)
+    value.backward()
+    assert value.dtype == torch.float32 and layer.tail.weight.grad.dtype == torch.float32
+    ref_value, _, _ = _float64_loss_and_grads(layer, x.bfloat16().float(), targets, "bce")
+    assert abs(value.item() - ref_value.item()) <= 2e-2 * abs(ref_value.item())
+
+
+def test_peak_memory_of_the_step_stays_below_an_eighth_of_the_logits():
+    """B * L >= 10^9: the step's memory above parameters and gradients < 1/8 of one bf16 [B, L] tensor."""
+    batch, num_labels = 256, 4_000_000
+    layer = _layer(num_labels, 768, 32, 64, torch.bfloat16, seed=5, head_ratio=0.05, tail_features=(0, 384),
+                   head_features=(384, 768))
+    gen = torch.Generator().manual_seed(6)
+    targets = [torch.randint(0, num_labels, (5,), generator=gen) for _ in range(batch)]
+    x = torch.randn(batch, 768, generator=gen).to("cuda", torch.bfloat16)
+    layer.loss(x, targets).backward()  # compiles the kernels
+    layer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    layer.loss(x, targets).backward()
+    torch.cuda.synchronize()
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters())
+    growth = torch.cuda.max_memory_allocated() - before - gradients
+    logits_bytes = batch * num_labels * 2
+    assert growth < logits_bytes / 8, (growth, logits_bytes / 8)
