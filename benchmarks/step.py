@@ -111,14 +111,28 @@ def _layer(shape: C.Shape, head_ratio: float) -> HeadTailOutput:
 def run_shape(shape: C.Shape, sets: int, bandwidth: float, rate: float, profile: bool) -> dict:
     B, L, K = shape.B, shape.L, shape.K
     head_ratio = HEAD_RATIO.get(shape.name, 0.05)
-    layer = _layer(shape, head_ratio)
-    params = list(layer.parameters())
     gen = torch.Generator(device="cuda").manual_seed(1)
     xs = [torch.randn(B, ENCODER_WIDTH, device="cuda", generator=gen).bfloat16() for _ in range(sets)]
     cpu_gen = torch.Generator().manual_seed(2)
     targets = [[torch.randint(0, L, (POSITIVES,), generator=cpu_gen) for _ in range(B)] for _ in range(sets)]
-    row: dict = {"shape": shape.name, "B": B, "L": L, "K": K, "G": shape.G, "head_ratio": head_ratio,
-                 "head_labels": layer.num_head_labels}
+    positives = []
+    for t in targets:
+        r = torch.repeat_interleave(torch.arange(B), torch.tensor([len(v) for v in t])).cuda()
+        positives.append((r, torch.cat(t).cuda()))
+    row: dict = {"shape": shape.name, "B": B, "L": L, "K": K, "G": shape.G, "head_ratio": head_ratio}
+    _ours(shape, head_ratio, xs, targets, positives, sets, profile, row)
+    _free()
+    x_tail = [x[:, : shape.H].contiguous() for x in xs]
+    return _dense_and_floor(shape, sets, bandwidth, rate, row, xs, x_tail, targets, positives)
+
+
+def _ours(shape, head_ratio, xs, targets, positives, sets, profile, row) -> None:
+    """The fused and unfused steps and the tail layer alone (the layer is freed on return)."""
+    B = shape.B
+    layer = _layer(shape, head_ratio)
+    params = list(layer.parameters())
+    row["head_labels"] = layer.num_head_labels
+    gen = torch.Generator(device="cuda").manual_seed(3)
 
     def zero() -> None:
         for p in params:
@@ -148,11 +162,6 @@ def run_shape(shape: C.Shape, sets: int, bandwidth: float, rate: float, profile:
         zero()
         sparse_bce_with_logits(layer(xs[i]), targets[i]).backward()
 
-    positives = []
-    for t in targets:
-        r = torch.repeat_interleave(torch.arange(B), torch.tensor([len(v) for v in t])).cuda()
-        positives.append((r, torch.cat(t).cuda()))
-
     def unfused_replayable(i: int) -> None:
         zero()
         z = layer(xs[i])
@@ -178,11 +187,11 @@ def run_shape(shape: C.Shape, sets: int, bandwidth: float, rate: float, profile:
         tail(x_tail[i]).backward(dzs[i])
 
     row["tail_layer_graph"] = C.timeit(tail_step, sets)
-    dzs = None
     zero()
-    del layer, params, fused_args
-    _free()
 
+
+def _dense_and_floor(shape, sets, bandwidth, rate, row, xs, x_tail, targets, positives) -> dict:
+    B, L, K = shape.B, shape.L, shape.K
     # dense layer with the same loss
     try:
         dense = torch.nn.Linear(shape.H, L, device="cuda", dtype=torch.bfloat16)
