@@ -10,6 +10,7 @@ import torch
 import lightning_haste as lh
 from lightning_haste import functional as LF
 from lightning_haste.kernels import forward, grad_input, grad_weight, layout, runtime, tuning
+from lightning_haste.kernels import loss as loss_kernels
 
 H100_SHARED = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200
 
@@ -25,10 +26,12 @@ def test_missing_cupy_gives_install_hint(monkeypatch):
 
 
 def test_sources_found_and_header_inlined():
-    for name in ("gsfi_forward", "gsfi_forward_sm90", "gsfi_grad_input", "gsfi_grad_weight"):
+    for name in ("gsfi_forward", "gsfi_forward_sm90", "gsfi_grad_input", "gsfi_grad_weight", "gsfi_loss"):
         text = runtime.source(name)
-        assert '#include "gsfi_common.cuh"' not in text
+        assert "#include" not in text  # every header of cuda/ inlined (NVRTC gets no include path)
+        assert text.count("struct bf16_t {") == 1  # the common header once, though two files include it
         assert "struct bf16_t" in text and "void __launch_bounds__" in text
+    assert "forward_tiles(" in runtime.source("gsfi_loss")
 
 
 @pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
@@ -128,16 +131,18 @@ def test_grad_weight_warp_tuning():
 
 
 @pytest.mark.parametrize(
-    "file,kernel,module",
+    "file,kernel,params",
     [
-        ("gsfi_forward", "gsfi_forward", forward),
-        ("gsfi_forward_sm90", "gsfi_forward_sm90", forward),
-        ("gsfi_grad_input", "gsfi_grad_input", grad_input),
-        ("gsfi_grad_weight", "gsfi_grad_weight", grad_weight),
-        ("gsfi_grad_weight", "gsfi_grad_weight_warp", grad_weight),
+        ("gsfi_forward", "gsfi_forward", forward.PARAMS),
+        ("gsfi_forward_sm90", "gsfi_forward_sm90", forward.PARAMS),
+        ("gsfi_grad_input", "gsfi_grad_input", grad_input.PARAMS),
+        ("gsfi_grad_weight", "gsfi_grad_weight", grad_weight.PARAMS),
+        ("gsfi_grad_weight", "gsfi_grad_weight_warp", grad_weight.PARAMS),
+        ("gsfi_loss", "gsfi_loss_sum", loss_kernels.SUM_PARAMS),
+        ("gsfi_loss", "gsfi_loss_grad", loss_kernels.GRAD_PARAMS),
     ],
 )
-def test_packed_parameters_match_the_kernel_signatures(file, kernel, module):
+def test_packed_parameters_match_the_kernel_signatures(file, kernel, params):
     # The launcher packs arguments into one buffer in C layout: the codes must follow the declaration.
     source = runtime.source(file)
     signature = re.search(rf"\b{kernel}\(([^)]*)\)", source).group(1)
@@ -146,7 +151,7 @@ def test_packed_parameters_match_the_kernel_signatures(file, kernel, module):
         declaration = declaration.strip()
         codes += "Q" if "*" in declaration else ("q" if declaration.startswith("long long") else "i")
         assert "*" in declaration or declaration.split()[0] in ("int", "long"), declaration
-    assert module.PARAMS.format == "@" + codes
+    assert params.format == "@" + codes
 
 
 def test_padded_rows_pads_with_zeros():

@@ -49,6 +49,13 @@ def _instantiations():
         for dtype in ("bf16_t", "f16_t") for g, kp in ((8, 16), (8, 128), (16, 64), (16, 128), (32, 64))
         for n, w in ((3, 8), (3, 6), (2, 4)) for a in ("true", "false")
     ]
+    # the fused loss kernels: the forward's main loop (instantiated above) with the loss epilogues; both losses
+    # and dtypes, resident and streamed input, aligned and packed dZ rows
+    lines += [f"(void*)&gsfi_loss_sum<{dtype}, {g}, {kp}, {r}, 8, 3, {loss}>,"
+              for dtype, g, kp, r in (("bf16_t", 16, 64, "true"), ("f16_t", 128, 512, "false")) for loss in (0, 1)]
+    lines += [f"(void*)&gsfi_loss_grad<{dtype}, {g}, {kp}, {r}, {a}, 4, 3, {loss}>,"
+              for dtype, g, kp, r, a in (("bf16_t", 32, 128, "true", "true"), ("f16_t", 8, 16, "false", "false"))
+              for loss in (0, 1)]
     return "\n".join(lines)
 
 
