@@ -306,11 +306,14 @@ class HeadTailOutput(nn.Module):
                 return ops.head_tail_loss_2d(*args)
         return ops.head_tail_loss_2d(*args)
 
-    def loss_arguments(self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce") -> tuple[tuple, bool]:
+    def loss_arguments(
+        self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None
+    ) -> tuple[tuple, bool]:
         """The validated arguments of :func:`lightning_haste.ops.head_tail_loss_2d` for :meth:`loss`, and whether
         autocast was on (the op then runs with it off, on arguments cast to its dtype). For callers that replay
         the loss on fixed targets, e.g. in a CUDA graph: this is the part of :meth:`loss` that reads the targets
-        on the host and copies them to the device."""
+        on the host and copies them to the device. ``workspace``: bytes per chunk of labels instead of
+        :func:`~lightning_haste.loss.workspace_bytes` (for benchmarks)."""
         fused_loss.check_loss(loss)
         x2d = self._check_input(x)
         batch = x2d.shape[0]
@@ -346,15 +349,18 @@ class HeadTailOutput(nn.Module):
                 params = params[:4] + (index,)
         group_size = tail.group_size if tail is not None else 1
         fan_in = tail.fan_in if tail is not None else 1
+        if workspace is None:
+            workspace = fused_loss.workspace_bytes(batch, self.num_labels, self.memory_budget)
+        workspace = check_positive_int("workspace", workspace)
         chunks = fused_loss.loss_chunks(batch, self.num_head_labels, self.num_tail_labels, group_size, fan_in,
-                                        x2d.dtype, kernels, self.memory_budget)
+                                        x2d.dtype, kernels, workspace)
         bounds = torch.from_numpy(np.searchsorted(positions, np.asarray(chunks.starts)).astype(np.int64))
         device = x2d.device
         rows_t = torch.from_numpy(rows).to(device, non_blocking=True)
         positions_t = torch.from_numpy(positions).to(device, non_blocking=True)
         slices = [*self.head_slice, *self.tail_slice]
         args = (x2d, params, rows_t, positions_t, bounds, loss, slices, self.num_head_labels, self.num_tail_labels,
-                kernels, self.memory_budget)
+                kernels, workspace)
         return args, autocast
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -151,9 +151,10 @@ def _positive_grad(loss: str, z: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Chunks.
 def workspace_bytes(batch: int, num_labels: int, memory_budget: int) -> int:
-    """Bytes the fused loss's per-chunk temporaries may take: a sixteenth of a 16-bit ``[batch, labels]`` tensor
-    (its logits are what it never holds), at least 4 MiB, at most ``memory_budget``."""
-    return max(1, min(memory_budget, max(batch * num_labels * 2 // 16, 4 * 2**20)))
+    """Bytes the fused loss's per-chunk temporaries may take: a tenth of a 16-bit ``[batch, labels]`` tensor (the
+    logits it never holds; fewer, larger chunks cost less host time per step), at least 4 MiB, at most
+    ``memory_budget``."""
+    return max(1, min(memory_budget, max(batch * num_labels * 2 // 10, 4 * 2**20)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +170,16 @@ class LossChunks:
 
 def loss_chunks(
     batch: int, num_head: int, num_tail: int, group_size: int, fan_in: int, dtype: torch.dtype, kernels: bool,
-    memory_budget: int,
+    workspace: int,
 ) -> LossChunks:
-    """The chunks for one problem shape (a pure function of it: the forward and the backward agree)."""
-    workspace = workspace_bytes(batch, num_head + num_tail, memory_budget)
+    """The chunks for one problem shape whose temporaries stay within ``workspace`` bytes (a pure function of its
+    arguments: the forward, the backward and the caller that sorts the positives agree)."""
     item = torch.empty((), dtype=dtype).element_size()
     acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
     head: list[tuple[int, int]] = []
     if num_head:
-        # logits and their gradient in the input dtype, two accumulation-dtype temporaries of the loss
-        per_label = batch * (2 * item + 2 * acc)
+        # logits and their gradient in the input dtype, three accumulation-dtype temporaries of the loss
+        per_label = batch * (2 * item + 3 * acc)
         step = max(1, workspace // per_label)
         head = [(l0, min(num_head, l0 + step)) for l0 in range(0, num_head, step)]
     tail: list[tuple[int, int]] = []
@@ -205,7 +206,7 @@ class LossLayout:
     num_head: int
     num_tail: int
     kernels: bool
-    memory_budget: int
+    workspace: int
 
 
 def _tail_logits(x_tail: Tensor, weight: Tensor, index: Tensor, bias: Optional[Tensor], g0: int, g1: int,
@@ -276,7 +277,7 @@ def _chunks(x: Tensor, layout: LossLayout, tail_weight: Optional[Tensor], tail_i
     group_size = tail_weight.shape[0] // tail_index.shape[0] if tail_weight is not None else 1
     fan_in = tail_index.shape[1] if tail_index is not None else 1
     return loss_chunks(x.shape[0], layout.num_head, layout.num_tail, group_size, fan_in, x.dtype, layout.kernels,
-                       layout.memory_budget)
+                       layout.workspace)
 
 
 def loss_backward(
@@ -296,9 +297,11 @@ def loss_backward(
     grads: dict[str, Optional[Tensor]] = {"hw": None, "hb": None, "tw": None, "tb": None}
 
     def overwrite_positives(dz: Tensor, chunk: int, first_label: int) -> None:
+        # one scatter into the chunk's storage (positives are distinct: the order of writes does not matter)
         a, b = bounds[chunk], bounds[chunk + 1]
         if b > a:
-            dz[rows[a:b], positions[a:b] - first_label] = grad_pos[a:b]
+            flat = rows[a:b] * dz.stride(0) + (positions[a:b] - first_label)
+            dz.as_strided((dz.shape[0] * dz.stride(0),), (1,)).scatter_(0, flat, grad_pos[a:b])
 
     if head_weight is not None and (need_x or need_hw or need_hb):
         h0, h1 = layout.head_slice

@@ -10,7 +10,7 @@ import torch
 from lightning_haste import HeadTailOutput, kernels
 from lightning_haste import functional as LF
 from lightning_haste.kernels import layout
-from lightning_haste.loss import dense_part, loss_chunks
+from lightning_haste.loss import dense_part, loss_chunks, workspace_bytes
 from lightning_haste.module import sparse_bce_with_logits, sparse_squared_hinge
 
 pytestmark = pytest.mark.gpu
@@ -126,7 +126,7 @@ def test_fused_loss_value_and_gradients_match_float64(case, loss):
     targets = _random_targets(batch, num_labels, gen, layer)
     x = torch.randn(batch, in_features, generator=gen).to("cuda", dtype).requires_grad_(True)
     chunks = loss_chunks(batch, layer.num_head_labels, layer.num_tail_labels, group_size, fan_in, dtype, True,
-                         budget)
+                         workspace_bytes(batch, num_labels, budget))
     assert (len(chunks.tail) > 1) == (budget < 2**28)
     _poison_allocator()
     value = layer.loss(x, targets, loss=loss)
