@@ -49,8 +49,10 @@ HEAD_RATIO = {"Amazon-670K": 0.10, "AmazonTitles-670K": 0.10, "Amazon-3M": 0.02,
 ENCODER_WIDTH = 768
 POSITIVES = 5
 L2_WORKSPACE = 24 * 2**20  # bytes per chunk of the fused loss's L2-resident variant (H100/H200 L2: 50 MB)
-HISTORY_METRICS = ("fused_eager", "fused_graph", "fused_l2_eager", "fused_l2_graph", "unfused_eager", "unfused_graph", "dense_eager", "dense_graph",
-                   "bn_best_eager", "bn_best_graph", "tail_layer_graph", "floor")
+HISTORY_METRICS = (
+    "fused_eager", "fused_graph", "fused_l2_eager", "fused_l2_graph", "unfused_eager", "unfused_graph",
+    "dense_eager", "dense_graph", "bn_best_eager", "bn_best_graph", "tail_layer_graph", "floor",
+)
 
 
 def _free() -> None:
