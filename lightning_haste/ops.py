@@ -43,6 +43,22 @@ def _kernels() -> Any:
     return kernels
 
 
+def _with_forward_tuning(ctx: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` under the kernel tuning settings that were in force when the forward ran (``ctx.tuning``).
+
+    Autograd runs a CUDA backward on its own device thread, where the thread-local settings of
+    ``kernels.tuning.use`` are not in force: without this, a ``tuning.use`` block around a training step would
+    tune its forward and not its backward."""
+    settings = getattr(ctx, "tuning", None)
+    if settings is None:
+        return fn(*args)
+    tuning = _kernels().tuning
+    if settings is tuning.current():
+        return fn(*args)
+    with tuning.use(settings):
+        return fn(*args)
+
+
 def _pad8(n: int) -> int:
     return (n + 7) // 8 * 8
 
@@ -181,6 +197,7 @@ def _(grad_out: Tensor, xt: Tensor, group_index: Tensor, weight: Tensor, with_bi
 
 def _cuda_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, weight, group_index, bias, _ = inputs
+    ctx.tuning = _kernels().tuning.current()
     ctx.save_for_backward(output[1], weight, group_index)
     ctx.in_features = x.shape[1]
     ctx.has_bias = bias is not None
@@ -214,7 +231,7 @@ def _cuda_grads(ctx: Any, grad_out: Tensor, padded: bool) -> tuple:
 
 torch.library.register_autograd(
     "lightning_haste::gsfi_forward",
-    lambda ctx, grad_out, grad_xt: _cuda_grads(ctx, grad_out, padded=False),
+    lambda ctx, grad_out, grad_xt: _with_forward_tuning(ctx, _cuda_grads, ctx, grad_out, False),
     setup_context=_cuda_setup,
 )
 
@@ -241,7 +258,7 @@ class _CUDAFunction(torch.autograd.Function):
         # one copy for layouts they cannot read (broadcast or transposed gradients).
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_out = _kernels().grad_out_for_kernels(grad_out)
-        return _cuda_grads(ctx, grad_out, padded=True)
+        return _with_forward_tuning(ctx, _cuda_grads, ctx, grad_out, True)
 
 
 def group_shared_fanin_2d(
@@ -329,6 +346,7 @@ def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, hw, hb, tw, tb, ti, rows, positions, bounds = inputs[:9]
     ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, output[1], bounds)
     ctx.static = inputs[9:]
+    ctx.tuning = _kernels().tuning.current() if inputs[13] else None  # inputs[13]: the kernels flag
 
 
 def _loss_needs(ctx: Any) -> list[bool]:
@@ -339,8 +357,8 @@ def _loss_needs(ctx: Any) -> list[bool]:
 def _loss_grads(ctx: Any, grad: Tensor, grad_z_pos: Optional[Tensor]) -> tuple:
     x, hw, hb, tw, tb, ti, rows, positions, z_pos, bounds = ctx.saved_tensors
     needs = _loss_needs(ctx)
-    grads = head_tail_loss_backward(grad, x, hw, hb, tw, tb, ti, rows, positions, z_pos, bounds, *ctx.static,
-                                    needs)
+    grads = _with_forward_tuning(ctx, head_tail_loss_backward, grad, x, hw, hb, tw, tb, ti, rows, positions, z_pos,
+                                 bounds, *ctx.static, needs)
     return tuple(g if n else None for g, n in zip(grads, needs, strict=True)) + (None,) * 10
 
 
@@ -359,6 +377,7 @@ class _HeadTailLossFunction(torch.autograd.Function):
         ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, z_pos)
         ctx.bounds = bounds.tolist()
         ctx.layout = layout
+        ctx.tuning = _kernels().tuning.current() if layout.kernels else None
         ctx.mark_non_differentiable(z_pos)
         return loss, z_pos
 
@@ -369,7 +388,8 @@ class _HeadTailLossFunction(torch.autograd.Function):
 
         x, hw, hb, tw, tb, ti, rows, positions, z_pos = ctx.saved_tensors
         needs = tuple(_loss_needs(ctx))
-        grads = loss_backward(grad, x, (hw, hb, tw, tb, ti), rows, positions, z_pos, ctx.bounds, ctx.layout, needs)
+        grads = _with_forward_tuning(ctx, loss_backward, grad, x, (hw, hb, tw, tb, ti), rows, positions, z_pos,
+                                     ctx.bounds, ctx.layout, needs)
         return grads + (None,) * 10
 
 

@@ -338,3 +338,17 @@ def test_training_step_captures_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(layer.weight.grad, expected, rtol=0, atol=0)
+
+
+def test_tuning_in_force_at_the_forward_applies_to_its_backward(monkeypatch):
+    # Autograd runs the CUDA backward on its own device thread: the forward's thread-local settings must travel.
+    from lightning_haste.kernels import grad_input as grad_input_module
+
+    seen = []
+    real = grad_input_module.current
+    monkeypatch.setattr(grad_input_module, "current", lambda: seen.append(real().grad_input) or real())
+    layer = lh.GroupSharedFanIn(384, 1000, 64, 16, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with tuning.use(tuning.GradInputTuning(rows=32)):
+        layer(x).sum().backward()
+    assert seen and all(s.rows == 32 for s in seen), seen
