@@ -342,8 +342,7 @@ def test_training_step_captures_in_cuda_graph():
 
 def test_tuning_in_force_at_the_forward_applies_to_its_backward(monkeypatch):
     # Autograd runs the CUDA backward on its own device thread: the forward's thread-local settings must travel.
-    from lightning_haste.kernels import grad_input as grad_input_module
-
+    grad_input_module = kernels.grad_input
     seen = []
     real = grad_input_module.current
     monkeypatch.setattr(grad_input_module, "current", lambda: seen.append(real().grad_input) or real())
