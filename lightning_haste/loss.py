@@ -282,16 +282,42 @@ def _chunks(x: Tensor, layout: LossLayout, tail_weight: Optional[Tensor], tail_i
 
 def loss_backward(
     grad: Tensor, x: Tensor, params: tuple, rows: Tensor, positions: Tensor, z_pos: Tensor, bounds: Sequence[int],
-    layout: LossLayout, needs: tuple[bool, bool, bool, bool, bool, bool],
+    layout: LossLayout, needs: Sequence[bool],
 ) -> tuple[Optional[Tensor], ...]:
     """``(dx, d head weight, d head bias, d tail weight, d tail bias)`` for the loss's incoming gradient ``grad``,
-    ``None`` where ``needs`` (x and the five parameters' flags; the index's is ignored) says not needed."""
+    ``None`` where ``needs`` (flags for those five) says not needed. Recomputes the logits chunk by chunk."""
+    scale = grad.detach().to(accumulation_dtype(x.dtype)) / x.shape[0]  # on the device: no host synchronisation
+    return _gradient_pass(x, params, rows, positions, z_pos, bounds, layout, needs, scale, None)
+
+
+def loss_and_gradients(
+    x: Tensor, params: tuple, rows: Tensor, positions: Tensor, bounds: Sequence[int], layout: LossLayout,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, tuple[Optional[Tensor], ...]]:
+    """``(loss, logits of the positives, gradients)``: the loss and, in the same pass over the labels, its
+    gradients for an incoming gradient of 1 (as :func:`loss_backward` gives them), so that a training step walks
+    the labels once; the backward then only scales them by its incoming gradient."""
+    head_weight, _, tail_weight, _, tail_index = params
+    chunks = _chunks(x, layout, tail_weight, tail_index)
+    acc = accumulation_dtype(x.dtype)
+    z_pos = _positive_logits(x, params, rows, positions, bounds[len(chunks.head)], layout, acc)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    scale = torch.full((), 1.0 / x.shape[0], dtype=acc, device=x.device)
+    grads = _gradient_pass(x, params, rows, positions, z_pos, bounds, layout, needs, scale, total)
+    total += _positive_correction(layout.loss, z_pos).sum(dtype=torch.float64)
+    return (total / x.shape[0]).to(acc), z_pos, grads
+
+
+def _gradient_pass(
+    x: Tensor, params: tuple, rows: Tensor, positions: Tensor, z_pos: Tensor, bounds: Sequence[int],
+    layout: LossLayout, needs: Sequence[bool], scale: Tensor, total: Optional[Tensor],
+) -> tuple[Optional[Tensor], ...]:
+    """The gradients for the loss scaled by ``scale`` (the incoming gradient over the batch, on the device);
+    with ``total``, the dense part of the loss is added to it from the same logits."""
     head_weight, head_bias, tail_weight, tail_bias, tail_index = params
     need_x, need_hw, need_hb, need_tw, need_tb = needs[:5]
-    batch = x.shape[0]
     acc = accumulation_dtype(x.dtype)
     chunks = _chunks(x, layout, tail_weight, tail_index)
-    scale = grad.detach().to(acc) / batch  # stays on the device: no host synchronisation
     grad_pos = (scale * _positive_grad(layout.loss, z_pos)).to(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     grads: dict[str, Optional[Tensor]] = {"hw": None, "hb": None, "tw": None, "tb": None}
@@ -303,14 +329,16 @@ def loss_backward(
             flat = rows[a:b] * dz.stride(0) + (positions[a:b] - first_label)
             dz.as_strided((dz.shape[0] * dz.stride(0),), (1,)).scatter_(0, flat, grad_pos[a:b])
 
-    if head_weight is not None and (need_x or need_hw or need_hb):
+    if head_weight is not None and (need_x or need_hw or need_hb or total is not None):
         h0, h1 = layout.head_slice
         xh = x[:, h0:h1]
         grads["hw"] = torch.empty_like(head_weight) if need_hw else None
         grads["hb"] = torch.empty_like(head_bias) if need_hb else None
         for c, (l0, l1) in enumerate(chunks.head):
-            z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None)
-            dz = (scale * _dense_grad(layout.loss, z.to(acc))).to(x.dtype)
+            z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None).to(acc)
+            if total is not None:
+                total += dense_part(layout.loss, z).sum(dtype=torch.float64)
+            dz = (scale * _dense_grad(layout.loss, z)).to(x.dtype)
             overwrite_positives(dz, c, l0)
             if grad_x is not None:
                 grad_x[:, h0:h1] += (dz @ head_weight[l0:l1]).to(acc)
@@ -318,7 +346,7 @@ def loss_backward(
                 grads["hw"][l0:l1] = dz.t() @ xh
             if grads["hb"] is not None:
                 grads["hb"][l0:l1] = dz.sum(0, dtype=acc)
-    if tail_weight is not None and (need_x or need_tw or need_tb):
+    if tail_weight is not None and (need_x or need_tw or need_tb or total is not None):
         t0, t1 = layout.tail_slice
         x_tail = x[:, t0:t1]
         grads["tw"] = torch.empty_like(tail_weight) if need_tw else None
@@ -327,24 +355,29 @@ def loss_backward(
         if layout.kernels:
             _tail_backward_kernels(x_tail, tail_weight, tail_bias, tail_index, chunks, scale, layout,
                                    lambda dz, c, p0: overwrite_positives(dz, first + c, layout.num_head + p0),
-                                   grad_x[:, t0:t1] if grad_x is not None else None, grads["tw"], grads["tb"])
+                                   grad_x[:, t0:t1] if grad_x is not None else None, grads["tw"], grads["tb"], total)
         else:
             _tail_backward_torch(x_tail, tail_weight, tail_bias, tail_index, chunks, scale, layout, acc,
                                  lambda dz, c, p0: overwrite_positives(dz, first + c, layout.num_head + p0),
-                                 grad_x[:, t0:t1] if grad_x is not None else None, grads["tw"], grads["tb"])
+                                 grad_x[:, t0:t1] if grad_x is not None else None, grads["tw"], grads["tb"], total)
     return (
         grad_x.to(x.dtype) if grad_x is not None else None,
         grads["hw"], grads["hb"], grads["tw"], grads["tb"],
     )
 
 
-def _tail_backward_torch(x_tail, weight, bias, index, chunks, scale, layout, acc, overwrite, grad_x, grad_w, grad_b):
+def _tail_backward_torch(x_tail, weight, bias, index, chunks, scale, layout, acc, overwrite, grad_x, grad_w, grad_b,
+                         total):
     group_size = weight.shape[0] // index.shape[0]
     batch, fan_in = x_tail.shape[0], index.shape[1]
     for c, (g0, g1) in enumerate(chunks.tail):
         groups = g1 - g0
         p0, p1 = g0 * group_size, min(layout.num_tail, g1 * group_size)
         z = _tail_logits(x_tail, weight, index, bias, g0, g1, layout.num_tail, acc)
+        if total is not None:
+            total += dense_part(layout.loss, z).sum(dtype=torch.float64)
+        if grad_x is None and grad_w is None and grad_b is None:
+            continue
         dz = (scale * _dense_grad(layout.loss, z)).to(x_tail.dtype)
         overwrite(dz, c, p0)
         if grad_b is not None:
@@ -363,7 +396,8 @@ def _tail_backward_torch(x_tail, weight, bias, index, chunks, scale, layout, acc
             grad_x.index_add_(1, idx.reshape(-1).long(), dxg)
 
 
-def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, overwrite, grad_x, grad_w, grad_b):
+def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, overwrite, grad_x, grad_w, grad_b,
+                           total):
     from .kernels import layout as kernel_layout  # noqa: PLC0415 - the CUDA path only
     from .kernels.grad_input import gsfi_grad_input  # noqa: PLC0415
     from .kernels.grad_weight import gsfi_grad_weight  # noqa: PLC0415
@@ -383,8 +417,10 @@ def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, o
         if labels % 8:  # the kernels read whole 8-label pieces: the padding columns must be zeros
             storage[:, labels : (labels + 7) // 8 * 8].zero_()
             setattr(dz, kernel_layout._ZERO_PADDED, True)
-        gsfi_loss_grad(xt, batch, w, idx, bias[p0:p1] if bias is not None else None, labels, layout.loss, scale32,
-                       dz, checked=False)
+        partial = gsfi_loss_grad(xt, batch, w, idx, bias[p0:p1] if bias is not None else None, labels, layout.loss,
+                                 scale32, dz, checked=False, with_sum=total is not None)
+        if total is not None:
+            total += partial.sum(dtype=torch.float64)
         overwrite(dz, c, p0)
         if grad_x is not None:
             grad_x += gsfi_grad_input(dz, w, idx, in_features, checked=False, float32=True)

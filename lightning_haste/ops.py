@@ -365,19 +365,33 @@ def _loss_grads(ctx: Any, grad: Tensor, grad_z_pos: Optional[Tensor]) -> tuple:
 torch.library.register_autograd("lightning_haste::head_tail_loss", _loss_grads, setup_context=_loss_setup)
 
 
+#: Whether a training step's fused loss computes its gradients in the same pass as the loss (else backward
+#: recomputes the logits); a switch for benchmarks/step.py, which times both.
+GRADIENTS_WITH_LOSS = True
+
+
 class _HeadTailLossFunction(torch.autograd.Function):
     """The eager form of the fused loss."""
 
     @staticmethod
     def forward(ctx: Any, x, hw, hb, tw, tb, ti, rows, positions, bounds, *static):  # type: ignore[override]
-        from .loss import loss_forward  # noqa: PLC0415
+        from .loss import loss_and_gradients, loss_forward  # noqa: PLC0415
 
         layout = _loss_layout(*static)
-        loss, z_pos = loss_forward(x, (hw, hb, tw, tb, ti), rows, positions, bounds.tolist(), layout)
-        ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, z_pos)
-        ctx.bounds = bounds.tolist()
-        ctx.layout = layout
+        bounds = bounds.tolist()
+        params = (hw, hb, tw, tb, ti)
+        needs = _loss_needs(ctx)
+        # A training step: the gradients come from the same pass over the labels as the loss (for an incoming
+        # gradient of 1; backward scales them), so that the step reads the weights once, not twice.
+        ctx.grads = None
         ctx.tuning = _kernels().tuning.current() if layout.kernels else None
+        if any(needs) and GRADIENTS_WITH_LOSS:
+            loss, z_pos, ctx.grads = loss_and_gradients(x, params, rows, positions, bounds, layout, needs)
+        else:
+            loss, z_pos = loss_forward(x, params, rows, positions, bounds, layout)
+        ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, z_pos)
+        ctx.bounds = bounds
+        ctx.layout = layout
         ctx.mark_non_differentiable(z_pos)
         return loss, z_pos
 
@@ -386,6 +400,13 @@ class _HeadTailLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor, grad_z_pos: Optional[Tensor]) -> tuple:  # type: ignore[override]
         from .loss import loss_backward  # noqa: PLC0415
 
+        if ctx.grads is not None:
+            # Scaled in place (their only owner is this node); for the usual incoming gradients (1, 1 / N under
+            # gradient accumulation with N a power of two, a loss scaler's power of two) this is exact.
+            grads, ctx.grads = ctx.grads, None
+            scale = grad.detach()
+            return tuple(g.mul_(scale) if g is not None else None for g in grads) + (None,) * 10
+        # a second backward through the same graph (retain_graph=True): recompute
         x, hw, hb, tw, tb, ti, rows, positions, z_pos = ctx.saved_tensors
         needs = tuple(_loss_needs(ctx))
         grads = _with_forward_tuning(ctx, loss_backward, grad, x, (hw, hb, tw, tb, ti), rows, positions, z_pos,

@@ -356,3 +356,18 @@ def test_module_trains_the_same_fused_and_unfused():
     assert fused["val/P@1"] > 0.05
     for key in ("val/P@1", "val/P@5"):
         assert abs(fused[key] - unfused[key]) < 0.03, (key, fused[key], unfused[key])
+
+
+def test_second_backward_through_a_retained_graph_recomputes_the_same_gradients():
+    # The first backward scales the gradients computed with the loss; a second one recomputes them.
+    layer = _layer(memory_budget=3000)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 40, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = _targets(5, layer.num_labels, gen)
+    value = layer.loss(x, targets, loss="squared_hinge") * 3
+    first = torch.autograd.grad(value, [x, *layer.parameters()], retain_graph=True)
+    second = torch.autograd.grad(value, [x, *layer.parameters()])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        assert layer.loss(x, targets, loss="squared_hinge").item() * 3 == pytest.approx(value.item(), rel=1e-14)

@@ -67,8 +67,14 @@ def test_loss_kernels_match_float64_reference(case, loss):
     scale = torch.tensor([0.37], device="cuda")
     grad = (torch.sigmoid(z) if loss == "bce" else 2 * torch.relu(1 + z)) * 0.37
     storage = torch.full((batch, (labels + 7) // 8 * 8), float("nan"), dtype=dtype, device="cuda")
-    out = kernels.loss.gsfi_loss_grad(xt, batch, weight, index, bias, labels, loss, scale, storage[:, :labels])
+    out = storage[:, :labels]
+    assert kernels.loss.gsfi_loss_grad(xt, batch, weight, index, bias, labels, loss, scale, out) is None
     _assert_close("dZ (aligned rows)", out, grad, dtype)
+    out.fill_(float("nan"))
+    partial = kernels.loss.gsfi_loss_grad(xt, batch, weight, index, bias, labels, loss, scale, out, with_sum=True)
+    _assert_close("dZ (aligned rows, with the loss sum)", out, grad, dtype)
+    got = partial.double().sum()
+    assert abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item()) + 1e-3, (got.item(), expected.item())
     if labels % 8:
         packed = torch.full((batch, labels), float("nan"), dtype=dtype, device="cuda")
         kernels.loss.gsfi_loss_grad(xt, batch, weight, index, bias, labels, loss, scale, packed)

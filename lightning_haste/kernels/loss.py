@@ -31,8 +31,8 @@ LOSS_KINDS = {"bce": 0, "squared_hinge": 1}
 
 #: gsfi_loss_sum parameters: XT, ldxt, W, idx, bias, partial, B, H, L, K, num_groups.
 SUM_PARAMS = struct.Struct("@QiQQQQiiiii")
-#: gsfi_loss_grad parameters: XT, ldxt, W, idx, bias, scale, dZ, ldz, B, H, L, K, num_groups.
-GRAD_PARAMS = struct.Struct("@QiQQQQQqiiiii")
+#: gsfi_loss_grad parameters: XT, ldxt, W, idx, bias, scale, partial, dZ, ldz, B, H, L, K, num_groups.
+GRAD_PARAMS = struct.Struct("@QiQQQQQQqiiiii")
 
 
 @functools.lru_cache(maxsize=256)
@@ -91,11 +91,12 @@ def gsfi_loss_sum(
 
 def gsfi_loss_grad(
     xt: Tensor, batch: int, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int,
-    loss: str, scale: Tensor, out: Tensor, *, checked: bool = True,
-) -> Tensor:
+    loss: str, scale: Tensor, out: Tensor, *, checked: bool = True, with_sum: bool = False,
+) -> Optional[Tensor]:
     """Write ``scale * d(dense part of the loss)/dz`` of the ``[batch, out_features]`` logits into ``out``
-    (rows contiguous, in the input dtype) and return it. ``scale`` is a one-element float32 tensor on the
-    device (read by the kernel: no host synchronisation)."""
+    (rows contiguous, in the input dtype). ``scale`` is a one-element float32 tensor on the device (read by the
+    kernel: no host synchronisation). With ``with_sum``, returns the float32 partial sums of the dense part of
+    the loss (as :func:`gsfi_loss_sum`), else None."""
     _check_loss(loss)
     num_groups, fan_in, group_size = kernel_sizes(xt.t()[:batch], weight, group_index, checked)
     if scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != xt.device:
@@ -108,9 +109,12 @@ def gsfi_loss_grad(
         KERNEL_DTYPES[xt.dtype], group_size, fan_in, in_features, batch, num_groups, loss, True, aligned, index,
         current().forward,
     )
+    partial = None
+    if with_sum:
+        partial = torch.empty(p.grid[0] * p.grid[1] * (p.block // 32), dtype=torch.float32, device=xt.device)
     args = (
-        ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(scale), ptr(out), out.stride(0), batch,
-        in_features, out_features, fan_in, num_groups,
+        ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(scale), ptr(partial), ptr(out),
+        out.stride(0), batch, in_features, out_features, fan_in, num_groups,
     )
     runtime.launch(p, args, index)
-    return out
+    return partial
