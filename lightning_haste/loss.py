@@ -12,11 +12,14 @@ loss                dense part            correction at a positive              
 ``"squared_hinge"`` ``relu(1 + z)^2``     ``relu(1 - z)^2 - relu(1 + z)^2``     ``-2 relu(1 - z)``
 ==================  ====================  ====================================  =========================
 
-The dense part is reduced chunk by chunk of labels (the dense head in label chunks, the sparse tail in chunks of
-groups, or on CUDA in one pass of the fused kernels, ``lightning_haste.kernels.loss``); the positives' logits are
-computed on the side, ``O(positives * fan_in)``. The backward recomputes each chunk's logits, forms their
-gradient, overwrites the positives' entries with their full gradient and feeds the chunk to the gradient
-computations, so that no temporary grows with the number of labels beyond the chunk (``workspace_bytes``).
+The labels are walked in chunks (the dense head in label chunks, the sparse tail in chunks of groups); the
+positives' logits are computed on the side, ``O(positives * fan_in)``. In a training step
+(:func:`loss_and_gradients`) each chunk's logits are formed once (on CUDA inside the fused kernels of
+``lightning_haste.kernels.loss``, straight from the tensor-core tiles), reduced to the chunk's loss and turned
+into their gradient; the positives' entries are overwritten with their full gradient and the chunk goes to the
+gradient computations. The backward then scales the gradients by its incoming gradient. Without gradients
+(:func:`loss_forward`) the CUDA tail is one kernel that sums the loss. No temporary grows with the number of
+labels beyond a chunk (:func:`workspace_bytes`).
 
 16-bit inputs accumulate in float32 (the loss is float32, sums of chunks in float64); float32 and float64 stay
 in their dtype. The dense head's logits are ``nn.Linear``'s, rounded to the input dtype as ``nn.Linear``
