@@ -17,18 +17,55 @@
 // The main loop is forward_tiles (cuda/gsfi_forward_tiles.cuh), shared with gsfi_forward.
 #include "gsfi_forward_tiles.cuh"
 
-template <int LOSS> __device__ __forceinline__ float dense_loss(float z);
-template <int LOSS> __device__ __forceinline__ float dense_loss_grad(float z);
-
-// softplus(z) = max(z, 0) + log1p(e^-|z|): no overflow for large |z|, and log1p keeps the small terms.
-template <> __device__ __forceinline__ float dense_loss<0>(float z) { return fmaxf(z, 0.f) + log1pf(expf(-fabsf(z))); }
-// sigmoid(z); e^-z overflows to inf for z < -88 and the quotient is then 0, the correct limit.
-template <> __device__ __forceinline__ float dense_loss_grad<0>(float z) { return 1.f / (1.f + expf(-z)); }
-template <> __device__ __forceinline__ float dense_loss<1>(float z) {
-  const float h = fmaxf(1.f + z, 0.f);
-  return h * h;
+// The per-label functions of the dense part, evaluated once per logit in the epilogues: for binary
+// cross-entropy both the loss and its derivative come from e = exp(-|z|), one MUFU exponential and one MUFU
+// reciprocal per logit, the logarithm as a polynomial (no MUFU):
+//   softplus(z) = max(z, 0) + log1p(e),   sigmoid(z) = 1 / (1 + e) for z >= 0, e / (1 + e) for z < 0.
+// log1p(e) = e * Q(e) on [0, 1], Q of degree 8 fitted at Chebyshev nodes: absolute error below 2e-7 (float32
+// rounding of a value near 1), relative error below 3e-7, so far from 0 the terms of a loss sum keep their
+// precision. __expf and __fdividef are within a few ulp: far below the 16-bit rounding of dZ.
+__device__ __forceinline__ float log1p_unit(float e) {
+  float q = 0.005186003632843494f;
+  q = fmaf(q, e, -0.029210267588496208f);
+  q = fmaf(q, e, 0.07754038274288177f);
+  q = fmaf(q, e, -0.13583941757678986f);
+  q = fmaf(q, e, 0.19055955111980438f);
+  q = fmaf(q, e, -0.24825648963451385f);
+  q = fmaf(q, e, 0.3331601023674011f);
+  q = fmaf(q, e, -0.4999925494194031f);
+  q = fmaf(q, e, 0.9999999403953552f);
+  return e * q;
 }
-template <> __device__ __forceinline__ float dense_loss_grad<1>(float z) { return 2.f * fmaxf(1.f + z, 0.f); }
+
+template <int LOSS> struct DenseLoss;
+
+template <> struct DenseLoss<0> {  // binary cross-entropy with logits: softplus(z), derivative sigmoid(z)
+  static __device__ __forceinline__ float loss(float z) {
+    return fmaxf(z, 0.f) + log1p_unit(__expf(-fabsf(z)));
+  }
+  static __device__ __forceinline__ float grad(float z) {
+    const float e = __expf(-fabsf(z)), r = __fdividef(1.f, 1.f + e);
+    return z >= 0.f ? r : e * r;
+  }
+  static __device__ __forceinline__ float grad_and_loss(float z, float& loss) {
+    const float e = __expf(-fabsf(z)), r = __fdividef(1.f, 1.f + e);
+    loss += fmaxf(z, 0.f) + log1p_unit(e);
+    return z >= 0.f ? r : e * r;
+  }
+};
+
+template <> struct DenseLoss<1> {  // squared hinge of a negative: relu(1 + z)^2, derivative 2 relu(1 + z)
+  static __device__ __forceinline__ float loss(float z) {
+    const float h = fmaxf(1.f + z, 0.f);
+    return h * h;
+  }
+  static __device__ __forceinline__ float grad(float z) { return 2.f * fmaxf(1.f + z, 0.f); }
+  static __device__ __forceinline__ float grad_and_loss(float z, float& loss) {
+    const float h = fmaxf(1.f + z, 0.f);
+    loss += h * h;
+    return 2.f * h;
+  }
+};
 
 // Sums the dense loss of the slice's valid entries (rows below B, labels below `cols`) into this lane's total.
 template <int LOSS, int GP>
@@ -43,13 +80,13 @@ struct SumDenseLoss {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = row0 + (lane >> 2) + (e >> 1) * 8, j = n * 8 + 2 * (lane & 3) + (e & 1);
-        if (row < B && j < cols) slice += dense_loss<LOSS>(add_f32(acc[n][e], bias_v[n][e & 1]));
+        if (row < B && j < cols) slice += DenseLoss<LOSS>::loss(add_f32(acc[n][e], bias_v[n][e & 1]));
       }
     total += slice;
   }
 };
 
-// Writes the slice's dZ = scale * dense_loss_grad(z) through the warp's shared tile (store_output_slice), and
+// Writes the slice's dZ = scale * DenseLoss::grad(z) through the warp's shared tile (store_output_slice), and
 // with `with_sum` adds the slice's dense loss into this lane's total (as SumDenseLoss).
 template <class T, int LOSS, int GP, bool ALIGNED_Z>
 struct StoreDenseLossGrad {
@@ -70,10 +107,11 @@ struct StoreDenseLossGrad {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float z = add_f32(acc[n][e], bias_v[n][e & 1]);
-        grad[n][e] = scale * dense_loss_grad<LOSS>(z);
-        if (with_sum) {
-          const int row = row0 + (lane >> 2) + (e >> 1) * 8, j = n * 8 + 2 * (lane & 3) + (e & 1);
-          if (row < B && j < cols) slice += dense_loss<LOSS>(z);
+        const int row = row0 + (lane >> 2) + (e >> 1) * 8, j = n * 8 + 2 * (lane & 3) + (e & 1);
+        if (with_sum && row < B && j < cols) {
+          grad[n][e] = scale * DenseLoss<LOSS>::grad_and_loss(z, slice);
+        } else {
+          grad[n][e] = scale * DenseLoss<LOSS>::grad(z);
         }
       }
     }
@@ -108,4 +146,54 @@ __global__ void __launch_bounds__(NW * 32) gsfi_loss_grad(const u16* __restrict_
   StoreDenseLossGrad<T, LOSS, gsfi_pad16(G), ALIGNED_Z> store{dZ, ldz, B, G, *scale, partial != nullptr, 0.f};
   forward_tiles<T, G, KP, RESIDENT, NW, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, store);
   if (partial != nullptr) store_warp_total(store.total, partial, NW);
+}
+
+// A logit as float32: float32 logits as they are, 16-bit ones (raw bits of the input dtype T) widened.
+template <class ZT> struct LogitValue;
+template <> struct LogitValue<float> {
+  static __device__ __forceinline__ float get(float v) { return v; }
+};
+template <> struct LogitValue<bf16_t> {
+  static __device__ __forceinline__ float get(bf16_t v) { return Ops<bf16_t>::to_float(v.bits); }
+};
+template <> struct LogitValue<f16_t> {
+  static __device__ __forceinline__ float get(f16_t v) { return Ops<f16_t>::to_float(v.bits); }
+};
+
+// The dense head's chunk of logits (computed by cuBLAS, float32 or the input dtype, rows of ldz_in elements):
+// z = logits + bias, then, like the tail's epilogues, the dense loss into one partial sum per CTA (partial
+// not null; partial[blockIdx.y * gridDim.x + blockIdx.x], every slot written) and dZ = scale * its derivative
+// in the input dtype (dZ not null). One pass over the chunk instead of a chain of elementwise operations.
+// CTA (blockIdx.x, blockIdx.y = row b) takes the row's columns blockIdx.x * 256 + threadIdx.x, stepping by
+// gridDim.x * 256.
+template <class T, class ZT, int LOSS>
+__global__ void __launch_bounds__(256) gsfi_loss_dense(const ZT* __restrict__ logits, long long ldz_in,
+                                                      const u16* __restrict__ bias, const float* __restrict__ scale,
+                                                      float* __restrict__ partial, u16* __restrict__ dZ,
+                                                      long long ldz, int cols) {
+  __shared__ float warp_totals[8];
+  const int b = blockIdx.y;
+  const float s = dZ != nullptr ? *scale : 0.f;
+  float total = 0.f;
+  for (int j = blockIdx.x * 256 + threadIdx.x; j < cols; j += gridDim.x * 256) {
+    float z = LogitValue<ZT>::get(logits[(long long)b * ldz_in + j]);
+    if (bias != nullptr) z = add_f32(z, Ops<T>::to_float(bias[j]));
+    if (dZ != nullptr) {
+      const float d = partial != nullptr ? DenseLoss<LOSS>::grad_and_loss(z, total) : DenseLoss<LOSS>::grad(z);
+      dZ[(long long)b * ldz + j] = Ops<T>::from_float(s * d);
+    } else {
+      total += DenseLoss<LOSS>::loss(z);
+    }
+  }
+  if (partial == nullptr) return;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  if ((threadIdx.x & 31) == 0) warp_totals[threadIdx.x >> 5] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) sum += warp_totals[w];
+    partial[blockIdx.y * gridDim.x + blockIdx.x] = sum;
+  }
 }

@@ -356,8 +356,13 @@ class HeadTailOutput(nn.Module):
                                         x2d.dtype, kernels, workspace)
         bounds = torch.from_numpy(np.searchsorted(positions, np.asarray(chunks.starts)).astype(np.int64))
         device = x2d.device
-        rows_t = torch.from_numpy(rows).to(device, non_blocking=True)
-        positions_t = torch.from_numpy(positions).to(device, non_blocking=True)
+        pairs = torch.from_numpy(np.stack([rows, positions]))
+        if device.type == "cuda":
+            # from pinned memory the copy is asynchronous: a copy from pageable memory would wait for the GPU to
+            # finish the work queued before it (the previous step), and the host could not run ahead
+            pairs = pairs.pin_memory()
+        pairs = pairs.to(device, non_blocking=True)
+        rows_t, positions_t = pairs[0], pairs[1]
         slices = [*self.head_slice, *self.tail_slice]
         args = (x2d, params, rows_t, positions_t, bounds, loss, slices, self.num_head_labels, self.num_tail_labels,
                 kernels, workspace)

@@ -154,10 +154,10 @@ def _positive_grad(loss: str, z: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Chunks.
 def workspace_bytes(batch: int, num_labels: int, memory_budget: int) -> int:
-    """Bytes the fused loss's per-chunk temporaries may take: a tenth of a 16-bit ``[batch, labels]`` tensor (the
-    logits it never holds; fewer, larger chunks cost less host time per step), at least 4 MiB, at most
-    ``memory_budget``."""
-    return max(1, min(memory_budget, max(batch * num_labels * 2 // 10, 4 * 2**20)))
+    """Bytes the fused loss's per-chunk temporaries may take: a twelfth of a 16-bit ``[batch, labels]`` tensor (the
+    logits it never holds: with the small temporaries beside a chunk, a step stays below an eighth of it; fewer,
+    larger chunks cost less host time per step), at least 4 MiB, at most ``memory_budget``."""
+    return max(1, min(memory_budget, max(batch * num_labels * 2 // 12, 4 * 2**20)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +181,9 @@ def loss_chunks(
     acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
     head: list[tuple[int, int]] = []
     if num_head:
-        # logits and their gradient in the input dtype, three accumulation-dtype temporaries of the loss
-        per_label = batch * (2 * item + 3 * acc)
+        # CUDA kernels: float32 logits and their gradient in the input dtype; PyTorch: the logits and their
+        # gradient in the input dtype and three accumulation-dtype temporaries of the loss
+        per_label = batch * (4 + item if kernels else 2 * item + 3 * acc)
         step = max(1, workspace // per_label)
         head = [(l0, min(num_head, l0 + step)) for l0 in range(0, num_head, step)]
     tail: list[tuple[int, int]] = []
@@ -210,6 +211,20 @@ class LossLayout:
     num_tail: int
     kernels: bool
     workspace: int
+
+
+_MM_FLOAT32 = {"ok": True}
+
+
+def _head_logits(xh: Tensor, weight: Tensor) -> Tensor:
+    """``xh @ weight.T`` without bias: float32 for 16-bit CUDA inputs (float32 accumulation, never rounded to
+    16 bits) where torch's ``mm(..., out_dtype=)`` exists, else in the input dtype as ``nn.Linear`` gives it."""
+    if _MM_FLOAT32["ok"] and xh.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(xh, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_FLOAT32["ok"] = False
+    return F.linear(xh, weight)
 
 
 def _tail_logits(x_tail: Tensor, weight: Tensor, index: Tensor, bias: Optional[Tensor], g0: int, g1: int,
@@ -254,6 +269,14 @@ def loss_forward(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, boun
     if head_weight is not None:
         xh = x[:, layout.head_slice[0] : layout.head_slice[1]]
         for l0, l1 in chunks.head:
+            if layout.kernels:
+                from .kernels.loss import gsfi_loss_dense  # noqa: PLC0415 - the CUDA path only
+
+                bias = head_bias[l0:l1] if head_bias is not None else None
+                partial = gsfi_loss_dense(_head_logits(xh, head_weight[l0:l1]), bias, layout.loss, None, None, True,
+                                          x.dtype)
+                total += partial.sum(dtype=torch.float64)
+                continue
             z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None)
             total += dense_part(layout.loss, z.to(acc)).sum(dtype=torch.float64)
     if tail_weight is not None:
@@ -338,15 +361,25 @@ def _gradient_pass(
         grads["hw"] = torch.empty_like(head_weight) if need_hw else None
         grads["hb"] = torch.empty_like(head_bias) if need_hb else None
         for c, (l0, l1) in enumerate(chunks.head):
-            z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None).to(acc)
-            if total is not None:
-                total += dense_part(layout.loss, z).sum(dtype=torch.float64)
-            dz = (scale * _dense_grad(layout.loss, z)).to(x.dtype)
+            if layout.kernels:  # one kernel: the chunk's loss and logit gradient from float32 logits
+                from .kernels.loss import gsfi_loss_dense  # noqa: PLC0415 - the CUDA path only
+
+                dz = torch.empty(x.shape[0], l1 - l0, dtype=x.dtype, device=x.device)
+                partial = gsfi_loss_dense(_head_logits(xh, head_weight[l0:l1]),
+                                          head_bias[l0:l1] if head_bias is not None else None, layout.loss,
+                                          scale.to(torch.float32).reshape(1), dz, total is not None, x.dtype)
+                if total is not None:
+                    total += partial.sum(dtype=torch.float64)
+            else:
+                z = F.linear(xh, head_weight[l0:l1], head_bias[l0:l1] if head_bias is not None else None).to(acc)
+                if total is not None:
+                    total += dense_part(layout.loss, z).sum(dtype=torch.float64)
+                dz = (scale * _dense_grad(layout.loss, z)).to(x.dtype)
             overwrite_positives(dz, c, l0)
             if grad_x is not None:
                 grad_x[:, h0:h1] += (dz @ head_weight[l0:l1]).to(acc)
             if grads["hw"] is not None:
-                grads["hw"][l0:l1] = dz.t() @ xh
+                torch.mm(dz.t(), xh, out=grads["hw"][l0:l1])
             if grads["hb"] is not None:
                 grads["hb"][l0:l1] = dz.sum(0, dtype=acc)
     if tail_weight is not None and (need_x or need_tw or need_tb or total is not None):

@@ -404,8 +404,10 @@ class _HeadTailLossFunction(torch.autograd.Function):
             # Scaled in place (their only owner is this node); for the usual incoming gradients (1, 1 / N under
             # gradient accumulation with N a power of two, a loss scaler's power of two) this is exact.
             grads, ctx.grads = ctx.grads, None
-            scale = grad.detach()
-            return tuple(g.mul_(scale) if g is not None else None for g in grads) + (None,) * 10
+            present = [g for g in grads if g is not None]
+            if present:
+                torch._foreach_mul_(present, grad.detach())  # one multi-tensor pass, no host synchronisation
+            return tuple(grads) + (None,) * 10
         # a second backward through the same graph (retain_graph=True): recompute
         x, hw, hb, tw, tb, ti, rows, positions, z_pos = ctx.saved_tensors
         needs = tuple(_loss_needs(ctx))

@@ -56,6 +56,8 @@ def _instantiations():
     lines += [f"(void*)&gsfi_loss_grad<{dtype}, {g}, {kp}, {r}, {a}, 4, 3, {loss}>,"
               for dtype, g, kp, r, a in (("bf16_t", 32, 128, "true", "true"), ("f16_t", 8, 16, "false", "false"))
               for loss in (0, 1)]
+    lines += [f"(void*)&gsfi_loss_dense<{dtype}, {z}, {loss}>," for dtype, z in
+              (("bf16_t", "float"), ("f16_t", "float"), ("bf16_t", "bf16_t"), ("f16_t", "f16_t")) for loss in (0, 1)]
     return "\n".join(lines)
 
 

@@ -200,3 +200,24 @@ def test_peak_memory_of_the_step_stays_below_an_eighth_of_the_logits():
     growth = torch.cuda.max_memory_allocated() - before - gradients
     logits_bytes = batch * num_labels * 2
     assert growth < logits_bytes / 8, (growth, logits_bytes / 8)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("logits_dtype", ["float32", "input"])
+def test_dense_loss_kernel_matches_float64_reference(loss, dtype, logits_dtype):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    batch, cols = 37, 3001
+    storage = torch.randn(batch, cols + 5, device="cuda", generator=gen) * 6
+    logits = storage[:, :cols] if logits_dtype == "float32" else storage.to(dtype)[:, :cols]
+    bias = torch.randn(cols, device="cuda", generator=gen).to(dtype)
+    z = logits.double() + bias.double()
+    scale = torch.tensor([0.25], device="cuda")
+    out = torch.full((batch, cols), float("nan"), dtype=dtype, device="cuda")
+    partial = kernels.loss.gsfi_loss_dense(logits, bias, loss, scale, out, True, dtype)
+    expected = dense_part(loss, z).sum()
+    assert abs(partial.double().sum().item() - expected.item()) <= 1e-5 * expected.item()
+    grad = 0.25 * (torch.sigmoid(z) if loss == "bce" else 2 * torch.relu(1 + z))
+    _assert_close("dZ", out, grad, dtype)
+    only_sum = kernels.loss.gsfi_loss_dense(logits, bias, loss, None, None, True, dtype)
+    assert abs(only_sum.double().sum().item() - expected.item()) <= 1e-5 * expected.item()

@@ -5,8 +5,9 @@ The per-label loss splits into a dense part that depends on the logit alone (eve
 negative: ``softplus(z)`` for binary cross-entropy, ``relu(1 + z)^2`` for the squared hinge) and a correction
 at the positives, which the caller computes on the side. ``gsfi_loss_sum`` reduces the dense part to one
 float32 partial sum per warp; ``gsfi_loss_grad`` writes ``scale * d(dense part)/dz`` for a range of groups, the
-chunk of dZ that the gradient kernels then read. Both run the forward's main loop (the mma.sync kernel's
-variants and tuning: :func:`lightning_haste.kernels.forward.mma_variant`).
+chunk of dZ that the gradient kernels then read (and can sum the loss in the same pass). Both run the forward's
+main loop (the mma.sync kernel's variants and tuning: :func:`lightning_haste.kernels.forward.mma_variant`).
+``gsfi_loss_dense`` does the same for a chunk of the dense head's logits, which cuBLAS computes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .forward import mma_variant
 from .layout import KERNEL_DTYPES, check_out, kernel_sizes, pad16, ptr, rows_aligned
 from .tuning import ForwardTuning, current
 
-__all__ = ["LOSS_KINDS", "gsfi_loss_grad", "gsfi_loss_sum", "plan"]
+__all__ = ["LOSS_KINDS", "dense_plan", "gsfi_loss_dense", "gsfi_loss_grad", "gsfi_loss_sum", "plan"]
 
 #: The loss names and the kernels' LOSS template argument.
 LOSS_KINDS = {"bce": 0, "squared_hinge": 1}
@@ -115,6 +116,49 @@ def gsfi_loss_grad(
     args = (
         ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(scale), ptr(partial), ptr(out),
         out.stride(0), batch, in_features, out_features, fan_in, num_groups,
+    )
+    runtime.launch(p, args, index)
+    return partial
+
+
+#: gsfi_loss_dense parameters: logits, ldz_in, bias, scale, partial, dZ, ldz, cols.
+DENSE_PARAMS = struct.Struct("@QqQQQQqi")
+
+
+@functools.lru_cache(maxsize=256)
+def dense_plan(dtype: str, logits_dtype: str, loss: str, batch: int, cols: int, index: int) -> runtime.Plan:
+    """Kernel and grid of ``gsfi_loss_dense``: a row of CTAs per batch row, each CTA 256 columns at a time, about
+    sixteen CTAs per multiprocessor in all (enough to hide the memory latency of a streaming pass)."""
+    fn = runtime.compile_kernel("gsfi_loss", "gsfi_loss_dense", (dtype, logits_dtype, LOSS_KINDS[loss]), index)
+    sms, _, _ = runtime.device_limits(index)
+    across = max(1, min(math.ceil(cols / 256), math.ceil(16 * sms / batch)))
+    return runtime.make_plan(fn, (across, batch), 256, 0, 0, index, DENSE_PARAMS, "gsfi_loss_dense")
+
+
+def gsfi_loss_dense(
+    logits: Tensor, bias: Optional[Tensor], loss: str, scale: Optional[Tensor], out: Optional[Tensor],
+    with_sum: bool, dtype: torch.dtype,
+) -> Optional[Tensor]:
+    """For dense logits ``[B, cols]`` (float32 or ``dtype``, rows contiguous) plus ``bias``: write ``scale *
+    d(dense part of the loss)/dz`` into ``out`` (``dtype``) when given, and return the float32 partial sums of the
+    dense part of the loss when ``with_sum`` (else None). ``scale``: a one-element float32 tensor on the device."""
+    _check_loss(loss)
+    batch, cols = logits.shape
+    if logits.stride(1) != 1 or (out is not None and out.stride(1) != 1):
+        raise ValueError("logits and out must have contiguous rows")
+    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous() or bias.shape != (cols,)):
+        raise ValueError(f"bias must be a contiguous ({cols},) tensor of {dtype}")
+    if out is not None and (out.dtype != dtype or tuple(out.shape) != (batch, cols)):
+        raise ValueError(f"out must be a {dtype} tensor of shape ({batch}, {cols})")
+    if out is not None and (scale is None or scale.dtype != torch.float32 or scale.numel() != 1):
+        raise ValueError("scale must be a one-element float32 tensor when out is given")
+    index = logits.device.index
+    logits_dtype = "float" if logits.dtype == torch.float32 else KERNEL_DTYPES[logits.dtype]
+    p = dense_plan(KERNEL_DTYPES[dtype], logits_dtype, loss, batch, cols, index)
+    partial = torch.empty(p.grid[0] * p.grid[1], dtype=torch.float32, device=logits.device) if with_sum else None
+    args = (
+        ptr(logits), logits.stride(0), ptr(bias), ptr(scale), ptr(partial), ptr(out),
+        out.stride(0) if out is not None else 0, cols,
     )
     runtime.launch(p, args, index)
     return partial
