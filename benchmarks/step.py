@@ -267,6 +267,26 @@ def _dense_and_floor(shape, sets, bandwidth, rate, row, xs, x_tail, targets, pos
     return row
 
 
+def _warm_capture() -> None:
+    """Capture one small fused step in a CUDA graph before any timing: the first capture on torch's capture
+    stream sets up cuBLAS state there, which cannot happen inside a capture (the first shape's capture failed
+    without this). A failure is printed in full."""
+    layer = _layer(C.Shape("warm-up", 64, 384, 5000, 64, 16), 0.1)
+    x = torch.randn(64, ENCODER_WIDTH, device="cuda").bfloat16().requires_grad_(True)
+    args = layer.loss_arguments(x, [torch.tensor([1, 2])] * 64)[0]
+
+    def step(_: int) -> None:
+        ops.head_tail_loss_2d(*args).backward()
+
+    try:
+        C.bench_graph(step, 1, max_ms=10)
+    except RuntimeError:
+        import traceback  # noqa: PLC0415
+
+        traceback.print_exc()
+        torch.cuda.synchronize()
+
+
 def _profile(step: Callable[[], None]) -> list[tuple[str, float, int]]:
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
@@ -325,6 +345,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes = C.select_shapes(args.shapes)
     bandwidth, rate = C.copy_bandwidth(), gemm_rate()
+    _warm_capture()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
     rows = []

@@ -197,3 +197,35 @@ __global__ void __launch_bounds__(256) gsfi_loss_dense(const ZT* __restrict__ lo
     partial[blockIdx.y * gridDim.x + blockIdx.x] = sum;
   }
 }
+
+// float32 product without flushing subnormals (CuPy's -ftz would make a C++ '*' flush).
+__device__ __forceinline__ float mul_f32(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// data[i] *= *scale for n 16-bit values (16-byte aligned), in float32 and rounded once: the backward of a step
+// that computed its gradients with the loss scales them by the incoming gradient. Eight values per 16-byte
+// access, a grid-stride loop; the last n % 8 values by the first threads.
+template <class T>
+__global__ void __launch_bounds__(256) gsfi_scale(u16* __restrict__ data, long long n, const float* __restrict__ scale) {
+  const float s = *scale;
+  const long long pieces = n / 8, stride = (long long)gridDim.x * 256;
+  const long long first = (long long)blockIdx.x * 256 + threadIdx.x;
+  for (long long i = first; i < pieces; i += stride) {
+    uint4 v = reinterpret_cast<const uint4*>(data)[i];
+    unsigned* w = reinterpret_cast<unsigned*>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float lo = mul_f32(Ops<T>::to_float((u16)(w[k] & 0xffffu)), s);
+      const float hi = mul_f32(Ops<T>::to_float((u16)(w[k] >> 16)), s);
+      w[k] = Ops<T>::pack(lo, hi);
+    }
+    reinterpret_cast<uint4*>(data)[i] = v;
+  }
+  if (first < n - pieces * 8) {
+    const long long i = pieces * 8 + first;
+    data[i] = Ops<T>::from_float(mul_f32(Ops<T>::to_float(data[i]), s));
+  }
+}

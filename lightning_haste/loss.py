@@ -80,6 +80,14 @@ def _as_label_array(row: int, values: Any) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+_INTEGER_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+
+def _all_cpu_label_tensors(targets: Sequence[Any]) -> bool:
+    """Whether every row is a 1-D CPU integer tensor (the format the collate functions give)."""
+    return all(isinstance(t, Tensor) and t.is_cpu and t.dtype in _INTEGER_DTYPES and t.dim() == 1 for t in targets)
+
+
 def sparse_targets(targets: SparseTargets, num_rows: int, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """The positives of ``targets`` as ``(rows, labels)`` int64 arrays, sorted by row then label.
 
@@ -107,9 +115,14 @@ def sparse_targets(targets: SparseTargets, num_rows: int, num_labels: int) -> tu
             "targets must be a sequence of 1-D label-id tensors (one per row), a torch sparse CSR tensor or a "
             f"SciPy sparse matrix, got {type(targets).__name__}"
         )
+    elif len(targets) != num_rows:
+        raise ValueError(f"targets has {len(targets)} rows but the input has {num_rows}")
+    elif _all_cpu_label_tensors(targets):
+        # the collate functions' format: one concatenation instead of a NumPy conversion per row (host time)
+        counts = np.fromiter((t.numel() for t in targets), dtype=np.int64, count=num_rows)
+        rows = np.repeat(np.arange(num_rows, dtype=np.int64), counts)
+        labels = torch.cat(list(targets)).numpy().astype(np.int64, copy=False)
     else:
-        if len(targets) != num_rows:
-            raise ValueError(f"targets has {len(targets)} rows but the input has {num_rows}")
         parts = [_as_label_array(r, t) for r, t in enumerate(targets)]
         counts = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
         rows = np.repeat(np.arange(num_rows, dtype=np.int64), counts)
@@ -464,3 +477,23 @@ def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, o
             out = grad_w[p0 : g1 * group_size] if grad_w is not None else torch.empty_like(w)
             gsfi_grad_weight(dz, xt, idx, w, out=out, grad_bias=grad_b[p0:p1] if grad_b is not None else None,
                              checked=False)
+
+
+def scale_gradients_(grads: Sequence[Optional[Tensor]], grad: Tensor, layout: LossLayout) -> None:
+    """Multiply the gradients that :func:`loss_and_gradients` gave by the loss's incoming gradient ``grad``, in
+    place: a bandwidth-bound kernel per 16-bit CUDA tensor on the kernel path (a float32 product rounded once; for
+    the usual incoming gradients, 1 or a power of two, exact), ``torch._foreach_mul_`` otherwise."""
+    present = [g for g in grads if g is not None]
+    if layout.kernels:
+        from .kernels.loss import gsfi_scale_  # noqa: PLC0415 - the CUDA path only
+
+        scale = grad.detach().to(torch.float32).reshape(1)
+        rest = []
+        for g in present:
+            if g.is_contiguous() and g.data_ptr() % 16 == 0 and g.dtype in (torch.bfloat16, torch.float16):
+                gsfi_scale_(g, scale)
+            else:
+                rest.append(g)
+        present = rest
+    if present:
+        torch._foreach_mul_(present, grad.detach())

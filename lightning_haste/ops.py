@@ -401,12 +401,11 @@ class _HeadTailLossFunction(torch.autograd.Function):
         from .loss import loss_backward  # noqa: PLC0415
 
         if ctx.grads is not None:
-            # Scaled in place (their only owner is this node); for the usual incoming gradients (1, 1 / N under
-            # gradient accumulation with N a power of two, a loss scaler's power of two) this is exact.
+            # Scaled in place (their only owner is this node).
+            from .loss import scale_gradients_  # noqa: PLC0415
+
             grads, ctx.grads = ctx.grads, None
-            present = [g for g in grads if g is not None]
-            if present:
-                torch._foreach_mul_(present, grad.detach())  # one multi-tensor pass, no host synchronisation
+            scale_gradients_(grads, grad, ctx.layout)  # in place, on the device: no host synchronisation
             return tuple(grads) + (None,) * 10
         # a second backward through the same graph (retain_graph=True): recompute
         x, hw, hb, tw, tb, ti, rows, positions, z_pos = ctx.saved_tensors

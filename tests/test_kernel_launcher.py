@@ -141,6 +141,7 @@ def test_grad_weight_warp_tuning():
         ("gsfi_loss", "gsfi_loss_sum", loss_kernels.SUM_PARAMS),
         ("gsfi_loss", "gsfi_loss_grad", loss_kernels.GRAD_PARAMS),
         ("gsfi_loss", "gsfi_loss_dense", loss_kernels.DENSE_PARAMS),
+        ("gsfi_loss", "gsfi_scale", loss_kernels.SCALE_PARAMS),
     ],
 )
 def test_packed_parameters_match_the_kernel_signatures(file, kernel, params):

@@ -58,6 +58,7 @@ def _instantiations():
               for loss in (0, 1)]
     lines += [f"(void*)&gsfi_loss_dense<{dtype}, {z}, {loss}>," for dtype, z in
               (("bf16_t", "float"), ("f16_t", "float"), ("bf16_t", "bf16_t"), ("f16_t", "f16_t")) for loss in (0, 1)]
+    lines += ["(void*)&gsfi_scale<bf16_t>,", "(void*)&gsfi_scale<f16_t>,"]
     return "\n".join(lines)
 
 
@@ -89,6 +90,8 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_grad_input<bf16_t, 32, 128, true, 2, 64, true, 1, false, true>,
 (void*)&gsfi_grad_weight<bf16_t, 64, 128, 2, false>,
 (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 3, 6, false>,
+(void*)&gsfi_scale<bf16_t>,
+(void*)&gsfi_scale<f16_t>,
 """
 
 

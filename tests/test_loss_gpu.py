@@ -99,10 +99,21 @@ def _float64_loss_and_grads(layer, x, targets, loss):
     ref.tail.backend = "torch"
     x64 = x.detach().double().requires_grad_(True)
     fn = sparse_bce_with_logits if loss == "bce" else sparse_squared_hinge
-    value = fn(ref(x64), targets)
+    logits = ref(x64)
+    logits.retain_grad()
+    value = fn(logits, targets)
     value.backward()
     params = [ref.head.weight.grad, ref.head.bias.grad, ref.tail.weight.grad, ref.tail.bias.grad]
-    return value.detach(), x64.grad, params
+    return value.detach(), x64.grad, params, logits.grad
+
+
+def _assert_close_rounded_dz(name, got, ref, magnitude):
+    """The head's gradients from a dZ rounded to 16 bits and a result rounded once: |error| <= u * (sum_b |dz_b|
+    |x_b| + |result|), u = 2^-9 the unit roundoff of bfloat16 (float16's is smaller); checked with a factor 2."""
+    assert not torch.isnan(got).any(), f"{name}: NaN (an element was not written)"
+    got, ref, magnitude = got.double().cpu(), ref.double().cpu(), magnitude.double().cpu()
+    bad = (got - ref).abs() > 2 * 2.0**-9 * (magnitude + ref.abs()) + 1e-12
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements off, first at {bad.nonzero()[0].tolist()}"
 
 
 def _random_targets(batch, num_labels, gen, layer):
@@ -137,14 +148,20 @@ def test_fused_loss_value_and_gradients_match_float64(case, loss):
     _poison_allocator()
     value = layer.loss(x, targets, loss=loss)
     value.backward()
-    ref_value, ref_gx, ref_params = _float64_loss_and_grads(layer, x, targets, loss)
+    ref_value, ref_gx, ref_params, ref_dz = _float64_loss_and_grads(layer, x, targets, loss)
     assert value.dtype == torch.float32
     assert abs(value.item() - ref_value.item()) <= 1e-3 * abs(ref_value.item()), (value.item(), ref_value.item())
     _assert_close("dx", x.grad, ref_gx, dtype)
     got = [layer.head.weight.grad, layer.head.bias.grad, layer.tail.weight.grad, layer.tail.bias.grad]
-    for name, g, r in zip(("head weight", "head bias", "tail weight", "tail bias"), got, ref_params, strict=True):
-        assert g.dtype == dtype
-        _assert_close(name, g, r, dtype)
+    assert all(g.dtype == dtype for g in got)
+    # the dense head: a few hundred large logits, whose gradient sums cancel more than the tail's do
+    dz_head = ref_dz[:, layer.label_permutation[: layer.num_head_labels].cpu()].abs()
+    h0, h1 = layer.head_slice
+    x_head = x.detach().double().cpu()[:, h0:h1].abs()
+    _assert_close_rounded_dz("head weight", got[0], ref_params[0], dz_head.t() @ x_head)
+    _assert_close_rounded_dz("head bias", got[1], ref_params[1], dz_head.sum(0))
+    _assert_close("tail weight", got[2], ref_params[2], dtype)
+    _assert_close("tail bias", got[3], ref_params[3], dtype)
     assert torch.count_nonzero(layer.tail.weight.grad[layer.num_tail_labels :]) == 0
 
 
@@ -177,7 +194,7 @@ def test_autocast_with_float32_parameters_runs_the_kernels():
         value = layer.loss(x, targets)
     value.backward()
     assert value.dtype == torch.float32 and layer.tail.weight.grad.dtype == torch.float32
-    ref_value, _, _ = _float64_loss_and_grads(layer, x.bfloat16().float(), targets, "bce")
+    ref_value = _float64_loss_and_grads(layer, x.bfloat16().float(), targets, "bce")[0]
     assert abs(value.item() - ref_value.item()) <= 2e-2 * abs(ref_value.item())
 
 
@@ -221,3 +238,14 @@ def test_dense_loss_kernel_matches_float64_reference(loss, dtype, logits_dtype):
     _assert_close("dZ", out, grad, dtype)
     only_sum = kernels.loss.gsfi_loss_dense(logits, bias, loss, None, None, True, dtype)
     assert abs(only_sum.double().sum().item() - expected.item()) <= 1e-5 * expected.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [1, 7, 8, 1000, 100_003])
+def test_scale_kernel_multiplies_every_element_once(dtype, numel):
+    gen = torch.Generator(device="cuda").manual_seed(numel)
+    t = torch.randn(numel, device="cuda", generator=gen).to(dtype)
+    scale = torch.tensor([0.3], device="cuda")
+    expected = (t.float() * 0.3).to(dtype)
+    kernels.loss.gsfi_scale_(t, scale)
+    assert torch.equal(t, expected)

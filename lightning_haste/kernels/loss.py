@@ -25,7 +25,10 @@ from .forward import mma_variant
 from .layout import KERNEL_DTYPES, check_out, kernel_sizes, pad16, ptr, rows_aligned
 from .tuning import ForwardTuning, current
 
-__all__ = ["LOSS_KINDS", "dense_plan", "gsfi_loss_dense", "gsfi_loss_grad", "gsfi_loss_sum", "plan"]
+__all__ = [
+    "LOSS_KINDS", "dense_plan", "gsfi_loss_dense", "gsfi_loss_grad", "gsfi_loss_sum", "gsfi_scale_", "plan",
+    "scale_plan",
+]
 
 #: The loss names and the kernels' LOSS template argument.
 LOSS_KINDS = {"bce": 0, "squared_hinge": 1}
@@ -162,3 +165,28 @@ def gsfi_loss_dense(
     )
     runtime.launch(p, args, index)
     return partial
+
+
+#: gsfi_scale parameters: data, n, scale.
+SCALE_PARAMS = struct.Struct("@QqQ")
+
+
+@functools.lru_cache(maxsize=16)
+def scale_plan(dtype: str, index: int) -> runtime.Plan:
+    """``gsfi_scale``: eight CTAs of 256 threads per multiprocessor, striding over the whole tensor."""
+    fn = runtime.compile_kernel("gsfi_loss", "gsfi_scale", (dtype,), index)
+    sms, _, _ = runtime.device_limits(index)
+    return runtime.make_plan(fn, (8 * sms, 1), 256, 0, 0, index, SCALE_PARAMS, "gsfi_scale")
+
+
+def gsfi_scale_(t: Tensor, scale: Tensor) -> Tensor:
+    """``t *= scale`` in place for a contiguous, 16-byte aligned bfloat16/float16 CUDA tensor (float32 product,
+    rounded once; ``scale`` a one-element float32 tensor on the device: no host synchronisation)."""
+    if t.dtype not in KERNEL_DTYPES or not t.is_contiguous() or t.data_ptr() % 16:
+        raise ValueError("gsfi_scale_ takes a contiguous, 16-byte aligned bfloat16 or float16 CUDA tensor")
+    if scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != t.device:
+        raise ValueError("scale must be a one-element float32 tensor on the tensor's device")
+    if t.numel():
+        index = t.device.index
+        runtime.launch(scale_plan(KERNEL_DTYPES[t.dtype], index), (ptr(t), t.numel(), ptr(scale)), index)
+    return t
