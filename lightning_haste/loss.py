@@ -194,9 +194,10 @@ def loss_chunks(
     acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
     head: list[tuple[int, int]] = []
     if num_head:
-        # CUDA kernels: float32 logits and their gradient in the input dtype; PyTorch: the logits and their
-        # gradient in the input dtype and three accumulation-dtype temporaries of the loss
-        per_label = batch * (4 + item if kernels else 2 * item + 3 * acc)
+        # CUDA kernels: float32 logits and their gradient in the input dtype, and as much again for what cuBLAS
+        # allocates beside its products (split-K buffers); PyTorch: the logits and their gradient in the input
+        # dtype and three accumulation-dtype temporaries of the loss
+        per_label = batch * (2 * (4 + item) if kernels else 2 * item + 3 * acc)
         step = max(1, workspace // per_label)
         head = [(l0, min(num_head, l0 + step)) for l0 in range(0, num_head, step)]
     tail: list[tuple[int, int]] = []
