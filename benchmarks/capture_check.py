@@ -21,8 +21,9 @@ if case.startswith("mm"):
     fn = lambda: torch.mm(a, b, out_dtype=torch.float32)
 else:
     freq = np.random.default_rng(0).integers(0, 100, 5000)
-    layer = HeadTailOutput(768, freq, head_ratio=0.1, fan_in=64, group_size=16, tail_features=(0, 384),
-                           head_features=(384, 768), device="cuda", dtype=torch.bfloat16)
+    layer = HeadTailOutput(768, freq, head_ratio=0.0 if "nohead" in case else 0.1, fan_in=64, group_size=16, tail_features=(0, 384),
+                           head_features=(384, 768), device="cuda", dtype=torch.bfloat16,
+                           backend="torch" if "torchtail" in case else "auto")
     x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16, requires_grad="nograd" not in case)
     args = layer.loss_arguments(x, [torch.tensor([1, 2])] * 64)[0]
     def fn():
@@ -45,6 +46,8 @@ except Exception as exc:
     print(case, "FAILED", str(exc).splitlines()[0][:150])
 '''
 
-for case in ("mm", "mm-tl", "step", "step-tl", "step-nomm", "step-recompute", "step-nograd", "step-nomm-recompute"):
+CASES = sys.argv[1:] or ("mm", "step", "step-nograd", "step-nohead", "step-torchtail", "step-nohead-recompute",
+                         "step-torchtail-nohead")
+for case in CASES:
     out = subprocess.run([sys.executable, "-c", CASE, case], capture_output=True, text=True, timeout=120)
     print((out.stdout.strip() or out.stderr.strip().splitlines()[-1])[:300], flush=True)

@@ -357,7 +357,7 @@ class HeadTailOutput(nn.Module):
         bounds = torch.from_numpy(np.searchsorted(positions, np.asarray(chunks.starts)).astype(np.int64))
         device = x2d.device
         pairs = torch.from_numpy(np.stack([rows, positions]))
-        if device.type == "cuda":
+        if device.type == "cuda" and not torch.compiler.is_compiling():  # (pinning is not traceable)
             # from pinned memory the copy is asynchronous: a copy from pageable memory would wait for the GPU to
             # finish the work queued before it (the previous step), and the host could not run ahead
             pairs = pairs.pin_memory()
