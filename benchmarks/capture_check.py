@@ -21,7 +21,8 @@ if case.startswith("mm"):
     fn = lambda: torch.mm(a, b, out_dtype=torch.float32)
 else:
     freq = np.random.default_rng(0).integers(0, 100, 5000)
-    layer = HeadTailOutput(768, freq, head_ratio=0.0 if "nohead" in case else 0.1, fan_in=64, group_size=16, tail_features=(0, 384),
+    layer = HeadTailOutput(768, freq, head_ratio=0.0 if "nohead" in case else 0.1, fan_in=64, group_size=16,
+                           tail_features=(0, 384),
                            head_features=(384, 768), device="cuda", dtype=torch.bfloat16,
                            backend="torch" if "torchtail" in case else "auto")
     x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16, requires_grad="nograd" not in case)
