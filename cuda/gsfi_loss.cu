@@ -108,7 +108,12 @@ struct StoreDenseLossGrad {
       for (int e = 0; e < 4; ++e) {
         const float z = add_f32(acc[n][e], bias_v[n][e & 1]);
         const int row = row0 + (lane >> 2) + (e >> 1) * 8, j = n * 8 + 2 * (lane & 3) + (e & 1);
-        if (with_sum && row < B && j < cols) {
+        if (j >= cols) {
+          // A padding label: its dZ is 0. The 16-byte stores of aligned rows write the labels from L up to the
+          // next multiple of 8, and the gradient kernels read those as dZ: they must hold zeros, not the
+          // gradient of a padding label's logit.
+          grad[n][e] = 0.f;
+        } else if (with_sum && row < B) {
           grad[n][e] = scale * DenseLoss<LOSS>::grad_and_loss(z, slice);
         } else {
           grad[n][e] = scale * DenseLoss<LOSS>::grad(z);

@@ -464,8 +464,9 @@ def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, o
         labels = p1 - p0
         w, idx = weight[p0 : g1 * group_size], index[g0:g1]
         dz = storage[:, :labels]
-        if labels % 8:  # the kernels read whole 8-label pieces: the padding columns must be zeros
-            storage[:, labels : (labels + 7) // 8 * 8].zero_()
+        if labels % 8:
+            # the gradient kernels read whole 8-label pieces; gsfi_loss_grad writes zeros into the padding
+            # columns of aligned rows (these), so they can take the view as it is
             setattr(dz, kernel_layout._ZERO_PADDED, True)
         partial = gsfi_loss_grad(xt, batch, w, idx, bias[p0:p1] if bias is not None else None, labels, layout.loss,
                                  scale32, dz, checked=False, with_sum=total is not None)
