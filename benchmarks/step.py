@@ -79,9 +79,10 @@ def peak_above(step: Callable[[int], object], params: list[torch.Tensor]) -> int
 def _bottleneck(B: int, K: int, L: int, sets: int) -> dict[str, Optional[float]]:
     out: dict[str, Optional[float]] = {"eager": None, "graph": None}
     try:
-        w = torch.randn(L, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        xs = [torch.randn(B, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(sets)]
-        dzs = [torch.randn(B, L, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        gen = _cuda_generator(4)
+        w = torch.randn(L, K, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+        xs = [torch.randn(B, K, device="cuda", generator=gen).bfloat16().requires_grad_(True) for _ in range(sets)]
+        dzs = [torch.randn(B, L, device="cuda", generator=gen).bfloat16() for _ in range(sets)]
 
         def step(i: int) -> None:
             w.grad = None
@@ -106,13 +107,22 @@ def gemm_rate() -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
+# Every random draw uses a generator of this script, never torch's default CUDA generator: a failed CUDA-graph
+# capture leaves the default generator unusable for the rest of the process, and the other shapes still run.
+def _cuda_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
 def _layer(shape: C.Shape, head_ratio: float) -> HeadTailOutput:
     freq = np.random.default_rng(0).zipf(1.5, shape.L).clip(max=10**6)
     tail = (0, shape.H)
     head = (shape.H, ENCODER_WIDTH) if shape.H < ENCODER_WIDTH else None
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    return HeadTailOutput(ENCODER_WIDTH, freq, head_ratio=head_ratio, fan_in=shape.K, group_size=shape.G,
-                          tail_features=tail, head_features=head, device="cuda", dtype=torch.bfloat16, generator=gen)
+    # built on the CPU with a CPU generator (nn.Linear's own initialisation would draw from the default CUDA
+    # generator), then moved
+    layer = HeadTailOutput(ENCODER_WIDTH, freq, head_ratio=head_ratio, fan_in=shape.K, group_size=shape.G,
+                           tail_features=tail, head_features=head, dtype=torch.bfloat16,
+                           generator=torch.Generator().manual_seed(0))
+    return layer.to("cuda")
 
 
 def run_shape(shape: C.Shape, sets: int, bandwidth: float, rate: float, profile: bool) -> dict:
@@ -228,7 +238,11 @@ def _dense_and_floor(shape, sets, bandwidth, rate, row, xs, x_tail, targets, pos
     B, L, K = shape.B, shape.L, shape.K
     # dense layer with the same loss
     try:
-        dense = torch.nn.Linear(shape.H, L, device="cuda", dtype=torch.bfloat16)
+        dense = torch.nn.Linear(shape.H, L, device="meta", dtype=torch.bfloat16).to_empty(device="cuda")
+        gen = _cuda_generator(5)
+        with torch.no_grad():
+            dense.weight.uniform_(-(shape.H**-0.5), shape.H**-0.5, generator=gen)
+            dense.bias.uniform_(-(shape.H**-0.5), shape.H**-0.5, generator=gen)
         dense_params = list(dense.parameters())
 
         def dense_eager(i: int) -> None:
@@ -272,7 +286,7 @@ def _warm_capture() -> None:
     stream sets up cuBLAS state there, which cannot happen inside a capture (the first shape's capture failed
     without this). A failure is printed in full."""
     layer = _layer(C.Shape("warm-up", 64, 384, 5000, 64, 16), 0.1)
-    x = torch.randn(64, ENCODER_WIDTH, device="cuda").bfloat16().requires_grad_(True)
+    x = torch.randn(64, ENCODER_WIDTH, device="cuda", generator=_cuda_generator(6)).bfloat16().requires_grad_(True)
     args = layer.loss_arguments(x, [torch.tensor([1, 2])] * 64)[0]
 
     def step(_: int) -> None:
