@@ -358,6 +358,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     shapes = C.select_shapes(args.shapes)
+    # Autograd nodes keep the stream they first ran on: the eager timings run on the default stream before each
+    # capture, and a capture that then reaches such a node fails (pytorch/pytorch#164302). Where torch has
+    # the opt-in that redirects those stale streams to the capturing one, use it.
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if override is not None:
+        override(True)
     bandwidth, rate = C.copy_bandwidth(), gemm_rate()
     _warm_capture()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
