@@ -270,17 +270,20 @@ class _Collate:
     def __call__(self, rows: list[int]) -> dict[str, Any]:
         rows_np = np.asarray(rows)
         feats = self.data.features[rows_np]
+        # Integer inputs (token ids, say) stay integers (int64): a float32 copy would lose ids above 2^24, and
+        # a bfloat16 one above 256. Everything else becomes float32.
+        dtype = np.int64 if np.issubdtype(feats.dtype, np.integer) else np.float32
         if sp.issparse(feats):
             feats = feats.tocsr()
             if self.sparse:
                 features = torch.sparse_csr_tensor(
                     torch.from_numpy(feats.indptr.astype(np.int64)), torch.from_numpy(feats.indices.astype(np.int64)),
-                    torch.from_numpy(feats.data.astype(np.float32)), size=feats.shape,
+                    torch.from_numpy(feats.data.astype(dtype)), size=feats.shape,
                 )
             else:
-                features = torch.from_numpy(feats.toarray().astype(np.float32))
+                features = torch.from_numpy(feats.toarray().astype(dtype))
         else:
-            features = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+            features = torch.from_numpy(np.ascontiguousarray(feats, dtype=dtype))
         labels = self.data.labels[rows_np]
         targets = [torch.from_numpy(labels.indices[labels.indptr[i] : labels.indptr[i + 1]].astype(np.int64))
                    for i in range(len(rows))]

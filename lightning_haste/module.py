@@ -119,6 +119,7 @@ class HasteXMCModule:
         head_features: FeatureSlice = None,
         tail_features: FeatureSlice = None,
         grouping: Optional[str] = "balanced-kmeans",
+        label_groups: Optional[Any] = None,
         loss: str = "bce",
         k: Sequence[int] = (1, 3, 5),
         psp_a: float = 0.55,
@@ -136,6 +137,9 @@ class HasteXMCModule:
             head_ratio, fan_in, group_size, head_features, tail_features: as for :class:`HeadTailOutput`.
             grouping: how the tail labels are grouped (:func:`~lightning_haste.grouping.group_labels` method:
                 ``"faiss-greedy"``, ``"balanced-kmeans"`` or ``"random"``), or ``None`` for frequency order.
+            label_groups: precomputed per-label group ids ``[num_labels]`` (as :class:`HeadTailOutput` takes them,
+                e.g. a FAISS grouping made once offline and saved); when given, ``setup`` uses them and does not
+                group (``grouping`` is ignored).
             loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets: summed over
                 the labels, averaged over the rows, computed fused with the output layer.
             k: the cut-offs of the validation/test metrics and of ``predict_step``'s top-k (its largest).
@@ -150,22 +154,31 @@ class HasteXMCModule:
             raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
         self.haste = dict(
             in_features=in_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
-            head_features=head_features, tail_features=tail_features, grouping=grouping, loss=loss, k=tuple(k),
+            head_features=head_features, tail_features=tail_features, grouping=grouping, label_groups=label_groups,
+            loss=loss, k=tuple(k),
             psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
             output_weight_decay=output_weight_decay, seed=seed,
         )
         self.output = None
+        self.haste_metrics = None
 
     # -- building ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.output is not None:
-            return
         dm = self.trainer.datamodule
         cfg = self.haste
-        in_features = cfg["in_features"] or dm.num_features
         freq = dm.label_frequencies
-        label_groups = None
-        if cfg["grouping"] is not None:
+        if self.output is None:
+            self.output = self._build_output(dm, cfg, freq)
+        if getattr(self, "haste_metrics", None) is None:  # also for an output layer set by hand
+            self._build_metrics(dm, cfg, freq)
+
+    def _build_output(self, dm: Any, cfg: dict[str, Any], freq: Any) -> HeadTailOutput:
+        in_features = cfg["in_features"] or dm.num_features
+        label_groups = cfg.get("label_groups")
+        if label_groups is not None:
+            if len(label_groups) != len(freq):
+                raise ValueError(f"label_groups has {len(label_groups)} entries for {len(freq)} labels")
+        elif cfg["grouping"] is not None:
             head, tail = split_head_tail(freq, cfg["head_ratio"], cfg["group_size"])
             if tail.size:
                 emb = getattr(dm, "label_embeddings", None)
@@ -176,11 +189,13 @@ class HasteXMCModule:
                 grouping = group_labels(emb[tail], cfg["group_size"], method=cfg["grouping"], seed=cfg["seed"],
                                         progress=False)
                 label_groups = grouping.for_labels(tail, len(freq))
-        self.output = HeadTailOutput(
+        return HeadTailOutput(
             in_features, freq, head_ratio=cfg["head_ratio"], fan_in=cfg["fan_in"], group_size=cfg["group_size"],
             head_features=cfg["head_features"], tail_features=cfg["tail_features"], label_groups=label_groups,
             generator=torch.Generator().manual_seed(cfg["seed"]),
         ).to(self.device)
+
+    def _build_metrics(self, dm: Any, cfg: dict[str, Any], freq: Any) -> None:
         metrics = {}
         for split in ("val", "test"):
             metrics[f"{split}_p"] = PrecisionAtK(cfg["k"])
@@ -191,9 +206,11 @@ class HasteXMCModule:
 
     # -- steps ------------------------------------------------------------------------------------
     def encode(self, batch: dict[str, Any]) -> Tensor:
-        """Features ``[B, in_features]`` for a batch; the default passes the batch's features through."""
+        """Features ``[B, in_features]`` for a batch; the default passes the batch's features through (integer
+        features, which the datamodule keeps as integers for encoders that embed them, as float32)."""
         features = batch["features"]
-        return features.to_dense() if features.layout != torch.strided else features
+        features = features.to_dense() if features.layout != torch.strided else features
+        return features if features.is_floating_point() else features.float()
 
     def haste_loss(self, logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
         """A loss on the full ``[B, num_labels]`` logits (original label order) and the batch's sparse targets.

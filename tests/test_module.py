@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import lightning_haste as lh
+from lightning_haste import module as haste_module
 from lightning_haste.data import (
     XMCData,
     XMCDataModule,
@@ -237,3 +238,39 @@ def test_sparse_feature_batches_train():
     assert batch["features"].layout == torch.sparse_csr and isinstance(batch["targets"], list)
     model = BowModel(fan_in=8, group_size=8, head_ratio=0.1)
     _trainer(max_steps=5).fit(model, dm)
+
+
+def test_precomputed_label_groups_are_used_without_regrouping(monkeypatch):
+    dm = _dm(seed=3)
+    head, tail = lh.grouping.split_head_tail(dm.label_frequencies, 0.1, 8)
+    groups = np.zeros(dm.num_labels, dtype=np.int64)
+    groups[tail] = (np.arange(tail.size) // 8)[::-1]  # blocks of 8 tail labels, in the reverse of frequency order
+    monkeypatch.setattr(haste_module, "group_labels", lambda *a, **k: pytest.fail("setup regrouped"))
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, grouping="faiss-greedy", label_groups=groups)
+    _trainer(max_steps=2).fit(model, dm)
+    order = model.output.label_permutation[model.output.num_head_labels :].numpy()
+    assert np.all(np.diff(groups[order]) >= 0)  # the tail is laid out in the given groups' order
+    wrong = BowModel(fan_in=16, group_size=8, head_ratio=0.1, label_groups=np.zeros(5, dtype=np.int64))
+    with pytest.raises(ValueError, match="label_groups has 5 entries"):
+        _trainer(max_steps=1).fit(wrong, dm)
+
+
+def test_an_output_layer_set_by_hand_still_gets_its_metrics():
+    dm = _dm(seed=4)
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, grouping=None)
+    model.output = lh.HeadTailOutput(dm.num_features, dm.label_frequencies, head_ratio=0.2, fan_in=8, group_size=8)
+    trainer = _trainer(max_steps=5)
+    trainer.fit(model, dm)
+    results = trainer.validate(model, dm, verbose=False)[0]
+    assert "val/P@1" in results and model.output.fan_in == 8
+
+
+def test_integer_features_stay_integers_in_batches():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2**24, 2**24 + 1000, size=(40, 6), dtype=np.int64)  # token ids float32 cannot hold
+    labels = sp.csr_matrix((np.ones(40, dtype=np.float32), (np.arange(40), rng.integers(0, 10, 40))), shape=(40, 10))
+    dm = XMCDataModule(XMCData(ids, labels), batch_size=8, shuffle=False)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["features"].dtype == torch.int64
+    assert torch.equal(batch["features"], torch.from_numpy(ids[:8]))
+    assert HasteXMCModule.encode(None, batch).dtype == torch.float32  # the default encoder's input: float32
