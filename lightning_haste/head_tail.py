@@ -269,6 +269,35 @@ class HeadTailOutput(nn.Module):
             out.index_copy_(1, columns, logits)
         return out.reshape(*lead, labels.numel())
 
+    @torch.no_grad()
+    def init_bias_from_prior_(
+        self, label_frequencies: Union[Tensor, np.ndarray, Sequence[float]], num_instances: int,
+        smoothing: float = 1.0,
+    ) -> None:
+        """Set each label's bias to the log-odds of its training frequency, ``log(p / (1 - p))`` with
+        ``p = (n_l + smoothing) / (num_instances + 2 * smoothing)``.
+
+        With binary cross-entropy the logits then start at the labels' prior: the first steps are not spent
+        pushing the scores of ~10^5 negatives per instance down, and head and tail labels start on one scale.
+        Raises when the layer has no biases."""
+        freq = _as_numpy_1d("label_frequencies", label_frequencies).astype(np.float64)
+        if freq.size != self.num_labels:
+            raise ValueError(f"label_frequencies has {freq.size} entries for {self.num_labels} labels")
+        num_instances = check_positive_int("num_instances", num_instances)
+        if not smoothing > 0:
+            raise ValueError(f"smoothing must be > 0, got {smoothing}")
+        if (freq < 0).any() or (freq > num_instances).any():
+            raise ValueError(f"label_frequencies must lie in [0, num_instances={num_instances}]")
+        parts = [m for m in (self.head, self.tail) if m is not None]
+        if any(m.bias is None for m in parts):
+            raise ValueError("the layer has no biases (bias=False)")
+        p = (freq + smoothing) / (num_instances + 2 * smoothing)
+        prior = torch.from_numpy(np.log(p) - np.log1p(-p))[self.label_permutation.cpu()]  # internal order
+        if self.head is not None:
+            self.head.bias.copy_(prior[: self.num_head_labels])
+        if self.tail is not None:
+            self.tail.bias.copy_(prior[self.num_head_labels :])
+
     def _positions_on_host(self) -> np.ndarray:
         """``label_position`` as a NumPy array, cached per version of the buffer (a state dict can replace it)."""
         buffer = self.label_position

@@ -120,6 +120,7 @@ class HasteXMCModule:
         tail_features: FeatureSlice = None,
         grouping: Optional[str] = "balanced-kmeans",
         label_groups: Optional[Any] = None,
+        output_bias: str = "default",
         loss: str = "bce",
         k: Sequence[int] = (1, 3, 5),
         psp_a: float = 0.55,
@@ -140,6 +141,8 @@ class HasteXMCModule:
             label_groups: precomputed per-label group ids ``[num_labels]`` (as :class:`HeadTailOutput` takes them,
                 e.g. a FAISS grouping made once offline and saved); when given, ``setup`` uses them and does not
                 group (``grouping`` is ignored).
+            output_bias: ``"default"`` (the layers' own initialisation) or ``"prior"``: every label's bias starts at the
+                log-odds of its training frequency (:meth:`HeadTailOutput.init_bias_from_prior_`).
             loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets: summed over
                 the labels, averaged over the rows, computed fused with the output layer.
             k: the cut-offs of the validation/test metrics and of ``predict_step``'s top-k (its largest).
@@ -148,6 +151,8 @@ class HasteXMCModule:
             output_lr, output_momentum, output_weight_decay: SGD settings of the output layer.
             seed: seed of the grouping and of the output layer's index and initial weights.
         """
+        if output_bias not in ("default", "prior"):
+            raise ValueError(f"output_bias must be 'default' or 'prior', got {output_bias!r}")
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
@@ -155,7 +160,7 @@ class HasteXMCModule:
         self.haste = dict(
             in_features=in_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
             head_features=head_features, tail_features=tail_features, grouping=grouping, label_groups=label_groups,
-            loss=loss, k=tuple(k),
+            output_bias=output_bias, loss=loss, k=tuple(k),
             psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
             output_weight_decay=output_weight_decay, seed=seed,
         )
@@ -169,6 +174,8 @@ class HasteXMCModule:
         freq = dm.label_frequencies
         if self.output is None:
             self.output = self._build_output(dm, cfg, freq)
+            if cfg.get("output_bias") == "prior":
+                self.output.init_bias_from_prior_(freq, max(1, dm.num_train))
         if getattr(self, "haste_metrics", None) is None:  # also for an output layer set by hand
             self._build_metrics(dm, cfg, freq)
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import lightning_haste as lh
+from lightning_haste import HeadTailOutput
 
 from reference import masked_dense_weight
 
@@ -204,3 +205,25 @@ def test_call_errors():
         layer(torch.randn(0, 24, dtype=torch.float64))
     with pytest.raises(TypeError, match="dtype"):
         layer(torch.randn(2, 24))
+
+
+def test_bias_from_the_label_prior_sets_every_label_in_original_order():
+    rng = np.random.default_rng(3)
+    freq = rng.integers(0, 40, 203)
+    layer = HeadTailOutput(24, freq, head_ratio=0.1, fan_in=8, group_size=8, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.head.weight.zero_()
+        layer.tail.weight.zero_()
+    layer.init_bias_from_prior_(freq, num_instances=100, smoothing=0.5)
+    p = (freq + 0.5) / (100 + 1.0)
+    expected = torch.from_numpy(np.log(p / (1 - p)))
+    torch.testing.assert_close(layer(torch.zeros(2, 24, dtype=torch.float64)), expected.expand(2, -1), rtol=0,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="203 labels"):
+        layer.init_bias_from_prior_(freq[:5], num_instances=100)
+    with pytest.raises(ValueError, match=r"\[0, num_instances=10\]"):
+        layer.init_bias_from_prior_(freq, num_instances=10)
+    no_bias = HeadTailOutput(24, freq, head_ratio=0.1, fan_in=8, group_size=8, bias=False)
+    with pytest.raises(ValueError, match="no biases"):
+        no_bias.init_bias_from_prior_(freq, num_instances=100)

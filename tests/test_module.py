@@ -274,3 +274,16 @@ def test_integer_features_stay_integers_in_batches():
     assert batch["features"].dtype == torch.int64
     assert torch.equal(batch["features"], torch.from_numpy(ids[:8]))
     assert HasteXMCModule.encode(None, batch).dtype == torch.float32  # the default encoder's input: float32
+
+
+def test_output_bias_from_the_prior():
+    dm = _dm(seed=5)
+    model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, grouping=None, output_bias="prior")
+    _trainer(max_steps=1).fit(model, dm)  # one step after the initialisation
+    freq = dm.label_frequencies
+    p = (freq + 1.0) / (dm.num_train + 2.0)
+    internal = torch.cat([model.output.head.bias, model.output.tail.bias]).detach()
+    prior = torch.from_numpy(np.log(p / (1 - p))).float()[model.output.label_permutation]
+    assert (internal - prior).abs().max() < 0.2  # one SGD step away from the prior
+    with pytest.raises(ValueError, match="output_bias"):
+        BowModel(output_bias="zero")
