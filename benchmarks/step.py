@@ -21,7 +21,8 @@ random positives per row; medians of CUDA-event timings over rotating random inp
 - the physical floor: three GEMMs of 2 B L K flops (head: its width for K) at the bf16 GEMM rate measured here
   (an 8192^3 matmul), or one read of the weights plus one write of their gradient at the copy bandwidth measured
   here, whichever is longer;
-- ``--profile``: the CUDA kernels of one fused step by total time (torch.profiler).
+- ``--profile``: the CUDA kernels of one fused step by total time (torch.profiler);
+- ``--cpu``: the fused and the unfused step on the CPU path instead (float32, wall-clock), no GPU needed.
 
 ``--json`` writes every row; ``--history`` (default benchmarks/results/history.csv; '' for none) appends
 ``date,commit,device,script,shape,metric,ms`` rows. The commit is ``--commit``, else $HASTE_COMMIT, else git.
@@ -348,6 +349,41 @@ def print_table(rows: list[dict]) -> None:
                 print(f"  {ms:8.3f} {count:5d}  {name}")
 
 
+def cpu_steps(shapes: list[C.Shape], reps: int) -> None:
+    """``--cpu``: the same step on the CPU path (float32, the PyTorch implementation), fused and unfused, wall-clock
+    medians of ``reps`` steps after one warm-up, and the peak of the process's resident memory growth."""
+    import resource  # noqa: PLC0415
+    import statistics  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| shape | fused s | unfused s | unfused / fused |")
+    print("|---|---|---|---|")
+    for shape in shapes:
+        freq = np.random.default_rng(0).zipf(1.5, shape.L).clip(max=10**6)
+        head = (shape.H, ENCODER_WIDTH) if shape.H < ENCODER_WIDTH else None
+        layer = HeadTailOutput(ENCODER_WIDTH, freq, head_ratio=HEAD_RATIO.get(shape.name, 0.05), fan_in=shape.K,
+                               group_size=shape.G, tail_features=(0, shape.H), head_features=head,
+                               generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(shape.B, ENCODER_WIDTH, generator=gen).requires_grad_(True)
+        targets = [torch.randint(0, shape.L, (POSITIVES,), generator=gen) for _ in range(shape.B)]
+
+        def timed(step: Callable[[], None]) -> float:
+            step()
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        fused = timed(lambda: layer.loss(x, targets).backward())
+        unfused = timed(lambda: sparse_bce_with_logits(layer(x), targets).backward())
+        print(f"| {shape.name} | {fused:.3f} | {unfused:.3f} | {unfused / fused:.2f} |", flush=True)
+    print(f"peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="official,B512-L131K-K128")
@@ -356,8 +392,13 @@ def main() -> None:
     parser.add_argument("--history", default=str(C.HISTORY))
     parser.add_argument("--commit")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="time the CPU path instead (no GPU needed)")
+    parser.add_argument("--cpu-reps", type=int, default=3)
     args = parser.parse_args()
     shapes = C.select_shapes(args.shapes)
+    if args.cpu:
+        cpu_steps(shapes, args.cpu_reps)
+        return
     # Autograd nodes keep the stream they first ran on: the eager timings run on the default stream before each
     # capture, and a capture that then reaches such a node fails (pytorch/pytorch#164302). Where torch has
     # the opt-in that redirects those stale streams to the capturing one, use it.
