@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "reference_backward", "reference_forward"]
+__all__ = ["accumulation_dtype", "chunk_backward", "chunk_logits", "reference_backward", "reference_forward"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,6 +38,48 @@ def _gather_groups(x: Tensor, group_index: Tensor, acc: torch.dtype) -> Tensor:
     return gathered.view(x.shape[0], groups, fan_in).transpose(0, 1)
 
 
+def chunk_logits(
+    x: Tensor, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], g0: int, g1: int, out_features: int,
+    acc: torch.dtype,
+) -> Tensor:
+    """Logits ``[B, p1 - p0]`` of groups ``[g0, g1)`` (labels ``p0 = g0 * G`` to ``p1 = min(out_features, g1 * G)``)
+    in the accumulation dtype ``acc``, not rounded to the input dtype."""
+    batch = x.shape[0]
+    num_groups, fan_in = group_index.shape
+    group_size = weight.shape[0] // num_groups
+    p0, p1 = g0 * group_size, min(out_features, g1 * group_size)
+    xg = _gather_groups(x, group_index[g0:g1], acc)
+    w = weight[p0 : g1 * group_size].to(acc).view(g1 - g0, group_size, fan_in)
+    z = torch.bmm(xg, w.transpose(1, 2)).transpose(0, 1).reshape(batch, -1)[:, : p1 - p0]
+    if bias is not None:
+        z = z + bias[p0:p1].to(acc)
+    return z
+
+
+def chunk_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, group_index: Tensor, g0: int, g1: int, grad_x: Optional[Tensor],
+    grad_w: Optional[Tensor],
+) -> None:
+    """For ``dz [B, p1 - p0]`` (accumulation dtype), the gradient of groups ``[g0, g1)``: their weight rows are
+    written into ``grad_w`` (padding labels exactly zero), their input gradient added into ``grad_x``."""
+    batch = x.shape[0]
+    num_groups, fan_in = group_index.shape
+    group_size = weight.shape[0] // num_groups
+    groups, p0 = g1 - g0, g0 * group_size
+    if dz.shape[1] < groups * group_size:
+        dz = torch.nn.functional.pad(dz, (0, groups * group_size - dz.shape[1]))
+    dz = dz.reshape(batch, groups, group_size).transpose(0, 1)  # [c, N, G]
+    idx = group_index[g0:g1]
+    if grad_w is not None:
+        xg = _gather_groups(x, idx, dz.dtype)
+        dw = torch.bmm(dz.transpose(1, 2), xg)  # [c, G, K]
+        grad_w[p0 : g1 * group_size] = dw.reshape(-1, fan_in)
+    if grad_x is not None:
+        w = weight[p0 : g1 * group_size].to(dz.dtype).view(groups, group_size, fan_in)
+        dxg = torch.bmm(dz, w).transpose(0, 1).reshape(batch, groups * fan_in)
+        grad_x.index_add_(1, idx.reshape(-1), dxg)
+
+
 def reference_forward(
     x: Tensor, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int, memory_budget: int
 ) -> Tensor:
@@ -51,12 +93,7 @@ def reference_forward(
     for g0 in range(0, num_groups, chunk):
         g1 = min(num_groups, g0 + chunk)
         p0, p1 = g0 * group_size, min(out_features, g1 * group_size)
-        xg = _gather_groups(x, group_index[g0:g1], acc)
-        w = weight[g0 * group_size : g1 * group_size].to(acc).view(g1 - g0, group_size, fan_in)
-        z = torch.bmm(xg, w.transpose(1, 2)).transpose(0, 1).reshape(batch, -1)[:, : p1 - p0]
-        if bias is not None:
-            z = z + bias[p0:p1].to(acc)
-        out[:, p0:p1] = z
+        out[:, p0:p1] = chunk_logits(x, weight, group_index, bias, g0, g1, out_features, acc)
     return out
 
 
@@ -83,21 +120,8 @@ def reference_backward(
     if need_x or need_w:
         for g0 in range(0, num_groups, chunk):
             g1 = min(num_groups, g0 + chunk)
-            groups = g1 - g0
             p0, p1 = g0 * group_size, min(out_features, g1 * group_size)
-            dz = grad_out[:, p0:p1].to(acc)
-            if p1 - p0 < groups * group_size:
-                dz = torch.nn.functional.pad(dz, (0, groups * group_size - (p1 - p0)))
-            dz = dz.reshape(batch, groups, group_size).transpose(0, 1)  # [c, N, G]
-            idx = group_index[g0:g1]
-            if grad_w is not None:
-                xg = _gather_groups(x, idx, acc)
-                dw = torch.bmm(dz.transpose(1, 2), xg)  # [c, G, K]
-                grad_w[g0 * group_size : g1 * group_size] = dw.reshape(-1, fan_in)
-            if grad_x is not None:
-                w = weight[g0 * group_size : g1 * group_size].to(acc).view(groups, group_size, fan_in)
-                dxg = torch.bmm(dz, w).transpose(0, 1).reshape(batch, groups * fan_in)
-                grad_x.index_add_(1, idx.reshape(-1), dxg)
+            chunk_backward(grad_out[:, p0:p1].to(acc), x, weight, group_index, g0, g1, grad_x, grad_w)
     grad_b = grad_out.sum(0, dtype=acc).to(weight.dtype) if need_b else None
     if grad_x is not None:
         grad_x = grad_x.to(x.dtype)

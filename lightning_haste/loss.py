@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._reference import _gather_groups, accumulation_dtype
+from ._reference import accumulation_dtype, chunk_backward, chunk_logits
 
 __all__ = [
     "LOSSES",
@@ -241,17 +241,6 @@ def _head_logits(xh: Tensor, weight: Tensor) -> Tensor:
     return F.linear(xh, weight)
 
 
-def _tail_logits(x_tail: Tensor, weight: Tensor, index: Tensor, bias: Optional[Tensor], g0: int, g1: int,
-                 num_tail: int, acc: torch.dtype) -> Tensor:
-    """Accumulation-dtype logits ``[B, labels]`` of groups ``[g0, g1)`` by the pure-PyTorch path."""
-    group_size = weight.shape[0] // index.shape[0]
-    p0, p1 = g0 * group_size, min(num_tail, g1 * group_size)
-    xg = _gather_groups(x_tail, index[g0:g1], acc)  # [c, B, K]
-    w = weight[p0 : g1 * group_size].to(acc).view(g1 - g0, group_size, -1)
-    z = torch.bmm(xg, w.transpose(1, 2)).transpose(0, 1).reshape(x_tail.shape[0], -1)[:, : p1 - p0]
-    return z + bias[p0:p1].to(acc) if bias is not None else z
-
-
 def _positive_logits(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, split: int, layout: LossLayout,
                      acc: torch.dtype) -> Tensor:
     """Accumulation-dtype logits of the positives (``positions`` sorted, the first ``split`` in the head)."""
@@ -305,7 +294,7 @@ def loss_forward(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, boun
             total += partial.sum(dtype=torch.float64)
         else:
             for g0, g1 in chunks.tail:
-                z = _tail_logits(x_tail, tail_weight, tail_index, tail_bias, g0, g1, layout.num_tail, acc)
+                z = chunk_logits(x_tail, tail_weight, tail_index, tail_bias, g0, g1, layout.num_tail, acc)
                 total += dense_part(layout.loss, z).sum(dtype=torch.float64)
     split = bounds[len(chunks.head)]
     z_pos = _positive_logits(x, params, rows, positions, split, layout, acc)
@@ -327,7 +316,8 @@ def loss_backward(
     """``(dx, d head weight, d head bias, d tail weight, d tail bias)`` for the loss's incoming gradient ``grad``,
     ``None`` where ``needs`` (flags for those five) says not needed. Recomputes the logits chunk by chunk."""
     scale = grad.detach().to(accumulation_dtype(x.dtype)) / x.shape[0]  # on the device: no host synchronisation
-    return _gradient_pass(x, params, rows, positions, z_pos, bounds, layout, needs, scale, None)
+    chunks = _chunks(x, layout, params[2], params[4])
+    return _gradient_pass(x, params, rows, positions, z_pos, bounds, chunks, layout, needs, scale, None)
 
 
 def loss_and_gradients(
@@ -337,27 +327,25 @@ def loss_and_gradients(
     """``(loss, logits of the positives, gradients)``: the loss and, in the same pass over the labels, its
     gradients for an incoming gradient of 1 (as :func:`loss_backward` gives them), so that a training step walks
     the labels once; the backward then only scales them by its incoming gradient."""
-    head_weight, _, tail_weight, _, tail_index = params
-    chunks = _chunks(x, layout, tail_weight, tail_index)
+    chunks = _chunks(x, layout, params[2], params[4])
     acc = accumulation_dtype(x.dtype)
     z_pos = _positive_logits(x, params, rows, positions, bounds[len(chunks.head)], layout, acc)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     scale = torch.full((), 1.0 / x.shape[0], dtype=acc, device=x.device)
-    grads = _gradient_pass(x, params, rows, positions, z_pos, bounds, layout, needs, scale, total)
+    grads = _gradient_pass(x, params, rows, positions, z_pos, bounds, chunks, layout, needs, scale, total)
     total += _positive_correction(layout.loss, z_pos).sum(dtype=torch.float64)
     return (total / x.shape[0]).to(acc), z_pos, grads
 
 
 def _gradient_pass(
     x: Tensor, params: tuple, rows: Tensor, positions: Tensor, z_pos: Tensor, bounds: Sequence[int],
-    layout: LossLayout, needs: Sequence[bool], scale: Tensor, total: Optional[Tensor],
+    chunks: LossChunks, layout: LossLayout, needs: Sequence[bool], scale: Tensor, total: Optional[Tensor],
 ) -> tuple[Optional[Tensor], ...]:
     """The gradients for the loss scaled by ``scale`` (the incoming gradient over the batch, on the device);
     with ``total``, the dense part of the loss is added to it from the same logits."""
     head_weight, head_bias, tail_weight, tail_bias, tail_index = params
     need_x, need_hw, need_hb, need_tw, need_tb = needs[:5]
     acc = accumulation_dtype(x.dtype)
-    chunks = _chunks(x, layout, tail_weight, tail_index)
     grad_pos = (scale * _positive_grad(layout.loss, z_pos)).to(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     grads: dict[str, Optional[Tensor]] = {"hw": None, "hb": None, "tw": None, "tb": None}
@@ -419,11 +407,9 @@ def _gradient_pass(
 def _tail_backward_torch(x_tail, weight, bias, index, chunks, scale, layout, acc, overwrite, grad_x, grad_w, grad_b,
                          total):
     group_size = weight.shape[0] // index.shape[0]
-    batch, fan_in = x_tail.shape[0], index.shape[1]
     for c, (g0, g1) in enumerate(chunks.tail):
-        groups = g1 - g0
         p0, p1 = g0 * group_size, min(layout.num_tail, g1 * group_size)
-        z = _tail_logits(x_tail, weight, index, bias, g0, g1, layout.num_tail, acc)
+        z = chunk_logits(x_tail, weight, index, bias, g0, g1, layout.num_tail, acc)
         if total is not None:
             total += dense_part(layout.loss, z).sum(dtype=torch.float64)
         if grad_x is None and grad_w is None and grad_b is None:
@@ -432,18 +418,7 @@ def _tail_backward_torch(x_tail, weight, bias, index, chunks, scale, layout, acc
         overwrite(dz, c, p0)
         if grad_b is not None:
             grad_b[p0:p1] = dz.sum(0, dtype=acc)
-        dz = dz.to(acc)
-        if p1 - p0 < groups * group_size:  # the last group's padding labels have a zero gradient
-            dz = F.pad(dz, (0, groups * group_size - (p1 - p0)))
-        dz = dz.view(batch, groups, group_size).transpose(0, 1)  # [c, B, G]
-        idx = index[g0:g1]
-        if grad_w is not None:
-            xg = _gather_groups(x_tail, idx, acc)
-            grad_w[p0 : g1 * group_size] = torch.bmm(dz.transpose(1, 2), xg).reshape(-1, fan_in)
-        if grad_x is not None:
-            w = weight[p0 : g1 * group_size].to(acc).view(groups, group_size, fan_in)
-            dxg = torch.bmm(dz, w).transpose(0, 1).reshape(batch, groups * fan_in)
-            grad_x.index_add_(1, idx.reshape(-1).long(), dxg)
+        chunk_backward(dz.to(acc), x_tail, weight, index, g0, g1, grad_x, grad_w)
 
 
 def _tail_backward_kernels(x_tail, weight, bias, index, chunks, scale, layout, overwrite, grad_x, grad_w, grad_b,
