@@ -52,14 +52,23 @@ def _uses_kernels(x: Tensor, weight: Tensor, group_index: Tensor, backend: str) 
     return supported
 
 
-def _autocast_arguments(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """Under ``torch.autocast``, run in the autocast dtype like ``F.linear`` does."""
+def _autocast_arguments(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """``(x, *tensors)``, under ``torch.autocast`` cast to the autocast dtype (None stays None), so that the layer
+    runs in it as ``F.linear`` does."""
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return x, weight, bias
+        return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
-    return cast(x), cast(weight), cast(bias)
+    return tuple(cast(t) for t in (x, *tensors))
+
+
+def kernel_arguments(
+    weight: Tensor, group_index: Tensor, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(weight, group_index, bias)`` as the CUDA kernels take them: contiguous, the index int32."""
+    index = group_index if group_index.dtype == torch.int32 else group_index.to(torch.int32)
+    return weight.contiguous(), index.contiguous(), bias.contiguous() if bias is not None else None
 
 
 def _check_layer_arguments(
@@ -171,9 +180,7 @@ def apply_checked(
     lead = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if backend != "torch" and _uses_kernels(x, weight, group_index, backend):
-        index = group_index if group_index.dtype == torch.int32 else group_index.to(torch.int32)
-        index, weight = index.contiguous(), weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
+        weight, index, bias = kernel_arguments(weight, group_index, bias)
         if torch.is_autocast_enabled(x.device.type):  # entering the context costs host time: only if on
             with torch.autocast(x.device.type, enabled=False):
                 out = ops.group_shared_fanin_2d(x2d, weight, index, bias, out_features, memory_budget, True)

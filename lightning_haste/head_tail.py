@@ -354,28 +354,22 @@ class HeadTailOutput(nn.Module):
         head, tail = self.head, self.tail
         device_type = x2d.device.type
         autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else x2d.dtype
-        cast = (lambda t: t if t is None else t.to(dtype)) if autocast else (lambda t: t)  # noqa: E731
-        x2d = cast(x2d)
-        params = (
-            cast(head.weight) if head is not None else None,
-            cast(head.bias) if head is not None else None,
-            cast(tail.weight) if tail is not None else None,
-            cast(tail.bias) if tail is not None else None,
-            None,
+        x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(
+            x2d,
+            head.weight if head is not None else None,
+            head.bias if head is not None else None,
+            tail.weight if tail is not None else None,
+            tail.bias if tail is not None else None,
         )
         kernels = False
+        tail_index = None
         if tail is not None:
             tail.check_group_index()
-            index = tail.group_index
-            kernels = tail.backend != "torch" and F._uses_kernels(x2d, params[2], index, tail.backend)
+            tail_index = tail.group_index
+            kernels = tail.backend != "torch" and F._uses_kernels(x2d, tail_weight, tail_index, tail.backend)
             if kernels:
-                index = index if index.dtype == torch.int32 else index.to(torch.int32)
-                index = index.contiguous()
-                params = (params[0], params[1], params[2].contiguous(),
-                          params[3].contiguous() if params[3] is not None else None, index)
-            else:
-                params = params[:4] + (index,)
+                tail_weight, tail_index, tail_bias = F.kernel_arguments(tail_weight, tail_index, tail_bias)
+        params = (head_weight, head_bias, tail_weight, tail_bias, tail_index)
         group_size = tail.group_size if tail is not None else 1
         fan_in = tail.fan_in if tail is not None else 1
         if workspace is None:
