@@ -32,7 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -296,8 +300,6 @@ def _warm_capture() -> None:
     try:
         C.bench_graph(step, 1, max_ms=10)
     except RuntimeError:
-        import traceback  # noqa: PLC0415
-
         traceback.print_exc()
         torch.cuda.synchronize()
 
@@ -352,10 +354,6 @@ def print_table(rows: list[dict]) -> None:
 def cpu_steps(shapes: list[C.Shape], reps: int) -> None:
     """``--cpu``: the same step on the CPU path (float32, the PyTorch implementation), fused and unfused, wall-clock
     medians of ``reps`` steps after one warm-up, and the peak of the process's resident memory growth."""
-    import resource  # noqa: PLC0415
-    import statistics  # noqa: PLC0415
-    import time  # noqa: PLC0415
-
     print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| shape | fused s | unfused s | unfused / fused |")
     print("|---|---|---|---|")

@@ -339,9 +339,6 @@ def _(grad, x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows,
     return tuple(t.new_empty(t.shape) if n and t is not None else _empty(x) for t, n in zip(like, needs, strict=False))
 
 
-_LOSS_DIFFERENTIABLE = (0, 1, 2, 3, 4)  # x and the four parameters; the index and the targets are not
-
-
 def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, hw, hb, tw, tb, ti, rows, positions, bounds = inputs[:9]
     ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, output[1], bounds)
