@@ -167,10 +167,12 @@ def _positive_grad(loss: str, z: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Chunks.
 def workspace_bytes(batch: int, num_labels: int, memory_budget: int) -> int:
-    """Bytes the fused loss's per-chunk temporaries may take: a twelfth of a 16-bit ``[batch, labels]`` tensor (the
-    logits it never holds: with the small temporaries beside a chunk, a step stays below an eighth of it; fewer,
-    larger chunks cost less host time per step), at least 4 MiB, at most ``memory_budget``."""
-    return max(1, min(memory_budget, max(batch * num_labels * 2 // 12, 4 * 2**20)))
+    """Bytes the fused loss's per-chunk temporaries may take: a sixteenth of a 16-bit ``[batch, labels]`` tensor (the
+    logits it never holds), at least 4 MiB, at most ``memory_budget``. The step also holds temporaries of the
+    input's size beside a chunk (the input's float32 gradient, its transposed copy, one chunk's float32 product),
+    which at ``B = 512, L = 131,072`` take about as much again: with a sixteenth the whole step stays below an
+    eighth of the logits there; fewer, larger chunks cost less host time per step."""
+    return max(1, min(memory_budget, max(batch * num_labels * 2 // 16, 4 * 2**20)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,15 +232,20 @@ class LossLayout:
 _MM_FLOAT32 = {"ok": True}
 
 
-def _head_logits(xh: Tensor, weight: Tensor) -> Tensor:
-    """``xh @ weight.T`` without bias: float32 for 16-bit CUDA inputs (float32 accumulation, never rounded to
-    16 bits) where torch's ``mm(..., out_dtype=)`` exists, else in the input dtype as ``nn.Linear`` gives it."""
-    if _MM_FLOAT32["ok"] and xh.dtype in (torch.bfloat16, torch.float16):
+def _head_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``: float32 for 16-bit CUDA inputs (float32 accumulation, never rounded to 16 bits) where torch's
+    ``mm(..., out_dtype=)`` exists, else in the input dtype as ``torch.mm`` gives it."""
+    if _MM_FLOAT32["ok"] and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         try:
-            return torch.mm(xh, weight.t(), out_dtype=torch.float32)
+            return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_FLOAT32["ok"] = False
-    return F.linear(xh, weight)
+    return torch.mm(a, b)
+
+
+def _head_logits(xh: Tensor, weight: Tensor) -> Tensor:
+    """``xh @ weight.T`` without bias (see :func:`_head_product`)."""
+    return _head_product(xh, weight.t())
 
 
 def _positive_logits(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, split: int, layout: LossLayout,
@@ -378,8 +385,8 @@ def _gradient_pass(
                     total += dense_part(layout.loss, z).sum(dtype=torch.float64)
                 dz = (scale * _dense_grad(layout.loss, z)).to(x.dtype)
             overwrite_positives(dz, c, l0)
-            if grad_x is not None:
-                grad_x[:, h0:h1] += (dz @ head_weight[l0:l1]).to(acc)
+            if grad_x is not None:  # float32 products on CUDA: each chunk's sum is never rounded to 16 bits
+                grad_x[:, h0:h1] += _head_product(dz, head_weight[l0:l1]).to(acc)
             if grads["hw"] is not None:
                 torch.mm(dz.t(), xh, out=grads["hw"][l0:l1])
             if grads["hb"] is not None:
