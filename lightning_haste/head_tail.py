@@ -308,12 +308,15 @@ class HeadTailOutput(nn.Module):
             self._host_positions = cached
         return cached[1]
 
-    def loss(self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce") -> Tensor:
+    def loss(
+        self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", reduction: str = "batchmean"
+    ) -> Tensor:
         """The training loss against sparse targets, without computing or storing the ``[batch, num_labels]`` logits.
 
         Equals ``sparse_bce_with_logits(self(x), targets)`` (``loss="bce"``) or ``sparse_squared_hinge(self(x),
-        targets)`` (``loss="squared_hinge"``): the per-label loss summed over all labels, averaged over the rows,
-        with label ``l`` of row ``i`` a positive when ``l`` is in ``targets[i]``. Differentiable with respect to
+        targets)`` (``loss="squared_hinge"``): the per-label loss summed over all labels, averaged over the rows
+        (``reduction="batchmean"``) or summed over them too (``"sum"``), with label ``l`` of row ``i`` a positive
+        when ``l`` is in ``targets[i]``. Differentiable with respect to
         ``x`` and every parameter. Its temporaries are chunks of labels of at most
         :func:`~lightning_haste.loss.workspace_bytes` (at most ``memory_budget``); on CUDA with bfloat16/float16
         the tail runs fused kernels that never store its logits.
@@ -324,19 +327,22 @@ class HeadTailOutput(nn.Module):
                 ``[rows, num_labels]`` torch sparse CSR tensor or SciPy sparse matrix (stored non-zeros are
                 positives). A label listed twice in a row counts once.
             loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``.
+            reduction: ``"batchmean"`` (the sum over all entries divided by the rows) or ``"sum"`` (the sum over
+                all ``rows * num_labels`` entries; with SGD its learning rate does not depend on the batch size).
 
         Returns:
             A scalar: float32 for 16-bit inputs (sums in float32, chunks added in float64), else the input dtype.
             Under ``torch.autocast`` the layer runs in the autocast dtype, as ``nn.Linear`` does.
         """
-        args, autocast = self.loss_arguments(x, targets, loss)
+        args, autocast = self.loss_arguments(x, targets, loss, reduction=reduction)
         if autocast:
             with torch.autocast(args[0].device.type, enabled=False):
                 return ops.head_tail_loss_2d(*args)
         return ops.head_tail_loss_2d(*args)
 
     def loss_arguments(
-        self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None
+        self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None,
+        reduction: str = "batchmean",
     ) -> tuple[tuple, bool]:
         """The validated arguments of :func:`lightning_haste.ops.head_tail_loss_2d` for :meth:`loss`, and whether
         autocast was on (the op then runs with it off, on arguments cast to its dtype). For callers that replay
@@ -344,6 +350,7 @@ class HeadTailOutput(nn.Module):
         on the host and copies them to the device. ``workspace``: bytes per chunk of labels instead of
         :func:`~lightning_haste.loss.workspace_bytes` (for benchmarks)."""
         fused_loss.check_loss(loss)
+        fused_loss.check_reduction(reduction)
         x2d = self._check_input(x)
         batch = x2d.shape[0]
         rows, labels = fused_loss.sparse_targets(targets, batch, self.num_labels)
@@ -387,8 +394,8 @@ class HeadTailOutput(nn.Module):
         pairs = pairs.to(device, non_blocking=True)
         rows_t, positions_t = pairs[0], pairs[1]
         slices = [*self.head_slice, *self.tail_slice]
-        args = (x2d, params, rows_t, positions_t, bounds, loss, slices, self.num_head_labels, self.num_tail_labels,
-                kernels, workspace)
+        args = (x2d, params, rows_t, positions_t, bounds, loss, reduction, slices, self.num_head_labels,
+                self.num_tail_labels, kernels, workspace)
         return args, autocast
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:

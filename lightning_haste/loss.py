@@ -1,8 +1,8 @@
 """The fused loss of the output layer: BCE with logits or squared hinge on sparse targets, without ever holding
 the ``[batch, labels]`` logits.
 
-The loss of a row is the sum over all labels of the per-label loss; :func:`head_tail_loss` averages it over the
-rows. The per-label loss splits into a dense part that depends on the logit ``z`` alone, as if every label were
+The loss of a row is the sum over all labels of the per-label loss; the loss of a batch averages it over the
+rows (``reduction="batchmean"``) or sums it (``"sum"``: the sum over all ``rows * labels`` entries). The per-label loss splits into a dense part that depends on the logit ``z`` alone, as if every label were
 a negative, and a correction at the positives:
 
 ==================  ====================  ====================================  =========================
@@ -41,6 +41,7 @@ from ._reference import accumulation_dtype, chunk_backward, chunk_logits
 
 __all__ = [
     "LOSSES",
+    "REDUCTIONS",
     "LossChunks",
     "SparseTargets",
     "dense_part",
@@ -55,6 +56,24 @@ LOSSES = ("bce", "squared_hinge")
 #: Targets as the package takes them: one 1-D tensor (or array, or list) of positive label ids per row, or a
 #: ``[rows, labels]`` torch sparse CSR tensor or SciPy sparse matrix whose stored non-zeros are the positives.
 SparseTargets = Union[Sequence[Any], Tensor, Any]
+
+
+#: How the per-entry losses are reduced: ``"batchmean"`` sums over the labels and averages over the rows (the
+#: loss of a row, averaged); ``"sum"`` sums over all ``rows * labels`` entries (the loss of the published HASTE
+#: recipe, whose output-layer learning rate belongs to it).
+REDUCTIONS = ("batchmean", "sum")
+
+
+def check_reduction(reduction: str) -> str:
+    """``reduction`` if it is one of :data:`REDUCTIONS`, else a ``ValueError``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def divisor(reduction: str, rows: int) -> int:
+    """What the sum over all entries is divided by: the rows for ``"batchmean"``, 1 for ``"sum"``."""
+    return max(1, rows) if reduction == "batchmean" else 1
 
 
 def check_loss(loss: str) -> str:
@@ -221,6 +240,7 @@ class LossLayout:
     """The static description of one output layer for the fused loss."""
 
     loss: str
+    reduction: str
     head_slice: tuple[int, int]
     tail_slice: tuple[int, int]
     num_head: int
@@ -306,7 +326,7 @@ def loss_forward(x: Tensor, params: tuple, rows: Tensor, positions: Tensor, boun
     split = bounds[len(chunks.head)]
     z_pos = _positive_logits(x, params, rows, positions, split, layout, acc)
     total += _positive_correction(layout.loss, z_pos).sum(dtype=torch.float64)
-    return (total / batch).to(acc), z_pos
+    return (total / divisor(layout.reduction, batch)).to(acc), z_pos
 
 
 def _chunks(x: Tensor, layout: LossLayout, tail_weight: Optional[Tensor], tail_index: Optional[Tensor]) -> LossChunks:
@@ -322,7 +342,8 @@ def loss_backward(
 ) -> tuple[Optional[Tensor], ...]:
     """``(dx, d head weight, d head bias, d tail weight, d tail bias)`` for the loss's incoming gradient ``grad``,
     ``None`` where ``needs`` (flags for those five) says not needed. Recomputes the logits chunk by chunk."""
-    scale = grad.detach().to(accumulation_dtype(x.dtype)) / x.shape[0]  # on the device: no host synchronisation
+    # on the device: no host synchronisation
+    scale = grad.detach().to(accumulation_dtype(x.dtype)) / divisor(layout.reduction, x.shape[0])
     chunks = _chunks(x, layout, params[2], params[4])
     return _gradient_pass(x, params, rows, positions, z_pos, bounds, chunks, layout, needs, scale, None)
 
@@ -338,10 +359,10 @@ def loss_and_gradients(
     acc = accumulation_dtype(x.dtype)
     z_pos = _positive_logits(x, params, rows, positions, bounds[len(chunks.head)], layout, acc)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    scale = torch.full((), 1.0 / x.shape[0], dtype=acc, device=x.device)
+    scale = torch.full((), 1.0 / divisor(layout.reduction, x.shape[0]), dtype=acc, device=x.device)
     grads = _gradient_pass(x, params, rows, positions, z_pos, bounds, chunks, layout, needs, scale, total)
     total += _positive_correction(layout.loss, z_pos).sum(dtype=torch.float64)
-    return (total / x.shape[0]).to(acc), z_pos, grads
+    return (total / divisor(layout.reduction, x.shape[0])).to(acc), z_pos, grads
 
 
 def _gradient_pass(

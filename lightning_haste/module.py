@@ -3,6 +3,8 @@ output layer; subclass it together with ``LightningModule`` and (optionally) giv
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -12,10 +14,16 @@ from torch import Tensor, nn
 from ._reference import accumulation_dtype
 from .grouping import group_labels, label_embeddings_from_features, split_head_tail
 from .head_tail import FeatureSlice, HeadTailOutput
-from .loss import SparseTargets, dense_part, sparse_targets
+from .loss import SparseTargets, check_reduction, dense_part, divisor, sparse_targets
 from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK
 
-__all__ = ["HasteXMCModule", "CombinedOptimizer", "sparse_bce_with_logits", "sparse_squared_hinge"]
+__all__ = [
+    "HasteXMCModule", "CombinedOptimizer", "LR_SCHEDULES", "lr_multiplier", "sparse_bce_with_logits",
+    "sparse_squared_hinge",
+]
+
+#: The learning-rate schedules after the warm-up (:func:`lr_multiplier`).
+LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _positives(logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
@@ -25,28 +33,31 @@ def _positives(logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(rows).to(logits.device), torch.from_numpy(labels).to(logits.device)
 
 
-def sparse_bce_with_logits(logits: Tensor, targets: SparseTargets) -> Tensor:
+def sparse_bce_with_logits(logits: Tensor, targets: SparseTargets, reduction: str = "batchmean") -> Tensor:
     """Binary cross-entropy with logits against sparse targets, summed over labels and averaged over rows:
-    ``(softplus(z).sum() - z[positives].sum()) / rows``, with no dense target matrix.
+    ``(softplus(z).sum() - z[positives].sum()) / rows``, with no dense target matrix (``reduction="sum"``: not
+    divided by the rows, the sum over all entries).
 
     ``targets`` as :meth:`HeadTailOutput.loss` takes them (a label listed twice in a row counts once). 16-bit
     logits are summed in float32, float32 and float64 in their own dtype. This needs the full logits: the
     training step uses the fused :meth:`HeadTailOutput.loss`, which gives the same value without them.
     """
+    divide = divisor(check_reduction(reduction), logits.shape[0])
     rows, cols = _positives(logits, targets)
     z = logits.to(accumulation_dtype(logits.dtype))
-    return (dense_part("bce", z).sum() - z[rows, cols].sum()) / logits.shape[0]
+    return (dense_part("bce", z).sum() - z[rows, cols].sum()) / divide
 
 
-def sparse_squared_hinge(logits: Tensor, targets: SparseTargets) -> Tensor:
+def sparse_squared_hinge(logits: Tensor, targets: SparseTargets, reduction: str = "batchmean") -> Tensor:
     """Squared hinge ``sum max(0, 1 - s z)^2`` with ``s = +1`` on positives and ``-1`` elsewhere, summed over labels
-    and averaged over rows; targets and precision as for :func:`sparse_bce_with_logits`."""
+    and averaged over rows; targets, precision and ``reduction`` as for :func:`sparse_bce_with_logits`."""
+    divide = divisor(check_reduction(reduction), logits.shape[0])
     rows, cols = _positives(logits, targets)
     z = logits.to(accumulation_dtype(logits.dtype))
     pos = z[rows, cols]
     correction = torch.relu(1 - pos).square().sum() - torch.relu(1 + pos).square().sum()
     total = dense_part("squared_hinge", z).sum() + correction
-    return total / logits.shape[0]
+    return total / divide
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -120,15 +131,19 @@ class HasteXMCModule:
         tail_features: FeatureSlice = None,
         grouping: Optional[str] = "balanced-kmeans",
         label_groups: Optional[Any] = None,
-        output_bias: str = "default",
+        output_bias: str = "prior",
         loss: str = "bce",
+        loss_reduction: str = "sum",
+        dropout: float = 0.0,
         k: Sequence[int] = (1, 3, 5),
         psp_a: float = 0.55,
         psp_b: float = 1.5,
-        encoder_lr: float = 1e-3,
+        encoder_lr: float = 5e-5,
         output_lr: float = 0.05,
         output_momentum: float = 0.9,
         output_weight_decay: float = 1e-4,
+        warmup: float = 0.05,
+        lr_schedule: str = "cosine",
         seed: int = 0,
     ) -> None:
         """Store the output-layer and training settings; the layer itself is built in ``setup``.
@@ -141,29 +156,53 @@ class HasteXMCModule:
             label_groups: precomputed per-label group ids ``[num_labels]`` (as :class:`HeadTailOutput` takes them,
                 e.g. a FAISS grouping made once offline and saved); when given, ``setup`` uses them and does not
                 group (``grouping`` is ignored).
-            output_bias: ``"default"`` (the layers' own initialisation) or ``"prior"``: every label's bias starts at the
-                log-odds of its training frequency (:meth:`HeadTailOutput.init_bias_from_prior_`).
-            loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets: summed over
-                the labels, averaged over the rows, computed fused with the output layer.
+            output_bias: ``"prior"`` (default): every label's bias starts at the log-odds of its training frequency
+                (:meth:`HeadTailOutput.init_bias_from_prior_`), so that the first steps are not spent pushing the
+                scores of all the negatives down and untrained labels do not fill the top-k; ``"default"``: the
+                layers' own initialisation.
+            loss: ``"bce"`` (binary cross-entropy with logits) or ``"squared_hinge"``, on sparse targets, computed
+                fused with the output layer.
+            loss_reduction: ``"sum"`` (default): the loss summed over all ``batch * num_labels`` entries, the
+                reduction of the published HASTE recipe, to which its output-layer learning rate (SGD, 0.05)
+                belongs: an output weight's step then does not shrink with the batch size. ``"batchmean"``:
+                divided by the rows; with SGD this needs an ``output_lr`` ``batch`` times larger for the same
+                steps. (AdamW, the encoder's optimizer, is insensitive to the loss's scale.)
+            dropout: dropout probability on the output layer's input during training (0: none).
             k: the cut-offs of the validation/test metrics and of ``predict_step``'s top-k (its largest).
             psp_a, psp_b: the propensity constants A and B of PSP@k.
-            encoder_lr: AdamW learning rate of the encoder (every parameter outside the output layer).
+            encoder_lr: AdamW learning rate of the encoder (every parameter outside the output layer); the default
+                suits fine-tuning a pretrained transformer (an encoder trained from scratch wants about 1e-3).
             output_lr, output_momentum, output_weight_decay: SGD settings of the output layer.
+            warmup: the fraction of the training steps (``Trainer.estimated_stepping_batches``) over which both
+                learning rates rise linearly from 0.
+            lr_schedule: after the warm-up, ``"cosine"`` (decay to 0 at the last step), ``"linear"`` (to 0) or
+                ``"constant"``.
             seed: seed of the grouping and of the output layer's index and initial weights.
         """
         if output_bias not in ("default", "prior"):
             raise ValueError(f"output_bias must be 'default' or 'prior', got {output_bias!r}")
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
+        check_reduction(loss_reduction)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup must be a fraction of the training steps in [0, 1), got {warmup}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        for name, value in (("encoder_lr", encoder_lr), ("output_lr", output_lr)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
             raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
         self.haste = dict(
             in_features=in_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
             head_features=head_features, tail_features=tail_features, grouping=grouping, label_groups=label_groups,
-            output_bias=output_bias, loss=loss, k=tuple(k),
+            output_bias=output_bias, loss=loss, loss_reduction=loss_reduction, dropout=dropout, k=tuple(k),
             psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
-            output_weight_decay=output_weight_decay, seed=seed,
+            output_weight_decay=output_weight_decay, warmup=warmup, lr_schedule=lr_schedule, seed=seed,
         )
+        self.output_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output = None
         self.haste_metrics = None
 
@@ -227,14 +266,16 @@ class HasteXMCModule:
         logits and calls it: the slow path, which holds several ``[B, num_labels]`` tensors.
         """
         fn = sparse_bce_with_logits if self.haste["loss"] == "bce" else sparse_squared_hinge
-        return fn(logits, targets)
+        return fn(logits, targets, reduction=self.haste["loss_reduction"])
 
     def haste_training_loss(self, features: Tensor, targets: Sequence[Tensor]) -> Tensor:
         """The training loss of a batch: :meth:`HeadTailOutput.loss` (fused: no ``[B, num_labels]`` logits), or
         :meth:`haste_loss` on the full logits when a subclass overrides it."""
+        if getattr(self, "output_dropout", None) is not None:
+            features = self.output_dropout(features)
         if type(self).haste_loss is not HasteXMCModule.haste_loss:
             return self.haste_loss(self.output(features), targets)
-        return self.output.loss(features, targets, loss=self.haste["loss"])
+        return self.output.loss(features, targets, loss=self.haste["loss"], reduction=self.haste["loss_reduction"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.haste_training_loss(self.encode(batch), batch["targets"])
@@ -276,7 +317,10 @@ class HasteXMCModule:
         encoder = [p for p in self.parameters() if p.requires_grad and id(p) not in output_ids]
         return encoder, list(self.output.parameters())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (``encoder_lr``) for the encoder and SGD with momentum (``output_lr``) for the output layer, stepped
+        as one optimizer, under a per-step schedule: linear warm-up over ``warmup`` of the training steps, then
+        ``lr_schedule`` (:func:`lr_multiplier`)."""
         cfg = self.haste
         encoder, output = self.haste_parameter_groups()
         parts: list[torch.optim.Optimizer] = [
@@ -285,4 +329,39 @@ class HasteXMCModule:
         ]
         if encoder:
             parts.insert(0, torch.optim.AdamW(encoder, lr=cfg["encoder_lr"]))
-        return parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
+        optimizer = parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
+        total = self._training_steps()
+        warmup, schedule = cfg.get("warmup", 0.0), cfg.get("lr_schedule", "constant")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_multiplier, total=total, warmup=warmup, schedule=schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _training_steps(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return 1
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            if self.haste.get("warmup", 0.0) or self.haste.get("lr_schedule", "constant") != "constant":
+                raise ValueError(
+                    "the learning-rate schedule needs the number of training steps: give the Trainer max_steps or "
+                    "max_epochs, or configure_haste(warmup=0.0, lr_schedule='constant')"
+                )
+            return 1
+        return max(1, int(total))
+
+
+def lr_multiplier(step: int, *, total: int, warmup: float, schedule: str) -> float:
+    """The factor on the base learning rates at optimizer step ``step`` of ``total``: a linear rise over the first
+    ``warmup * total`` steps (the first step already moves: ``(step + 1) / warm-up steps``), then ``schedule``:
+    ``"cosine"`` (half a cosine down to 0 at ``total``), ``"linear"`` (down to 0) or ``"constant"`` (1)."""
+    warm = int(round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

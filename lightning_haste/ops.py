@@ -285,30 +285,32 @@ def group_shared_fanin_2d(
 
 # ------------------------------------------------------------------------------------------------
 # The fused loss of the output layer (lightning_haste.loss): one op for the loss, one for its gradients.
-def _loss_layout(loss: str, slices: list[int], num_head: int, num_tail: int, kernels: bool, workspace: int):
+def _loss_layout(loss: str, reduction: str, slices: list[int], num_head: int, num_tail: int, kernels: bool,
+                 workspace: int):
     from .loss import LossLayout  # noqa: PLC0415 - loss imports this module's neighbours only
 
-    return LossLayout(loss, (slices[0], slices[1]), (slices[2], slices[3]), num_head, num_tail, kernels, workspace)
+    return LossLayout(loss, reduction, (slices[0], slices[1]), (slices[2], slices[3]), num_head, num_tail, kernels,
+                      workspace)
 
 
 @torch.library.custom_op("lightning_haste::head_tail_loss", mutates_args=())
 def head_tail_loss(
     x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Optional[Tensor],
     tail_bias: Optional[Tensor], tail_index: Optional[Tensor], rows: Tensor, positions: Tensor, bounds: Tensor,
-    loss: str, slices: list[int], num_head: int, num_tail: int, kernels: bool, workspace: int,
+    loss: str, reduction: str, slices: list[int], num_head: int, num_tail: int, kernels: bool, workspace: int,
 ) -> tuple[Tensor, Tensor]:
     """``(loss, logits of the positives)`` of the output layer on ``x``; ``rows``/``positions``: the positives
     sorted by internal label position; ``bounds``: a CPU int64 tensor of their offsets at each chunk start."""
     from .loss import loss_forward  # noqa: PLC0415
 
     params = (head_weight, head_bias, tail_weight, tail_bias, tail_index)
-    layout = _loss_layout(loss, slices, num_head, num_tail, kernels, workspace)
+    layout = _loss_layout(loss, reduction, slices, num_head, num_tail, kernels, workspace)
     return loss_forward(x, params, rows, positions, bounds.tolist(), layout)
 
 
 @head_tail_loss.register_fake
-def _(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows, positions, bounds, loss, slices, num_head,
-      num_tail, kernels, workspace):
+def _(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows, positions, bounds, loss, reduction, slices,
+      num_head, num_tail, kernels, workspace):
     from ._reference import accumulation_dtype  # noqa: PLC0415
 
     acc = accumulation_dtype(x.dtype)
@@ -319,22 +321,22 @@ def _(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows, posit
 def head_tail_loss_backward(
     grad: Tensor, x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor],
     tail_weight: Optional[Tensor], tail_bias: Optional[Tensor], tail_index: Optional[Tensor], rows: Tensor,
-    positions: Tensor, z_pos: Tensor, bounds: Tensor, loss: str, slices: list[int], num_head: int, num_tail: int,
-    kernels: bool, workspace: int, needs: list[bool],
+    positions: Tensor, z_pos: Tensor, bounds: Tensor, loss: str, reduction: str, slices: list[int], num_head: int,
+    num_tail: int, kernels: bool, workspace: int, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`head_tail_loss` (x, head weight, head bias, tail weight, tail bias); an empty
     tensor for each one not needed."""
     from .loss import loss_backward  # noqa: PLC0415
 
     params = (head_weight, head_bias, tail_weight, tail_bias, tail_index)
-    layout = _loss_layout(loss, slices, num_head, num_tail, kernels, workspace)
+    layout = _loss_layout(loss, reduction, slices, num_head, num_tail, kernels, workspace)
     grads = loss_backward(grad, x, params, rows, positions, z_pos, bounds.tolist(), layout, tuple(needs))
     return tuple(g if g is not None else _empty(x) for g in grads)  # type: ignore[return-value]
 
 
 @head_tail_loss_backward.register_fake
 def _(grad, x, head_weight, head_bias, tail_weight, tail_bias, tail_index, rows, positions, z_pos, bounds, loss,
-      slices, num_head, num_tail, kernels, workspace, needs):
+      reduction, slices, num_head, num_tail, kernels, workspace, needs):
     like = (x, head_weight, head_bias, tail_weight, tail_bias)
     return tuple(t.new_empty(t.shape) if n and t is not None else _empty(x) for t, n in zip(like, needs, strict=False))
 
@@ -343,7 +345,7 @@ def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, hw, hb, tw, tb, ti, rows, positions, bounds = inputs[:9]
     ctx.save_for_backward(x, hw, hb, tw, tb, ti, rows, positions, output[1], bounds)
     ctx.static = inputs[9:]
-    ctx.tuning = _kernels().tuning.current() if inputs[13] else None  # inputs[13]: the kernels flag
+    ctx.tuning = _kernels().tuning.current() if inputs[14] else None  # inputs[14]: the kernels flag
 
 
 def _loss_needs(ctx: Any) -> list[bool]:
@@ -356,7 +358,7 @@ def _loss_grads(ctx: Any, grad: Tensor, grad_z_pos: Optional[Tensor]) -> tuple:
     needs = _loss_needs(ctx)
     grads = _with_forward_tuning(ctx, head_tail_loss_backward, grad, x, hw, hb, tw, tb, ti, rows, positions, z_pos,
                                  bounds, *ctx.static, needs)
-    return tuple(g if n else None for g, n in zip(grads, needs, strict=True)) + (None,) * 10
+    return tuple(g if n else None for g, n in zip(grads, needs, strict=True)) + (None,) * 11
 
 
 torch.library.register_autograd("lightning_haste::head_tail_loss", _loss_grads, setup_context=_loss_setup)
@@ -403,22 +405,22 @@ class _HeadTailLossFunction(torch.autograd.Function):
 
             grads, ctx.grads = ctx.grads, None
             scale_gradients_(grads, grad, ctx.layout)  # in place, on the device: no host synchronisation
-            return tuple(grads) + (None,) * 10
+            return tuple(grads) + (None,) * 11
         # a second backward through the same graph (retain_graph=True): recompute
         x, hw, hb, tw, tb, ti, rows, positions, z_pos = ctx.saved_tensors
         needs = tuple(_loss_needs(ctx))
         grads = _with_forward_tuning(ctx, loss_backward, grad, x, (hw, hb, tw, tb, ti), rows, positions, z_pos,
                                      ctx.bounds, ctx.layout, needs)
-        return grads + (None,) * 10
+        return grads + (None,) * 11
 
 
 def head_tail_loss_2d(
-    x: Tensor, params: tuple, rows: Tensor, positions: Tensor, bounds: Tensor, loss: str, slices: list[int],
-    num_head: int, num_tail: int, kernels: bool, workspace: int,
+    x: Tensor, params: tuple, rows: Tensor, positions: Tensor, bounds: Tensor, loss: str, reduction: str,
+    slices: list[int], num_head: int, num_tail: int, kernels: bool, workspace: int,
 ) -> Tensor:
     """The fused loss on validated arguments: the custom op under ``torch.compile``, the autograd function in
     eager mode (less host time)."""
-    args = (x, *params, rows, positions, bounds, loss, slices, num_head, num_tail, kernels, workspace)
+    args = (x, *params, rows, positions, bounds, loss, reduction, slices, num_head, num_tail, kernels, workspace)
     if torch.compiler.is_compiling():
         return head_tail_loss(*args)[0]
     return _HeadTailLossFunction.apply(*args)[0]

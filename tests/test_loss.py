@@ -58,7 +58,7 @@ def _dense_logits(layer, x64):
     return logits, (head_w, head_b, tail_w, tail_b)
 
 
-def _reference(layer, x, targets, loss):
+def _reference(layer, x, targets, loss, reduction="batchmean"):
     """Loss and gradients (x, head weight, head bias, tail weight, tail bias) in float64 with dense targets."""
     x64 = x.detach().double().requires_grad_(True)
     logits, params = _dense_logits(layer, x64)
@@ -66,9 +66,11 @@ def _reference(layer, x, targets, loss):
     for i, t in enumerate(targets):
         y[i, torch.as_tensor(t, dtype=torch.long)] = 1
     if loss == "bce":
-        value = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / x.shape[0]
+        value = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
     else:
-        value = torch.relu(1 - (2 * y - 1) * logits).square().sum() / x.shape[0]
+        value = torch.relu(1 - (2 * y - 1) * logits).square().sum()
+    if reduction == "batchmean":
+        value = value / x.shape[0]
     wanted = [x64] + [p for p in params if p is not None]
     grads = torch.autograd.grad(value, wanted)
     return value.detach(), grads
@@ -82,13 +84,13 @@ def _targets(batch, num_labels, gen, max_positives=6):
     return out
 
 
-def _check(layer, x, targets, loss, rtol=1e-10, atol=1e-10):
+def _check(layer, x, targets, loss, rtol=1e-10, atol=1e-10, reduction="batchmean"):
     x = x.clone().requires_grad_(True)
     for p in layer.parameters():
         p.grad = None
-    value = layer.loss(x, targets, loss=loss)
+    value = layer.loss(x, targets, loss=loss, reduction=reduction)
     value.backward()
-    ref_value, ref_grads = _reference(layer, x, targets, loss)
+    ref_value, ref_grads = _reference(layer, x, targets, loss, reduction)
     torch.testing.assert_close(value.double(), ref_value, rtol=rtol, atol=atol)
     grads = [x.grad] + [p.grad for p in (*(layer.head.parameters() if layer.head is not None else ()),
                                           *((layer.tail.weight, layer.tail.bias) if layer.tail is not None else ()))]
@@ -118,6 +120,23 @@ def test_value_and_every_gradient_match_the_float64_reference(loss, budget, slic
     targets[0] = torch.tensor([], dtype=torch.long)
     targets[1] = torch.randperm(layer.num_labels, generator=gen)[:150]  # many positives
     _check(layer, x, targets, loss)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("budget", [2**28, 3000])
+def test_sum_reduction_matches_the_float64_reference(loss, budget):
+    """``reduction="sum"``: the sum over all rows * labels entries, and its gradients."""
+    layer = _layer(memory_budget=budget)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 40, dtype=torch.float64, generator=gen)
+    value = _check(layer, x, _targets(7, layer.num_labels, gen), loss, reduction="sum")
+    fn = sparse_bce_with_logits if loss == "bce" else sparse_squared_hinge
+    targets = _targets(7, layer.num_labels, torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        unfused = fn(layer(x), targets, reduction="sum")
+        torch.testing.assert_close(layer.loss(x, targets, loss=loss, reduction="sum"), unfused, rtol=1e-12, atol=0)
+        torch.testing.assert_close(unfused / 7, fn(layer(x), targets), rtol=1e-12, atol=0)
+    assert value.dtype == torch.float64
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -325,7 +344,7 @@ def test_loss_ops_pass_opcheck():
     chunks = loss_chunks(4, layer.num_head_labels, layer.num_tail_labels, 8, 8, torch.float32, False, 4000)
     bounds = torch.from_numpy(np.searchsorted(positions.numpy(), np.asarray(chunks.starts)).astype(np.int64))
     params = (layer.head.weight, layer.head.bias, layer.tail.weight, layer.tail.bias, layer.tail.group_index)
-    args = (x, *params, rows, positions, bounds, "bce", [0, 40, 0, 40], layer.num_head_labels,
+    args = (x, *params, rows, positions, bounds, "bce", "sum", [0, 40, 0, 40], layer.num_head_labels,
             layer.num_tail_labels, False, 4000)
     torch.library.opcheck(ops.head_tail_loss, args, test_utils=("test_schema", "test_faketensor"))
 
