@@ -1,13 +1,16 @@
 """XMC data: Extreme Classification Repository readers, a synthetic long-tailed generator, a DataModule.
 
-Batches are dicts ``{"features": Tensor [B, F] (dense float32) or sparse CSR, "targets": list of 1-D int64
-label-id tensors, "index": Tensor [B]}``; targets stay sparse all the way to the loss and the metrics.
+Batches are dicts ``{"features": Tensor [B, F] (dense float32, or int64 for integer inputs) or sparse CSR,
+"targets": a ``[B, num_labels]`` torch sparse CSR tensor of the positives (on the host), "index": Tensor [B]}``
+plus, for raw-text data, ``"texts"`` (and what a ``text_transform`` makes of them, e.g. ``"tokens"``); targets stay
+sparse all the way to the loss and the metrics.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,6 +35,7 @@ __all__ = [
     "read_raw_text_dataset",
     "hashed_bag_of_words",
     "synthetic_xmc",
+    "targets_csr",
 ]
 
 
@@ -262,10 +266,22 @@ class _Rows(Dataset):
         return i
 
 
+def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
+    """A SciPy CSR label matrix as a torch sparse CSR tensor (int64 indices, float32 ones): the batches' targets."""
+    labels = labels.tocsr()
+    with warnings.catch_warnings():  # torch's one-time notice that sparse CSR support is in beta
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(labels.indptr.astype(np.int64)), torch.from_numpy(labels.indices.astype(np.int64)),
+            torch.ones(labels.nnz, dtype=torch.float32), size=labels.shape, check_invariants=False,
+        )
+
+
 class _Collate:
-    def __init__(self, data: XMCData, sparse_features: bool):
+    def __init__(self, data: XMCData, sparse_features: bool, text_transform: Optional[Callable] = None):
         self.data = data
         self.sparse = sparse_features
+        self.text_transform = text_transform
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
         rows_np = np.asarray(rows)
@@ -284,12 +300,13 @@ class _Collate:
                 features = torch.from_numpy(feats.toarray().astype(dtype))
         else:
             features = torch.from_numpy(np.ascontiguousarray(feats, dtype=dtype))
-        labels = self.data.labels[rows_np]
-        targets = [torch.from_numpy(labels.indices[labels.indptr[i] : labels.indptr[i + 1]].astype(np.int64))
-                   for i in range(len(rows))]
+        # One CSR for the batch's positives (not a tensor per row): the loss reads it on the host in one piece
+        targets = targets_csr(self.data.labels[rows_np])
         batch = {"features": features, "targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
         if self.data.texts is not None:
             batch["texts"] = [self.data.texts[i] for i in rows]
+            if self.text_transform is not None:  # e.g. tokenising, here in the loader's workers, not in the step
+                batch.update(self.text_transform(batch["texts"]))
         return batch
 
 
@@ -301,7 +318,14 @@ class XMCDataModule(LightningDataModule):
         label_embeddings: optional ``[num_labels, d]`` label embeddings for the grouping (default: PIFA).
         batch_size: instances per batch.
         sparse_features: yield sparse CSR feature batches (else dense float32).
-        num_workers, shuffle: as for ``DataLoader`` (training only shuffles).
+        text_transform: for raw-text data, a function of a batch's texts returning a dict of tensors to add to the
+            batch (e.g. a tokenizer's ``input_ids`` and ``attention_mask`` under ``"tokens"``); it runs in the
+            loader's worker processes, off the training step's path.
+        num_workers: loader worker processes; ``None`` (default): with a ``text_transform``, ``min(4, CPUs - 1)``
+            (tokenising is slow), else 0 (in-memory collation is cheap).
+        shuffle: whether the training loader shuffles.
+        pin_memory: page-locked batches (their copy to the GPU is asynchronous); ``None`` (default): when CUDA is
+            available.
     """
 
     def __init__(
@@ -312,11 +336,19 @@ class XMCDataModule(LightningDataModule):
         *,
         batch_size: int = 256,
         sparse_features: bool = False,
-        num_workers: int = 0,
+        num_workers: Optional[int] = None,
         shuffle: bool = True,
         label_embeddings: Optional[Any] = None,
+        text_transform: Optional[Callable[[list[str]], dict[str, Any]]] = None,
+        pin_memory: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if text_transform is not None and train.texts is None:
+            raise ValueError("text_transform needs raw-text data (XMCData with texts)")
         #: optional ``[num_labels, d]`` label embeddings (e.g. from label texts) used for grouping instead of PIFA
         self.label_embeddings = label_embeddings
         if test is not None and test.num_labels != train.num_labels:
@@ -324,8 +356,12 @@ class XMCDataModule(LightningDataModule):
         self.train_data, self.val_data, self.test_data = train, val if val is not None else test, test
         self.batch_size = batch_size
         self.sparse_features = sparse_features
+        self.text_transform = text_transform
+        if num_workers is None:
+            num_workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if text_transform is not None else 0
         self.num_workers = num_workers
         self.shuffle = shuffle
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
     @classmethod
     def synthetic(
@@ -362,10 +398,23 @@ class XMCDataModule(LightningDataModule):
         if data is None:
             raise ValueError("this split was not given to the XMCDataModule")
         return DataLoader(_Rows(data), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_Collate(data, self.sparse_features))
+                          collate_fn=_Collate(data, self.sparse_features, self.text_transform),
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, self.shuffle)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's hook, with a batch's ``"targets"`` left on the host: the fused loss and the metrics read the
+        positives there (mapping them to the layer's label order, O(positives)) and copy what the device needs
+        from pinned memory themselves; targets moved to the GPU would have to come back, a synchronisation per
+        step."""
+        if isinstance(batch, dict) and "targets" in batch:
+            rest = {key: value for key, value in batch.items() if key != "targets"}
+            moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
+            moved["targets"] = batch["targets"]
+            return moved
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, False)

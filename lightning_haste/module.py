@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -58,6 +59,10 @@ def sparse_squared_hinge(logits: Tensor, targets: SparseTargets, reduction: str 
     correction = torch.relu(1 - pos).square().sum() - torch.relu(1 + pos).square().sum()
     total = dense_part("squared_hinge", z).sum() + correction
     return total / divide
+
+
+def _num_rows(targets: SparseTargets) -> int:
+    return int(targets.shape[0]) if hasattr(targets, "shape") else len(targets)
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -228,7 +233,9 @@ class HasteXMCModule:
             head, tail = split_head_tail(freq, cfg["head_ratio"], cfg["group_size"])
             if tail.size:
                 emb = getattr(dm, "label_embeddings", None)
-                if emb is None:
+                if cfg["grouping"] == "random":  # needs no embeddings: skip computing PIFA
+                    emb = np.zeros((len(freq), 1), dtype=np.float32)
+                elif emb is None:
                     emb = label_embeddings_from_features(dm.train_data.features, dm.train_data.labels, seed=cfg["seed"])
                 elif len(emb) != len(freq):
                     raise ValueError(f"datamodule.label_embeddings has {len(emb)} rows for {len(freq)} labels")
@@ -258,17 +265,19 @@ class HasteXMCModule:
         features = features.to_dense() if features.layout != torch.strided else features
         return features if features.is_floating_point() else features.float()
 
-    def haste_loss(self, logits: Tensor, targets: Sequence[Tensor]) -> Tensor:
+    def haste_loss(self, logits: Tensor, targets: SparseTargets) -> Tensor:
         """A loss on the full ``[B, num_labels]`` logits (original label order) and the batch's sparse targets.
 
         Not called by default: :meth:`haste_training_loss` computes the configured loss fused, without the
         logits. Override this method to train with a loss of your own; the training step then computes the full
-        logits and calls it: the slow path, which holds several ``[B, num_labels]`` tensors.
+        logits and calls it: the slow path, which holds several ``[B, num_labels]`` tensors. The output layer's
+        learning rate belongs to the configured ``loss_reduction`` (default: the sum over all entries); a loss of
+        your own should reduce the same way, or come with its own ``output_lr``.
         """
         fn = sparse_bce_with_logits if self.haste["loss"] == "bce" else sparse_squared_hinge
         return fn(logits, targets, reduction=self.haste["loss_reduction"])
 
-    def haste_training_loss(self, features: Tensor, targets: Sequence[Tensor]) -> Tensor:
+    def haste_training_loss(self, features: Tensor, targets: SparseTargets) -> Tensor:
         """The training loss of a batch: :meth:`HeadTailOutput.loss` (fused: no ``[B, num_labels]`` logits), or
         :meth:`haste_loss` on the full logits when a subclass overrides it."""
         if getattr(self, "output_dropout", None) is not None:
@@ -278,8 +287,11 @@ class HasteXMCModule:
         return self.output.loss(features, targets, loss=self.haste["loss"], reduction=self.haste["loss_reduction"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.haste_training_loss(self.encode(batch), batch["targets"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["targets"]))
+        targets = batch["targets"]
+        loss = self.haste_training_loss(self.encode(batch), targets)
+        # Not on the progress bar: the bar reads its values every step (a device-to-host copy, which waits for the
+        # step's work); the loggers read it every `log_every_n_steps` steps.
+        self.log("train_loss", loss, batch_size=_num_rows(targets))
         return loss
 
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:

@@ -357,7 +357,7 @@ class _Model(HasteXMCModule, LightningModule):
 
 class _UnfusedModel(_Model):
     def haste_loss(self, logits, targets):  # the documented slow path: a loss on the full logits
-        return sparse_bce_with_logits(logits, targets)
+        return sparse_bce_with_logits(logits, targets, reduction=self.haste["loss_reduction"])
 
 
 def test_module_trains_the_same_fused_and_unfused():

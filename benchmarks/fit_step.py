@@ -1,0 +1,246 @@
+"""A whole ``Trainer.fit`` step with a real encoder: how busy the loop keeps the GPU.
+
+    PYTHONPATH=. python3 benchmarks/fit_step.py DATA [--encoder DIR] [--labels real,118000,670000]
+        [--outputs dense,haste] [--steps 60] [--json PATH] [--history PATH] [--commit HASH]
+
+DATA is a raw-text data set folder (``benchmarks/debian_packages.py``). The model is ``examples/train_text.py``'s
+(all-MiniLM-L6-v2 by default, mean-pooled, the package's recipe, bf16-mixed, batch 256, 32 tokens); ``haste`` is
+head 5 %, fan-in 128, groups of 32 (random groups: the grouping does not change the step's cost), ``dense``
+every label in the head. ``--labels``: ``real`` keeps the data set's labels; a number draws that many labels
+instead (each row keeps its count of positives, ids Zipf-distributed), for the step's cost at that label count.
+
+Per configuration:
+
+- ``fit``: optimizer steps per second of ``Trainer.fit`` (the datamodule tokenising in its workers, the default
+  logging and progress bar, a synchronisation only at the two ends of the timed window of ``--steps`` steps);
+- ``bare``: the same steps in a plain loop on batches already tokenised and on the GPU (forward, fused loss,
+  backward, optimizer and scheduler step): the work itself;
+- ``overhead`` = 1 - bare / fit: what the loop around the work costs (data, targets, loss glue, logging,
+  callbacks, Lightning);
+- from ``torch.profiler`` over 10 fit steps: the host-device synchronisations per step
+  (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, device-to-host copies) and the
+  GPU's busy fraction (the union of its kernels' and copies' intervals over the window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402 - the shared history file and device description
+import train_text  # noqa: E402 - the example's model, datamodule and recipe
+
+from lightning_haste.data import XMCData  # noqa: E402
+
+WARMUP_STEPS = 15
+SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def relabel(data: XMCData, num_labels: int, seed: int) -> XMCData:
+    """The same rows and positive counts with label ids drawn Zipf-like (exponent 1.1) from ``num_labels``."""
+    rng = np.random.default_rng(seed)
+    counts = np.diff(data.labels.indptr)
+    popularity = 1.0 / np.arange(1, num_labels + 1) ** 1.1
+    popularity = rng.permutation(popularity / popularity.sum())
+    counts = np.maximum(1, counts)
+    draws = rng.choice(num_labels, size=int(counts.sum()), p=popularity)  # one draw: O(labels + positives)
+    idx, ptr = [], [0]
+    for row in np.split(draws, np.cumsum(counts)[:-1]):
+        row = np.unique(row)
+        idx.append(row)
+        ptr.append(ptr[-1] + row.size)
+    labels = sp.csr_matrix((np.ones(ptr[-1], np.float32), np.concatenate(idx), ptr), shape=(len(data), num_labels))
+    return XMCData(data.features, labels, texts=data.texts)
+
+
+class StepTimer(Callback):
+    """Wall time of optimizer steps ``first`` .. ``first + count`` (a synchronisation at each end only)."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+        self.start = self.stop = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first and self.start is None:
+            _sync()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.first + self.count and self.stop is None:
+            _sync()
+            self.stop = time.perf_counter()
+            trainer.should_stop = True
+
+
+def _busy_fraction(events, window: tuple[float, float]) -> float:
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, -1.0
+    for a, b in intervals:
+        a, b = max(a, window[0]), min(b, window[1])
+        if b <= a:
+            continue
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy / max(1e-9, window[1] - window[0])
+
+
+def profile_fit(args, train, test, steps: int = 10) -> dict:
+    """Synchronisations per step and the GPU's busy fraction over ``steps`` fit steps (after a warm-up)."""
+    seed_everything(args.seed)
+    model, dm, callbacks = train_text.build(args, train, test)
+    holder: dict = {}
+
+    class Profile(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == WARMUP_STEPS and "prof" not in holder:
+                _sync()
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                holder["prof"] = torch.profiler.profile(activities=activities)
+                holder["prof"].__enter__()
+                holder["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == WARMUP_STEPS + steps and "done" not in holder:
+                _sync()
+                holder["prof"].__exit__(None, None, None)
+                holder["done"] = True
+                trainer.should_stop = True
+
+    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
+                      logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[*callbacks, Profile()])
+    trainer.fit(model, dm)
+    prof = holder["prof"]
+    events = prof.events()
+    syncs = sum(1 for e in events if e.name in SYNC_NAMES)
+    d2h = sum(1 for e in events if "DtoH" in e.name and e.device_type == torch.autograd.DeviceType.CUDA)
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    window = (min(e.time_range.start for e in cpu), max(e.time_range.end for e in cpu))
+    top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return {"syncs_per_step": syncs / steps, "d2h_copies_per_step": d2h / steps,
+            "gpu_busy_fraction": _busy_fraction(events, window), "host_table": top}
+
+
+def bare_loop(model, batches, steps: int, precision: str) -> float:
+    """Seconds per step of forward + fused loss + backward + optimizer step on ready batches."""
+    model.train()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    optimizers = model.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    # Lightning's "bf16-mixed" / "16-mixed": autocast over float32 weights; "32-true" etc.: no autocast
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+    def step(batch):
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = model.haste_training_loss(model.encode(batch), batch["targets"])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(WARMUP_STEPS):
+        step(batches[i % len(batches)])
+    _sync()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    _sync()
+    return (time.perf_counter() - start) / steps
+
+
+def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, base_test: XMCData) -> dict:
+    args = argparse.Namespace(**vars(args))
+    args.output, args.grouping, args.dst, args.label_groups = output, "random", False, None
+    if label_spec == "real":
+        train, test = base_train, base_test
+    else:
+        train = relabel(base_train, int(label_spec), args.seed)
+        test = relabel(base_test, int(label_spec), args.seed + 1)
+    seed_everything(args.seed)
+    model, dm, callbacks = train_text.build(args, train, test)
+    timer = StepTimer(WARMUP_STEPS, steps)
+    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
+                      logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[*callbacks, timer])
+    trainer.fit(model, dm)
+    fit_step = (timer.stop - timer.start) / steps
+    # the same model and recipe on batches made ready beforehand: tokens on the GPU, targets as the collate gives
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # Lightning's teardown moved it to the CPU
+    loader = dm.train_dataloader()
+    batches = []
+    for batch in loader:
+        batch = dm.transfer_batch_to_device(batch, model.device, 0)
+        batches.append(batch)
+        if len(batches) == 8:
+            break
+    bare_step = bare_loop(model, batches, steps, args.precision)
+    profile = profile_fit(args, train, test)
+    return {
+        "labels": label_spec, "num_labels": train.num_labels, "output": output, "steps": steps,
+        "fit_ms": fit_step * 1e3, "fit_steps_per_s": 1.0 / fit_step, "bare_ms": bare_step * 1e3,
+        "overhead": 1.0 - bare_step / fit_step, "output_parameters": int(sum(p.numel() for p in model.output.parameters())),
+        **{k: v for k, v in profile.items() if k != "host_table"}, "host_table": profile["host_table"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--labels", default="real,118000,670000")
+    parser.add_argument("--outputs", default="dense,haste")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--json")
+    parser.add_argument("--history", default=str(C.HISTORY))
+    parser.add_argument("--commit")
+    own, rest = parser.parse_known_args()
+    args = train_text.arguments(rest)
+    torch.set_float32_matmul_precision("high")
+    train, test = train_text.read_splits(args)
+    device = C.device_short_name() if torch.cuda.is_available() else "cpu"
+    commit = C.resolve_commit(own.commit)
+    rows = []
+    for label_spec in own.labels.split(","):
+        for output in own.outputs.split(","):
+            row = run(args, label_spec, output, own.steps, train, test)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "host_table"}), flush=True)
+            print(row["host_table"], flush=True)
+            if own.json:
+                with open(own.json, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    print("\n| labels | output | fit ms / step | steps/s | bare ms / step | overhead | syncs / step | GPU busy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['num_labels']:,} | {r['output']} | {r['fit_ms']:.2f} | {r['fit_steps_per_s']:.1f} | "
+              f"{r['bare_ms']:.2f} | {100 * r['overhead']:.1f} % | {r['syncs_per_step']:.1f} | "
+              f"{100 * r['gpu_busy_fraction']:.0f} % |")
+    written = C.append_history(
+        own.history, [(f"{r['output']}-L{r['num_labels']}", m, r[m]) for r in rows for m in ("fit_ms", "bare_ms")],
+        script="fit_step.py", device=device, commit=commit)
+    print(f"{written} rows appended to {own.history}" if written else "")
+
+
+if __name__ == "__main__":
+    main()
