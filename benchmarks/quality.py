@@ -110,22 +110,10 @@ def run_variant(name: str, base: argparse.Namespace, train: XMCData, test: XMCDa
 
 def make_groups(args: argparse.Namespace, out: Path) -> None:
     """FAISS grouping (faiss-greedy) of the tail labels on PIFA embeddings from the untrained encoder."""
-    from transformers import AutoModel  # noqa: PLC0415
-
     from lightning_haste.grouping import group_labels, label_embeddings_from_features, split_head_tail  # noqa: PLC0415
 
     train, _ = train_text.read_splits(args)
-    encoder = args.encoder or train_text.default_encoder()
-    tokenize = train_text.Tokenize(encoder, args.max_length)
-    model = AutoModel.from_pretrained(encoder, dtype=torch.float32).eval()
-    pooled = []
-    with torch.inference_mode():
-        for i in range(0, len(train), 512):
-            tokens = tokenize(train.texts[i : i + 512])["tokens"]
-            hidden = model(**tokens).last_hidden_state
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).numpy())
-    features = np.concatenate(pooled)
+    features = train_text.pooled_embeddings(train.texts, args.encoder or train_text.default_encoder(), args.max_length)
     freq = train.label_frequencies()
     _, tail = split_head_tail(freq, args.head_ratio, args.group_size)
     emb = label_embeddings_from_features(features, train.labels, seed=args.seed)

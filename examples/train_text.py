@@ -78,6 +78,23 @@ class TextXMC(HasteXMCModule, LightningModule):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def pooled_embeddings(texts: list[str], encoder: str, max_length: int, batch_size: int = 512) -> np.ndarray:
+    """The untrained encoder's mean-pooled outputs ``[len(texts), hidden]`` (float32), as ``TextXMC.encode``
+    pools them: e.g. for PIFA label embeddings to group by, or to train the output layer alone."""
+    from transformers import AutoModel  # noqa: PLC0415 - an optional dependency of the example
+
+    tokenize = Tokenize(encoder, max_length)
+    model = AutoModel.from_pretrained(encoder, dtype=torch.float32).eval()
+    pooled = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            tokens = tokenize(texts[i : i + batch_size])["tokens"]
+            hidden = model(**tokens).last_hidden_state
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).numpy())
+    return np.concatenate(pooled) if pooled else np.zeros((0, model.config.hidden_size), np.float32)
+
+
 def _first(data: XMCData, n: int | None) -> XMCData:
     if n is None or n >= len(data):
         return data

@@ -19,7 +19,9 @@ __all__ = ["HasteXMC", "main"]
 class HasteXMC(HasteXMCModule, LightningModule):
     """A ready model: an optional one-layer encoder (``hidden`` units, ReLU) on the data's features, then the
     HASTE output layer. ``hidden=None`` feeds the features (e.g. bag-of-words) straight to the output layer;
-    ``head_ratio=1.0`` makes the whole output layer dense (the baseline)."""
+    ``head_ratio=1.0`` makes the whole output layer dense (the baseline). The other settings are
+    :meth:`HasteXMCModule.configure_haste`'s; ``encoder_lr`` defaults to 2e-3, for the small encoder trained from
+    scratch."""
 
     def __init__(
         self,
@@ -29,6 +31,9 @@ class HasteXMC(HasteXMCModule, LightningModule):
         group_size: int = 16,
         grouping: Optional[str] = "balanced-kmeans",
         loss: str = "bce",
+        loss_reduction: str = "sum",
+        dropout: float = 0.0,
+        output_bias: str = "prior",
         k: Sequence[int] = (1, 3, 5),
         psp_a: float = 0.55,
         psp_b: float = 1.5,
@@ -36,6 +41,8 @@ class HasteXMC(HasteXMCModule, LightningModule):
         output_lr: float = 0.05,
         output_momentum: float = 0.9,
         output_weight_decay: float = 1e-4,
+        warmup: float = 0.05,
+        lr_schedule: str = "cosine",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -44,8 +51,9 @@ class HasteXMC(HasteXMCModule, LightningModule):
         self.encoder: Optional[nn.Module] = None
         self.configure_haste(
             in_features=hidden, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size, grouping=grouping,
-            loss=loss, k=k, psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr,
-            output_momentum=output_momentum, output_weight_decay=output_weight_decay, seed=seed,
+            loss=loss, loss_reduction=loss_reduction, dropout=dropout, output_bias=output_bias, k=k, psp_a=psp_a,
+            psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
+            output_weight_decay=output_weight_decay, warmup=warmup, lr_schedule=lr_schedule, seed=seed,
         )
 
     def setup(self, stage: str) -> None:
