@@ -15,8 +15,8 @@ default recipe for the same number of epochs, bf16-mixed, batch 256:
   ``setup`` with ``--grouping``), with dynamic sparse training (``SparseRegrowthCallback``);
 - ``haste-nodst``: the same without pruning and regrowth;
 - ``random``: the same as ``haste-nodst`` with random groups;
-- ``haste-k64``: ``haste`` at fan-in 64 (with a 384-wide encoder, fan-in 128 alone is a third of the dense
-  layer's parameters).
+- ``haste-k64``, ``haste-nodst-k64``, ``random-k64``: the same three at fan-in 64 (with a 384-wide encoder,
+  fan-in 128 alone is a third of the dense layer's parameters).
 
 Per variant: test P@1/3/5, PSP@1/3/5, nDCG@3/5, the wall time of ``Trainer.fit`` (validation on 2,000 test rows
 twice per epoch included: the learning curve), peak GPU memory, output-layer parameters, and the curve
@@ -54,6 +54,8 @@ VARIANTS = {
     "haste-nodst": dict(output="haste", grouping="faiss-greedy"),
     "random": dict(output="haste", grouping="random", label_groups=None),
     "haste-k64": dict(output="haste", dst=True, grouping="faiss-greedy", fan_in=64),
+    "haste-nodst-k64": dict(output="haste", grouping="faiss-greedy", fan_in=64),
+    "random-k64": dict(output="haste", grouping="random", label_groups=None, fan_in=64),
 }
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5", "nDCG@3", "nDCG@5")
 
@@ -77,7 +79,7 @@ def run_variant(name: str, base: argparse.Namespace, train: XMCData, test: XMCDa
     args = argparse.Namespace(**vars(base))
     for key, value in settings.items():
         setattr(args, key, value)
-    if name == "random":
+    if settings.get("grouping") == "random":
         args.label_groups = None
     seed_everything(args.seed)
     model, dm, callbacks = train_text.build(args, train, test)
