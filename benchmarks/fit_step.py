@@ -201,7 +201,8 @@ def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, bas
     return {
         "labels": label_spec, "num_labels": train.num_labels, "output": output, "steps": steps,
         "fit_ms": fit_step * 1e3, "fit_steps_per_s": 1.0 / fit_step, "bare_ms": bare_step * 1e3,
-        "overhead": 1.0 - bare_step / fit_step, "output_parameters": int(sum(p.numel() for p in model.output.parameters())),
+        "overhead": 1.0 - bare_step / fit_step,
+        "output_parameters": int(sum(p.numel() for p in model.output.parameters())),
         **{k: v for k, v in profile.items() if k != "host_table"}, "host_table": profile["host_table"],
     }
 

@@ -20,7 +20,8 @@ default recipe for the same number of epochs, bf16-mixed, batch 256:
 
 Per variant: test P@1/3/5, PSP@1/3/5, nDCG@3/5, the wall time of ``Trainer.fit`` (validation on 2,000 test rows
 twice per epoch included: the learning curve), peak GPU memory, output-layer parameters, and the curve
-(P@1 on those rows, a fixed random sample of the test set, against the step). ``--plot PATH`` draws the curves of a ``--json`` file (matplotlib).
+(P@1 on those rows, a fixed random sample of the test set, against the step). ``--plot PATH`` draws the curves
+of a ``--json`` file (matplotlib).
 ``--make-groups OUT`` writes the FAISS grouping of the data set's labels (PIFA embeddings from the encoder's
 mean-pooled outputs, before any training) and exits: run it where FAISS is installed.
 """

@@ -2,8 +2,9 @@
 the ``[batch, labels]`` logits.
 
 The loss of a row is the sum over all labels of the per-label loss; the loss of a batch averages it over the
-rows (``reduction="batchmean"``) or sums it (``"sum"``: the sum over all ``rows * labels`` entries). The per-label loss splits into a dense part that depends on the logit ``z`` alone, as if every label were
-a negative, and a correction at the positives:
+rows (``reduction="batchmean"``) or sums it (``"sum"``: the sum over all ``rows * labels`` entries). The
+per-label loss splits into a dense part that depends on the logit ``z`` alone, as if every label were a negative,
+and a correction at the positives:
 
 ==================  ====================  ====================================  =========================
 loss                dense part            correction at a positive              its gradient, in all
