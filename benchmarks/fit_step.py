@@ -174,6 +174,7 @@ def bare_loop(model, batches, steps: int, precision: str) -> float:
 def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, base_test: XMCData) -> dict:
     args = argparse.Namespace(**vars(args))
     args.output, args.grouping, args.dst, args.label_groups = output, "random", False, None
+    args.val_fraction = 0.0  # as measured: the whole training split, no validation
     if label_spec == "real":
         train, test = base_train, base_test
     else:

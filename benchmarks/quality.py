@@ -78,6 +78,9 @@ class Curve(Callback):
 def run_variant(name: str, base: argparse.Namespace, train: XMCData, test: XMCData) -> dict:
     settings = dict(VARIANTS[name])
     args = argparse.Namespace(**vars(base))
+    # every model trains on the whole training split; the curve's validation rows are test rows (below), which
+    # no choice is made from (the last model is the one tested)
+    args.val_fraction = 0.0
     for key, value in settings.items():
         setattr(args, key, value)
     if settings.get("grouping") == "random":

@@ -129,6 +129,8 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="the part of the training split held out for validation (0: none)")
     parser.add_argument("--limit-train", type=int, default=None, help="use the first N training instances")
     parser.add_argument("--limit-test", type=int, default=None, help="use the first N test instances")
     parser.add_argument("--seed", type=int, default=0)
@@ -139,7 +141,7 @@ def build(args: argparse.Namespace, train: XMCData, test: XMCData) -> tuple[Text
     """The model, the datamodule (tokenising in its workers) and the callbacks for ``args``."""
     encoder = args.encoder or default_encoder()
     dm = XMCDataModule(train, test=test, batch_size=args.batch_size, text_transform=Tokenize(encoder, args.max_length),
-                       num_workers=args.num_workers)
+                       num_workers=args.num_workers, val_fraction=args.val_fraction)
     dense = args.output == "dense"
     label_groups = np.load(args.label_groups) if args.label_groups is not None and not dense else None
     model = TextXMC(

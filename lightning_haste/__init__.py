@@ -11,6 +11,7 @@ __all__ = [
     "GroupSharedFanIn",
     "HasteXMCModule",
     "SparseRegrowthCallback",
+    "TopKPredictionWriter",
     "XMCDataModule",
     "HeadTailOutput",
     "RewireStats",
@@ -27,6 +28,7 @@ _LAZY = {
     "SparseRegrowthCallback": "callbacks",
     "HasteXMCModule": "module",
     "XMCDataModule": "data",
+    "TopKPredictionWriter": "prediction",
 }
 
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -61,19 +61,55 @@ class HasteXMC(HasteXMCModule, LightningModule):
             self.encoder = nn.Sequential(nn.Linear(self.trainer.datamodule.num_features, self.hidden), nn.ReLU())
         super().setup(stage)
 
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # the encoder is built in setup from the data's feature count: rebuild it from the saved weights' shape
+        weight = checkpoint.get("state_dict", {}).get("encoder.0.weight")
+        if self.hidden is not None and self.encoder is None and weight is not None:
+            self.encoder = nn.Sequential(nn.Linear(weight.shape[1], self.hidden), nn.ReLU())
+        super().on_load_checkpoint(checkpoint)
+
     def encode(self, batch):
         features = super().encode(batch)
         return features if self.encoder is None else self.encoder(features)
 
 
+def _metrics_table(metrics: dict[str, Any], prefix: str) -> str:
+    rows = sorted((k[len(prefix):], float(v)) for k, v in metrics.items() if k.startswith(prefix))
+    if not rows:
+        return ""
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([f"{'metric':<{width}}  value"] + [f"{name:<{width}}  {value:.4f}" for name, value in rows])
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``haste-xmc`` console script."""
+    """Entry point of the ``haste-xmc`` console script. ``fit`` ends with a table of the final validation metrics;
+    ``predict`` writes the top-k of every row to ``--predictions`` (``.npz`` and ``.txt``, original label ids,
+    :class:`~lightning_haste.prediction.TopKPredictionWriter`)."""
     from lightning.pytorch.cli import LightningCLI  # noqa: PLC0415 - needs jsonargparse, only for the CLI
 
     from .data import XMCDataModule  # noqa: PLC0415
+    from .prediction import TopKPredictionWriter  # noqa: PLC0415
 
-    LightningCLI(HasteXMC, XMCDataModule, subclass_mode_data=True, args=args,
-                 save_config_kwargs={"overwrite": True})
+    class HasteCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--predictions", default="predictions",
+                                help="predict: where the top-k go (<path>.npz and <path>.txt)")
+
+        def before_predict(self) -> None:
+            path = self.config[self.subcommand].get("predictions", "predictions")
+            self.prediction_writer = TopKPredictionWriter(path)
+            self.trainer.callbacks.append(self.prediction_writer)
+
+        def after_predict(self) -> None:
+            for written in self.prediction_writer.written:
+                print(f"wrote {written}")
+
+        def after_fit(self) -> None:
+            if self.trainer.is_global_zero:
+                table = _metrics_table(self.trainer.callback_metrics, "val/")
+                print("final validation metrics:\n" + table if table else "no validation ran")
+
+    HasteCLI(HasteXMC, XMCDataModule, subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

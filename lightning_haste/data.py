@@ -34,6 +34,7 @@ __all__ = [
     "read_filter_labels",
     "read_raw_text_dataset",
     "hashed_bag_of_words",
+    "split_train_val",
     "synthetic_xmc",
     "targets_csr",
 ]
@@ -266,6 +267,24 @@ class _Rows(Dataset):
         return i
 
 
+def split_train_val(data: XMCData, val_fraction: float, seed: int = 0) -> tuple[XMCData, XMCData]:
+    """``(train, val)``: a seeded random ``val_fraction`` of the rows (at least one, and at least one row left for
+    training) held out, each part in the original row order."""
+    n = len(data)
+    if n < 2:
+        raise ValueError(f"cannot hold out a validation split from {n} training row(s); pass val= or val_fraction=0")
+    size = min(n - 1, max(1, int(round(val_fraction * n))))
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).choice(n, size=size, replace=False)] = True
+
+    def rows(mask: np.ndarray) -> XMCData:
+        index = np.flatnonzero(mask)
+        texts = [data.texts[i] for i in index] if data.texts is not None else None
+        return XMCData(data.features[index], data.labels[index], texts=texts)
+
+    return rows(~held), rows(held)
+
+
 def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
     """A SciPy CSR label matrix as a torch sparse CSR tensor (int64 indices, float32 ones): the batches' targets."""
     labels = labels.tocsr()
@@ -314,7 +333,10 @@ class XMCDataModule(LightningDataModule):
     """Train / validation / test :class:`XMCData` as dataloaders of sparse-target batches.
 
     Args:
-        train, val, test: the splits (``val`` defaults to ``test``).
+        train, val, test: the splits. Without ``val``, a seeded ``val_fraction`` of ``train`` is held out for
+            validation (and left out of training and of the label statistics), so that model selection never
+            sees the test labels; ``val_fraction=0`` trains on all of ``train`` and validates nothing.
+        val_fraction, val_seed: the held-out fraction of ``train`` and the seed of its draw.
         label_embeddings: optional ``[num_labels, d]`` label embeddings for the grouping (default: PIFA).
         batch_size: instances per batch.
         sparse_features: yield sparse CSR feature batches (else dense float32).
@@ -341,8 +363,12 @@ class XMCDataModule(LightningDataModule):
         label_embeddings: Optional[Any] = None,
         text_transform: Optional[Callable[[list[str]], dict[str, Any]]] = None,
         pin_memory: Optional[bool] = None,
+        val_fraction: float = 0.1,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
@@ -353,7 +379,9 @@ class XMCDataModule(LightningDataModule):
         self.label_embeddings = label_embeddings
         if test is not None and test.num_labels != train.num_labels:
             raise ValueError(f"test has {test.num_labels} labels, train {train.num_labels}")
-        self.train_data, self.val_data, self.test_data = train, val if val is not None else test, test
+        if val is None and val_fraction > 0:
+            train, val = split_train_val(train, val_fraction, val_seed)
+        self.train_data, self.val_data, self.test_data = train, val, test
         self.batch_size = batch_size
         self.sparse_features = sparse_features
         self.text_transform = text_transform
@@ -365,11 +393,11 @@ class XMCDataModule(LightningDataModule):
 
     @classmethod
     def synthetic(
-        cls, *, seed: int = 0, batch_size: int = 256, shuffle: bool = True, **kwargs: Any
+        cls, *, seed: int = 0, batch_size: int = 256, shuffle: bool = True, val_fraction: float = 0.1, **kwargs: Any
     ) -> XMCDataModule:
         """The embedded default data: :func:`synthetic_xmc` with ``kwargs``."""
         train, test = synthetic_xmc(seed=seed, **kwargs)
-        return cls(train, test=test, batch_size=batch_size, shuffle=shuffle)
+        return cls(train, test=test, batch_size=batch_size, shuffle=shuffle, val_fraction=val_fraction)
 
     @classmethod
     def from_bow_directory(cls, directory: Union[str, os.PathLike], **kwargs: Any) -> XMCDataModule:
@@ -416,7 +444,9 @@ class XMCDataModule(LightningDataModule):
             return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        if self.val_data is None:  # val_fraction=0 and no val split: nothing to validate
+            return []
         return self._loader(self.val_data, False)
 
     def test_dataloader(self) -> DataLoader:
@@ -439,19 +469,22 @@ class SyntheticXMCDataModule(XMCDataModule):
         seed: int = 0,
         shuffle: bool = True,
         num_workers: int = 0,
+        val_fraction: float = 0.1,
     ) -> None:
         train, test = synthetic_xmc(num_train, num_test, num_labels, num_features, seed=seed)
-        super().__init__(train, test=test, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
+        super().__init__(train, test=test, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                         val_fraction=val_fraction)
 
 
 class BowXMCDataModule(XMCDataModule):
     """A repository data set folder (``train.txt``, ``test.txt``, optional ``filter_labels_test.txt``) as a
     DataModule with plain arguments (for the CLI)."""
 
-    def __init__(self, directory: str, batch_size: int = 256, sparse_features: bool = False, num_workers: int = 0):
+    def __init__(self, directory: str, batch_size: int = 256, sparse_features: bool = False, num_workers: int = 0,
+                 val_fraction: float = 0.1):
         directory_path = Path(directory)
         train, test = read_bow(directory_path / "train.txt"), read_bow(directory_path / "test.txt")
         if (directory_path / "filter_labels_test.txt").exists():
             test = XMCData(test.features, read_filter_labels(directory_path / "filter_labels_test.txt", test.labels))
         super().__init__(train, test=test, batch_size=batch_size, sparse_features=sparse_features,
-                         num_workers=num_workers)
+                         num_workers=num_workers, val_fraction=val_fraction)

@@ -183,6 +183,44 @@ class HeadTailOutput(nn.Module):
         return tail_ids
 
     # ----------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The settings that fix the layer's shapes: :meth:`from_config` builds an untrained layer of the same
+        shapes from them (no label frequencies needed), into which a state dict of this one loads (the label
+        order, the index and the weights are all in the state dict)."""
+        first = self.head if self.head is not None else self.tail
+        return {
+            "in_features": self.in_features, "num_labels": self.num_labels, "num_head_labels": self.num_head_labels,
+            "fan_in": self.fan_in, "group_size": self.group_size, "head_features": list(self.head_slice),
+            "tail_features": list(self.tail_slice), "bias": first is not None and first.bias is not None,
+            "memory_budget": self.memory_budget, "backend": self.tail.backend if self.tail is not None else "auto",
+        }
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], *, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None
+    ) -> HeadTailOutput:
+        """An untrained layer with the shapes :meth:`config` describes (e.g. to load a checkpoint's state dict
+        without the training data)."""
+        missing = {"in_features", "num_labels", "num_head_labels", "fan_in", "group_size"} - set(config)
+        if missing:
+            raise ValueError(f"the output-layer config lacks {sorted(missing)}")
+        num_labels = check_positive_int("num_labels", config["num_labels"])
+        num_head = int(config["num_head_labels"])
+        if not 0 <= num_head <= num_labels:
+            raise ValueError(f"num_head_labels={num_head} must lie in [0, num_labels={num_labels}]")
+        # any frequencies whose split puts num_head labels in the head: the label order comes from the state dict
+        layer = cls(
+            config["in_features"], np.arange(num_labels, 0, -1, dtype=np.float64), head_ratio=num_head / num_labels,
+            fan_in=config["fan_in"], group_size=config["group_size"],
+            head_features=tuple(config.get("head_features") or (0, config["in_features"])),
+            tail_features=tuple(config.get("tail_features") or (0, config["in_features"])),
+            bias=bool(config.get("bias", True)), memory_budget=config.get("memory_budget", F.DEFAULT_MEMORY_BUDGET),
+            backend=config.get("backend", "auto"), device=device, dtype=dtype,
+        )
+        if layer.num_head_labels != num_head:
+            raise ValueError(f"num_head_labels={num_head} is not a head size of group_size={config['group_size']}")
+        return layer
+
     def _check_input(self, x: Tensor) -> Tensor:
         check_float_tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:

@@ -210,18 +210,56 @@ class HasteXMCModule:
         self.output_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output = None
         self.haste_metrics = None
+        self.haste_statistics: Optional[dict[str, Any]] = None
 
     # -- building ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         cfg = self.haste
-        freq = dm.label_frequencies
+        statistics = getattr(self, "haste_statistics", None)
+        if dm is not None and hasattr(dm, "label_frequencies"):
+            statistics = {"label_frequencies": np.asarray(dm.label_frequencies, dtype=np.int64),
+                          "num_train": int(dm.num_train)}
+            self.haste_statistics = statistics
         if self.output is None:
+            if dm is None:
+                raise ValueError(
+                    "the output layer is built from the datamodule's statistics: give the Trainer a datamodule, "
+                    "or load a trained model with load_from_checkpoint"
+                )
+            freq = statistics["label_frequencies"]
             self.output = self._build_output(dm, cfg, freq)
             if cfg.get("output_bias") == "prior":
-                self.output.init_bias_from_prior_(freq, max(1, dm.num_train))
-        if getattr(self, "haste_metrics", None) is None:  # also for an output layer set by hand
-            self._build_metrics(dm, cfg, freq)
+                self.output.init_bias_from_prior_(freq, max(1, statistics["num_train"]))
+        if getattr(self, "haste_metrics", None) is None and statistics is not None:  # also for a hand-set layer
+            self._build_metrics(cfg, statistics["label_frequencies"], statistics["num_train"])
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what rebuilds the output layer and the metrics without the training data: the layer's
+        :meth:`HeadTailOutput.config` and the label frequencies (for PSP@k)."""
+        if self.output is not None:
+            checkpoint["haste_output"] = self.output.config()
+        statistics = getattr(self, "haste_statistics", None)
+        if statistics is not None:
+            checkpoint["haste_statistics"] = {"label_frequencies": torch.from_numpy(statistics["label_frequencies"]),
+                                              "num_train": statistics["num_train"]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the output layer (untrained, the checkpoint's shapes) before its state dict loads, so that
+        ``load_from_checkpoint`` needs no datamodule; a layer that exists already (a resumed fit) stays."""
+        saved = checkpoint.get("haste_statistics")
+        if saved is not None and getattr(self, "haste_statistics", None) is None:
+            self.haste_statistics = {"label_frequencies": np.asarray(saved["label_frequencies"], dtype=np.int64),
+                                     "num_train": int(saved["num_train"])}
+        config = checkpoint.get("haste_output")
+        if self.output is None and config is not None:
+            state = checkpoint.get("state_dict", {})
+            weight = state.get("output.head.weight", state.get("output.tail.weight"))
+            self.output = HeadTailOutput.from_config(config, dtype=weight.dtype if weight is not None else None)
+        if getattr(self, "haste_metrics", None) is None and getattr(self, "haste_statistics", None) is not None:
+            stats = self.haste_statistics
+            self._build_metrics(self.haste, stats["label_frequencies"], stats["num_train"])
 
     def _build_output(self, dm: Any, cfg: dict[str, Any], freq: Any) -> HeadTailOutput:
         in_features = cfg["in_features"] or dm.num_features
@@ -248,12 +286,12 @@ class HasteXMCModule:
             generator=torch.Generator().manual_seed(cfg["seed"]),
         ).to(self.device)
 
-    def _build_metrics(self, dm: Any, cfg: dict[str, Any], freq: Any) -> None:
+    def _build_metrics(self, cfg: dict[str, Any], freq: Any, num_train: int) -> None:
         metrics = {}
         for split in ("val", "test"):
             metrics[f"{split}_p"] = PrecisionAtK(cfg["k"])
             metrics[f"{split}_ndcg"] = NDCGAtK(cfg["k"])
-            metrics[f"{split}_psp"] = PSPrecisionAtK(cfg["k"], label_counts=freq, num_train=max(2, dm.num_train),
+            metrics[f"{split}_psp"] = PSPrecisionAtK(cfg["k"], label_counts=freq, num_train=max(2, num_train),
                                                       A=cfg["psp_a"], B=cfg["psp_b"])
         self.haste_metrics = nn.ModuleDict(metrics).to(self.device)
 

@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightning_haste.data import synthetic_xmc, write_bow
+import numpy as np
+
+from lightning_haste.data import read_label_matrix, synthetic_xmc, write_bow
+from lightning_haste.prediction import read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +24,16 @@ def test_cli_fits_and_tests_with_the_shipped_config(tmp_path):
              "--data.init_args.num_train=400", "--data.init_args.num_test=100", "--data.init_args.num_labels=200",
              "--data.init_args.num_features=64", "--data.init_args.batch_size=32", "--model.hidden=32",
              "--model.fan_in=16", f"--trainer.default_root_dir={tmp_path}"]
-    _run(["-m", "lightning_haste.cli", "fit", f"--config={config}", *small], tmp_path)
+    out = _run(["-m", "lightning_haste.cli", "fit", f"--config={config}", *small], tmp_path)
+    assert "final validation metrics:" in out and "P@1" in out
     ckpt = next(tmp_path.rglob("*.ckpt"))
     _run(["-m", "lightning_haste.cli", "test", f"--config={config}", *small, f"--ckpt_path={ckpt}"], tmp_path)
+    out = _run(["-m", "lightning_haste.cli", "predict", f"--config={config}", *small, f"--ckpt_path={ckpt}",
+                f"--predictions={tmp_path / 'pred'}"], tmp_path)
+    assert "pred.npz" in out
+    ids, scores = read_predictions(tmp_path / "pred.npz")
+    assert ids.shape == (100, 5) and (np.diff(scores, axis=1) <= 0).all()
+    assert read_label_matrix(tmp_path / "pred.txt").shape == (100, 200)
 
 
 def test_train_bow_example_on_written_files(tmp_path):

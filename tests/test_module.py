@@ -110,16 +110,17 @@ def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
     dm = _dm(seed=3, shuffle=False)
     straight = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, max_steps=20, limit_val_batches=0).fit(straight, dm)
+            enable_model_summary=False, max_steps=18, limit_val_batches=0).fit(straight, dm)
     first = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
-    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
-    # the same run (the learning-rate schedule spans its max_steps), checkpointed at step 10 and resumed from there
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=9, save_top_k=-1)
+    # the same run (the learning-rate schedule spans its max_steps), checkpointed at step 9 and resumed from there:
+    # an epoch's end (540 training rows in batches of 64), since a resume mid-epoch restarts the epoch's loader
     Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            max_steps=20, limit_val_batches=0, callbacks=[saver]).fit(first, dm)
+            max_steps=18, limit_val_batches=0, callbacks=[saver]).fit(first, dm)
     resumed = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, max_steps=20, limit_val_batches=0).fit(
-        resumed, dm, ckpt_path=next(tmp_path.glob("*step=10*.ckpt")))
+            enable_model_summary=False, max_steps=18, limit_val_batches=0).fit(
+        resumed, dm, ckpt_path=next(tmp_path.glob("*step=9*.ckpt")))
     evaluator = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     a = Trainer(**evaluator).validate(straight, dm, verbose=False)[0]
     b = Trainer(**evaluator).validate(resumed, dm, verbose=False)[0]
@@ -288,3 +289,50 @@ def test_output_bias_from_the_prior():
     assert (internal - prior).abs().max() < 1e-5
     with pytest.raises(ValueError, match="output_bias"):
         BowModel(output_bias="zero")
+
+
+def test_trained_model_loads_from_its_checkpoint_alone_in_a_fresh_process(tmp_path):
+    """Train, save, load with load_from_checkpoint in another process (no datamodule there), predict the same."""
+    import subprocess
+    import sys
+
+    from lightning_haste.cli import HasteXMC
+
+    dm = _dm(seed=7, shuffle=False)
+    model = HasteXMC(hidden=32, head_ratio=0.1, fan_in=16, group_size=8, grouping="random")
+    trainer = _trainer(max_steps=6, limit_val_batches=0)
+    trainer.fit(model, dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    x = torch.from_numpy(dm.test_data.features[:20])
+    np.save(tmp_path / "x.npy", x.numpy())
+    model.eval()
+    with torch.no_grad():
+        scores, ids = model.predict_step({"features": x}, 0)
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from lightning_haste.cli import HasteXMC\n"
+        f"m = HasteXMC.load_from_checkpoint({str(path)!r}, map_location='cpu').eval()\n"
+        f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "with torch.no_grad():\n"
+        "    s, i = m.predict_step({'features': x}, 0)\n"
+        f"np.save({str(tmp_path / 'ids.npy')!r}, i.numpy()); np.save({str(tmp_path / 's.npy')!r}, s.numpy())\n"
+        "assert m.haste_metrics is not None and m.output.num_labels == 300\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "ids.npy"), ids.numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), scores.numpy())
+
+
+def test_output_layer_config_round_trip():
+    freq = np.random.default_rng(0).integers(0, 40, 157)
+    layer = lh.HeadTailOutput(24, freq, head_ratio=0.2, fan_in=8, group_size=8, tail_features=(4, 24),
+                              generator=torch.Generator().manual_seed(0))
+    copy = lh.HeadTailOutput.from_config(layer.config())
+    copy.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(copy(x), layer(x), rtol=0, atol=0)
+    assert copy.config() == layer.config()
+    with pytest.raises(ValueError, match="lacks"):
+        lh.HeadTailOutput.from_config({"in_features": 4})

@@ -190,3 +190,23 @@ def test_prior_bias_is_the_default_and_matches_the_log_odds():
     internal = torch.cat([model.output.head.bias, model.output.tail.bias]).detach()
     torch.testing.assert_close(internal, prior, rtol=0, atol=1e-5)
     assert math.isclose(model.haste["encoder_lr"], 1e-12)
+
+
+def test_validation_holds_out_part_of_train_by_default_never_the_test_split():
+    train, test = synthetic_xmc(200, 50, 40, 8, seed=3)
+    dm = XMCDataModule(train, test=test, batch_size=16)
+    assert len(dm.train_data) == 180 and len(dm.val_data) == 20 and dm.test_data is test
+    # the held-out rows are rows of train, disjoint from the training part, and the statistics ignore them
+    both = np.vstack([dm.train_data.features, dm.val_data.features])
+    assert sorted(map(bytes, both)) == sorted(map(bytes, train.features))
+    assert dm.label_frequencies.sum() == dm.train_data.labels.nnz < train.labels.nnz
+    again = XMCDataModule(train, test=test, val_seed=0)
+    assert np.array_equal(again.val_data.features, dm.val_data.features)  # seeded
+    other = XMCDataModule(train, test=test, val_seed=1)
+    assert not np.array_equal(other.val_data.features, dm.val_data.features)
+    everything = XMCDataModule(train, test=test, val_fraction=0.0)
+    assert everything.train_data is train and everything.val_data is None and everything.val_dataloader() == []
+    explicit = XMCDataModule(train, val=test, test=test)
+    assert explicit.train_data is train and explicit.val_data is test
+    with pytest.raises(ValueError, match="val_fraction"):
+        XMCDataModule(train, val_fraction=1.0)
