@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -10,6 +12,7 @@ from torch import nn
 
 import lightning_haste as lh
 from lightning_haste import module as haste_module
+from lightning_haste.cli import HasteXMC
 from lightning_haste.data import (
     XMCData,
     XMCDataModule,
@@ -293,11 +296,6 @@ def test_output_bias_from_the_prior():
 
 def test_trained_model_loads_from_its_checkpoint_alone_in_a_fresh_process(tmp_path):
     """Train, save, load with load_from_checkpoint in another process (no datamodule there), predict the same."""
-    import subprocess
-    import sys
-
-    from lightning_haste.cli import HasteXMC
-
     dm = _dm(seed=7, shuffle=False)
     model = HasteXMC(hidden=32, head_ratio=0.1, fan_in=16, group_size=8, grouping="random")
     trainer = _trainer(max_steps=6, limit_val_batches=0)

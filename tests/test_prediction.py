@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_haste import TopKPredictionWriter
+from lightning_haste import TopKPredictionWriter, prediction
 from lightning_haste.data import XMCDataModule, read_label_matrix
 from lightning_haste.module import HasteXMCModule
 from lightning_haste.prediction import read_predictions
@@ -39,8 +39,6 @@ def _expected(model, dm):
 
 
 def test_writer_streams_the_top_k_in_row_order_to_npz_and_text(tmp_path, monkeypatch):
-    import lightning_haste.prediction as prediction
-
     monkeypatch.setattr(prediction, "_CHUNK_ROWS", 10)  # several chunks
     model, dm = _fit()
     writer = TopKPredictionWriter(tmp_path / "out" / "predictions.npz")
