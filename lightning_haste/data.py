@@ -8,9 +8,13 @@ sparse all the way to the loss and the metrics.
 
 from __future__ import annotations
 
+import gzip
+import math
+import numbers
 import os
 import warnings
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -73,6 +77,36 @@ class XMCData:
 
 
 # -- readers ----------------------------------------------------------------------------------------
+# Every reader: plain or gzip-compressed files (recognised by their first bytes), UTF-8 with or without a byte-order
+# mark, blank lines after the last row the header announces ignored; a malformed file raises XMCFormatError naming
+# the file and the line.
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file, gzip-compressed or not; decoding errors as XMCFormatError."""
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == _GZIP_MAGIC
+    except OSError as error:
+        raise XMCFormatError(f"{path}: cannot be read ({error.strerror or error})") from None
+    opener = gzip.open if compressed else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):  # noqa: B007 - the number is reported on errors
+                # decoded line by line, so that an error names its line (a text stream decodes whole blocks)
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    raise XMCFormatError(
+                        f"{path}:{lineno}: not UTF-8 text ({error.reason} at byte {error.start} of the line)"
+                    ) from None
+                yield lineno, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise XMCFormatError(f"{path}:{lineno + 1}: broken gzip data ({error})") from None
+
+
 def _header(path: Path, line: str, count: int) -> list[int]:
     parts = line.split()
     if len(parts) != count or not all(p.isdigit() for p in parts):
@@ -92,75 +126,143 @@ def _pairs(path: Path, lineno: int, tokens: Sequence[str], limit: int, what: str
             raise XMCFormatError(f"{path}:{lineno}: bad token {token!r} (expected id:value)")
         if not 0 <= index < limit:
             raise XMCFormatError(f"{path}:{lineno}: {what} id {index} out of range [0, {limit})")
+        if not math.isfinite(number):
+            raise XMCFormatError(f"{path}:{lineno}: {what} {index} has a non-finite value {value!r}")
         ids.append(index)
         values.append(number)
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise XMCFormatError(f"{path}:{lineno}: {what} id {repeated[0]} appears more than once in the row")
     return ids, values
 
 
-def read_bow(path: Union[str, os.PathLike]) -> XMCData:
+def _rows(path: Path, expected: int) -> Iterator[tuple[int, str]]:
+    """The data lines after the header (line 1): at most ``expected`` rows; blank lines after them are ignored,
+    anything else there is an error."""
+    for lineno, line in _lines(path):
+        if lineno == 1:
+            continue
+        if lineno - 1 > expected:
+            if line.strip():
+                raise XMCFormatError(f"{path}:{lineno}: more rows than the header's {expected}")
+            continue
+        yield lineno, line
+
+
+def _first_line(path: Path) -> str:
+    for _, line in _lines(path):
+        return line
+    raise XMCFormatError(f"{path}:1: the file is empty (expected a header)")
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def read_bow(path: Union[str, os.PathLike], *, dtype: Any = np.float32) -> XMCData:
     """Read the repository's sparse bag-of-words format: header ``N F L``, then per instance
-    ``l1,l2,... f:v f:v ...`` (an instance may have no labels: the line then starts with a space)."""
+    ``l1,l2,... f:v f:v ...`` (an instance may have no labels: the line then starts with a space).
+
+    Gzip-compressed files are read as they are. Feature values must be finite, a feature id may appear once per
+    row (the features come back as canonical CSR: sorted, no duplicates), a label id listed twice counts once.
+    ``dtype``: of the feature values (float32, or float64 for files written from float64 data)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        num_rows, num_features, num_labels = _header(path, fh.readline(), 3)
-        f_ptr, f_idx, f_val, l_ptr, l_idx = [0], [], [], [0], []
-        for lineno, line in enumerate(fh, start=2):
-            tokens = line.split()
-            if not tokens and lineno - 1 > num_rows:
-                continue  # trailing blank line
-            # The first token is the comma-separated label list, unless the instance has no labels.
-            head, rest = ("", tokens) if not tokens or ":" in tokens[0] else (tokens[0], tokens[1:])
-            labels = []
-            for token in filter(None, head.split(",")):
-                if not token.isdigit():
-                    raise XMCFormatError(f"{path}:{lineno}: bad label {token!r}")
-                if int(token) >= num_labels:
-                    raise XMCFormatError(f"{path}:{lineno}: label id {token} out of range [0, {num_labels})")
-                labels.append(int(token))
-            ids, values = _pairs(path, lineno, rest, num_features, "feature")
-            f_idx += ids
-            f_val += values
-            f_ptr.append(len(f_idx))
-            l_idx += sorted(set(labels))
-            l_ptr.append(len(l_idx))
+    dtype = _float_dtype(dtype)
+    num_rows, num_features, num_labels = _header(path, _first_line(path), 3)
+    f_ptr, f_idx, f_val, l_ptr, l_idx = [0], [], [], [0], []
+    for lineno, line in _rows(path, num_rows):
+        tokens = line.split()
+        # The first token is the comma-separated label list, unless the instance has no labels.
+        head, rest = ("", tokens) if not tokens or ":" in tokens[0] else (tokens[0], tokens[1:])
+        labels = []
+        for token in filter(None, head.split(",")):
+            if not token.isdigit():
+                raise XMCFormatError(f"{path}:{lineno}: bad label {token!r}")
+            if int(token) >= num_labels:
+                raise XMCFormatError(f"{path}:{lineno}: label id {token} out of range [0, {num_labels})")
+            labels.append(int(token))
+        ids, values = _pairs(path, lineno, rest, num_features, "feature")
+        order = np.argsort(ids, kind="stable")
+        f_idx += [ids[i] for i in order]
+        f_val += [values[i] for i in order]
+        f_ptr.append(len(f_idx))
+        l_idx += sorted(set(labels))
+        l_ptr.append(len(l_idx))
     if len(f_ptr) - 1 != num_rows:
         raise XMCFormatError(f"{path}: header says {num_rows} instances, the file has {len(f_ptr) - 1}")
-    features = sp.csr_matrix((np.asarray(f_val, np.float32), f_idx, f_ptr), shape=(num_rows, num_features))
+    with np.errstate(over="ignore"):
+        values = np.asarray(f_val, dtype=np.float64).astype(dtype)
+    if values.size and not np.isfinite(values).all():
+        raise XMCFormatError(f"{path}: a feature value exceeds the float32 range (read with dtype=np.float64)")
+    features = sp.csr_matrix((values, f_idx, f_ptr), shape=(num_rows, num_features))
     labels = sp.csr_matrix((np.ones(len(l_idx), np.float32), l_idx, l_ptr), shape=(num_rows, num_labels))
     return XMCData(features, labels)
 
 
+def _shortest(values: np.ndarray) -> list[str]:
+    """The shortest decimal strings that read back (as ``float``, then cast to the array's dtype) to ``values``.
+
+    float64: ``repr``. float32: NumPy's shortest unique digits; the reader parses to float64 first and then
+    rounds to float32, which in a near-tie could land on a neighbour: such a value is written with 9 significant
+    digits instead (always exact through float64)."""
+    if values.dtype != np.float32:
+        return [repr(float(v)) for v in values]
+    out = []
+    for v in values:
+        text = np.format_float_scientific(v, unique=True, trim="-")
+        if np.float32(float(text)) != v:
+            text = f"{float(v):.9g}"
+        out.append(text)
+    return out
+
+
 def write_bow(path: Union[str, os.PathLike], data: XMCData) -> None:
-    """Write ``data`` in the repository's sparse bag-of-words format (the inverse of :func:`read_bow`)."""
+    """Write ``data`` in the repository's sparse bag-of-words format, the inverse of :func:`read_bow`: every
+    feature value as the shortest decimal that reads back to the same float32 (or float64: read it with
+    ``dtype=np.float64``), only the non-zero labels, features and labels in any SciPy sparse format or dense."""
     features = sp.csr_matrix(data.features)
+    if features.dtype not in (np.float32, np.float64):
+        features = features.astype(np.float32)
+    features.sum_duplicates()
+    features.eliminate_zeros()
+    if features.nnz and not np.isfinite(features.data).all():
+        raise ValueError("write_bow: the features hold non-finite values, which read_bow would reject")
+    labels = sp.csr_matrix(data.labels)
+    labels.sum_duplicates()
+    labels.eliminate_zeros()
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
         for i in range(len(data)):
-            labels = ",".join(map(str, data.labels.indices[data.labels.indptr[i] : data.labels.indptr[i + 1]]))
+            row_labels = ",".join(map(str, labels.indices[labels.indptr[i] : labels.indptr[i + 1]]))
             row = slice(features.indptr[i], features.indptr[i + 1])
-            feats = " ".join(f"{j}:{v:.6g}" for j, v in zip(features.indices[row], features.data[row], strict=True))
-            fh.write(f"{labels} {feats}\n" if labels else f" {feats}\n")
+            texts = _shortest(features.data[row])
+            feats = " ".join(f"{j}:{v}" for j, v in zip(features.indices[row], texts, strict=True))
+            fh.write(f"{row_labels} {feats}\n" if row_labels else f" {feats}\n")
 
 
 def read_label_matrix(path: Union[str, os.PathLike]) -> sp.csr_matrix:
-    """Read a sparse label file (``trn_X_Y.txt`` / ``tst_X_Y.txt``): header ``N L``, then ``l:v l:v`` per row."""
+    """Read a sparse label file (``trn_X_Y.txt`` / ``tst_X_Y.txt``): header ``N L``, then ``l:v`` pairs per row
+    (an empty line: a row without labels). A label listed with the value 0 is not a positive; one listed twice is
+    an error. Gzip-compressed files are read as they are."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        num_rows, num_labels = _header(path, fh.readline(), 2)
-        ptr, idx = [0], []
-        for lineno, line in enumerate(fh, start=2):
-            ids, _ = _pairs(path, lineno, line.split(), num_labels, "label")
-            idx += sorted(set(ids))
-            ptr.append(len(idx))
+    num_rows, num_labels = _header(path, _first_line(path), 2)
+    ptr, idx = [0], []
+    for lineno, line in _rows(path, num_rows):
+        ids, values = _pairs(path, lineno, line.split(), num_labels, "label")
+        idx += sorted(i for i, v in zip(ids, values, strict=True) if v != 0)
+        ptr.append(len(idx))
     if len(ptr) - 1 != num_rows:
         raise XMCFormatError(f"{path}: header says {num_rows} rows, the file has {len(ptr) - 1}")
     return sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr), shape=(num_rows, num_labels))
 
 
 def read_texts(path: Union[str, os.PathLike]) -> list[str]:
-    """One text per line (raw-text data sets, e.g. ``trn_X.txt``)."""
-    with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\n") for line in fh]
+    """One text per line (raw-text data sets, e.g. ``trn_X.txt``); gzip-compressed files and a UTF-8 byte-order
+    mark are handled, line ends (``\\n``, ``\\r\\n``) removed."""
+    return [line.rstrip("\r\n") for _, line in _lines(Path(path))]
 
 
 def read_filter_labels(path: Union[str, os.PathLike], labels: sp.csr_matrix) -> sp.csr_matrix:
@@ -168,17 +270,16 @@ def read_filter_labels(path: Union[str, os.PathLike], labels: sp.csr_matrix) -> 
     from ``labels`` (label-feature data sets drop these reciprocal pairs from evaluation)."""
     path = Path(path)
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise XMCFormatError(f"{path}:{lineno}: expected 'instance label', got {line.strip()!r}")
-            i, j = int(parts[0]), int(parts[1])
-            if i >= labels.shape[0] or j >= labels.shape[1]:
-                raise XMCFormatError(f"{path}:{lineno}: pair ({i}, {j}) outside the {labels.shape} label matrix")
-            pairs.append((i, j))
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise XMCFormatError(f"{path}:{lineno}: expected 'instance label', got {line.strip()!r}")
+        i, j = int(parts[0]), int(parts[1])
+        if i >= labels.shape[0] or j >= labels.shape[1]:
+            raise XMCFormatError(f"{path}:{lineno}: pair ({i}, {j}) outside the {labels.shape} label matrix")
+        pairs.append((i, j))
     out = sp.lil_matrix(labels)
     for i, j in pairs:
         out[i, j] = 0
@@ -190,8 +291,8 @@ def read_filter_labels(path: Union[str, os.PathLike], labels: sp.csr_matrix) -> 
 def hashed_bag_of_words(texts: Sequence[str], num_features: int = 4096) -> sp.csr_matrix:
     """Lower-cased whitespace tokens hashed (stable CRC32) into ``num_features`` count features: a sparse
     view of raw texts, e.g. for PIFA label embeddings when the model itself reads the texts."""
-    import zlib  # noqa: PLC0415
-
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+        raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
     ptr, idx = [0], []
     for text in texts:
         idx += [zlib.crc32(token.encode("utf-8")) % num_features for token in text.lower().split()]

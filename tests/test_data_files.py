@@ -1,0 +1,182 @@
+"""The data-file readers and writer on good and malformed input: exact round trips, compressed and non-UTF-8
+files, non-finite values, duplicates, byte-order marks and blank lines, one rule in every reader."""
+
+import gzip
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_haste.data import (
+    XMCData,
+    XMCFormatError,
+    hashed_bag_of_words,
+    read_bow,
+    read_filter_labels,
+    read_label_matrix,
+    read_texts,
+    write_bow,
+)
+
+
+def _data(rng, rows=7, features=11, labels=5, dtype=np.float32):
+    x = sp.random(rows, features, density=0.4, random_state=rng, dtype=np.float64)
+    x.data = (rng.standard_normal(x.nnz) * 10.0 ** rng.integers(-20, 20, x.nnz)).astype(dtype)
+    y = sp.random(rows, labels, density=0.3, random_state=rng)
+    y.data[:] = 1
+    return XMCData(sp.csr_matrix(x.astype(dtype)), sp.csr_matrix(y))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_write_bow_round_trips_exactly(tmp_path, dtype):
+    data = _data(np.random.default_rng(1), dtype=dtype)
+    data.features[0, 0] = dtype(123456.789)
+    write_bow(tmp_path / "d.txt", data)
+    back = read_bow(tmp_path / "d.txt", dtype=dtype)
+    assert back.features.dtype == dtype
+    assert np.array_equal(back.features.toarray(), data.features.toarray())
+    assert (back.labels != data.labels).nnz == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False).filter(lambda v: v != 0), min_size=1,
+                max_size=20))
+def test_write_bow_round_trips_any_float32(tmp_path_factory, values):
+    path = tmp_path_factory.mktemp("rt") / "d.txt"
+    x = sp.csr_matrix(np.asarray([values], dtype=np.float32))
+    write_bow(path, XMCData(x, sp.csr_matrix((1, 2))))
+    assert np.array_equal(read_bow(path).features.toarray(), x.toarray())
+
+
+def test_write_bow_keeps_only_non_zero_labels_and_takes_any_sparse_format(tmp_path):
+    x = sp.coo_matrix(np.array([[1.5, 0.0], [0.0, 2.0]], dtype=np.float32))
+    y = sp.coo_matrix((np.array([1.0, 0.0, 1.0]), (np.array([0, 0, 1]), np.array([0, 1, 2]))), shape=(2, 3))
+    write_bow(tmp_path / "d.txt", XMCData(x, y))
+    back = read_bow(tmp_path / "d.txt")
+    assert back.labels.toarray().tolist() == [[1, 0, 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match="non-finite"):
+        write_bow(tmp_path / "e.txt", XMCData(sp.csr_matrix(np.array([[np.nan]], np.float32)), sp.csr_matrix((1, 1))))
+
+
+def test_compressed_files_read_as_they_are(tmp_path):
+    text = "2 4 3\n0,2 3:0.5 1:1\n 0:2\n"
+    (tmp_path / "d.txt").write_text(text)
+    with gzip.open(tmp_path / "d.txt.gz", "wt") as fh:
+        fh.write(text)
+    plain, packed = read_bow(tmp_path / "d.txt"), read_bow(tmp_path / "d.txt.gz")
+    assert np.array_equal(plain.features.toarray(), packed.features.toarray())
+    assert plain.features.has_canonical_format  # ids sorted within each row
+    with gzip.open(tmp_path / "y.gz", "wt") as fh:
+        fh.write("2 3\n0:1 2:1\n\n")
+    assert read_label_matrix(tmp_path / "y.gz").toarray().tolist() == [[1, 0, 1], [0, 0, 0]]
+    with gzip.open(tmp_path / "t.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\ufeffalpha\r\nbeta\n")
+    assert read_texts(tmp_path / "t.gz") == ["alpha", "beta"]
+    (tmp_path / "broken.gz").write_bytes(gzip.compress(text.encode())[:-12])
+    with pytest.raises(XMCFormatError, match="broken.gz"):
+        read_bow(tmp_path / "broken.gz")
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("1 4 3\n0 1:nan\n", ":2: feature 1 has a non-finite value"),
+        ("1 4 3\n0 1:inf\n", ":2: feature 1 has a non-finite value"),
+        ("1 4 3\n0 1:1e400\n", ":2: feature 1 has a non-finite value"),
+        ("1 4 3\n0 1:1 1:2\n", ":2: feature id 1 appears more than once"),
+        ("1 4 3\n0 1:1\n0 1:1\n", ":3: more rows than the header's 1"),
+        ("1 4 3\n0 1:1e39\n", "exceeds the float32 range"),
+        ("", ":1: the file is empty"),
+    ],
+)
+def test_malformed_bow_files_name_file_and_line(tmp_path, body, match):
+    (tmp_path / "bad.txt").write_text(body)
+    with pytest.raises(XMCFormatError, match=match) as info:
+        read_bow(tmp_path / "bad.txt")
+    assert "bad.txt" in str(info.value)
+
+
+def test_non_utf8_files_name_file_and_line(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("2 3\n0:1\n1:1 caf\xe9\n".encode("latin-1"))
+    with pytest.raises(XMCFormatError, match=r"latin.txt:3: not UTF-8"):
+        read_label_matrix(tmp_path / "latin.txt")
+    (tmp_path / "texts.txt").write_bytes(b"ok\n\xff\xfe broken\n")
+    with pytest.raises(XMCFormatError, match=r"texts.txt:2: not UTF-8"):
+        read_texts(tmp_path / "texts.txt")
+
+
+def test_every_reader_treats_bom_and_trailing_blank_lines_alike(tmp_path):
+    (tmp_path / "b.txt").write_text("\ufeff1 2 2\n1 0:1\n\n\n", encoding="utf-8")
+    assert read_bow(tmp_path / "b.txt").labels.toarray().tolist() == [[0, 1]]
+    (tmp_path / "y.txt").write_text("\ufeff2 2\n0:1\n\n\n\n", encoding="utf-8")  # the second row has no labels
+    assert read_label_matrix(tmp_path / "y.txt").toarray().tolist() == [[1, 0], [0, 0]]
+    (tmp_path / "f.txt").write_text("\ufeff0 0\n\n")
+    assert read_filter_labels(tmp_path / "f.txt", sp.csr_matrix(np.eye(2))).toarray().tolist() == [[0, 0], [0, 1]]
+    (tmp_path / "z.txt").write_text("1 3\n0:1 1:0 2:1\n")  # a listed 0 is not a positive
+    assert read_label_matrix(tmp_path / "z.txt").toarray().tolist() == [[1, 0, 1]]
+
+
+def test_hashed_bag_of_words_needs_a_positive_width():
+    with pytest.raises(ValueError, match="num_features"):
+        hashed_bag_of_words(["a b"], 0)
+
+
+def _reference_bow(text):
+    """A brute-force reading of the documented format (or None where it must raise)."""
+    lines = text.split("\n")
+    if lines[-1] == "":  # the text after a final newline is not a line
+        lines.pop()
+    head = lines[0].split() if lines else []
+    if len(head) != 3 or not all(p.isdigit() for p in head):
+        return None
+    n, f, m = map(int, head)
+    body = lines[1:]
+    rows = body[:n]
+    if any(line.strip() for line in body[n:]) or len(rows) < n:
+        return None
+    x, y = np.zeros((n, f)), np.zeros((n, m))
+    for i, line in enumerate(rows):
+        tokens = line.split()
+        labels, pairs = ("", tokens) if not tokens or ":" in tokens[0] else (tokens[0], tokens[1:])
+        for token in filter(None, labels.split(",")):
+            if not token.isdigit() or int(token) >= m:
+                return None
+            y[i, int(token)] = 1
+        seen = set()
+        for token in pairs:
+            key, sep, value = token.partition(":")
+            try:
+                j, v = int(key), float(value)
+            except ValueError:
+                return None
+            if not sep or not 0 <= j < f or j in seen or not math.isfinite(v) or abs(v) >= 3.4028235677973366e38:
+                return None
+            seen.add(j)
+            x[i, j] = np.float32(v)
+    return x, y
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_bow_reader_on_random_malformed_input_raises_cleanly_or_reads_right(tmp_path_factory, data):
+    n = data.draw(st.integers(0, 3))
+    token = st.one_of(
+        st.tuples(st.integers(-1, 5), st.sampled_from(["1", "0.5", "-2e3", "nan", "inf", "x", "", "1e400"]))
+        .map(lambda t: f"{t[0]}:{t[1]}"),
+        st.sampled_from(["0,1", "3", "1,,2", "a", "9"]),
+    )
+    rows = [" ".join(data.draw(st.lists(token, max_size=4))) for _ in range(data.draw(st.integers(0, n + 1)))]
+    text = f"{n} 4 3\n" + "\n".join(rows) + data.draw(st.sampled_from(["", "\n", "\n\n", "\nx\n"]))
+    path = tmp_path_factory.mktemp("fuzz") / "d.txt"
+    path.write_text(text)
+    expected = _reference_bow(text)
+    try:
+        got = read_bow(path)
+    except XMCFormatError:
+        assert expected is None, text
+        return
+    assert expected is not None, text
+    assert np.array_equal(got.features.toarray(), expected[0]) and np.array_equal(got.labels.toarray(), expected[1])
