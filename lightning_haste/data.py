@@ -478,8 +478,9 @@ class XMCDataModule(LightningDataModule):
             raise ValueError("text_transform needs raw-text data (XMCData with texts)")
         #: optional ``[num_labels, d]`` label embeddings (e.g. from label texts) used for grouping instead of PIFA
         self.label_embeddings = label_embeddings
-        if test is not None and test.num_labels != train.num_labels:
-            raise ValueError(f"test has {test.num_labels} labels, train {train.num_labels}")
+        for name, split in (("val", val), ("test", test)):
+            if split is not None and split.num_labels != train.num_labels:
+                raise ValueError(f"{name} has {split.num_labels} labels, train {train.num_labels}")
         if val is None and val_fraction > 0:
             train, val = split_train_val(train, val_fraction, val_seed)
         self.train_data, self.val_data, self.test_data = train, val, test

@@ -242,7 +242,9 @@ class HeadTailOutput(nn.Module):
 
     def _check_labels(self, labels: Any) -> Tensor:
         if not isinstance(labels, Tensor):
-            labels = torch.as_tensor(labels)
+            array = np.asarray(labels)
+            # an empty list has no dtype of its own (NumPy says float64): no labels, not float ids
+            labels = torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor of label ids, got dtype {labels.dtype}")
         if labels.dim() != 1:

@@ -7,17 +7,21 @@ import math
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_haste import HeadTailOutput
 from lightning_haste.data import (
     XMCData,
+    XMCDataModule,
     XMCFormatError,
     hashed_bag_of_words,
     read_bow,
     read_filter_labels,
     read_label_matrix,
     read_texts,
+    synthetic_xmc,
     write_bow,
 )
 
@@ -180,3 +184,21 @@ def test_bow_reader_on_random_malformed_input_raises_cleanly_or_reads_right(tmp_
         return
     assert expected is not None, text
     assert np.array_equal(got.features.toarray(), expected[0]) and np.array_equal(got.labels.toarray(), expected[1])
+
+
+def test_every_split_must_have_the_training_label_count():
+    train, test = synthetic_xmc(40, 10, 12, 6, seed=1)
+    other, _ = synthetic_xmc(10, 2, 13, 6, seed=2)
+    with pytest.raises(ValueError, match="val has 13 labels, train 12"):
+        XMCDataModule(train, val=other, test=test)
+    with pytest.raises(ValueError, match="test has 13 labels, train 12"):
+        XMCDataModule(train, test=other)
+
+
+def test_logits_for_no_labels_is_an_empty_result():
+    layer = HeadTailOutput(8, np.arange(20), head_ratio=0.2, fan_in=4, group_size=4)
+    x = torch.randn(3, 8)
+    assert layer.logits_for(x, []).shape == (3, 0)
+    assert layer.logits_for(x, torch.zeros(0, dtype=torch.long)).shape == (3, 0)
+    with pytest.raises(TypeError, match="integer"):
+        layer.logits_for(x, [1.5])
