@@ -25,23 +25,48 @@ Targets = Union[Sequence[Tensor], Tensor, Any]
 
 
 def _check_ks(k: Any) -> tuple[int, ...]:
-    ks = (k,) if isinstance(k, numbers.Integral) else tuple(k)
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        ks: tuple = (k,)
+    elif isinstance(k, (list, tuple, range)):
+        ks = tuple(k)
+    else:
+        raise TypeError(f"k must be a positive integer or a non-empty sequence of them, got {k!r}")
     if not ks or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in ks):
         raise ValueError(f"k must be a positive integer or a non-empty sequence of them, got {k!r}")
     return tuple(sorted(set(int(v) for v in ks)))
 
 
+def _row_ids(row: int, t: Any) -> Tensor:
+    ids = t if isinstance(t, Tensor) else torch.as_tensor(np.asarray(t) if np.size(t) else np.zeros(0, np.int64))
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"targets[{row}] must hold integer label ids, got dtype {ids.dtype}")
+    if ids.dim() > 1:
+        raise ValueError(f"targets[{row}] must be 1-D label ids, got shape {tuple(ids.shape)}")
+    return torch.unique(ids.reshape(-1).long().cpu())  # a label listed twice is one positive
+
+
 def _targets_csr(targets: Targets, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(row_offsets [rows + 1], labels)`` of the positives, int64, on ``device``."""
+    """``(row_offsets [rows + 1], labels)`` of the positives, int64, on ``device``.
+
+    The rule for every format: a label listed twice in a row is one positive; a stored zero of a sparse matrix is
+    not a positive; a dense ``[N, L]`` tensor or array is rejected (it would read as lists of ids)."""
     if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
-        crow, col = targets.crow_indices(), targets.col_indices()
-    elif sp.issparse(targets):
-        csr = sp.csr_matrix(targets)
-        csr.sort_indices()
+        csr = sp.csr_matrix((targets.values().detach().cpu().numpy(), targets.col_indices().cpu().numpy(),
+                             targets.crow_indices().cpu().numpy()), shape=tuple(targets.shape))
+        targets = csr
+    if isinstance(targets, Tensor) or isinstance(targets, np.ndarray):
+        raise TypeError(
+            "targets must be a sequence of 1-D label-id tensors (one per row) or a sparse matrix (torch sparse CSR, "
+            "SciPy); a dense [N, L] 0/1 matrix is not taken: convert it, e.g. with .to_sparse_csr()"
+        )
+    if sp.issparse(targets):
+        csr = sp.csr_matrix(targets, copy=True)
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
         crow = torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64))
         col = torch.from_numpy(np.asarray(csr.indices, dtype=np.int64))
     else:
-        lists = [torch.as_tensor(t).reshape(-1).long() for t in targets]
+        lists = [_row_ids(i, t) for i, t in enumerate(targets)]
         crow = torch.tensor([0] + [t.numel() for t in lists]).cumsum(0)
         col = torch.cat(lists) if lists else torch.zeros(0, dtype=torch.long)
     if crow.numel() - 1 != rows:
@@ -60,7 +85,16 @@ def _topk_ids(preds: Tensor, k: int) -> Tensor:
         return preds.topk(k, dim=1).indices
     if preds.shape[1] < k:
         raise ValueError(f"preds has {preds.shape[1]} ids per row, fewer than the largest k={k}")
-    return preds[:, :k].long()
+    if preds.dtype.is_complex or preds.dtype == torch.bool:
+        raise TypeError(f"preds must be integer label ids or floating scores, got dtype {preds.dtype}")
+    top = preds[:, :k].long()
+    if top.numel():
+        if int(top.min()) < 0:
+            raise ValueError("predicted label ids must be non-negative")
+        ordered = top.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("each row's predicted label ids must be distinct")
+    return top
 
 
 def _hits(top: Tensor, crow: Tensor, col: Tensor) -> Tensor:
@@ -129,10 +163,15 @@ class NDCGAtK(_AtK):
 def inverse_propensities(label_counts: Any, num_train: int, A: float = 0.55, B: float = 1.5) -> Tensor:
     """``1 / p_l`` with ``p_l = 1 / (1 + C (N_l + B)^-A)``, ``C = (ln N - 1)(B + 1)^A`` (Jain et al. 2016)."""
     counts = torch.as_tensor(np.asarray(label_counts), dtype=torch.float64)
-    if counts.dim() != 1 or counts.numel() == 0 or bool((counts < 0).any()):
-        raise ValueError("label_counts must be a non-empty 1-D array of non-negative counts")
+    if counts.dim() != 1 or counts.numel() == 0 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+        raise ValueError("label_counts must be a non-empty 1-D array of finite, non-negative counts")
     if isinstance(num_train, bool) or not isinstance(num_train, numbers.Integral) or num_train < 2:
         raise ValueError(f"num_train must be an integer >= 2, got {num_train!r}")
+    for name, value in (("A", A), ("B", B)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if B == 0 and bool((counts == 0).any()) and A > 0:
+        raise ValueError("B = 0 gives labels without training positives an infinite propensity weight")
     c = (math.log(num_train) - 1.0) * (B + 1.0) ** A
     return 1.0 + c * (counts + B) ** (-A)
 

@@ -7,6 +7,8 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_haste.metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK, inverse_propensities
 
@@ -92,7 +94,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="fewer than the largest k=5"):
         m.update(torch.zeros(2, 3, dtype=torch.long), [[0], [1]])
     with pytest.raises(ValueError, match="targets describe 1 instances"):
-        m.update(torch.zeros(2, 5, dtype=torch.long), [[0]])
+        m.update(torch.arange(5).repeat(2, 1), [[0]])
     with pytest.raises(ValueError, match="label ids must be < 4"):
         PSPrecisionAtK(1, label_counts=[1, 2, 3, 4], num_train=10).update(torch.tensor([[7]]), [[0]])
     with pytest.raises(ValueError, match="num_train"):
@@ -130,3 +132,54 @@ def test_ddp_reduction_equals_single_process():
     assert distributed.keys() == single.keys()
     for key in single:
         assert distributed[key] == pytest.approx(single[key], abs=1e-12)
+
+
+def test_malformed_predictions_and_targets_raise_or_follow_the_documented_rule():
+    """The reproducers of the bad-input report: each raises a clean error or gives the documented value."""
+    with pytest.raises(ValueError, match="distinct"):
+        PrecisionAtK(3).update(torch.tensor([[1, 1, 1]]), [torch.tensor([1, 2])])
+    with pytest.raises(ValueError, match="non-negative"):
+        PrecisionAtK(1).update(torch.tensor([[-1]]), [torch.tensor([3])])
+    with pytest.raises(TypeError, match="integer label ids"):
+        PrecisionAtK(1).update(torch.tensor([[1]]), [torch.tensor([1.0])])
+    with pytest.raises(TypeError, match="dense"):
+        PrecisionAtK(1).update(torch.tensor([[1]]), torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="k must be"):
+        PrecisionAtK(1.0)
+    # a label listed twice in a row is one positive: a perfect ranking has nDCG 1
+    ndcg = NDCGAtK(2)
+    ndcg.update(torch.tensor([[4, 2]]), [torch.tensor([4, 4, 2])])
+    assert float(ndcg.compute()["nDCG@2"]) == pytest.approx(1.0)
+    # a stored zero of a sparse target is not a positive
+    stored = sp.csr_matrix((np.array([1.0, 0.0]), np.array([0, 1]), np.array([0, 2])), shape=(1, 3))
+    p = PrecisionAtK(1)
+    p.update(torch.tensor([[1]]), stored)
+    assert float(p.compute()["P@1"]) == 0.0
+    torch_stored = torch.sparse_csr_tensor(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([1.0, 0.0]),
+                                           size=(1, 3))
+    p = PrecisionAtK(1)
+    p.update(torch.tensor([[1]]), torch_stored)
+    assert float(p.compute()["P@1"]) == 0.0
+    for bad in ({"label_counts": [1.0, float("nan")]}, {"label_counts": [1, 2], "A": float("nan")},
+                {"label_counts": [1, 2], "B": -3.0}, {"label_counts": [0, 2], "B": 0.0}):
+        with pytest.raises(ValueError):
+            PSPrecisionAtK(1, num_train=10, **bad)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_metrics_on_random_malformed_input_raise_cleanly_or_match_brute_force(data):
+    rows = data.draw(st.integers(1, 4))
+    k = data.draw(st.integers(1, 3))
+    top = data.draw(st.lists(st.lists(st.integers(-1, 6), min_size=k, max_size=k), min_size=rows, max_size=rows))
+    targets = data.draw(st.lists(st.lists(st.integers(-1, 6), max_size=4), min_size=rows, max_size=rows))
+    metric = PrecisionAtK(k)
+    valid = all(min(r) >= 0 and len(set(r)) == len(r) for r in top) and all(min(t, default=0) >= 0 for t in targets)
+    try:
+        metric.update(torch.tensor(top), [torch.tensor(t, dtype=torch.long) for t in targets])
+    except ValueError:
+        assert not valid
+        return
+    assert valid
+    expected = np.mean([len(set(r) & set(t)) / k for r, t in zip(top, targets, strict=True)])
+    assert float(metric.compute()[f"P@{k}"]) == pytest.approx(expected)
