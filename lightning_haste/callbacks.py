@@ -71,10 +71,12 @@ class SparseRegrowthCallback(Callback):
         super().__init__()
         if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        if not isinstance(prune_fraction, numbers.Real) or not 0.0 <= float(prune_fraction) <= 1.0:
-            raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction!r}")
-        if not isinstance(end, numbers.Real) or not 0.0 <= float(end) <= 1.0:
-            raise ValueError(f"end must be in [0, 1], got {end!r}")
+        for name, value in (("prune_fraction", prune_fraction), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        dst.check_init_scale(init_scale)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if score not in dst.SCORES:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
@@ -65,6 +66,16 @@ def regrown_weight_mask(layer: GroupSharedFanIn, regrown: Tensor) -> Tensor:
     mask = regrown.repeat_interleave(layer.group_size, dim=0)
     mask[layer.out_features :] = False
     return mask
+
+
+def check_init_scale(init_scale: Any) -> float:
+    """``init_scale`` as a float if it is a finite number >= 0 (the half-width of the regrown weights' uniform
+    draw), else an error."""
+    if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) or not math.isfinite(init_scale):
+        raise TypeError(f"init_scale must be a finite real number, got {init_scale!r}")
+    if init_scale < 0:
+        raise ValueError(f"init_scale must be >= 0, got {init_scale}")
+    return float(init_scale)
 
 
 def _check_fraction(prune_fraction: Optional[float], threshold: Optional[float]) -> None:
@@ -138,9 +149,16 @@ def rewire_(
         raise ValueError(f"regrow must be 'random', got {regrow!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    check_init_scale(init_scale)
     layer.check_group_index()
     num_groups, fan_in, in_features = layer.num_groups, layer.fan_in, layer.in_features
     scores = slot_scores(layer, score)
+    # A slot whose weights are not finite carries no usable signal: it is pruned first, and reported.
+    broken = ~torch.isfinite(scores)
+    num_broken = int(broken.sum())
+    if num_broken:
+        warnings.warn(f"rewire: {num_broken} slots have non-finite weights; they are pruned first", stacklevel=2)
+        scores = scores.masked_fill(broken, float("-inf"))
     order = torch.sort(scores, dim=1, stable=True).indices  # lowest first, ties by slot
     if prune_fraction is not None:
         count = math.floor(float(prune_fraction) * fan_in + 1e-9)
@@ -157,21 +175,22 @@ def rewire_(
     ranks.scatter_(1, order, torch.arange(fan_in, device=order.device).expand_as(order))
     pruned = ranks < counts.unsqueeze(1)  # [num_groups, fan_in]
 
+    # Everything new is computed first, then written: a failure leaves the layer as it was.
     candidates, take = _draw_new_features(layer.group_index, counts, in_features, generator, memory_budget)
     new_index = layer.group_index.clone()
     new_index[pruned] = candidates[take].to(new_index.dtype)
     changed = new_index != layer.group_index
-    layer.group_index.copy_(new_index)
-
     weight_mask = regrown_weight_mask(layer, pruned)
     if init == "zero":
-        layer.weight.masked_fill_(weight_mask, 0.0)
+        new_weight = layer.weight.masked_fill(weight_mask, 0.0)
     else:
         draw_device = generator.device if generator is not None else layer.weight.device
         values = torch.empty(layer.weight.shape, device=draw_device).uniform_(
             -init_scale, init_scale, generator=generator
         )
-        layer.weight.copy_(torch.where(weight_mask, values.to(layer.weight), layer.weight))
+        new_weight = torch.where(weight_mask, values.to(layer.weight), layer.weight)
+    layer.group_index.copy_(new_index)
+    layer.weight.copy_(new_weight)
     layer.mark_group_index_valid()
 
     total = int(counts.sum())

@@ -173,3 +173,29 @@ def test_rewire_on_cuda_matches_the_rules():
     kept = ~stats.regrown
     assert torch.equal(layer.group_index[kept], before[kept])
     assert torch.count_nonzero(layer.weight.detach()[1000:]) == 0
+
+
+def test_a_failed_rewire_leaves_the_layer_as_it_was_and_bad_settings_fail_first():
+    layer = lh.GroupSharedFanIn(32, 20, 8, 4, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for kwargs, error in (({"init": "uniform", "init_scale": -1.0}, ValueError),
+                          ({"init": "uniform", "init_scale": float("nan")}, TypeError),
+                          ({"score": "median"}, ValueError)):
+        with pytest.raises(error):
+            layer.rewire(0.5, **kwargs)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    for kwargs in ({"prune_fraction": True}, {"end": True}, {"seed": 1.5}, {"init_scale": -1.0}):
+        with pytest.raises((TypeError, ValueError)):
+            lh.SparseRegrowthCallback(**kwargs)
+
+
+def test_non_finite_slots_are_pruned_first_with_a_warning():
+    layer = lh.GroupSharedFanIn(32, 8, 8, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.weight[0:4, 3] = float("nan")  # slot 3 of group 0
+    old = layer.group_index[0, 3].item()
+    with pytest.warns(UserWarning, match="1 slots have non-finite weights"):
+        layer.rewire(0.125, generator=torch.Generator().manual_seed(2))  # one slot per group
+    assert layer.group_index[0, 3].item() != old
+    assert torch.isfinite(layer.weight).all()
