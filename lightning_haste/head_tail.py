@@ -56,6 +56,22 @@ def _resolve_slice(name: str, features: FeatureSlice, in_features: int) -> tuple
     return start, stop
 
 
+def _check_label_order(permutation: Tensor, position: Tensor, num_labels: int) -> None:
+    """``permutation`` and ``position`` must be inverse permutations of ``0 .. num_labels - 1``."""
+    if permutation.shape != (num_labels,) or position.shape != (num_labels,):
+        raise ValueError(
+            f"label_permutation and label_position must have shape ({num_labels},), got "
+            f"{tuple(permutation.shape)} and {tuple(position.shape)}"
+        )
+    if permutation.dtype != torch.long or position.dtype != torch.long:
+        raise TypeError("label_permutation and label_position must be int64")
+    perm, pos = permutation.detach().cpu(), position.detach().cpu()
+    if not torch.equal(torch.sort(perm).values, torch.arange(num_labels)):
+        raise ValueError("label_permutation must hold every label id 0 .. num_labels - 1 exactly once")
+    if not torch.equal(pos[perm], torch.arange(num_labels)):
+        raise ValueError("label_position must be the inverse of label_permutation")
+
+
 class HeadTailOutput(nn.Module):
     """Extreme multi-label output layer: dense head over frequent labels, GSFI tail over the rest.
 
@@ -181,6 +197,20 @@ class HeadTailOutput(nn.Module):
                     stacklevel=3,
                 )
         return tail_ids
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # type: ignore[no-untyped-def]
+        # The label order of an incoming state is checked before anything is copied: a permutation that repeats
+        # a label would leave one output column never written (uninitialised memory in every forward).
+        permutation = state_dict.get(prefix + "label_permutation")
+        position = state_dict.get(prefix + "label_position")
+        if isinstance(permutation, Tensor) and isinstance(position, Tensor):
+            _check_label_order(permutation, position, self.num_labels)
+        elif isinstance(permutation, Tensor) or isinstance(position, Tensor):
+            raise ValueError(f"{prefix}label_permutation and {prefix}label_position must be loaded together")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ----------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -227,3 +227,22 @@ def test_bias_from_the_label_prior_sets_every_label_in_original_order():
     no_bias = HeadTailOutput(24, freq, head_ratio=0.1, fan_in=8, group_size=8, bias=False)
     with pytest.raises(ValueError, match="no biases"):
         no_bias.init_bias_from_prior_(freq, num_instances=100)
+
+
+def test_a_state_dict_with_a_broken_label_order_is_refused_before_anything_loads():
+    layer = HeadTailOutput(16, np.arange(30), head_ratio=0.2, fan_in=4, group_size=4,
+                           generator=torch.Generator().manual_seed(0))
+    good = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = dict(good)
+    bad["label_permutation"] = good["label_permutation"].clone()
+    bad["label_permutation"][1] = bad["label_permutation"][0]  # a repeated label
+    bad["head.weight"] = torch.zeros_like(good["head.weight"])
+    with pytest.raises(ValueError, match="exactly once"):
+        layer.load_state_dict(bad)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, good[key]), key  # nothing was copied
+    swapped = dict(good)
+    swapped["label_position"] = torch.roll(good["label_position"], 1)
+    with pytest.raises(ValueError, match="inverse"):
+        layer.load_state_dict(swapped)
+    layer.load_state_dict(good)
