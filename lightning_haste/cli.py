@@ -109,7 +109,18 @@ def main(args: Optional[list[str]] = None) -> None:
                 table = _metrics_table(self.trainer.callback_metrics, "val/")
                 print("final validation metrics:\n" + table if table else "no validation ran")
 
-    HasteCLI(HasteXMC, XMCDataModule, subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True})
+    from .data import XMCFormatError  # noqa: PLC0415
+
+    try:
+        HasteCLI(HasteXMC, XMCDataModule, subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True})
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is about the user's data files
+        # the user's data, not a bug: one line, no traceback (the argument parser wraps the datamodule's error)
+        cause: Optional[BaseException] = error
+        while cause is not None and not isinstance(cause, (FileNotFoundError, XMCFormatError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise SystemExit(f"haste-xmc: {cause}") from None
 
 
 if __name__ == "__main__":

@@ -585,6 +585,9 @@ class BowXMCDataModule(XMCDataModule):
     def __init__(self, directory: str, batch_size: int = 256, sparse_features: bool = False, num_workers: int = 0,
                  val_fraction: float = 0.1):
         directory_path = Path(directory)
+        if not directory_path.is_dir():
+            raise FileNotFoundError(f"data directory {str(directory_path)!r} does not exist (expected train.txt and "
+                                    "test.txt in it)")
         train, test = read_bow(directory_path / "train.txt"), read_bow(directory_path / "test.txt")
         if (directory_path / "filter_labels_test.txt").exists():
             test = XMCData(test.features, read_filter_labels(directory_path / "filter_labels_test.txt", test.labels))

@@ -261,7 +261,13 @@ class HeadTailOutput(nn.Module):
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
         parameter = next(iter(self.parameters()), None)
         if parameter is not None:
-            check_same_device_dtype("weight", parameter, x=x)
+            if torch.is_autocast_enabled(x.device.type):
+                # autocast casts input and weights to one dtype, as for nn.Linear (an encoder's 16-bit output
+                # meets float32 weights there): only the device must agree
+                if x.device != parameter.device:
+                    raise ValueError(f"x is on {x.device} but weight is on {parameter.device}; move them to one device")
+            else:
+                check_same_device_dtype("weight", parameter, x=x)
         return x.reshape(-1, self.in_features)
 
     def _head_input(self, x2d: Tensor) -> Tensor:

@@ -44,3 +44,20 @@ def test_train_bow_example_on_written_files(tmp_path):
     out = _run([str(ROOT / "examples" / "train_bow.py"), str(tmp_path), "--steps", "10", "--fan-in", "8",
                 "--group-size", "8", "--accelerator", "cpu"], tmp_path)
     assert "P@1=" in out and "PSP@5=" in out
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    config = ROOT / "examples" / "configs" / "bow.yaml"
+    result = subprocess.run([sys.executable, "-m", "lightning_haste.cli", "fit", f"--config={config}",
+                             f"--data.init_args.directory={tmp_path / 'missing'}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "haste-xmc: data directory" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "bad").mkdir()
+    for name in ("train.txt", "test.txt"):
+        (tmp_path / "bad" / name).write_text("1 4 3\n0 1:nan\n")
+    result = subprocess.run([sys.executable, "-m", "lightning_haste.cli", "fit", f"--config={config}",
+                             f"--data.init_args.directory={tmp_path / 'bad'}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "train.txt:2: feature 1 has a non-finite value" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -246,3 +246,25 @@ def test_a_state_dict_with_a_broken_label_order_is_refused_before_anything_loads
     with pytest.raises(ValueError, match="inverse"):
         layer.load_state_dict(swapped)
     layer.load_state_dict(good)
+
+
+def test_autocast_takes_a_16_bit_encoder_output_with_float32_weights_as_nn_linear_does():
+    encoder = torch.nn.Linear(16, 32)
+    layer = HeadTailOutput(32, np.arange(40), head_ratio=0.1, fan_in=8, group_size=4,
+                           generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = encoder(x)
+        assert h.dtype == torch.bfloat16
+        logits = layer(h)
+        loss = layer.loss(h, [torch.tensor([1, 2])] * 5)
+        scores, ids = layer.topk(h, 3)
+        some = layer.logits_for(h, [0, 5])
+    reference = layer(h.detach().float())  # the same products in float32, for the tolerance of bf16
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(some.float(), reference[:, [0, 5]], rtol=0.05, atol=0.05)
+    assert ids.shape == (5, 3) and scores.dtype == torch.bfloat16
+    (logits.float().sum() + loss).backward()
+    assert x.grad is not None and layer.tail.weight.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):
+        layer(h.detach())  # outside autocast the dtypes must agree
