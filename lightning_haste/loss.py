@@ -108,24 +108,31 @@ def _all_cpu_label_tensors(targets: Sequence[Any]) -> bool:
     return all(isinstance(t, Tensor) and t.is_cpu and t.dtype in _INTEGER_DTYPES and t.dim() == 1 for t in targets)
 
 
-def sparse_targets(targets: SparseTargets, num_rows: int, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_sparse_shape(shape: tuple, num_rows: int, num_labels: Optional[int]) -> None:
+    if len(shape) != 2 or shape[0] != num_rows or (num_labels is not None and shape[1] != num_labels):
+        wanted = f"({num_rows}, {num_labels if num_labels is not None else 'labels'})"
+        raise ValueError(f"sparse targets must have shape {wanted}, got {tuple(shape)}")
+
+
+def sparse_targets(
+    targets: SparseTargets, num_rows: int, num_labels: Optional[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """The positives of ``targets`` as ``(rows, labels)`` int64 arrays, sorted by row then label.
 
-    A label listed twice in a row is one positive (the loss treats targets as a set). Raises for a row count
-    other than ``num_rows``, ids outside ``[0, num_labels)`` and non-integer ids. Reading a CUDA tensor
-    synchronises with the device; the collate functions of the package give CPU tensors.
+    A label listed twice in a row is one positive (the loss treats targets as a set); a stored zero of a sparse
+    matrix is none. Raises for a row count other than ``num_rows``, ids outside ``[0, num_labels)`` (with
+    ``num_labels=None``: negative ids) and non-integer ids. Reading a CUDA tensor synchronises with the device;
+    the collate functions of the package give CPU tensors.
     """
     if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
-        if targets.dim() != 2 or tuple(targets.shape) != (num_rows, num_labels):
-            raise ValueError(f"sparse targets must have shape ({num_rows}, {num_labels}), got {tuple(targets.shape)}")
+        _check_sparse_shape(tuple(targets.shape), num_rows, num_labels)
         indptr = targets.crow_indices().cpu().numpy().astype(np.int64)
         labels = targets.col_indices().cpu().numpy().astype(np.int64)
         keep = targets.values().cpu().numpy() != 0
         rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(indptr))[keep]
         labels = labels[keep]
     elif hasattr(targets, "tocsr") and hasattr(targets, "shape"):  # scipy.sparse
-        if tuple(targets.shape) != (num_rows, num_labels):
-            raise ValueError(f"sparse targets must have shape ({num_rows}, {num_labels}), got {tuple(targets.shape)}")
+        _check_sparse_shape(tuple(targets.shape), num_rows, num_labels)
         csr = targets.tocsr()
         keep = np.asarray(csr.data) != 0
         rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(csr.indptr))[keep]
@@ -147,13 +154,14 @@ def sparse_targets(targets: SparseTargets, num_rows: int, num_labels: int) -> tu
         counts = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
         rows = np.repeat(np.arange(num_rows, dtype=np.int64), counts)
         labels = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
+    if labels.size and (labels.min() < 0 or (num_labels is not None and labels.max() >= num_labels)):
+        bound = f"[0, {num_labels}) (num_labels)" if num_labels is not None else "[0, infinity)"
         raise ValueError(
-            f"target label ids must lie in [0, {num_labels}) (num_labels), found values in "
-            f"[{int(labels.min())}, {int(labels.max())}]"
+            f"target label ids must lie in {bound}, found values in [{int(labels.min())}, {int(labels.max())}]"
         )
-    keys = np.unique(rows * num_labels + labels)  # sorted, each (row, label) once
-    return keys // num_labels, keys % num_labels
+    stride = num_labels if num_labels is not None else (int(labels.max()) + 1 if labels.size else 1)
+    keys = np.unique(rows * stride + labels)  # sorted, each (row, label) once
+    return keys // stride, keys % stride
 
 
 # ------------------------------------------------------------------------------------------------

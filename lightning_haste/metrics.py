@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from typing import Any, Union
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from .loss import sparse_targets
 
 __all__ = ["PrecisionAtK", "NDCGAtK", "PSPrecisionAtK", "inverse_propensities"]
 
@@ -36,44 +37,23 @@ def _check_ks(k: Any) -> tuple[int, ...]:
     return tuple(sorted(set(int(v) for v in ks)))
 
 
-def _row_ids(row: int, t: Any) -> Tensor:
-    ids = t if isinstance(t, Tensor) else torch.as_tensor(np.asarray(t) if np.size(t) else np.zeros(0, np.int64))
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"targets[{row}] must hold integer label ids, got dtype {ids.dtype}")
-    if ids.dim() > 1:
-        raise ValueError(f"targets[{row}] must be 1-D label ids, got shape {tuple(ids.shape)}")
-    return torch.unique(ids.reshape(-1).long().cpu())  # a label listed twice is one positive
-
-
 def _targets_csr(targets: Targets, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(row_offsets [rows + 1], labels)`` of the positives, int64, on ``device``.
 
-    The rule for every format: a label listed twice in a row is one positive; a stored zero of a sparse matrix is
-    not a positive; a dense ``[N, L]`` tensor or array is rejected (it would read as lists of ids)."""
-    if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
-        csr = sp.csr_matrix((targets.values().detach().cpu().numpy(), targets.col_indices().cpu().numpy(),
-                             targets.crow_indices().cpu().numpy()), shape=tuple(targets.shape))
-        targets = csr
-    if isinstance(targets, Tensor) or isinstance(targets, np.ndarray):
+    The rule for every format is the loss's (:func:`lightning_haste.loss.sparse_targets`): a label listed twice in a
+    row is one positive, a stored zero of a sparse matrix none; a dense ``[N, L]`` tensor or array is rejected (it
+    would read as lists of ids)."""
+    if isinstance(targets, np.ndarray) or (isinstance(targets, Tensor) and targets.layout != torch.sparse_csr):
         raise TypeError(
             "targets must be a sequence of 1-D label-id tensors (one per row) or a sparse matrix (torch sparse CSR, "
             "SciPy); a dense [N, L] 0/1 matrix is not taken: convert it, e.g. with .to_sparse_csr()"
         )
-    if sp.issparse(targets):
-        csr = sp.csr_matrix(targets, copy=True)
-        csr.sum_duplicates()
-        csr.eliminate_zeros()
-        crow = torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64))
-        col = torch.from_numpy(np.asarray(csr.indices, dtype=np.int64))
-    else:
-        lists = [_row_ids(i, t) for i, t in enumerate(targets)]
-        crow = torch.tensor([0] + [t.numel() for t in lists]).cumsum(0)
-        col = torch.cat(lists) if lists else torch.zeros(0, dtype=torch.long)
-    if crow.numel() - 1 != rows:
-        raise ValueError(f"targets describe {crow.numel() - 1} instances but the predictions have {rows}")
-    if col.numel() and int(col.min()) < 0:
-        raise ValueError("targets contain negative label ids")
-    return crow.to(device, torch.long), col.to(device, torch.long)
+    described = targets.shape[0] if hasattr(targets, "shape") else len(targets)
+    if described != rows:
+        raise ValueError(f"targets describe {described} instances but the predictions have {rows}")
+    row_of, labels = sparse_targets(targets, rows, None)
+    crow = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))])
+    return torch.from_numpy(crow).to(device, torch.long), torch.from_numpy(labels).to(device, torch.long)
 
 
 def _topk_ids(preds: Tensor, k: int) -> Tensor:
