@@ -136,23 +136,25 @@ def _pairs(path: Path, lineno: int, tokens: Sequence[str], limit: int, what: str
     return ids, values
 
 
-def _rows(path: Path, expected: int) -> Iterator[tuple[int, str]]:
-    """The data lines after the header (line 1): at most ``expected`` rows; blank lines after them are ignored,
-    anything else there is an error."""
-    for lineno, line in _lines(path):
-        if lineno == 1:
-            continue
-        if lineno - 1 > expected:
-            if line.strip():
-                raise XMCFormatError(f"{path}:{lineno}: more rows than the header's {expected}")
-            continue
-        yield lineno, line
+def _header_and_rows(path: Path, count: int) -> tuple[list[int], Iterator[tuple[int, str]]]:
+    """The header's ``count`` integers (the first one the number of rows) and the data lines after it, in one
+    pass over the file: at most that many rows; blank lines after them are ignored, anything else there is an
+    error."""
+    lines = _lines(path)
+    first = next(lines, None)
+    if first is None:
+        raise XMCFormatError(f"{path}:1: the file is empty (expected a header)")
+    header = _header(path, first[1], count)
 
+    def rows() -> Iterator[tuple[int, str]]:
+        for lineno, line in lines:
+            if lineno - 1 > header[0]:
+                if line.strip():
+                    raise XMCFormatError(f"{path}:{lineno}: more rows than the header's {header[0]}")
+                continue
+            yield lineno, line
 
-def _first_line(path: Path) -> str:
-    for _, line in _lines(path):
-        return line
-    raise XMCFormatError(f"{path}:1: the file is empty (expected a header)")
+    return header, rows()
 
 
 def _float_dtype(dtype: Any) -> np.dtype:
@@ -171,9 +173,9 @@ def read_bow(path: Union[str, os.PathLike], *, dtype: Any = np.float32) -> XMCDa
     ``dtype``: of the feature values (float32, or float64 for files written from float64 data)."""
     path = Path(path)
     dtype = _float_dtype(dtype)
-    num_rows, num_features, num_labels = _header(path, _first_line(path), 3)
+    (num_rows, num_features, num_labels), rows = _header_and_rows(path, 3)
     f_ptr, f_idx, f_val, l_ptr, l_idx = [0], [], [], [0], []
-    for lineno, line in _rows(path, num_rows):
+    for lineno, line in rows:
         tokens = line.split()
         # The first token is the comma-separated label list, unless the instance has no labels.
         head, rest = ("", tokens) if not tokens or ":" in tokens[0] else (tokens[0], tokens[1:])
@@ -248,9 +250,9 @@ def read_label_matrix(path: Union[str, os.PathLike]) -> sp.csr_matrix:
     (an empty line: a row without labels). A label listed with the value 0 is not a positive; one listed twice is
     an error. Gzip-compressed files are read as they are."""
     path = Path(path)
-    num_rows, num_labels = _header(path, _first_line(path), 2)
+    (num_rows, num_labels), rows = _header_and_rows(path, 2)
     ptr, idx = [0], []
-    for lineno, line in _rows(path, num_rows):
+    for lineno, line in rows:
         ids, values = _pairs(path, lineno, line.split(), num_labels, "label")
         idx += sorted(i for i, v in zip(ids, values, strict=True) if v != 0)
         ptr.append(len(idx))
@@ -386,15 +388,20 @@ def split_train_val(data: XMCData, val_fraction: float, seed: int = 0) -> tuple[
     return rows(~held), rows(held)
 
 
-def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
-    """A SciPy CSR label matrix as a torch sparse CSR tensor (int64 indices, float32 ones): the batches' targets."""
-    labels = labels.tocsr()
+def _torch_csr(matrix: sp.csr_matrix, values: np.ndarray) -> torch.Tensor:
+    """A SciPy CSR matrix's structure with ``values`` as a torch sparse CSR tensor (int64 indices)."""
     with warnings.catch_warnings():  # torch's one-time notice that sparse CSR support is in beta
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            torch.from_numpy(labels.indptr.astype(np.int64)), torch.from_numpy(labels.indices.astype(np.int64)),
-            torch.ones(labels.nnz, dtype=torch.float32), size=labels.shape, check_invariants=False,
+            torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int64)),
+            torch.from_numpy(values), size=matrix.shape, check_invariants=False,
         )
+
+
+def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
+    """A SciPy CSR label matrix as a torch sparse CSR tensor (int64 indices, float32 ones): the batches' targets."""
+    labels = labels.tocsr()
+    return _torch_csr(labels, np.ones(labels.nnz, dtype=np.float32))
 
 
 class _Collate:
@@ -412,10 +419,7 @@ class _Collate:
         if sp.issparse(feats):
             feats = feats.tocsr()
             if self.sparse:
-                features = torch.sparse_csr_tensor(
-                    torch.from_numpy(feats.indptr.astype(np.int64)), torch.from_numpy(feats.indices.astype(np.int64)),
-                    torch.from_numpy(feats.data.astype(dtype)), size=feats.shape,
-                )
+                features = _torch_csr(feats, feats.data.astype(dtype))
             else:
                 features = torch.from_numpy(feats.toarray().astype(dtype))
         else:
