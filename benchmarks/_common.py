@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -209,6 +210,15 @@ def append_history(
             writer.writerow((date, commit, device, script, shape, metric, f"{ms:.6g}"))
             written += 1
     return written
+
+
+def report_row(row: dict, path: Optional[str | Path], hidden: tuple[str, ...] = ()) -> None:
+    """Print one result row as JSON (without the ``hidden`` keys) and append it, whole, to the JSON-lines file
+    ``path`` (none if empty or None)."""
+    print(json.dumps({k: v for k, v in row.items() if k not in hidden}), flush=True)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
 def fmt(value: Optional[float], width: int = 8, digits: int = 3) -> str:

@@ -25,7 +25,6 @@ Per configuration:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -227,11 +226,8 @@ def main() -> None:
         for output in own.outputs.split(","):
             row = run(args, label_spec, output, own.steps, train, test)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "host_table"}), flush=True)
+            C.report_row(row, own.json, hidden=("host_table",))
             print(row["host_table"], flush=True)
-            if own.json:
-                with open(own.json, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
     print("\n| labels | output | fit ms / step | steps/s | bare ms / step | overhead | syncs / step | GPU busy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

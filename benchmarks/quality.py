@@ -177,10 +177,7 @@ def main() -> None:
     for name in names:
         row = run_variant(name, args, train, test)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if own.json:
-            with open(own.json, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        C.report_row(row, own.json)
     print("\n| variant | P@1 | P@3 | P@5 | PSP@1 | PSP@3 | PSP@5 | nDCG@5 | fit s | peak GiB | output params |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

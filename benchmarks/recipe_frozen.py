@@ -18,7 +18,6 @@ output layer, which the encoder's optimizer (AdamW, insensitive to the loss's sc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402 - the shared result reporting
 import train_text  # noqa: E402 - the example's data reading and pooling
 
 from lightning_haste import HasteXMCModule  # noqa: E402
@@ -85,10 +86,7 @@ def main() -> None:
         results = trainer.test(model, dm, verbose=False)[0]
         row = {"recipe": name, "settings": RECIPES[name], "epochs": epochs, "seconds": time.perf_counter() - start,
                **{m: float(results[f"test/{m}"]) for m in METRICS}}
-        print(json.dumps(row), flush=True)
-        if own.json:
-            with open(own.json, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        C.report_row(row, own.json)
 
 
 if __name__ == "__main__":

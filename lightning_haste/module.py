@@ -61,6 +61,11 @@ def sparse_squared_hinge(logits: Tensor, targets: SparseTargets, reduction: str 
     return total / divide
 
 
+def _statistics(label_frequencies: Any, num_train: Any) -> dict[str, Any]:
+    """The training statistics the output layer and PSP@k are built from (kept, and saved in checkpoints)."""
+    return {"label_frequencies": np.asarray(label_frequencies, dtype=np.int64), "num_train": int(num_train)}
+
+
 def _num_rows(targets: SparseTargets) -> int:
     return int(targets.shape[0]) if hasattr(targets, "shape") else len(targets)
 
@@ -218,9 +223,7 @@ class HasteXMCModule:
         cfg = self.haste
         statistics = getattr(self, "haste_statistics", None)
         if dm is not None and hasattr(dm, "label_frequencies"):
-            statistics = {"label_frequencies": np.asarray(dm.label_frequencies, dtype=np.int64),
-                          "num_train": int(dm.num_train)}
-            self.haste_statistics = statistics
+            statistics = self.haste_statistics = _statistics(dm.label_frequencies, dm.num_train)
         if self.output is None:
             if dm is None:
                 raise ValueError(
@@ -250,8 +253,7 @@ class HasteXMCModule:
         ``load_from_checkpoint`` needs no datamodule; a layer that exists already (a resumed fit) stays."""
         saved = checkpoint.get("haste_statistics")
         if saved is not None and getattr(self, "haste_statistics", None) is None:
-            self.haste_statistics = {"label_frequencies": np.asarray(saved["label_frequencies"], dtype=np.int64),
-                                     "num_train": int(saved["num_train"])}
+            self.haste_statistics = _statistics(saved["label_frequencies"], saved["num_train"])
         config = checkpoint.get("haste_output")
         if self.output is None and config is not None:
             state = checkpoint.get("state_dict", {})
