@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -18,6 +19,7 @@ from . import ops
 from ._checks import check_float_tensor, check_memory_budget, check_positive_int, check_same_device_dtype
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
+from .ranking import ranked_merge
 
 __all__ = ["HeadTailOutput", "FeatureSlice"]
 
@@ -475,38 +477,69 @@ class HeadTailOutput(nn.Module):
         return args, autocast
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` ``(scores, label ids)`` per row, sorted by descending score, original ids.
+        """Top-``k`` ``(scores, label ids)`` per row in original label ids, sorted by descending score; of equal
+        scores the smaller label id comes first (NaN ranks as ``+inf``; :mod:`lightning_haste.ranking`), the same
+        on CPU and GPU. Scores are the logits as :meth:`forward` returns them.
 
-        Streams over the tail in chunks of groups and keeps a running top-k, so the full
-        ``[batch, num_labels]`` logits are never materialised (nor permuted).
+        The full ``[batch, num_labels]`` logits are never materialised (nor permuted). With the CUDA kernels (a
+        bfloat16/float16 layer on CUDA) the tail's scores never leave the kernel either: it keeps only the labels
+        that can still reach the top-k (:mod:`lightning_haste.topk`); its temporaries stay below an eighth of a
+        16-bit ``[batch, num_labels]`` tensor. Otherwise the labels are walked in chunks of at most
+        ``memory_budget`` bytes with a running top-k.
         """
         k = check_positive_int("k", k)
         if k > self.num_labels:
             raise ValueError(f"k={k} must be <= num_labels={self.num_labels}")
         lead = x.shape[:-1]
         x2d = self._check_input(x)
-        best_scores: Optional[Tensor] = None
-        best_positions: Optional[Tensor] = None
+        if self.tail is not None:
+            self.tail.check_group_index()
+        fused = self._fused_topk_arguments(x2d)
+        if fused is None:
+            scores, ids = self._chunked_topk(x2d, k)
+        else:
+            args, autocast = fused
+            with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
+                scores, ids, unresolved = ops.head_tail_topk(*args, k, self.memory_budget)
+            if bool(unresolved.any()):  # rows with more than a list of scores tied at their k-th best
+                rows = unresolved.nonzero().flatten()
+                rows_scores, rows_ids = self._chunked_topk(x2d.index_select(0, rows), k)
+                scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)
+        return scores.reshape(*lead, k), ids.reshape(*lead, k)
 
-        def merge(scores: Tensor, offset: int) -> None:
-            nonlocal best_scores, best_positions
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            positions = top.indices + offset
-            if best_scores is not None:
-                scores_all = torch.cat([best_scores, top.values], dim=1)
-                positions_all = torch.cat([best_positions, positions], dim=1)
-                top = scores_all.topk(min(k, scores_all.shape[1]), dim=1)
-                positions = positions_all.gather(1, top.indices)
-            best_scores, best_positions = top.values, positions
+    def _fused_topk_arguments(self, x2d: Tensor) -> Optional[tuple[tuple, bool]]:
+        """The arguments of :func:`lightning_haste.ops.head_tail_topk` (the input, under autocast in its dtype,
+        then the head's and the tail's parameters as the kernels take them), and whether autocast was on; None
+        when the tail does not run the CUDA kernels."""
+        tail, head = self.tail, self.head
+        if tail is None or tail.backend == "torch" or not x2d.is_cuda:
+            return None
+        device_type = x2d.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(
+            x2d, head.weight if head is not None else None, head.bias if head is not None else None,
+            tail.weight, tail.bias,
+        )
+        if head_weight is not None and head_weight.dtype != x2d.dtype:
+            return None
+        if not F._uses_kernels(x2d, tail_weight, tail.group_index, tail.backend):
+            return None
+        tail_weight, tail_index, tail_bias = F.kernel_arguments(tail_weight, tail.group_index, tail_bias)
+        args = (x2d, head_weight, head_bias, tail_weight, tail_bias, tail_index, [*self.head_slice, *self.tail_slice],
+                self.num_head_labels, self.num_tail_labels, self.label_permutation)
+        return args, autocast
 
+    def _chunked_topk(self, x2d: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The top-k by chunks of labels of at most ``memory_budget`` bytes, merged in the ranking order."""
+        best: Optional[tuple[Tensor, Tensor]] = None
         if self.head is not None:
-            merge(self.head(self._head_input(x2d)), 0)
+            best = ranked_merge(best, self.head(self._head_input(x2d)), self.label_permutation[: self.num_head_labels],
+                                k)
         if self.tail is not None:
             tail = self.tail
-            tail.check_group_index()
             x_tail = self._tail_input(x2d)
-            itemsize = x2d.element_size()
-            labels_per_chunk = max(1, self.memory_budget // (2 * itemsize * x2d.shape[0]))
+            # the chunk's logits and their int64 ranking keys
+            labels_per_chunk = max(1, self.memory_budget // ((x2d.element_size() + 8) * x2d.shape[0]))
             groups_per_chunk = max(1, labels_per_chunk // tail.group_size)
             for g0 in range(0, tail.num_groups, groups_per_chunk):
                 g1 = min(tail.num_groups, g0 + groups_per_chunk)
@@ -521,9 +554,10 @@ class HeadTailOutput(nn.Module):
                     check_index=False,
                     backend=tail.backend,
                 )
-                merge(logits, self.num_head_labels + p0)
-        label_ids = self.label_permutation[best_positions]
-        return best_scores.reshape(*lead, k), label_ids.reshape(*lead, k)
+                start = self.num_head_labels + p0
+                best = ranked_merge(best, logits, self.label_permutation[start : start + p1 - p0], k)
+        assert best is not None
+        return best
 
     def extra_repr(self) -> str:
         return (

@@ -9,7 +9,8 @@ Each operation exists twice, with one implementation underneath:
 
   ``lightning_haste::gsfi_reference_forward`` / ``gsfi_reference_backward`` (pure PyTorch, any device),
   ``lightning_haste::gsfi_forward``, ``gsfi_grad_input``, ``gsfi_grad_weight`` (the CUDA kernels),
-  ``lightning_haste::head_tail_loss`` / ``head_tail_loss_backward`` (the fused loss of the output layer).
+  ``lightning_haste::head_tail_loss`` / ``head_tail_loss_backward`` (the fused loss of the output layer),
+  ``lightning_haste::head_tail_topk`` (the output layer's top-k by the candidate kernels).
 
 :func:`group_shared_fanin_2d` picks the eager or the compiled form; both give bit-identical results.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "head_tail_loss",
     "head_tail_loss_2d",
     "head_tail_loss_backward",
+    "head_tail_topk",
 ]
 
 
@@ -424,3 +426,52 @@ def head_tail_loss_2d(
     if torch.compiler.is_compiling():
         return head_tail_loss(*args)[0]
     return _HeadTailLossFunction.apply(*args)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-k of the output layer by the candidate kernels.
+def _head_tail_topk(
+    x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Tensor,
+    tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
+    label_permutation: Tensor, k: int, memory_budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .topk import fused_topk  # noqa: PLC0415 - the CUDA path only
+
+    group_size = tail_weight.shape[0] // tail_index.shape[0]
+    return fused_topk(
+        x[:, slices[0] : slices[1]] if num_head else None, x[:, slices[2] : slices[3]], head_weight, head_bias,
+        tail_weight, tail_bias, tail_index, group_size, num_head, num_tail, label_permutation, k, memory_budget,
+    )
+
+
+@torch.library.custom_op("lightning_haste::head_tail_topk", mutates_args=())
+def _head_tail_topk_op(
+    x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Tensor,
+    tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
+    label_permutation: Tensor, k: int, memory_budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _head_tail_topk(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, slices, num_head, num_tail,
+                           label_permutation, k, memory_budget)
+
+
+@_head_tail_topk_op.register_fake
+def _(x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Tensor,
+      tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
+      label_permutation: Tensor, k: int, memory_budget: int) -> tuple[Tensor, Tensor, Tensor]:
+    batch = x.shape[0]
+    return (x.new_empty(batch, k), label_permutation.new_empty(batch, k),
+            x.new_empty(batch, dtype=torch.bool))
+
+
+def head_tail_topk(
+    x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Tensor,
+    tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
+    label_permutation: Tensor, k: int, memory_budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scores [B, k], label ids [B, k], unresolved [B])``: the output layer's top-k in the ranking order by the
+    candidate kernels (:func:`lightning_haste.topk.fused_topk`); ``slices``: the head's and the tail's input
+    columns ``[h0, h1, t0, t1]``. The registered op ``lightning_haste::head_tail_topk`` under ``torch.compile``,
+    the function itself in eager mode (no dispatcher in between)."""
+    fn = _head_tail_topk_op if torch.compiler.is_compiling() else _head_tail_topk
+    return fn(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, slices, num_head, num_tail,
+              label_permutation, k, memory_budget)

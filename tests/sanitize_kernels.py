@@ -51,3 +51,13 @@ for batch, in_features, out_features, group_size, fan_in, settings in CASES:
     with tuning.use(tuning.parse([item for item in items if item != "deterministic"])):
         run(batch, in_features, out_features, group_size, fan_in, settings)
 torch.use_deterministic_algorithms(False)
+
+# The top-k candidate kernels (head and tail lists, a sample of the tail's first groups, a retried overflow).
+for batch, num_labels, group_size, fan_in, head_ratio, k in ((37, 3001, 16, 64, 0.1, 5), (70, 2000, 32, 24, 0.0, 100)):
+    output = lh.HeadTailOutput(300, torch.arange(num_labels, 0, -1), head_ratio=head_ratio, fan_in=fan_in,
+                               group_size=group_size, device="cuda", dtype=torch.bfloat16)
+    features = torch.randn(batch, 300, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        top_scores, top_ids = output.topk(features, k)
+    torch.cuda.synchronize()
+    print("topk", batch, num_labels, group_size, fan_in, head_ratio, k, "ok", float(top_scores.float().sum()))

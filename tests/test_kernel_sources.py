@@ -59,6 +59,12 @@ def _instantiations():
     lines += [f"(void*)&gsfi_loss_dense<{dtype}, {z}, {loss}>," for dtype, z in
               (("bf16_t", "float"), ("f16_t", "float"), ("bf16_t", "bf16_t"), ("f16_t", "f16_t")) for loss in (0, 1)]
     lines += ["(void*)&gsfi_scale<bf16_t>,", "(void*)&gsfi_scale<f16_t>,"]
+    # the top-k candidates: the forward's main loop with the candidate epilogue; both dtypes, every group size,
+    # resident and streamed input
+    lines += [f"(void*)&gsfi_topk_candidates<{dtype}, {g}, {kp}, {r}, {w}, {n}>,"
+              for dtype, r in (("bf16_t", "true"), ("f16_t", "false")) for g, kp, w, n in
+              ((8, 16, 8, 3), (16, 64, 12, 3), (32, 128, 8, 4), (64, 128, 4, 3), (128, 512, 2, 2))]
+    lines += ["(void*)&gsfi_topk_dense_candidates<bf16_t>,", "(void*)&gsfi_topk_dense_candidates<f16_t>,"]
     return "\n".join(lines)
 
 
@@ -92,6 +98,8 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 3, 6, false>,
 (void*)&gsfi_scale<bf16_t>,
 (void*)&gsfi_scale<f16_t>,
+(void*)&gsfi_topk_candidates<bf16_t, 32, 128, true, 8, 3>,
+(void*)&gsfi_topk_candidates<f16_t, 16, 64, false, 8, 3>,
 """
 
 

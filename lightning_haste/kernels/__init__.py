@@ -9,8 +9,8 @@ Layout of the package (data flows one way: layer -> op -> launcher -> ``cuda/*.c
   and the argument checks all launchers share.
 - :mod:`.tuning`: typed per-kernel overrides of the automatic variant choices, applied with ``tuning.use``.
 - one module per operation, holding its shared-memory size formula, variant choice, cached plan and
-  launcher: :mod:`.forward`, :mod:`.grad_input`, :mod:`.grad_weight`, and :mod:`.loss` (the fused loss of
-  the tail, on the forward's main loop).
+  launcher: :mod:`.forward`, :mod:`.grad_input`, :mod:`.grad_weight`, :mod:`.loss` (the fused loss of
+  the tail, on the forward's main loop) and :mod:`.topk` (the tail's top-k candidates, on the same loop).
 
 The ``torch.library`` custom ops that make these launchers visible to ``torch.compile`` live in
 :mod:`lightning_haste.ops`. ``cuda/README.md`` lists the steps to add a kernel.
@@ -19,7 +19,7 @@ Everything here takes and returns torch tensors; memory comes from torch's cachi
 launches go to torch's current stream, with no host synchronisation.
 """
 
-from . import forward, grad_input, grad_weight, layout, loss, runtime, tuning
+from . import forward, grad_input, grad_weight, layout, loss, runtime, topk, tuning
 from .forward import gsfi_forward
 from .grad_input import gsfi_grad_input
 from .grad_weight import gsfi_grad_weight
@@ -42,5 +42,6 @@ __all__ = [
     "padded_rows",
     "runtime",
     "supports",
+    "topk",
     "tuning",
 ]

@@ -1,0 +1,124 @@
+"""The top-k candidate kernel of the tail (``cuda/gsfi_topk.cu``): every tail logit at or above a per-row bound,
+straight from the forward's tensor-core tiles, with no logits tensor in between.
+
+Given ``threshold [B]`` (float32: a lower bound of each row's k-th best score; NaN: skip the row), the kernel
+appends each logit ``z >= threshold[b]`` (the value the forward would store: bias added, rounded once to the
+input dtype) and its position in the tail to row ``b``'s list of ``cap`` slots; ``count[b]`` ends at the number
+of such logits, above ``cap`` when the list overflowed. The caller merges the lists with the head's top-k
+(:meth:`lightning_haste.HeadTailOutput.topk`). The kernel runs the forward's main loop (the mma.sync kernel's
+variants and tuning: :func:`lightning_haste.kernels.forward.mma_variant`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import runtime
+from .forward import mma_variant
+from .layout import KERNEL_DTYPES, kernel_sizes, pad16, ptr
+from .tuning import ForwardTuning, current
+
+__all__ = ["candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "plan"]
+
+#: gsfi_topk_candidates parameters: XT, ldxt, W, idx, bias, threshold, count, score, position, cap, offset, B, H,
+#: L, K, num_groups.
+PARAMS = struct.Struct("@QiQQQQQQQiiiiiii")
+#: gsfi_topk_dense_candidates parameters: logits, ld, cols, threshold, count, score, position, cap, offset.
+DENSE_PARAMS = struct.Struct("@QqiQQQQii")
+
+
+@functools.lru_cache(maxsize=256)
+def plan(
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
+    settings: ForwardTuning = ForwardTuning(),
+) -> runtime.Plan:
+    """Kernel and grid of ``gsfi_topk_candidates`` for one problem shape: the forward's mma.sync variant (the
+    same main loop and shared memory) and its one-wave grid."""
+    k_pad = pad16(fan_in)
+    _, max_shared, per_sm = runtime.device_limits(index)
+    resident, warps, stages, shared = mma_variant(group_size, k_pad, in_features, max_shared, per_sm, settings)
+    template = (dtype, group_size, k_pad, resident, warps, stages)
+    fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_candidates", template, index)
+    row_tiles = math.ceil(batch / 64)
+    per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index)
+    per_cta = math.ceil(per_cta / warps) * warps
+    grid = (row_tiles, math.ceil(num_groups / per_cta))
+    # The order of a row's list depends on timing; the caller's merge orders by a total order.
+    return runtime.make_plan(fn, grid, 32 * warps, shared, per_cta, index, PARAMS, "gsfi_topk_candidates")
+
+
+def candidate_buffers(batch: int, cap: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Fresh ``(count [B] int32, zeroed; score [B, cap] float32; position [B, cap] int32)`` lists."""
+    count = torch.zeros(batch, dtype=torch.int32, device=device)
+    score = torch.empty(batch, cap, dtype=torch.float32, device=device)
+    position = torch.empty(batch, cap, dtype=torch.int32, device=device)
+    return count, score, position
+
+
+def _check_lists(threshold: Tensor, count: Tensor, score: Tensor, position: Tensor, batch: int, like: Tensor) -> int:
+    """The lists' capacity after checking their shapes against ``batch`` and ``like``'s device."""
+    device, cap = like.device, score.shape[-1] if score.dim() == 2 else -1
+    expected = (("threshold", threshold, torch.float32, (batch,)), ("count", count, torch.int32, (batch,)),
+                ("score", score, torch.float32, (batch, cap)), ("position", position, torch.int32, (batch, cap)))
+    for name, t, dtype, shape in expected:
+        if t.dtype != dtype or tuple(t.shape) != shape or t.device != device or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
+    if not 0 < cap < 2**31 // max(batch, 1):
+        raise ValueError(f"the lists must have between 1 and 2**31 / batch slots per row, got {cap}")
+    return cap
+
+
+def gsfi_topk_candidates(
+    xt: Tensor, batch: int, weight: Tensor, group_index: Tensor, bias: Optional[Tensor], out_features: int,
+    threshold: Tensor, count: Tensor, score: Tensor, position: Tensor, offset: int = 0, *, checked: bool = True,
+) -> None:
+    """Append the tail logits at or above ``threshold`` to the rows' lists (see the module docstring), with
+    positions ``offset + p`` for tail label ``p``. ``xt`` is the transposed input
+    (:func:`~lightning_haste.kernels.layout.transpose_input`, ``[in_features, ldxt]``); ``count`` counts on from
+    its current values (zero it for fresh lists). Slots at and beyond ``count[b]`` are not written."""
+    num_groups, fan_in, group_size = kernel_sizes(xt.t()[:batch], weight, group_index, checked)
+    if bias is not None and (bias.dtype != xt.dtype or not bias.is_contiguous()):
+        raise TypeError("bias must be contiguous and of the input dtype for the CUDA kernels")
+    cap = _check_lists(threshold, count, score, position, batch, xt)
+    in_features = xt.shape[0]
+    index = xt.device.index
+    p = plan(KERNEL_DTYPES[xt.dtype], group_size, fan_in, in_features, batch, num_groups, index, current().forward)
+    args = (
+        ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(threshold), ptr(count), ptr(score),
+        ptr(position), cap, offset, batch, in_features, out_features, fan_in, num_groups,
+    )
+    runtime.launch(p, args, index)
+
+
+@functools.lru_cache(maxsize=256)
+def dense_plan(dtype: str, batch: int, cols: int, index: int) -> runtime.Plan:
+    """``gsfi_topk_dense_candidates``: a row of CTAs per batch row, each CTA 256 columns at a time, about sixteen
+    CTAs per multiprocessor in all (enough to hide the memory latency of a streaming read)."""
+    fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_dense_candidates", (dtype,), index)
+    sms, _, _ = runtime.device_limits(index)
+    across = max(1, min(math.ceil(cols / 256), math.ceil(16 * sms / batch)))
+    return runtime.make_plan(fn, (across, batch), 256, 0, 0, index, DENSE_PARAMS, "gsfi_topk_dense_candidates")
+
+
+def gsfi_topk_dense_candidates(
+    logits: Tensor, threshold: Tensor, count: Tensor, score: Tensor, position: Tensor, offset: int = 0
+) -> None:
+    """Append the entries of dense ``logits [B, cols]`` (bfloat16/float16, contiguous rows) at or above
+    ``threshold`` to the rows' lists, with positions ``offset + column``: the rule of
+    :func:`gsfi_topk_candidates`, for the head's logits."""
+    if logits.dtype not in KERNEL_DTYPES or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be a 2-D bfloat16/float16 tensor with contiguous rows")
+    batch, cols = logits.shape
+    cap = _check_lists(threshold, count, score, position, batch, logits)
+    if cols == 0:
+        return
+    index = logits.device.index
+    p = dense_plan(KERNEL_DTYPES[logits.dtype], batch, cols, index)
+    args = (ptr(logits), logits.stride(0), cols, ptr(threshold), ptr(count), ptr(score), ptr(position), cap, offset)
+    runtime.launch(p, args, index)

@@ -1,0 +1,74 @@
+"""The order of top-k results: by score, descending, ties broken by the smaller original label id.
+
+One total order on (score, label id) makes a top-k unique and lets it be computed piecewise: the top-k of a union
+is the top-k of the pieces' top-k, whatever the pieces (chunks of labels, the head and the tail, the candidates of
+a kernel in any order, the shards of a label-sharded layer). Every top-k of the package goes through
+:func:`ranked_topk`, on CPU and GPU alike. NaN scores rank as ``+inf`` (above every finite score, tied with
+``+inf``); ``-0.0`` ties with ``0.0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rank_keys", "ranked_topk", "ranked_merge"]
+
+#: Scores whose order and label id pack into one int64 key (32 bits of order, 32 of id).
+PACKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _canonical(scores: Tensor) -> Tensor:
+    """NaN as +inf, -0.0 as 0.0 (adding +0.0 turns -0.0 into +0.0 under round-to-nearest)."""
+    return torch.where(torch.isnan(scores), torch.inf, scores) + 0.0
+
+
+def rank_keys(scores: Tensor, ids: Tensor) -> Tensor:
+    """int64 keys whose descending order is the ranking order of ``(scores, ids)``: float16/bfloat16/float32
+    ``scores`` (exact in float32) and non-negative ``ids < 2**32`` (broadcast against each other).
+
+    The float32 bits of a score map to an integer of the same order (negative numbers' magnitude bits flipped);
+    it fills the high 32 bits, ``2**32 - 1 - id`` the low ones."""
+    if scores.dtype not in PACKED_DTYPES:
+        raise TypeError(f"rank_keys takes float16/bfloat16/float32 scores, got {scores.dtype}")
+    bits = _canonical(scores.float()).view(torch.int32).to(torch.int64)
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return order * 2**32 + (2**32 - 1 - ids.to(torch.int64))
+
+
+def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``min(k, n)`` best of each row of ``scores [B, n]`` in the ranking order: ``(scores, ids)``, both
+    ``[B, min(k, n)]``, sorted. ``ids``: the label id of each column, ``[n]`` or ``[B, n]`` (non-negative,
+    distinct within a row for a well-defined order).
+
+    float16/bfloat16/float32 scores rank by one int64 key per entry (:func:`rank_keys`), float64 scores by
+    their value's top-k, the ties at the boundary resolved by id, then a sort of the ``k`` kept."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [rows, n], got shape {tuple(scores.shape)}")
+    ids = ids.expand_as(scores)
+    kept = min(k, scores.shape[1])
+    if scores.dtype in PACKED_DTYPES:
+        index = rank_keys(scores, ids).topk(kept, dim=1).indices
+        return scores.gather(1, index), ids.gather(1, index)
+    canonical = _canonical(scores)
+    boundary = canonical.topk(kept, dim=1).values[:, -1:]
+    # The entries above the k-th score (fewer than k) all stay; of those equal to it, the smallest ids.
+    above = canonical > boundary
+    fill = torch.where(canonical == boundary, ids, torch.iinfo(torch.int64).max)
+    index = torch.where(above, -1, fill).topk(kept, dim=1, largest=False).indices
+    by_id = ids.gather(1, index).argsort(dim=1, stable=True)
+    index = index.gather(1, by_id)
+    by_score = canonical.gather(1, index).argsort(dim=1, descending=True, stable=True)
+    index = index.gather(1, by_score)
+    return scores.gather(1, index), ids.gather(1, index)
+
+
+def ranked_merge(
+    best: tuple[Tensor, Tensor] | None, scores: Tensor, ids: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """The running top-k ``best`` (or None) merged with a new piece ``scores [B, n]`` / ``ids`` (``[n]`` or
+    ``[B, n]``): the piece's own top-k first, so that the merge sorts at most ``2k`` entries per row."""
+    top_scores, top_ids = ranked_topk(scores, ids, k)
+    if best is None:
+        return top_scores, top_ids
+    return ranked_topk(torch.cat([best[0], top_scores], dim=1), torch.cat([best[1], top_ids], dim=1), k)

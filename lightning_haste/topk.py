@@ -1,0 +1,174 @@
+"""Top-k of the output layer on CUDA with the fused candidate kernels: no ``[batch, num_labels]`` tensor and no
+round trips of partial results through ``torch.topk``.
+
+A row's top-k is found by a bound ``T`` on its k-th best score: any ``k`` of the row's actual scores give one (their
+k-th best cannot exceed the row's). Every label scoring at least ``T`` is a candidate, appended with its score and
+internal position to the row's list of ``cap`` slots by the kernels (``gsfi_topk_dense_candidates`` for the
+head's logits, which cuBLAS computes in chunks of columns; ``gsfi_topk_candidates`` for the tail, on the forward's
+tensor-core tiles); the row's top-k is the top-k of its list in the ranking order of
+:mod:`lightning_haste.ranking`. Nothing is approximate: every label that can be in the top-k, ties included, is
+in the list.
+
+Where the bound comes from, per row: the k-th best of the head's chunks seen so far (the bound rises chunk by
+chunk), and, when the head is small against the tail, the k-th best of the list after the tail's first groups
+were taken with the head's bound (a sample that costs nothing extra: those groups are not scored again). A list
+that overflows (more candidates than slots) is retried with the k-th best of its stored candidates as the new
+bound, which rises each time unless the row holds more than ``cap`` scores tied at the boundary; rows that still
+overflow after :data:`MAX_ROUNDS` are returned as unresolved, for the caller's exact chunked path.
+
+The lists and the head's chunks together stay below an eighth of a 16-bit ``[batch, num_labels]`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as nnf
+
+from .ranking import ranked_topk
+
+__all__ = ["MAX_ROUNDS", "candidate_capacity", "fused_topk", "head_chunk_columns"]
+
+#: Passes over the labels before a row whose list keeps overflowing is left to the chunked path.
+MAX_ROUNDS = 3
+#: Slots per row at most (a larger list costs memory and merge time and is rarely needed).
+MAX_CAPACITY = 16384
+
+
+def candidate_capacity(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
+    """Slots per row: a power of two near ``num_labels / 64`` (8 bytes a slot: the lists take at most a sixteenth
+    of a 16-bit ``[batch, num_labels]`` tensor), at least ``4 k`` and 256 so that a bound from a sample keeps the
+    list from overflowing, at most :data:`MAX_CAPACITY`, ``num_labels`` and ``memory_budget`` bytes."""
+    cap = 1 << max(0, (num_labels // 64).bit_length() - 1)
+    cap = max(cap, 4 * k, 256)
+    cap = min(cap, MAX_CAPACITY, max(4 * k, memory_budget // (8 * batch)))
+    return max(k, min(cap, num_labels))
+
+
+def head_chunk_columns(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
+    """Head logits computed per chunk: columns of at most a sixteenth of a 16-bit ``[batch, num_labels]`` tensor
+    (and ``memory_budget``), at least ``k`` so that the first chunk gives a bound."""
+    return max(k, min(max(1, num_labels // 16), memory_budget // (2 * batch)))
+
+
+def _kth_best(scores: Tensor, k: int) -> Tensor:
+    """The k-th best value of each row as a float32 bound (NaN ranks as +inf, as in the ranking)."""
+    values = scores.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return values.topk(k, dim=1).values[:, -1].contiguous()
+
+
+def fused_topk(
+    x_head: Optional[Tensor], x_tail: Optional[Tensor], head_weight: Optional[Tensor], head_bias: Optional[Tensor],
+    tail_weight: Optional[Tensor], tail_bias: Optional[Tensor], tail_index: Optional[Tensor], group_size: int,
+    num_head: int, num_tail: int, label_permutation: Tensor, k: int, memory_budget: int, synchronize: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scores [B, k], label ids [B, k], unresolved [B] bool)`` of the layer's top-k in the ranking order.
+
+    ``x_head`` / ``x_tail``: the head's and the tail's inputs ``[B, H_head]`` / ``[B, H_tail]`` (bfloat16 or
+    float16 CUDA tensors); the tail's parameters as the kernels take them (contiguous, int32 index). Rows flagged
+    ``unresolved`` kept overflowing their lists (more than ``cap`` scores tied at their k-th best): their entries
+    are not set and the caller computes them another way.
+
+    ``synchronize=False`` makes one round with no host synchronisation (so that it can be captured in a CUDA
+    graph): rows whose list overflowed come back unresolved, and the merge reads every slot of the lists."""
+    from . import kernels  # noqa: PLC0415 - the CUDA path only; kernels imports no CuPy itself
+
+    x_any = x_tail if x_tail is not None else x_head
+    batch, device, dtype = x_any.shape[0], x_any.device, x_any.dtype
+    num_labels = num_head + num_tail
+    cap = candidate_capacity(batch, num_labels, k, memory_budget)
+    chunk = head_chunk_columns(batch, num_labels, k, memory_budget)
+    num_groups = tail_index.shape[0] if tail_index is not None else 0
+    # The tail's first groups serve as a sample when the head alone would leave too many candidates (a bound
+    # from n scores lets about k * num_labels / n of the rest through): about half a list of them.
+    sample_groups = 0
+    if num_tail and num_head < 4 * k * num_tail / cap:
+        sample_groups = min(num_groups, max(1, cap // (2 * group_size)))
+    xt = kernels.layout.transpose_input(x_tail) if num_tail else None
+    count, score, position = kernels.topk.candidate_buffers(batch, cap, device)
+    best_scores = torch.empty(batch, k, dtype=dtype, device=device)
+    best_ids = torch.empty(batch, k, dtype=torch.long, device=device)
+    resolved = torch.zeros(batch, dtype=torch.bool, device=device)
+    threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=device)
+    first = True
+    for _ in range(MAX_ROUNDS):
+        count.zero_()
+        head_top: Optional[Tensor] = None  # the best k head scores so far (values only), for the rising bound
+        for c0 in range(0, num_head, chunk):
+            c1 = min(num_head, c0 + chunk)
+            logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
+            if first:
+                values = logits if head_top is None else torch.cat([head_top, logits], dim=1)
+                if values.shape[1] >= k:
+                    head_top = values.float().nan_to_num(nan=math.inf).topk(k, dim=1).values
+                    threshold = head_top[:, -1].contiguous()
+                else:
+                    head_top = values.float()
+            kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
+        if num_tail:
+            g0 = 0
+            if first and sample_groups:
+                g0 = sample_groups
+                _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail,
+                                 num_head, 0, g0, threshold, count, score, position)
+                # a row with fewer than k listed scores gets -inf here and keeps its bound
+                listed = torch.where(_valid_slots(count, cap), score, -math.inf)
+                threshold = torch.maximum(threshold, _kth_best(listed, k))
+            _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail,
+                             num_head, g0, num_groups, threshold, count, score, position)
+        first = False
+        if not synchronize:
+            scores_k, ids_k = _merge_lists(count, score, position, label_permutation, k)
+            return scores_k.to(dtype), ids_k, count > cap
+        most = int(count.max())  # the round's host synchronisation: did any list overflow?
+        width = min(cap, most)
+        done = count <= cap
+        if width:
+            scores_k, ids_k = _merge_lists(count, score[:, :width], position[:, :width], label_permutation, k)
+            take = done & ~resolved
+            best_scores = torch.where(take[:, None], scores_k.to(dtype), best_scores)
+            best_ids = torch.where(take[:, None], ids_k, best_ids)
+            resolved |= done
+        if most <= cap:
+            break
+        # Overflowed rows again with the k-th best of their full lists as the bound; the others take no candidates.
+        over = ~done
+        raised = _kth_best(score, k)
+        progress = over & (raised > threshold)
+        threshold = torch.where(progress, raised, math.nan).contiguous()
+        if not bool(progress.any()):
+            break
+    return best_scores, best_ids, ~resolved
+
+
+def _valid_slots(count: Tensor, cap: int) -> Tensor:
+    return torch.arange(cap, device=count.device)[None, :] < count[:, None]
+
+
+def _tail_candidates(
+    kernels, xt: Tensor, batch: int, weight: Tensor, bias: Optional[Tensor], index: Tensor, group_size: int,
+    num_tail: int, num_head: int, g0: int, g1: int, threshold: Tensor, count: Tensor, score: Tensor,
+    position: Tensor,
+) -> None:
+    """The candidates of tail groups ``[g0, g1)``, at internal positions ``num_head + g * group_size + j``."""
+    if g1 <= g0:
+        return
+    p0, p1 = g0 * group_size, min(num_tail, g1 * group_size)
+    kernels.topk.gsfi_topk_candidates(
+        xt, batch, weight[p0 : g1 * group_size], index[g0:g1], bias[p0:p1] if bias is not None else None, p1 - p0,
+        threshold, count, score, position, num_head + p0, checked=False,
+    )
+
+
+def _merge_lists(
+    count: Tensor, score: Tensor, position: Tensor, label_permutation: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """The ranked top-k of each row's list (its first ``count`` slots; empty slots rank last: score -inf and an
+    id no label has)."""
+    valid = _valid_slots(count, score.shape[1])
+    ids = label_permutation[torch.where(valid, position, 0).long()]
+    ids = torch.where(valid, ids, label_permutation.numel())
+    return ranked_topk(torch.where(valid, score, -math.inf), ids, k)

@@ -1,0 +1,169 @@
+"""The fused top-k (candidate kernels) against the forward's logits and the float64 reference (run on a GPU:
+PYTHONPATH=. python3 -m pytest -m gpu tests/test_topk_gpu.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as nnf
+
+import lightning_haste as lh
+from lightning_haste import kernels, ops
+from lightning_haste import topk as fused
+from lightning_haste.kernels import tuning
+from lightning_haste.ranking import ranked_topk
+
+pytestmark = pytest.mark.gpu
+
+# (batch, in_features, num_labels, group_size, fan_in, head_ratio, k, dtype)
+CASES = [
+    (1, 64, 1001, 8, 16, 0.1, 1, torch.bfloat16),  # B = 1, k = 1, odd L
+    (37, 384, 5003, 16, 64, 0.1, 5, torch.bfloat16),
+    (130, 256, 20011, 32, 128, 0.05, 128, torch.bfloat16),  # k = 128, B over two row tiles
+    (64, 384, 4099, 64, 128, 0.0, 100, torch.float16),  # no head: the tail's first groups give the bound
+    (70, 600, 3001, 128, 64, 0.02, 90, torch.bfloat16),  # k above the head's label count
+    (9, 4096, 2000, 32, 24, 0.1, 10, torch.bfloat16),  # H too large for shared memory: streamed gathers
+    (200, 96, 50000, 16, 16, 0.3, 64, torch.float16),  # several head chunks
+    (513, 128, 3000, 8, 8, 0.1, 5, torch.bfloat16),
+]
+
+
+def _layer(case, seed):
+    batch, in_features, num_labels, group_size, fan_in, head_ratio, k, dtype = case
+    freq = np.random.default_rng(seed).zipf(1.5, num_labels).clip(max=10**6)
+    layer = lh.HeadTailOutput(in_features, freq, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
+                              dtype=dtype, generator=torch.Generator().manual_seed(seed)).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    x = torch.randn(batch, in_features, device="cuda", generator=gen).to(dtype)
+    return layer, x
+
+
+def _forward_logits(layer, x, k):
+    """The logits in original label order as the candidate kernels see them: the head by cuBLAS in the same
+    chunks of columns, the tail by the mma.sync forward (the candidate kernel's main loop)."""
+    batch = x.shape[0]
+    internal = []
+    if layer.head is not None:
+        chunk = fused.head_chunk_columns(batch, layer.num_labels, k, layer.memory_budget)
+        for c0 in range(0, layer.num_head_labels, chunk):
+            c1 = min(layer.num_head_labels, c0 + chunk)
+            b = layer.head.bias[c0:c1] if layer.head.bias is not None else None
+            internal.append(nnf.linear(x[:, layer.head_slice[0] : layer.head_slice[1]], layer.head.weight[c0:c1], b))
+    with tuning.use(tuning.ForwardTuning(kernel="mma")):
+        internal.append(layer.tail(x[:, layer.tail_slice[0] : layer.tail_slice[1]]))
+    internal = torch.cat(internal, dim=1)
+    out = torch.empty_like(internal)
+    out[:, layer.label_permutation] = internal
+    return out
+
+
+def _float64_logits(layer, x):
+    ref = layer.double()
+    try:
+        return ref(x.double())
+    finally:
+        layer.to(x.dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-H{c[1]}-L{c[2]}-G{c[3]}-K{c[4]}-k{c[6]}" for c in CASES])
+@torch.no_grad()
+def test_fused_topk_equals_the_ranked_forward_logits(case):
+    k = case[6]
+    layer, x = _layer(case, seed=sum(case[:5]))
+    scores, ids = layer.topk(x, k)
+    logits = _forward_logits(layer, x, k)
+    want_scores, want_ids = ranked_topk(logits, torch.arange(layer.num_labels, device="cuda"), k)
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(scores, want_scores)
+    # and against float64: the scores are the returned labels' logits within 16-bit rounding, and no label
+    # outside the top-k scores above the k-th by more than that
+    exact = _float64_logits(layer, x)
+    tol = (2**-7 if x.dtype == torch.bfloat16 else 2**-10) * 4 * (1 + exact.abs().max())
+    assert torch.allclose(scores.double(), exact.gather(1, ids), rtol=0, atol=float(tol))
+    outside = exact.scatter(1, ids, -math.inf).max(dim=1).values
+    assert torch.all(outside <= exact.gather(1, ids)[:, -1] + tol)
+
+
+@torch.no_grad()
+def test_fused_topk_does_not_read_unwritten_list_slots(monkeypatch):
+    case = CASES[2]
+    layer, x = _layer(case, seed=5)
+    want = layer.topk(x, case[6])
+
+    def poisoned(batch, cap, device):
+        count = torch.zeros(batch, dtype=torch.int32, device=device)
+        score = torch.full((batch, cap), math.nan, device=device)
+        position = torch.full((batch, cap), 2**30, dtype=torch.int32, device=device)
+        return count, score, position
+
+    monkeypatch.setattr(kernels.topk, "candidate_buffers", poisoned)
+    got = layer.topk(x, case[6])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("cap", [8, 40])
+@torch.no_grad()
+def test_overflowing_lists_are_retried_exactly(monkeypatch, cap):
+    # lists far too short for the candidates: the rounds raise the bound, the last rows go to the chunked path
+    case = (50, 128, 7001, 16, 32, 0.01, 8, torch.bfloat16)
+    layer, x = _layer(case, seed=11)
+    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, num_labels, k, budget: max(k, cap))
+    scores, ids = layer.topk(x, 8)
+    want_scores, want_ids = ranked_topk(_forward_logits(layer, x, 8), torch.arange(7001, device="cuda"), 8)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+
+
+@torch.no_grad()
+def test_all_scores_tied_fall_back_to_the_smallest_ids():
+    case = (20, 64, 3000, 32, 16, 0.05, 50, torch.bfloat16)
+    layer, x = _layer(case, seed=3)
+    for p in layer.parameters():
+        p.zero_()
+    scores, ids = layer.topk(x, 50)
+    assert torch.equal(ids, torch.arange(50, device="cuda").expand(20, 50))
+    assert torch.equal(scores, torch.zeros_like(scores))
+
+
+@torch.no_grad()
+def test_fused_topk_under_autocast_and_nan_scores():
+    case = (33, 128, 4000, 16, 32, 0.1, 6, torch.float32)
+    layer, x = _layer(case, seed=4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        scores, ids = layer.topk(x, 6)
+        want = ranked_topk(layer(x), torch.arange(4000, device="cuda"), 6)
+    assert scores.dtype == torch.bfloat16
+    # the autocast forward may take the Hopper kernel: equal up to one rounding of a 16-bit logit
+    assert torch.allclose(scores.float(), want[0].float(), rtol=2**-7, atol=0)
+    layer_bf16, xb = _layer((33, 128, 4000, 16, 32, 0.1, 6, torch.bfloat16), seed=4)
+    layer_bf16.tail.weight[5].fill_(math.nan)  # tail position 5: NaN ranks first
+    label = int(layer_bf16.label_permutation[layer_bf16.num_head_labels + 5])
+    _, nan_ids = layer_bf16.topk(xb, 6)
+    assert torch.all(nan_ids[:, 0] == label)
+
+
+@torch.no_grad()
+def test_topk_peak_memory_below_an_eighth_of_the_logits():
+    case = (256, 384, 670091, 16, 128, 0.1, 100, torch.bfloat16)
+    layer, x = _layer(case, seed=6)
+    layer.topk(x, 100)  # compile and warm the allocator
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    layer.topk(x, 100)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 256 * 670091 * 2 / 8, peak
+
+
+def test_head_tail_topk_op_is_registered_for_compile():
+    case = (16, 64, 1000, 16, 16, 0.1, 5, torch.bfloat16)
+    layer, x = _layer(case, seed=7)
+    args, _ = layer._fused_topk_arguments(x)
+    torch.library.opcheck(ops._head_tail_topk_op, (*args, 5, layer.memory_budget),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda t: layer.topk(t, 5), fullgraph=False)
+    with torch.no_grad():
+        got = compiled(x)
+        want = layer.topk(x, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
