@@ -87,3 +87,67 @@ __global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
     }
   }
 }
+
+// The ranking key of a score and a label id, as lightning_haste.ranking.rank_keys makes it: the float32 bits mapped
+// to an integer of the same order (negative numbers' magnitude bits flipped; -0.0 as 0.0, every NaN as the
+// canonical NaN, which ranks above +inf) in the high 32 bits, 2^32 - 1 - id in the low ones.
+__device__ __forceinline__ long long rank_key(float s, long long id) {
+  unsigned bits = __float_as_uint(s);
+  if (s != s) bits = 0x7fc00000u;
+  if (bits == 0x80000000u) bits = 0u;
+  const int order = (int)bits < 0 ? (int)(bits ^ 0x7fffffffu) : (int)bits;
+  return (long long)order * 4294967296LL + (4294967295LL - id);
+}
+
+__device__ __forceinline__ float key_score(long long key) {
+  const int order = (int)(key >> 32);  // floor: the low 32 bits are the id part
+  const unsigned bits = order < 0 ? ((unsigned)order ^ 0x7fffffffu) : (unsigned)order;
+  return __uint_as_float(bits);
+}
+
+// The ranked top-k of each row's list: CTA b reads the row's first min(count[b], cap, width) slots, turns them
+// into ranking keys (the label id through label_permutation), sorts them in shared memory (bitonic, descending,
+// over the next power of two at or above max(n, k); empty slots hold the lowest key) and writes the best k:
+// out_score [B][k] in the input dtype (the scores are values of it), out_id [B][k]. Rows whose threshold is NaN
+// took no candidates in this round and are left as they are. Dynamic shared memory: 8 bytes a key for the next
+// power of two at or above max(width, k).
+template <class T>
+__global__ void __launch_bounds__(256) gsfi_topk_merge(
+    const int* __restrict__ count, const float* __restrict__ score, const int* __restrict__ position, int cap,
+    int width, const long long* __restrict__ label_permutation, const float* __restrict__ threshold, int k,
+    u16* __restrict__ out_score, long long* __restrict__ out_id) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  long long* keys = reinterpret_cast<long long*>(smem);
+  const int b = blockIdx.x;
+  const float bound = threshold[b];
+  if (bound != bound) return;
+  const int n = min(min(count[b], cap), width);
+  int size = 1;
+  while (size < max(n, k)) size <<= 1;
+  const long long empty = (long long)(-2147483647 - 1) * 4294967296LL;
+  for (int i = threadIdx.x; i < size; i += blockDim.x) {
+    long long key = empty;
+    if (i < n) key = rank_key(score[(long long)b * cap + i], label_permutation[position[(long long)b * cap + i]]);
+    keys[i] = key;
+  }
+  __syncthreads();
+  for (int span = 2; span <= size; span <<= 1) {
+    for (int stride = span >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < size / 2; i += blockDim.x) {
+        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const bool descending = (lo & span) == 0;
+        const long long a = keys[lo], c = keys[hi];
+        if ((a < c) == descending) {
+          keys[lo] = c;
+          keys[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    const long long key = keys[i];
+    out_score[(long long)b * k + i] = Ops<T>::from_float(key_score(key));
+    out_id[(long long)b * k + i] = 4294967295LL - (key & 0xffffffffLL);
+  }
+}

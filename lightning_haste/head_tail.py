@@ -501,7 +501,7 @@ class HeadTailOutput(nn.Module):
             args, autocast = fused
             with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
                 scores, ids, unresolved = ops.head_tail_topk(*args, k, self.memory_budget)
-            if bool(unresolved.any()):  # rows with more than a list of scores tied at their k-th best
+            if unresolved.numel() and bool(unresolved.any()):  # more than a list of scores tied at the k-th best
                 rows = unresolved.nonzero().flatten()
                 rows_scores, rows_ids = self._chunked_topk(x2d.index_select(0, rows), k)
                 scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)

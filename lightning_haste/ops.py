@@ -450,8 +450,11 @@ def _head_tail_topk_op(
     tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
     label_permutation: Tensor, k: int, memory_budget: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _head_tail_topk(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, slices, num_head, num_tail,
-                           label_permutation, k, memory_budget)
+    scores, ids, unresolved = _head_tail_topk(x, head_weight, head_bias, tail_weight, tail_bias, tail_index, slices,
+                                              num_head, num_tail, label_permutation, k, memory_budget)
+    if unresolved.numel() == 0:  # the eager function's "none": the op's outputs have fixed shapes
+        unresolved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return scores, ids, unresolved
 
 
 @_head_tail_topk_op.register_fake
@@ -468,8 +471,9 @@ def head_tail_topk(
     tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
     label_permutation: Tensor, k: int, memory_budget: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(scores [B, k], label ids [B, k], unresolved [B])``: the output layer's top-k in the ranking order by the
-    candidate kernels (:func:`lightning_haste.topk.fused_topk`); ``slices``: the head's and the tail's input
+    """``(scores [B, k], label ids [B, k], unresolved)``: the output layer's top-k in the ranking order by the
+    candidate kernels (:func:`lightning_haste.topk.fused_topk`; ``unresolved``: a ``[B]`` mask of rows to compute
+    another way, or an empty tensor for none); ``slices``: the head's and the tail's input
     columns ``[h0, h1, t0, t1]``. The registered op ``lightning_haste::head_tail_topk`` under ``torch.compile``,
     the function itself in eager mode (no dispatcher in between)."""
     fn = _head_tail_topk_op if torch.compiler.is_compiling() else _head_tail_topk

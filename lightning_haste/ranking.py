@@ -3,8 +3,8 @@
 One total order on (score, label id) makes a top-k unique and lets it be computed piecewise: the top-k of a union
 is the top-k of the pieces' top-k, whatever the pieces (chunks of labels, the head and the tail, the candidates of
 a kernel in any order, the shards of a label-sharded layer). Every top-k of the package goes through
-:func:`ranked_topk`, on CPU and GPU alike. NaN scores rank as ``+inf`` (above every finite score, tied with
-``+inf``); ``-0.0`` ties with ``0.0``.
+:func:`ranked_topk`, on CPU and GPU alike. NaN scores rank above ``+inf`` (all NaNs tie, whatever their sign
+and payload); ``-0.0`` ties with ``0.0``.
 """
 
 from __future__ import annotations
@@ -18,22 +18,27 @@ __all__ = ["rank_keys", "ranked_topk", "ranked_merge"]
 PACKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _canonical(scores: Tensor) -> Tensor:
-    """NaN as +inf, -0.0 as 0.0 (adding +0.0 turns -0.0 into +0.0 under round-to-nearest)."""
-    return torch.where(torch.isnan(scores), torch.inf, scores) + 0.0
+def _order(scores: Tensor) -> Tensor:
+    """int64 integers in the order of ``scores`` (float16/bfloat16/float32 through their float32 bits, float64
+    through its own): the bits as a signed integer with negative numbers' magnitude bits flipped, after mapping
+    every NaN to the canonical +NaN (whose bits lie above +inf's) and -0.0 to 0.0."""
+    wide = scores.dtype == torch.float64
+    values = scores if wide else scores.float()
+    values = torch.where(torch.isnan(values), torch.nan, values) + 0.0  # adding +0.0 turns -0.0 into 0.0
+    bits = values.view(torch.int64) if wide else values.view(torch.int32).to(torch.int64)
+    flip = 0x7FFFFFFFFFFFFFFF if wide else 0x7FFFFFFF
+    return torch.where(bits < 0, bits ^ flip, bits)
 
 
 def rank_keys(scores: Tensor, ids: Tensor) -> Tensor:
     """int64 keys whose descending order is the ranking order of ``(scores, ids)``: float16/bfloat16/float32
     ``scores`` (exact in float32) and non-negative ``ids < 2**32`` (broadcast against each other).
 
-    The float32 bits of a score map to an integer of the same order (negative numbers' magnitude bits flipped);
-    it fills the high 32 bits, ``2**32 - 1 - id`` the low ones."""
+    The score's order (a 32-bit integer, see the module docstring) fills the high 32 bits, ``2**32 - 1 - id`` the
+    low ones. The CUDA kernels build the same keys."""
     if scores.dtype not in PACKED_DTYPES:
         raise TypeError(f"rank_keys takes float16/bfloat16/float32 scores, got {scores.dtype}")
-    bits = _canonical(scores.float()).view(torch.int32).to(torch.int64)
-    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return order * 2**32 + (2**32 - 1 - ids.to(torch.int64))
+    return _order(scores) * 2**32 + (2**32 - 1 - ids.to(torch.int64))
 
 
 def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -41,8 +46,8 @@ def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ``[B, min(k, n)]``, sorted. ``ids``: the label id of each column, ``[n]`` or ``[B, n]`` (non-negative,
     distinct within a row for a well-defined order).
 
-    float16/bfloat16/float32 scores rank by one int64 key per entry (:func:`rank_keys`), float64 scores by
-    their value's top-k, the ties at the boundary resolved by id, then a sort of the ``k`` kept."""
+    float16/bfloat16/float32 scores rank by one int64 key per entry (:func:`rank_keys`); float64 scores by the
+    top-k of their order, the ties at the boundary resolved by id, then a sort of the ``k`` kept."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [rows, n], got shape {tuple(scores.shape)}")
     ids = ids.expand_as(scores)
@@ -50,15 +55,14 @@ def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if scores.dtype in PACKED_DTYPES:
         index = rank_keys(scores, ids).topk(kept, dim=1).indices
         return scores.gather(1, index), ids.gather(1, index)
-    canonical = _canonical(scores)
-    boundary = canonical.topk(kept, dim=1).values[:, -1:]
-    # The entries above the k-th score (fewer than k) all stay; of those equal to it, the smallest ids.
-    above = canonical > boundary
-    fill = torch.where(canonical == boundary, ids, torch.iinfo(torch.int64).max)
-    index = torch.where(above, -1, fill).topk(kept, dim=1, largest=False).indices
+    order = _order(scores)
+    boundary = order.topk(kept, dim=1).values[:, -1:]
+    # The entries above the k-th (fewer than k) all stay; of those equal to it, the smallest ids.
+    fill = torch.where(order == boundary, ids, torch.iinfo(torch.int64).max)
+    index = torch.where(order > boundary, -1, fill).topk(kept, dim=1, largest=False).indices
     by_id = ids.gather(1, index).argsort(dim=1, stable=True)
     index = index.gather(1, by_id)
-    by_score = canonical.gather(1, index).argsort(dim=1, descending=True, stable=True)
+    by_score = order.gather(1, index).argsort(dim=1, descending=True, stable=True)
     index = index.gather(1, by_score)
     return scores.gather(1, index), ids.gather(1, index)
 

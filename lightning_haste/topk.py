@@ -6,8 +6,8 @@ k-th best cannot exceed the row's). Every label scoring at least ``T`` is a cand
 internal position to the row's list of ``cap`` slots by the kernels (``gsfi_topk_dense_candidates`` for the
 head's logits, which cuBLAS computes in chunks of columns; ``gsfi_topk_candidates`` for the tail, on the forward's
 tensor-core tiles); the row's top-k is the top-k of its list in the ranking order of
-:mod:`lightning_haste.ranking`. Nothing is approximate: every label that can be in the top-k, ties included, is
-in the list.
+:mod:`lightning_haste.ranking` (``gsfi_topk_merge``: a sort of the list's ranking keys per row). Nothing is
+approximate: every label that can be in the top-k, ties included, is in the list.
 
 Where the bound comes from, per row: the k-th best of the head's chunks seen so far (the bound rises chunk by
 chunk), and, when the head is small against the tail, the k-th best of the list after the tail's first groups
@@ -27,8 +27,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.nn import functional as nnf
-
-from .ranking import ranked_topk
 
 __all__ = ["MAX_ROUNDS", "candidate_capacity", "fused_topk", "head_chunk_columns"]
 
@@ -72,8 +70,9 @@ def fused_topk(
     ``unresolved`` kept overflowing their lists (more than ``cap`` scores tied at their k-th best): their entries
     are not set and the caller computes them another way.
 
-    ``synchronize=False`` makes one round with no host synchronisation (so that it can be captured in a CUDA
-    graph): rows whose list overflowed come back unresolved, and the merge reads every slot of the lists."""
+    ``unresolved`` is empty when every row was resolved. ``synchronize=False`` makes one round with no host
+    synchronisation (so that it can be captured in a CUDA graph): rows whose list overflowed come back unresolved,
+    and the merge reads every slot of the lists."""
     from . import kernels  # noqa: PLC0415 - the CUDA path only; kernels imports no CuPy itself
 
     x_any = x_tail if x_tail is not None else x_head
@@ -91,11 +90,12 @@ def fused_topk(
     count, score, position = kernels.topk.candidate_buffers(batch, cap, device)
     best_scores = torch.empty(batch, k, dtype=dtype, device=device)
     best_ids = torch.empty(batch, k, dtype=torch.long, device=device)
-    resolved = torch.zeros(batch, dtype=torch.bool, device=device)
     threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=device)
-    first = True
-    for _ in range(MAX_ROUNDS):
-        count.zero_()
+    stuck: Optional[Tensor] = None  # rows whose bound stopped rising: more than a list of scores tie at it
+    for round_index in range(MAX_ROUNDS):
+        first = round_index == 0
+        if not first:
+            kernels.runtime.zero_(count)
         head_top: Optional[Tensor] = None  # the best k head scores so far (values only), for the rising bound
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
@@ -119,29 +119,27 @@ def fused_topk(
                 threshold = torch.maximum(threshold, _kth_best(listed, k))
             _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail,
                              num_head, g0, num_groups, threshold, count, score, position)
-        first = False
         if not synchronize:
-            scores_k, ids_k = _merge_lists(count, score, position, label_permutation, k)
-            return scores_k.to(dtype), ids_k, count > cap
+            kernels.topk.gsfi_topk_merge(count, score, position, cap, label_permutation, threshold, k, best_scores,
+                                         best_ids)
+            return best_scores, best_ids, count > cap
         most = int(count.max())  # the round's host synchronisation: did any list overflow?
-        width = min(cap, most)
-        done = count <= cap
-        if width:
-            scores_k, ids_k = _merge_lists(count, score[:, :width], position[:, :width], label_permutation, k)
-            take = done & ~resolved
-            best_scores = torch.where(take[:, None], scores_k.to(dtype), best_scores)
-            best_ids = torch.where(take[:, None], ids_k, best_ids)
-            resolved |= done
+        # Every row of this round (threshold not NaN) is merged; an overflowed one is merged again in the next
+        # round or flagged unresolved.
+        kernels.topk.gsfi_topk_merge(count, score, position, max(1, min(cap, most)), label_permutation, threshold,
+                                     k, best_scores, best_ids)
         if most <= cap:
-            break
+            return best_scores, best_ids, stuck if stuck is not None else count.new_empty(0, dtype=torch.bool)
         # Overflowed rows again with the k-th best of their full lists as the bound; the others take no candidates.
-        over = ~done
+        over = count > cap
         raised = _kth_best(score, k)
         progress = over & (raised > threshold)
+        stuck = over & ~progress if stuck is None else stuck | (over & ~progress)
         threshold = torch.where(progress, raised, math.nan).contiguous()
         if not bool(progress.any()):
             break
-    return best_scores, best_ids, ~resolved
+    assert stuck is not None
+    return best_scores, best_ids, stuck | (count > cap)
 
 
 def _valid_slots(count: Tensor, cap: int) -> Tensor:
@@ -161,14 +159,3 @@ def _tail_candidates(
         xt, batch, weight[p0 : g1 * group_size], index[g0:g1], bias[p0:p1] if bias is not None else None, p1 - p0,
         threshold, count, score, position, num_head + p0, checked=False,
     )
-
-
-def _merge_lists(
-    count: Tensor, score: Tensor, position: Tensor, label_permutation: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """The ranked top-k of each row's list (its first ``count`` slots; empty slots rank last: score -inf and an
-    id no label has)."""
-    valid = _valid_slots(count, score.shape[1])
-    ids = label_permutation[torch.where(valid, position, 0).long()]
-    ids = torch.where(valid, ids, label_permutation.numel())
-    return ranked_topk(torch.where(valid, score, -math.inf), ids, k)

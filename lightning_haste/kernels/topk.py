@@ -24,13 +24,18 @@ from .forward import mma_variant
 from .layout import KERNEL_DTYPES, kernel_sizes, pad16, ptr
 from .tuning import ForwardTuning, current
 
-__all__ = ["candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "plan"]
+__all__ = [
+    "candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "gsfi_topk_merge",
+    "merge_plan", "merge_shared_bytes", "plan",
+]
 
 #: gsfi_topk_candidates parameters: XT, ldxt, W, idx, bias, threshold, count, score, position, cap, offset, B, H,
 #: L, K, num_groups.
 PARAMS = struct.Struct("@QiQQQQQQQiiiiiii")
 #: gsfi_topk_dense_candidates parameters: logits, ld, cols, threshold, count, score, position, cap, offset.
 DENSE_PARAMS = struct.Struct("@QqiQQQQii")
+#: gsfi_topk_merge parameters: count, score, position, cap, width, label_permutation, threshold, k, out_score, out_id.
+MERGE_PARAMS = struct.Struct("@QQQiiQQiQQ")
 
 
 @functools.lru_cache(maxsize=256)
@@ -121,4 +126,43 @@ def gsfi_topk_dense_candidates(
     index = logits.device.index
     p = dense_plan(KERNEL_DTYPES[logits.dtype], batch, cols, index)
     args = (ptr(logits), logits.stride(0), cols, ptr(threshold), ptr(count), ptr(score), ptr(position), cap, offset)
+    runtime.launch(p, args, index)
+
+
+def merge_shared_bytes(width: int, k: int) -> int:
+    """Dynamic shared memory of ``gsfi_topk_merge``: an 8-byte key for each of the next power of two at or above
+    ``max(width, k)`` slots (the bitonic sort's span)."""
+    return 8 * (1 << max(0, max(width, k) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def merge_plan(dtype: str, batch: int, width: int, k: int, index: int) -> runtime.Plan:
+    """``gsfi_topk_merge``: one CTA of 256 threads per row."""
+    fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_merge", (dtype,), index)
+    shared = merge_shared_bytes(width, k)
+    return runtime.make_plan(fn, (batch, 1), 256, shared, 0, index, MERGE_PARAMS, "gsfi_topk_merge")
+
+
+def gsfi_topk_merge(
+    count: Tensor, score: Tensor, position: Tensor, width: int, label_permutation: Tensor, threshold: Tensor,
+    k: int, out_score: Tensor, out_id: Tensor,
+) -> None:
+    """Write the ranked top-k of each row's list (its first ``min(count, cap, width)`` slots; positions mapped to
+    label ids through ``label_permutation``) into ``out_score [B, k]`` (bfloat16/float16: the scores are values
+    of that dtype) and ``out_id [B, k]`` (int64), in the order of :mod:`lightning_haste.ranking`. Rows whose
+    ``threshold`` is NaN are left as they are. Every row must list at least ``k`` candidates."""
+    batch = count.shape[0]
+    cap = _check_lists(threshold, count, score, position, batch, count)
+    if not 0 < width <= cap:
+        raise ValueError(f"width must lie in [1, cap={cap}], got {width}")
+    if out_score.dtype not in KERNEL_DTYPES or tuple(out_score.shape) != (batch, k) or not out_score.is_contiguous():
+        raise ValueError(f"out_score must be a contiguous bfloat16/float16 tensor of shape ({batch}, {k})")
+    if out_id.dtype != torch.int64 or tuple(out_id.shape) != (batch, k) or not out_id.is_contiguous():
+        raise ValueError(f"out_id must be a contiguous int64 tensor of shape ({batch}, {k})")
+    if label_permutation.dtype != torch.int64 or not label_permutation.is_contiguous():
+        raise ValueError("label_permutation must be a contiguous int64 tensor")
+    index = count.device.index
+    p = merge_plan(KERNEL_DTYPES[out_score.dtype], batch, width, k, index)
+    args = (ptr(count), ptr(score), ptr(position), cap, width, ptr(label_permutation), ptr(threshold), k,
+            ptr(out_score), ptr(out_id))
     runtime.launch(p, args, index)
