@@ -16,7 +16,8 @@ timings over rotating random inputs, never zeros):
   (cuBLAS is slow on odd L; ratios use the faster), eager and graph;
 - tail_forward: our forward kernel of the tail alone (``layer.tail(x)``, the logits stored), graph: the target is
   fused top-k <= 1.3 x this;
-- peak memory of one eager ``topk`` above what was allocated before, against one bf16 [B, L] tensor.
+- peak memory of one eager ``topk`` above what was allocated before, against one bf16 [B, L] tensor;
+- ``--profile``: the CUDA kernels of one eager ``topk`` by total time and their count (torch.profiler).
 
 ``--history`` (default benchmarks/results/history.csv; '' for none) appends ``date,commit,device,script,shape,
 metric,ms`` rows, the shape named ``<shape>/k<k>``.
@@ -74,7 +75,22 @@ def _dense(shape: C.Shape, L: int, k: int, xs: list[torch.Tensor], sets: int) ->
         _free()
 
 
-def run_shape(shape: C.Shape, k: int, sets: int) -> dict:
+def _profile(layer: HeadTailOutput, x: torch.Tensor, k: int) -> str:
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
+
+    layer.topk(x, k)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            layer.topk(x, k)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    launches = sum(e.count for e in events) / 5
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    return f"{launches:.0f} kernels per call\n{table}"
+
+
+def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
     B, L = shape.B, shape.L
     gen = torch.Generator(device="cuda").manual_seed(1)
     xs = [torch.randn(B, ENCODER_WIDTH, device="cuda", generator=gen).bfloat16() for _ in range(sets)]
@@ -105,6 +121,8 @@ def run_shape(shape: C.Shape, k: int, sets: int) -> dict:
         fused_ids = layer.topk(xs[0], k)[1]
         chunked_ids = layer._chunked_topk(xs[0], k)[1]
         row["ids_equal_chunked"] = float((fused_ids == chunked_ids).float().mean())
+        if profile:
+            print(f"profile {shape.name} k={k}: {_profile(layer, xs[0], k)}", flush=True)
     layer = None  # noqa: F841 - frees the layer before the dense baselines
     _free()
     for name, labels in (("dense_exact", L), ("dense_l16", C.round_up(L, 16))):
@@ -142,6 +160,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--history", default=str(C.HISTORY))
     parser.add_argument("--commit")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     shapes = C.select_shapes(args.shapes)
     ks = [int(v) for v in args.ks.split(",")]
@@ -149,7 +168,7 @@ def main() -> None:
     rows = []
     for shape in shapes:
         for k in ks:
-            row = run_shape(shape, k, args.sets)
+            row = run_shape(shape, k, args.sets, args.profile)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)
