@@ -10,8 +10,9 @@ tensor-core tiles); the row's top-k is the top-k of its list in the ranking orde
 approximate: every label that can be in the top-k, ties included, is in the list.
 
 Where the bound comes from, per row: the k-th best of the head's chunks seen so far (the bound rises chunk by
-chunk), and, when the head is small against the tail, the k-th best of the list after the tail's first groups
-were taken with the head's bound (a sample that costs nothing extra: those groups are not scored again). A list
+chunk), and, when the head is small against the tail, the k-th best of the list after each of the tail's first
+segments of groups (segments that double what was seen: a sample that costs nothing extra, those groups are not
+scored again). A list
 that overflows (more candidates than slots) is retried with the k-th best of its stored candidates as the new
 bound, which rises each time unless the row holds more than ``cap`` scores tied at the boundary; rows that still
 overflow after :data:`MAX_ROUNDS` are returned as unresolved, for the caller's exact chunked path.
@@ -38,11 +39,12 @@ MAX_CAPACITY = 16384
 
 def candidate_capacity(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
     """Slots per row: a power of two near ``num_labels / 64`` (8 bytes a slot: the lists take at most a sixteenth
-    of a 16-bit ``[batch, num_labels]`` tensor), at least ``4 k`` and 256 so that a bound from a sample keeps the
-    list from overflowing, at most :data:`MAX_CAPACITY`, ``num_labels`` and ``memory_budget`` bytes."""
+    of a 16-bit ``[batch, num_labels]`` tensor), at least ``16 k`` and 256 (room for a sample of a quarter of a list
+    and about k candidates for each segment that doubles it), at most :data:`MAX_CAPACITY`, ``num_labels`` and
+    ``memory_budget`` bytes (but not below ``16 k``)."""
     cap = 1 << max(0, (num_labels // 64).bit_length() - 1)
-    cap = max(cap, 4 * k, 256)
-    cap = min(cap, MAX_CAPACITY, max(4 * k, memory_budget // (8 * batch)))
+    cap = max(cap, 16 * k, 256)
+    cap = min(cap, max(MAX_CAPACITY, 16 * k), max(16 * k, memory_budget // (8 * batch)))
     return max(k, min(cap, num_labels))
 
 
@@ -81,11 +83,6 @@ def fused_topk(
     cap = candidate_capacity(batch, num_labels, k, memory_budget)
     chunk = head_chunk_columns(batch, num_labels, k, memory_budget)
     num_groups = tail_index.shape[0] if tail_index is not None else 0
-    # The tail's first groups serve as a sample when the head alone would leave too many candidates (a bound
-    # from n scores lets about k * num_labels / n of the rest through): about half a list of them.
-    sample_groups = 0
-    if num_tail and num_head < 4 * k * num_tail / cap:
-        sample_groups = min(num_groups, max(1, cap // (2 * group_size)))
     xt = kernels.layout.transpose_input(x_tail) if num_tail else None
     count, score, position = kernels.topk.candidate_buffers(batch, cap, device)
     best_scores = torch.empty(batch, k, dtype=dtype, device=device)
@@ -108,17 +105,23 @@ def fused_topk(
                 else:
                     head_top = values.float()
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
-        if num_tail:
-            g0 = 0
-            if first and sample_groups:
-                g0 = sample_groups
-                _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail,
-                                 num_head, 0, g0, threshold, count, score, position)
-                # a row with fewer than k listed scores gets -inf here and keeps its bound
-                listed = torch.where(_valid_slots(count, cap), score, -math.inf)
-                threshold = torch.maximum(threshold, _kth_best(listed, k))
+        g0 = 0
+        # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
+        # through), the tail is taken in segments that double what was seen, the bound raised to the k-th best
+        # of the list after each: every segment then adds about k candidates. Once the rest would add at most a
+        # quarter of a list, it is taken in one launch.
+        seen = num_head if num_head >= k else 0
+        while first and g0 < num_groups and (not seen or k * (num_tail - g0 * group_size) > (cap // 4) * seen):
+            g1 = min(num_groups, g0 + max(1, -(-max(cap // 4, seen) // group_size)))
             _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail,
-                             num_head, g0, num_groups, threshold, count, score, position)
+                             num_head, g0, g1, threshold, count, score, position)
+            seen += (g1 - g0) * group_size
+            g0 = g1
+            # a row with fewer than k listed scores gets -inf here and keeps its bound
+            listed = torch.where(_valid_slots(count, cap), score, -math.inf)
+            threshold = torch.maximum(threshold, _kth_best(listed, k))
+        _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail, num_head,
+                         g0, num_groups, threshold, count, score, position)
         if not synchronize:
             kernels.topk.gsfi_topk_merge(count, score, position, cap, label_permutation, threshold, k, best_scores,
                                          best_ids)

@@ -1,0 +1,150 @@
+"""The fused top-k's rounds (bounds from the head and from a sample of the tail, overflowing lists retried, rows
+left unresolved) on CPU, with the candidate kernels stood in for by PyTorch code that keeps their contract:
+candidates appended in an arbitrary order, counts that run past the lists' capacity."""
+
+import numpy as np
+import pytest
+import torch
+
+import lightning_haste as lh
+from lightning_haste import functional as F
+from lightning_haste import kernels
+from lightning_haste import topk as fused
+from lightning_haste.ranking import rank_keys, ranked_topk
+
+
+class Lists:
+    """The kernels' contract in PyTorch: every score >= the row's bound (NaN bound: the row is skipped) is appended
+    at slot count[b] (in a random order), written only while the slot is below the capacity."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.launches = {"tail": 0, "dense": 0, "merge": 0}
+
+    def append(self, z: torch.Tensor, positions: torch.Tensor, threshold, count, score, position) -> None:
+        cap = score.shape[1]
+        for b in range(z.shape[0]):
+            bound = float(threshold[b])
+            if bound != bound:
+                continue
+            row = z[b].float()
+            keep = (~(row < bound)).nonzero().flatten()
+            keep = keep[torch.randperm(keep.numel(), generator=self.gen)]
+            start = int(count[b])
+            slots = torch.arange(start, start + keep.numel())
+            inside = slots < cap
+            score[b, slots[inside]] = row[keep[inside]]
+            position[b, slots[inside]] = positions[keep[inside]].int()
+            count[b] += keep.numel()
+
+    def tail(self, xt, batch, weight, group_index, bias, out_features, threshold, count, score, position, offset=0,
+             *, checked=True):
+        self.launches["tail"] += 1
+        z = F.group_shared_fanin(xt.t()[:batch], weight, group_index, bias, out_features, check_index=False)
+        self.append(z, offset + torch.arange(out_features), threshold, count, score, position)
+
+    def dense(self, logits, threshold, count, score, position, offset=0):
+        self.launches["dense"] += 1
+        self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
+
+    def merge(self, count, score, position, width, label_permutation, threshold, k, out_score, out_id):
+        self.launches["merge"] += 1
+        for b in range(count.shape[0]):
+            if float(threshold[b]) != float(threshold[b]):
+                continue
+            n = min(int(count[b]), score.shape[1], width)
+            ids = label_permutation[position[b, :n].long()]
+            keys = rank_keys(score[b, :n], ids)
+            order = keys.argsort(descending=True)[:k]
+            out_score[b] = score[b, :n][order].to(out_score.dtype)
+            out_id[b] = ids[order]
+
+
+@pytest.fixture
+def lists(monkeypatch):
+    stand_in = Lists(seed=0)
+    monkeypatch.setattr(kernels.topk, "gsfi_topk_candidates", stand_in.tail)
+    monkeypatch.setattr(kernels.topk, "gsfi_topk_dense_candidates", stand_in.dense)
+    monkeypatch.setattr(kernels.topk, "gsfi_topk_merge", stand_in.merge)
+    monkeypatch.setattr(kernels.runtime, "zero_", lambda t: t.zero_())
+    return stand_in
+
+
+def _run(layer: lh.HeadTailOutput, x: torch.Tensor, k: int, budget: int):
+    tail = layer.tail
+    head = layer.head
+    return fused.fused_topk(
+        x[:, layer.head_slice[0] : layer.head_slice[1]] if head is not None else None,
+        x[:, layer.tail_slice[0] : layer.tail_slice[1]], head.weight if head is not None else None,
+        head.bias if head is not None else None, tail.weight, tail.bias, tail.group_index.int(), tail.group_size,
+        layer.num_head_labels, layer.num_tail_labels, layer.label_permutation, k, budget,
+    )
+
+
+def _layer(num_labels, head_ratio, group_size=8, seed=0):
+    freq = np.random.default_rng(seed).integers(1, 1000, num_labels)
+    layer = lh.HeadTailOutput(32, freq, head_ratio=head_ratio, fan_in=8, group_size=group_size,
+                              dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(13, 32, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
+    return layer.requires_grad_(False), x
+
+
+@pytest.mark.parametrize(("num_labels", "head_ratio", "k", "cap"), [
+    (3000, 0.1, 5, None),  # a bound from the head
+    (3000, 0.0, 20, None),  # no head: the tail's first groups
+    (3000, 0.01, 40, None),  # a small head: both
+    (5000, 0.3, 9, None),  # several head chunks, a rising bound
+    (3000, 0.0, 7, 64),  # lists far too short: retried rounds
+])
+def test_rounds_give_the_ranked_topk(lists, monkeypatch, num_labels, head_ratio, k, cap):
+    if cap is not None:
+        monkeypatch.setattr(fused, "candidate_capacity", lambda batch, labels, kk, budget: max(kk, cap))
+    layer, x = _layer(num_labels, head_ratio)
+    budget = 13 * 2 * 700  # head chunks of 700 columns
+    scores, ids, unresolved = _run(layer, x, k, budget)
+    want_scores, want_ids = ranked_topk(layer(x), torch.arange(num_labels), k)
+    resolved = ~unresolved if unresolved.numel() else torch.ones(x.shape[0], dtype=torch.bool)
+    if cap is None:
+        assert resolved.all() and lists.launches["merge"] == 1  # one round
+    else:
+        assert lists.launches["merge"] > 1 and resolved.any()  # retried rounds resolve some rows at least
+    assert torch.equal(ids[resolved], want_ids[resolved])
+    assert torch.equal(scores[resolved], want_scores[resolved])
+
+
+def test_rows_tied_beyond_a_list_come_back_unresolved(lists, monkeypatch):
+    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, labels, kk, budget: 32)
+    layer, x = _layer(2000, 0.05)
+    layer.tail.weight.zero_()
+    layer.tail.bias.zero_()
+    layer.head.weight.zero_()
+    layer.head.bias.fill_(-1.0)  # the head below the tail's 0.0 ties: more than 32 tail labels tie at the top
+    x[3:] = 0  # rows 3.. tie everywhere at 0 as well; rows 0..2 too (zero tail weights): all unresolved
+    _, _, unresolved = _run(layer, x, 5, 2**20)
+    assert unresolved.all()
+    # the layer's topk completes them by the chunked path: the smallest tail label ids with score 0
+    monkeypatch.setattr(type(layer), "_fused_topk_arguments", lambda self, x2d: _fused_arguments(self, x2d))
+    scores, ids = layer.topk(x, 5)
+    want_scores, want_ids = ranked_topk(layer(x), torch.arange(2000), 5)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+
+
+def _fused_arguments(layer, x2d):
+    tail, head = layer.tail, layer.head
+    args = (x2d, head.weight, head.bias, tail.weight, tail.bias, tail.group_index.int(),
+            [*layer.head_slice, *layer.tail_slice], layer.num_head_labels, layer.num_tail_labels,
+            layer.label_permutation)
+    return args, False
+
+
+def test_capacity_and_chunks_follow_the_memory_rules():
+    # lists: a power of two near L / 64, at least 16 k and 256, at most 16384 (unless 16 k is more) and L
+    assert fused.candidate_capacity(64, 670091, 5, 2**28) == 8192
+    assert fused.candidate_capacity(512, 131072, 5, 2**28) == 2048
+    assert fused.candidate_capacity(128, 8623847, 100, 2**28) == 16384
+    assert fused.candidate_capacity(4, 300, 100, 2**28) == 300
+    assert fused.candidate_capacity(4, 100000, 128, 2**28) == 2048
+    assert fused.candidate_capacity(512, 131072, 128, 2**20) == 2048  # 16 k even above the budget
+    # head chunks: a sixteenth of the labels, at least k
+    assert fused.head_chunk_columns(64, 670091, 5, 2**28) == 670091 // 16
+    assert fused.head_chunk_columns(64, 100, 50, 2**28) == 50
