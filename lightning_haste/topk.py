@@ -9,15 +9,16 @@ tensor-core tiles); the row's top-k is the top-k of its list in the ranking orde
 :mod:`lightning_haste.ranking` (``gsfi_topk_merge``: a sort of the list's ranking keys per row). Nothing is
 approximate: every label that can be in the top-k, ties included, is in the list.
 
-Where the bound comes from, per row: the k-th best of the head's chunks seen so far (the bound rises chunk by
-chunk), and, when the head is small against the tail, the k-th best of the list after each of the tail's first
-segments of groups (segments that double what was seen: a sample that costs nothing extra, those groups are not
-scored again). A list
-that overflows (more candidates than slots) is retried with the k-th best of its stored candidates as the new
-bound, which rises each time unless the row holds more than ``cap`` scores tied at the boundary; rows that still
-overflow after :data:`MAX_ROUNDS` are returned as unresolved, for the caller's exact chunked path.
+Where the bound comes from, per row: the k-th best of the maxima of blocks of the head's chunks
+(:func:`block_bound`; the bound rises chunk by chunk), and, when the head is small against the tail, the same of
+the list after each of the tail's first segments of groups (segments that double what was seen: a sample that
+costs nothing extra, those groups are not scored again). A list that overflows (more candidates than slots) is
+retried with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds
+more than ``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as
+unresolved, for the caller's exact chunked path.
 
-The lists and the head's chunks together stay below an eighth of a 16-bit ``[batch, num_labels]`` tensor.
+The lists (a sixteenth) and a head chunk (a thirty-second) stay below an eighth of a 16-bit ``[batch, num_labels]``
+tensor.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as nnf
 
-__all__ = ["MAX_ROUNDS", "candidate_capacity", "fused_topk", "head_chunk_columns"]
+__all__ = ["MAX_ROUNDS", "block_bound", "candidate_capacity", "fused_topk", "head_chunk_columns"]
 
 #: Passes over the labels before a row whose list keeps overflowing is left to the chunked path.
 MAX_ROUNDS = 3
@@ -49,15 +50,34 @@ def candidate_capacity(batch: int, num_labels: int, k: int, memory_budget: int) 
 
 
 def head_chunk_columns(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
-    """Head logits computed per chunk: columns of at most a sixteenth of a 16-bit ``[batch, num_labels]`` tensor
-    (and ``memory_budget``), at least ``k`` so that the first chunk gives a bound."""
-    return max(k, min(max(1, num_labels // 16), memory_budget // (2 * batch)))
+    """Head logits computed per chunk: columns of at most a thirty-second of a 16-bit ``[batch, num_labels]``
+    tensor (and ``memory_budget``), at least ``k`` so that the first chunk gives a bound."""
+    return max(k, min(max(1, num_labels // 32), memory_budget // (2 * batch)))
+
+
+#: Blocks per k of a bound from block maxima (:func:`block_bound`).
+BLOCKS_PER_K = 8
+
+
+def block_bound(scores: Tensor, k: int) -> Optional[Tensor]:
+    """A float32 lower bound ``[B]`` of each row's k-th best score in ``scores [B, n]``, or None when ``n < k``.
+
+    The columns fall into ``min(n, 8 k)`` blocks (the last ``n mod blocks`` columns left out); each block's
+    maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. One reduction and a
+    top-k over ``8 k`` values per row instead of a top-k over all ``n`` scores; the bound ranks near the row's
+    ``k``-th best when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks
+    above every number, so ``+inf`` is still a bound)."""
+    batch, n = scores.shape
+    if n < k:
+        return None
+    blocks = min(n, BLOCKS_PER_K * k)
+    maxima = scores[:, : blocks * (n // blocks)].reshape(batch, blocks, n // blocks).amax(dim=2)
+    return maxima.topk(k, dim=1).values[:, -1].float().nan_to_num(nan=math.inf)
 
 
 def _kth_best(scores: Tensor, k: int) -> Tensor:
-    """The k-th best value of each row as a float32 bound (NaN ranks as +inf, as in the ranking)."""
-    values = scores.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return values.topk(k, dim=1).values[:, -1].contiguous()
+    """The k-th best value of each row as a float32 bound (NaN counts as +inf)."""
+    return scores.float().nan_to_num(nan=math.inf).topk(k, dim=1).values[:, -1].contiguous()
 
 
 def fused_topk(
@@ -93,17 +113,12 @@ def fused_topk(
         first = round_index == 0
         if not first:
             kernels.runtime.zero_(count)
-        head_top: Optional[Tensor] = None  # the best k head scores so far (values only), for the rising bound
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
-            if first:
-                values = logits if head_top is None else torch.cat([head_top, logits], dim=1)
-                if values.shape[1] >= k:
-                    head_top = values.float().nan_to_num(nan=math.inf).topk(k, dim=1).values
-                    threshold = head_top[:, -1].contiguous()
-                else:
-                    head_top = values.float()
+            bound = block_bound(logits, k) if first else None
+            if bound is not None:  # each chunk's bound is one; the largest is the best
+                threshold = bound if c0 == 0 else torch.maximum(threshold, bound)
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
@@ -117,9 +132,10 @@ def fused_topk(
                              num_head, g0, g1, threshold, count, score, position)
             seen += (g1 - g0) * group_size
             g0 = g1
-            # a row with fewer than k listed scores gets -inf here and keeps its bound
+            # the list's scores are actual scores too (empty slots count as -inf: a row with fewer than k keeps
+            # its bound)
             listed = torch.where(_valid_slots(count, cap), score, -math.inf)
-            threshold = torch.maximum(threshold, _kth_best(listed, k))
+            threshold = torch.maximum(threshold, block_bound(listed, k))
         _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail, num_head,
                          g0, num_groups, threshold, count, score, position)
         if not synchronize:
