@@ -2,7 +2,11 @@
 
     compute-sanitizer --tool memcheck python3 tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python3 tests/sanitize_kernels.py
+
+``SANITIZE_ONLY=topk`` runs the top-k kernels alone.
 """
+
+import os
 
 import torch
 
@@ -46,6 +50,8 @@ def run(batch: int, in_features: int, out_features: int, group_size: int, fan_in
 
 
 for batch, in_features, out_features, group_size, fan_in, settings in CASES:
+    if os.environ.get("SANITIZE_ONLY") == "topk":
+        break
     items = settings.split()
     torch.use_deterministic_algorithms("deterministic" in items)
     with tuning.use(tuning.parse([item for item in items if item != "deterministic"])):
