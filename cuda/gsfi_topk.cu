@@ -6,7 +6,8 @@
 // is a candidate: its value and its position (offset + g * G + j) are appended to the row's list,
 //   slot = atomicAdd(&count[b], 1);  if slot < cap: score[b * cap + slot] = z, position[b * cap + slot] = offset + g*G + j.
 // gsfi_topk_dense_candidates does the same for a chunk of dense logits (the head's, which cuBLAS computes), into
-// the same lists. The row's top-k is then the top-k of its list (a small merge on the caller's side). count[b] may end above cap: the list overflowed, and the caller retries the row with a
+// the same lists; gsfi_topk_bound raises the bounds from a chunk of logits or from the lists, gsfi_topk_merge sorts
+// each list into the row's top-k. The row's top-k is then the top-k of its list (a small merge on the caller's side). count[b] may end above cap: the list overflowed, and the caller retries the row with a
 // higher bound (the k-th best of the stored candidates) or falls back. The order of a list depends on the
 // order in which the warps reach their tiles; the caller's merge orders by a total order (score, then label id),
 // so the result does not.
@@ -150,4 +151,68 @@ __global__ void __launch_bounds__(256) gsfi_topk_merge(
     out_score[(long long)b * k + i] = Ops<T>::from_float(key_score(key));
     out_id[(long long)b * k + i] = 4294967295LL - (key & 0xffffffffLL);
   }
+}
+
+// A value of a row to bound: 16-bit logits (raw bits of T) or float32 list scores.
+template <class T, class V> struct BoundValue;
+template <class T> struct BoundValue<T, u16> {
+  static __device__ __forceinline__ float get(u16 v) { return Ops<T>::to_float(v); }
+};
+template <class T> struct BoundValue<T, float> {
+  static __device__ __forceinline__ float get(float v) { return v; }
+};
+
+// A lower bound of each row's k-th best score from `values` [B][ld] (the row's first n = cols, or min(count[b],
+// cols) with a count, entries): the n entries fall into m = min(n, blocks) strided blocks (entry c into block
+// c % m), each block's maximum is an actual score of a distinct entry, and the k-th best of the m maxima is the
+// bound (sorted in shared memory, bitonic, descending; NaN counts as +inf, which still bounds: a NaN ranks above
+// every number). threshold[b] becomes the larger of itself and the bound (a row with n < k keeps its own); rows
+// whose threshold is NaN are skipped. One CTA of 256 threads per row; dynamic shared memory: 4 bytes for each of
+// the next power of two at or above `blocks`.
+template <class T, class V>
+__global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ values, long long ld, int cols,
+                                                      const int* __restrict__ count, int blocks, int k,
+                                                      float* __restrict__ threshold) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* maxima = reinterpret_cast<float*>(smem);
+  const int b = blockIdx.x;
+  const float current = threshold[b];
+  if (current != current) return;
+  const int n = count != nullptr ? min(count[b], cols) : cols;
+  if (n < k) return;
+  const int m = min(n, blocks);
+  int size = 1;
+  while (size < m) size <<= 1;
+  for (int j = threadIdx.x; j < size; j += blockDim.x) {
+    float best = -__int_as_float(0x7f800000);
+    if (j < m) {
+      for (int c = j; c < n; c += m) {
+        const float v = BoundValue<T, V>::get(values[(long long)b * ld + c]);
+        if (v != v) {
+          best = __int_as_float(0x7f800000);
+          break;
+        }
+        if (v > best) best = v;
+      }
+    }
+    maxima[j] = best;
+  }
+  __syncthreads();
+  for (int span = 2; span <= size; span <<= 1) {
+    for (int stride = span >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < size / 2; i += blockDim.x) {
+        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const bool descending = (lo & span) == 0;
+        const float a = maxima[lo], c = maxima[hi];
+        if ((a < c) == descending) {
+          maxima[lo] = c;
+          maxima[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // (Under CuPy's -ftz=true the comparisons here see subnormals as zero, so the bound may be off by a value of
+  // that class: the candidate kernels compare in the same way, so every score at or above the true bound passes.)
+  if (threadIdx.x == 0 && maxima[k - 1] > current) threshold[b] = maxima[k - 1];
 }

@@ -60,19 +60,21 @@ BLOCKS_PER_K = 8
 
 
 def block_bound(scores: Tensor, k: int) -> Optional[Tensor]:
-    """A float32 lower bound ``[B]`` of each row's k-th best score in ``scores [B, n]``, or None when ``n < k``.
+    """A float32 lower bound ``[B]`` of each row's k-th best score in ``scores [B, n]``, or None when ``n < k``: what
+    the kernel ``gsfi_topk_bound`` computes on the GPU (the reference of the CPU tests).
 
-    The columns fall into ``min(n, 8 k)`` blocks (the last ``n mod blocks`` columns left out); each block's
-    maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. One reduction and a
-    top-k over ``8 k`` values per row instead of a top-k over all ``n`` scores; the bound ranks near the row's
-    ``k``-th best when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks
-    above every number, so ``+inf`` is still a bound)."""
+    Column ``c`` falls into block ``c mod m`` of ``m = min(n, 8 k)`` strided blocks; each block's maximum is an
+    actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the scores and a
+    sort of ``8 k`` values per row instead of a top-k over all ``n``; the bound ranks near the row's ``k``-th best
+    when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks above every
+    number, so ``+inf`` is still a bound)."""
     batch, n = scores.shape
     if n < k:
         return None
     blocks = min(n, BLOCKS_PER_K * k)
-    maxima = scores[:, : blocks * (n // blocks)].reshape(batch, blocks, n // blocks).amax(dim=2)
-    return maxima.topk(k, dim=1).values[:, -1].float().nan_to_num(nan=math.inf)
+    padded = nnf.pad(scores.float(), (0, -n % blocks), value=-math.inf)
+    maxima = padded.nan_to_num(nan=math.inf).reshape(batch, -1, blocks).amax(dim=1)
+    return maxima.topk(k, dim=1).values[:, -1]
 
 
 def _kth_best(scores: Tensor, k: int) -> Tensor:
@@ -116,9 +118,8 @@ def fused_topk(
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
-            bound = block_bound(logits, k) if first else None
-            if bound is not None:  # each chunk's bound is one; the largest is the best
-                threshold = bound if c0 == 0 else torch.maximum(threshold, bound)
+            if first:  # each chunk's bound is one; the largest is the best
+                kernels.topk.gsfi_topk_bound(logits, k, threshold, BLOCKS_PER_K * k)
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
@@ -132,10 +133,8 @@ def fused_topk(
                              num_head, g0, g1, threshold, count, score, position)
             seen += (g1 - g0) * group_size
             g0 = g1
-            # the list's scores are actual scores too (empty slots count as -inf: a row with fewer than k keeps
-            # its bound)
-            listed = torch.where(_valid_slots(count, cap), score, -math.inf)
-            threshold = torch.maximum(threshold, block_bound(listed, k))
+            # the list's scores are actual scores too (a row listing fewer than k keeps its bound)
+            kernels.topk.gsfi_topk_bound(score, k, threshold, BLOCKS_PER_K * k, count, dtype)
         _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail, num_head,
                          g0, num_groups, threshold, count, score, position)
         if not synchronize:
@@ -159,10 +158,6 @@ def fused_topk(
             break
     assert stuck is not None
     return best_scores, best_ids, stuck | (count > cap)
-
-
-def _valid_slots(count: Tensor, cap: int) -> Tensor:
-    return torch.arange(cap, device=count.device)[None, :] < count[:, None]
 
 
 def _tail_candidates(

@@ -66,6 +66,7 @@ def _instantiations():
               ((8, 16, 8, 3), (16, 64, 12, 3), (32, 128, 8, 4), (64, 128, 4, 3), (128, 512, 2, 2))]
     lines += [f"(void*)&gsfi_topk_{kernel}<{dtype}>," for kernel in ("dense_candidates", "merge")
               for dtype in ("bf16_t", "f16_t")]
+    lines += [f"(void*)&gsfi_topk_bound<{dtype}, {v}>," for dtype in ("bf16_t", "f16_t") for v in ("u16", "float")]
     return "\n".join(lines)
 
 
@@ -103,6 +104,8 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_topk_candidates<f16_t, 16, 64, false, 8, 3>,
 (void*)&gsfi_topk_dense_candidates<bf16_t>,
 (void*)&gsfi_topk_merge<f16_t>,
+(void*)&gsfi_topk_bound<bf16_t, u16>,
+(void*)&gsfi_topk_bound<f16_t, float>,
 """
 
 

@@ -47,6 +47,16 @@ class Lists:
         self.launches["dense"] += 1
         self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
 
+    def bound(self, values, k, threshold, blocks, count=None, dtype=None):
+        assert blocks == fused.BLOCKS_PER_K * k
+        for b in range(values.shape[0]):
+            if float(threshold[b]) != float(threshold[b]):
+                continue
+            n = values.shape[1] if count is None else min(int(count[b]), values.shape[1])
+            bound = fused.block_bound(values[b : b + 1, :n], k)
+            if bound is not None:
+                threshold[b] = torch.maximum(threshold[b], bound[0])
+
     def merge(self, count, score, position, width, label_permutation, threshold, k, out_score, out_id):
         self.launches["merge"] += 1
         for b in range(count.shape[0]):
@@ -66,6 +76,7 @@ def lists(monkeypatch):
     monkeypatch.setattr(kernels.topk, "gsfi_topk_candidates", stand_in.tail)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_dense_candidates", stand_in.dense)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_merge", stand_in.merge)
+    monkeypatch.setattr(kernels.topk, "gsfi_topk_bound", stand_in.bound)
     monkeypatch.setattr(kernels.runtime, "zero_", lambda t: t.zero_())
     return stand_in
 

@@ -26,7 +26,7 @@ from .tuning import ForwardTuning, current
 
 __all__ = [
     "candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "gsfi_topk_merge",
-    "merge_plan", "merge_shared_bytes", "plan",
+    "bound_plan", "gsfi_topk_bound", "merge_plan", "merge_shared_bytes", "plan",
 ]
 
 #: gsfi_topk_candidates parameters: XT, ldxt, W, idx, bias, threshold, count, score, position, cap, offset, B, H,
@@ -34,6 +34,8 @@ __all__ = [
 PARAMS = struct.Struct("@QiQQQQQQQiiiiiii")
 #: gsfi_topk_dense_candidates parameters: logits, ld, cols, threshold, count, score, position, cap, offset.
 DENSE_PARAMS = struct.Struct("@QqiQQQQii")
+#: gsfi_topk_bound parameters: values, ld, cols, count, blocks, k, threshold.
+BOUND_PARAMS = struct.Struct("@QqiQiiQ")
 #: gsfi_topk_merge parameters: count, score, position, cap, width, label_permutation, threshold, k, out_score, out_id.
 MERGE_PARAMS = struct.Struct("@QQQiiQQiQQ")
 
@@ -162,7 +164,48 @@ def gsfi_topk_merge(
     if label_permutation.dtype != torch.int64 or not label_permutation.is_contiguous():
         raise ValueError("label_permutation must be a contiguous int64 tensor")
     index = count.device.index
+    width = min(cap, 1 << max(0, max(width, k) - 1).bit_length())  # the sort's span: few distinct plans
     p = merge_plan(KERNEL_DTYPES[out_score.dtype], batch, width, k, index)
     args = (ptr(count), ptr(score), ptr(position), cap, width, ptr(label_permutation), ptr(threshold), k,
             ptr(out_score), ptr(out_id))
     runtime.launch(p, args, index)
+
+
+@functools.lru_cache(maxsize=64)
+def bound_plan(dtype: str, values: str, batch: int, blocks: int, index: int) -> runtime.Plan:
+    """``gsfi_topk_bound``: one CTA of 256 threads per row, a float for each of the next power of two at or above
+    ``blocks`` in shared memory."""
+    fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_bound", (dtype, values), index)
+    shared = 4 * (1 << max(0, blocks - 1).bit_length())
+    return runtime.make_plan(fn, (batch, 1), 256, shared, 0, index, BOUND_PARAMS, "gsfi_topk_bound")
+
+
+def gsfi_topk_bound(
+    values: Tensor, k: int, threshold: Tensor, blocks: int, count: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Raise ``threshold [B]`` (float32) to a lower bound of each row's k-th best score in ``values [B, n]``
+    (bfloat16/float16 logits, or float32 list scores of which a row's first ``count[b]`` count): the k-th best of
+    the maxima of ``min(n, blocks)`` strided blocks of the row (each an actual score of a distinct entry; NaN as
+    +inf). Rows with fewer than ``k`` entries, and rows whose threshold is NaN, keep theirs. ``dtype``: the 16-bit
+    dtype of the layer (for float32 ``values``)."""
+    if values.dim() != 2 or values.stride(1) != 1:
+        raise ValueError("values must be 2-D with contiguous rows")
+    batch, cols = values.shape
+    if values.dtype in KERNEL_DTYPES:
+        dtype, kind = values.dtype, "u16"
+    elif values.dtype == torch.float32 and dtype in KERNEL_DTYPES:
+        kind = "float"
+    else:
+        raise TypeError("values must be bfloat16/float16, or float32 with dtype= a 16-bit dtype")
+    if threshold.dtype != torch.float32 or tuple(threshold.shape) != (batch,) or not threshold.is_contiguous():
+        raise ValueError(f"threshold must be a contiguous float32 tensor of shape ({batch},)")
+    if count is not None and (count.dtype != torch.int32 or tuple(count.shape) != (batch,)):
+        raise ValueError(f"count must be an int32 tensor of shape ({batch},)")
+    if not 0 < k <= blocks <= 4096:
+        raise ValueError(f"need 0 < k <= blocks <= 4096, got k={k}, blocks={blocks}")
+    if cols == 0:
+        return
+    index = values.device.index
+    p = bound_plan(KERNEL_DTYPES[dtype], kind, batch, blocks, index)
+    runtime.launch(p, (ptr(values), values.stride(0), cols, ptr(count), blocks, k, ptr(threshold)), index)
