@@ -200,6 +200,12 @@ class HasteXMCModule:
     for a loss of your own on the full logits, the slow path); validation/test log P@k, nDCG@k and PSP@k;
     ``predict_step`` returns top-k ``(scores, label ids)`` in original label ids; :meth:`configure_optimizers`
     gives AdamW to the encoder and SGD with momentum to the output layer (override it to change that).
+
+    Resume: a fit stopped at any step and resumed from its checkpoint continues as the uninterrupted run would,
+    bit for bit on CPU, when the training loader is resumable (:class:`~lightning_haste.data.ResumableDataLoader`,
+    which :class:`~lightning_haste.data.XMCDataModule` uses): the checkpoint holds the loader's position, the
+    optimizers, the learning-rate schedule and :class:`~lightning_haste.SparseRegrowthCallback`'s state, and the
+    layer's random draws are seeded. torch's global random state (``dropout``) is not restored.
     """
 
     output: Optional[HeadTailOutput]

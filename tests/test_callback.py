@@ -4,10 +4,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import lightning_haste as lh
 from lightning_haste.callbacks import prune_fraction_at
+from lightning_haste.data import ResumableDataLoader
 
 
 class Tiny(LightningModule):
@@ -28,7 +29,8 @@ class Tiny(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=False)
+        # resumable: a checkpoint taken mid-epoch continues at the next batch
+        return ResumableDataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=False)
 
 
 def _trainer(callbacks, max_steps, **kw):
@@ -126,20 +128,21 @@ def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_run(tmp_path):
     straight = Tiny()
     _trainer([make()], max_steps=24).fit(straight)
 
-    # An interrupted run: checkpointed at step 12 (a rewire step too, so the saved state is post-rewire),
-    # stopped at 13, resumed from the checkpoint.
+    # An interrupted run: checkpointed at step 8, mid-epoch (12 batches an epoch) and a rewire step too, so the saved
+    # state is post-rewire; stopped at 13, resumed from the checkpoint.
     first = Tiny()
-    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
     trainer = _trainer([make(), saver, StopAt(13)], max_steps=24)
     trainer.fit(first)
-    ckpt = next(tmp_path.glob("*step=12*.ckpt"))
+    ckpt = next(tmp_path.glob("*step=8.ckpt"))
     resumed = Tiny()
     callback = make()
     _trainer([callback], max_steps=24).fit(resumed, ckpt_path=ckpt)
-    assert callback.rewires == 4  # steps 4, 8, 12 before the checkpoint, 16 after (end 19.2)
+    assert callback.rewires == 4  # steps 4, 8 before the checkpoint, 12, 16 after (end 19.2)
     assert callback.last_rewire_step == 24  # the last interval step it considered (past end: no rewire)
     assert torch.equal(resumed.layer.group_index, straight.layer.group_index)
     assert torch.equal(resumed.layer.weight, straight.layer.weight)
+    assert torch.equal(resumed.layer.bias, straight.layer.bias)
     assert not torch.equal(straight.layer.group_index, Tiny().layer.group_index)
 
 
