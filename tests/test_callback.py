@@ -195,3 +195,37 @@ def test_max_epochs_sets_the_schedule_length():
     trainer.fit(module)
     # 4 epochs x 12 batches = 48 steps; end = 24: rewires at steps 6, 12, 18
     assert [c[0] for c in calls] == pytest.approx([prune_fraction_at(s, 24.0, 0.5, "linear") for s in (6, 12, 18)])
+
+
+class TwoLayers(Tiny):
+    def __init__(self, in_features=24, fan_in=8):
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.layer = lh.GroupSharedFanIn(24, 30, 8, 4, generator=gen)
+        self.second = lh.GroupSharedFanIn(in_features, 30, fan_in, 4, generator=gen)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x) + self.second(x[:, : self.second.in_features]), y)
+
+
+class CorruptBefore(Callback):
+    """Edits the second layer's index through .data (no version bump) just before the step-4 rewire."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == 4:
+            self.before = pl_module.layer.group_index.clone()
+            pl_module.second.group_index.data[0, 0] = 999
+
+
+def test_a_rewire_step_checks_every_layer_before_changing_any():
+    module = TwoLayers()
+    corrupt = CorruptBefore()
+    callback = lh.SparseRegrowthCallback(interval=4, prune_fraction=0.5, end=1.0, log=False)
+    with pytest.raises(ValueError, match=r"entries must lie in \[0, 24\)"):
+        _trainer([corrupt, callback], max_steps=8).fit(module)
+    assert torch.equal(module.layer.group_index, corrupt.before) and callback.rewires == 0
+    # a prune fraction that cannot fit outside a group of some layer fails when the fit starts
+    with pytest.raises(ValueError, match="prunes 4 slots per group of layer 'second', but only 2 features"):
+        _trainer([lh.SparseRegrowthCallback(interval=4, prune_fraction=0.5, log=False)], max_steps=8).fit(
+            TwoLayers(in_features=10, fan_in=8))
