@@ -463,6 +463,16 @@ class ResumableDataLoader(DataLoader):
         self._current = _CountingIterator(super().__iter__(), self._start_batch)
         return self._current
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A live iterator does not pickle (DDP spawn pickles what the trainer holds): a copy resumes where this
+        # loader is.
+        state = self.__dict__.copy()
+        position = self.state_dict()
+        epoch, batches = position["epoch"], position["batches"]
+        state["_resume"] = (epoch + 1, 0) if batches >= len(self) else (epoch, batches)
+        state["_current"] = None
+        return state
+
     def _set_sampler_epoch(self, epoch: int) -> None:
         found = {id(self.sampler): self.sampler}
         inner = getattr(self.batch_sampler, "sampler", None)

@@ -1,5 +1,6 @@
 """Exact resume: a fit stopped at any step and resumed from its checkpoint continues as the uninterrupted run."""
 
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -160,6 +161,17 @@ def test_resumable_loader_skips_without_collating_and_continues_a_left_epoch():
     assert first.tolist() == [0, 1, 2, 3] and loader.state_dict() == {"epoch": 1, "batches": 1}
     assert next(iter(loader)).tolist() == [4, 5, 6, 7]  # ... and continued by the next iteration
     assert len(loader) == 5
+
+
+def test_a_pickled_loader_resumes_where_it_was():
+    loader = ResumableDataLoader(list(range(20)), batch_size=4, shuffle=False)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    copy = pickle.loads(pickle.dumps(loader))  # as DDP spawn does with what the trainer holds
+    assert [b.tolist() for b in copy] == [[8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+    assert [b.tolist() for b in iterator] == [[8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+    done = pickle.loads(pickle.dumps(loader))  # after the epoch's last batch: the next epoch
+    assert done.state_dict() == {"epoch": 1, "batches": 0}
 
 
 def test_resumable_loader_rejects_what_it_cannot_resume():
