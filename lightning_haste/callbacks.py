@@ -46,6 +46,9 @@ class SparseRegrowthCallback(Callback):
     ``(seed, global step, layer)``, so every DDP rank makes the same decisions (their weights are equal
     after each step) and a run resumed from a checkpoint continues exactly like an uninterrupted one.
 
+    Settings are checked when the callback is made, and against every layer when the fit starts (the pruned slots
+    must fit outside each group); at a rewire step every layer's index is validated before any layer changes.
+
     Args:
         interval: optimizer steps between rewires.
         prune_fraction: fraction of each group's slots pruned at step 0 (usually 0.15-0.25).
@@ -101,6 +104,15 @@ class SparseRegrowthCallback(Callback):
         self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, GroupSharedFanIn)]
         if not self._layers:
             rank_zero_warn("SparseRegrowthCallback: the module has no GroupSharedFanIn layer; it will do nothing")
+        for name, layer in self._layers:  # the largest fraction (the first rewire's) must fit every layer
+            count = math.floor(self.prune_fraction * layer.fan_in + 1e-9)
+            free = layer.in_features - layer.fan_in
+            if count > free:
+                raise ValueError(
+                    f"SparseRegrowthCallback: prune_fraction={self.prune_fraction} prunes {count} slots per group of "
+                    f"layer {name or 'layer'!r}, but only {free} features lie outside a group (in_features="
+                    f"{layer.in_features}, fan_in={layer.fan_in}); lower prune_fraction"
+                )
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -113,6 +125,10 @@ class SparseRegrowthCallback(Callback):
         self.last_rewire_step = step
         if fraction <= 0.0:
             return
+        # Every layer's index is read in full before any layer changes: a bad one (e.g. edited through .data)
+        # raises with all the layers as they were.
+        for _, layer in self._layers:
+            layer.check_group_index(force=True)
         self.rewires += 1
         for position, (name, layer) in enumerate(self._layers):
             generator = torch.Generator(device=layer.weight.device)

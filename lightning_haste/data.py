@@ -9,6 +9,7 @@ sparse all the way to the loss and the metrics.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import numbers
 import os
@@ -23,12 +24,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 __all__ = [
     "XMCData",
     "XMCDataModule",
     "XMCFormatError",
+    "ResumableDataLoader",
     "SyntheticXMCDataModule",
     "BowXMCDataModule",
     "read_bow",
@@ -370,6 +372,140 @@ class _Rows(Dataset):
         return i
 
 
+class _ResumingIndexSampler:
+    """A loader's batch (or index) sampler that draws each iteration in its loader's epoch and starts at the batch
+    its loader says: the batches an interrupted epoch delivered are skipped by their indices, so nothing is read or
+    collated for them."""
+
+    def __init__(self, loader: ResumableDataLoader, inner: Any) -> None:
+        self.loader = loader
+        self.inner = inner
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, start = self.loader._epoch, self.loader._start_batch
+
+        def batches() -> Iterator[Any]:
+            # Runs at the first draw, after any set_epoch of Lightning's (which counts a fit stopped by
+            # trainer.should_stop as a finished epoch): the loader's own count decides the order.
+            self.loader._set_sampler_epoch(epoch)
+            yield from itertools.islice(self.inner, start, None)
+
+        return batches()
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class _CountingIterator:
+    """A loader's iterator that counts the batches it handed out (not those its workers prefetched)."""
+
+    def __init__(self, iterator: Iterator[Any], start: int) -> None:
+        self.iterator = iterator
+        self.delivered = start
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        self.delivered += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.iterator)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position is saved in Lightning checkpoints, so that a fit resumed from a checkpoint
+    taken at any step continues with the batches the uninterrupted run would have drawn.
+
+    The loader counts its own epochs, the first numbered ``first_epoch``, and draws epoch ``e`` with its sampler's
+    ``set_epoch(e)``. An epoch ends when its last batch has been delivered: an iteration left before that (an epoch
+    cut short by ``limit_train_batches``, a ``break``) is continued by the next one. Lightning stores the loader's
+    ``state_dict()`` (the epoch and the batches delivered in it) in every checkpoint and hands it to
+    ``load_state_dict`` on resume; the next iteration then draws that epoch again and skips the batches already
+    trained on, by their indices (nothing is read or collated for them). So the batches follow the loader's count,
+    not Lightning's epoch counter, which counts a fit ended by ``trainer.should_stop`` as a finished epoch.
+
+    The continuation is exact when the sampler's order of an epoch is a function of the epoch: a
+    ``torch.utils.data.DistributedSampler`` (seeded; what :class:`XMCDataModule` uses), a ``SequentialSampler``, or
+    a sampler of your own with ``set_epoch``; a ``RandomSampler`` without a seeded generator draws another order
+    after a resume. The dataset must be map-style (an ``IterableDataset`` raises ``TypeError``). A new loader
+    starts counting at ``first_epoch``: made anew every epoch (``reload_dataloaders_every_n_epochs``), give it the
+    trainer's ``current_epoch``. Other arguments as for ``DataLoader``.
+    """
+
+    def __init__(self, dataset: Any, *args: Any, first_epoch: int = 0, **kwargs: Any) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("ResumableDataLoader needs a map-style dataset (it skips batches by their indices), "
+                            "got an IterableDataset")
+        if isinstance(first_epoch, bool) or not isinstance(first_epoch, numbers.Integral) or first_epoch < 0:
+            raise ValueError(f"first_epoch must be an integer >= 0, got {first_epoch!r}")
+        super().__init__(dataset, *args, **kwargs)
+        self.first_epoch = int(first_epoch)
+        self._epoch = self.first_epoch - 1  # the epoch of the current iteration (none yet)
+        self._start_batch = 0  # the batch the current iteration started at
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batch) the next iteration starts at
+        self._current: Optional[_CountingIterator] = None
+
+    @property
+    def _index_sampler(self) -> Any:  # type: ignore[override]
+        # Read once per iterator; persistent workers keep theirs and call iter() on it every epoch.
+        return _ResumingIndexSampler(self, super()._index_sampler)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if self._resume is not None:
+            (self._epoch, self._start_batch), self._resume = self._resume, None
+        elif self._current is not None and self._current.delivered < len(self):
+            self._start_batch = self._current.delivered  # the epoch is not over: continue it
+        else:
+            self._epoch, self._start_batch = self._epoch + 1, 0
+        self._current = _CountingIterator(super().__iter__(), self._start_batch)
+        return self._current
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A live iterator does not pickle (DDP spawn pickles what the trainer holds): a copy resumes where this
+        # loader is.
+        state = self.__dict__.copy()
+        position = self.state_dict()
+        epoch, batches = position["epoch"], position["batches"]
+        state["_resume"] = (epoch + 1, 0) if batches >= len(self) else (epoch, batches)
+        state["_current"] = None
+        return state
+
+    def _set_sampler_epoch(self, epoch: int) -> None:
+        found = {id(self.sampler): self.sampler}
+        inner = getattr(self.batch_sampler, "sampler", None)
+        if inner is not None:
+            found[id(inner)] = inner
+        for sampler in found.values():
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": the current epoch, "batches": the batches delivered in it}`` (before the first iteration:
+        where it will start)."""
+        if self._resume is not None:
+            epoch, batches = self._resume
+        elif self._current is None:
+            epoch, batches = self._epoch + 1, 0
+        else:
+            epoch, batches = self._epoch, self._current.delivered
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``state_dict`` (of :meth:`state_dict`) at the next iteration."""
+        try:
+            epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a ResumableDataLoader state: {state_dict!r} ({error!r})") from None
+        if epoch < 0 or batches < 0:
+            raise ValueError(f"a ResumableDataLoader state has epoch={epoch}, batches={batches} (expected >= 0)")
+        if batches >= len(self):  # saved after the epoch's last batch: the next epoch starts at its beginning
+            epoch, batches = epoch + 1, 0
+        self._resume = (epoch, batches)
+
+
 def split_train_val(data: XMCData, val_fraction: float, seed: int = 0) -> tuple[XMCData, XMCData]:
     """``(train, val)``: a seeded random ``val_fraction`` of the rows (at least one, and at least one row left for
     training) held out, each part in the original row order."""
@@ -451,8 +587,18 @@ class XMCDataModule(LightningDataModule):
         num_workers: loader worker processes; ``None`` (default): with a ``text_transform``, ``min(4, CPUs - 1)``
             (tokenising is slow), else 0 (in-memory collation is cheap).
         shuffle: whether the training loader shuffles.
+        shuffle_seed: seed of the training order: epoch ``e`` is the permutation that
+            ``torch.utils.data.DistributedSampler`` draws for ``seed + e`` (the same on every DDP process, each of
+            which takes its share); ``None`` (default): the seed given to ``lightning.seed_everything``, else 0.
         pin_memory: page-locked batches (their copy to the GPU is asynchronous); ``None`` (default): when CUDA is
             available.
+
+    Exact resume: the training loader is a :class:`ResumableDataLoader` over a seeded sampler, so a fit stopped at
+    any step and resumed from a checkpoint (``Trainer.fit(..., ckpt_path=...)``, a checkpoint of
+    ``ModelCheckpoint`` or ``trainer.save_checkpoint``) draws the same batches as the uninterrupted run, mid-epoch
+    included; with :class:`~lightning_haste.SparseRegrowthCallback` and the module's optimizers and schedule (all in
+    the checkpoint) it ends with the same weights, bit for bit on CPU. Not restored: torch's global random state
+    (dropout, random augmentations of your own draw from it).
     """
 
     def __init__(
@@ -470,8 +616,11 @@ class XMCDataModule(LightningDataModule):
         pin_memory: Optional[bool] = None,
         val_fraction: float = 0.1,
         val_seed: int = 0,
+        shuffle_seed: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (numbers.Integral, type(None))):
+            raise TypeError(f"shuffle_seed must be an integer or None, got {shuffle_seed!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if batch_size < 1:
@@ -495,6 +644,7 @@ class XMCDataModule(LightningDataModule):
             num_workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if text_transform is not None else 0
         self.num_workers = num_workers
         self.shuffle = shuffle
+        self.shuffle_seed = shuffle_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
     @classmethod
@@ -535,8 +685,20 @@ class XMCDataModule(LightningDataModule):
                           collate_fn=_Collate(data, self.sparse_features, self.text_transform),
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.shuffle)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Batches of the training split in a seeded order (``shuffle_seed``), resumable mid-epoch."""
+        data = self.train_data
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        rows = _Rows(data)
+        # A DistributedSampler (also for one process): seeded per epoch through set_epoch, which Lightning calls,
+        # and one that Lightning does not wrap under DDP.
+        sampler = DistributedSampler(rows, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=seed)
+        return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                   collate_fn=_Collate(data, self.sparse_features, self.text_transform),
+                                   pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                                   first_epoch=trainer.current_epoch if trainer is not None else 0)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Lightning's hook, with a batch's ``"targets"`` left on the host: the fused loss and the metrics read the

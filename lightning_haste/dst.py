@@ -150,7 +150,7 @@ def rewire_(
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     check_init_scale(init_scale)
-    layer.check_group_index()
+    layer.check_group_index(force=True)  # in full: the new index is built from the old one
     num_groups, fan_in, in_features = layer.num_groups, layer.fan_in, layer.in_features
     scores = slot_scores(layer, score)
     # A slot whose weights are not finite carries no usable signal: it is pruned first, and reported.

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from . import functional as F
 from ._checks import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     check_float_tensor,
     check_group_index,
     check_memory_budget,
@@ -195,7 +196,7 @@ class GroupSharedFanIn(nn.Module):
                 self.weight.device
             ),
         )
-        self._validated_index: Optional[tuple[int, int]] = self._index_key()
+        self._validated_index: Optional[tuple[int, int, int]] = self._index_key()
         self.reset_parameters(generator=generator)
 
     @property
@@ -216,23 +217,50 @@ class GroupSharedFanIn(nn.Module):
         """Set the weights of the padding labels of the last group to exactly zero."""
         self.weight[self.out_features :].zero_()
 
-    def _index_key(self) -> tuple[int, int]:
-        # In-place edits bump ``_version`` and ``load_state_dict`` copies in place, so any change to
-        # the index after validation is noticed and the index is checked again before use.
-        return (self.group_index.data_ptr(), self.group_index._version)
+    def _index_key(self) -> tuple[int, int, int]:
+        # The tensor object, its storage and its version: an in-place edit bumps ``_version``, ``load_state_dict``
+        # copies in place, and assigning another tensor (or ``.data``) changes the object or the storage, so any
+        # of these is noticed and the index is checked again before use.
+        index = self.group_index
+        return (id(index), index.data_ptr(), index._version)
 
-    def check_group_index(self) -> None:
-        """Validate ``group_index`` (shape, dtype, range, distinct rows); cached until it changes.
+    def _check_group_index_layout(self) -> None:
+        """The per-use checks that read no values: type, dtype, shape, contiguity and device."""
+        index = self.group_index
+        if not isinstance(index, Tensor):
+            raise TypeError(f"group_index must be a torch.Tensor, got {type(index).__name__}")
+        if index.dtype not in INDEX_DTYPES:
+            raise TypeError(f"group_index must have dtype torch.int32 or torch.int64, got {index.dtype}")
+        if tuple(index.shape) != (self.num_groups, self.fan_in):
+            raise ValueError(
+                f"group_index must have shape ({self.num_groups}, {self.fan_in}) [num_groups, fan_in], got "
+                f"{tuple(index.shape)}; it was replaced by a tensor of another shape"
+            )
+        if not index.is_contiguous():
+            raise ValueError("group_index must be contiguous; it was replaced by a strided view")
+        if index.device != self.weight.device:
+            raise ValueError(f"group_index is on {index.device} but weight is on {self.weight.device}")
 
-        The layer validates its index when it is built, when a state dict is loaded and after a rewire; in
-        eager mode every forward also re-checks an index that was edited in place since (its version or
-        storage changed). Under ``torch.compile`` this per-call check is skipped: compiled code reads no
-        data pointers or tensor versions.
+    def check_group_index(self, *, force: bool = False) -> None:
+        """Validate ``group_index``: its layout on every call, its values when it changed.
+
+        Every call checks what costs no read of the values: a tensor of dtype int32/int64, shape
+        ``[num_groups, fan_in]``, contiguous, on the weight's device (so it cannot be swapped for a tensor of
+        another shape, e.g. a one-row view). The values (range ``[0, in_features)``, distinct entries per row) are
+        read when the index is not the one last validated: another tensor object, another storage, or an in-place
+        edit since (its version counter moved), or always with ``force=True``. The layer validates its index when
+        it is built, when a state dict is loaded and in full before every rewire.
+
+        Limit: writes that bypass the version counter (through ``.data``, a NumPy or DLPack view) are not seen;
+        call ``check_group_index(force=True)`` after such an edit. Hashing the values on every call would cost as
+        much as reading them. Under ``torch.compile`` the per-call check is skipped: compiled code reads no data
+        pointers or tensor versions.
         """
         if torch.compiler.is_compiling():
             return
+        self._check_group_index_layout()
         key = self._index_key()
-        if key != self._validated_index:
+        if force or key != self._validated_index:
             check_group_index(
                 self.group_index, self.in_features, num_groups=self.num_groups, fan_in=self.fan_in
             )
@@ -309,7 +337,7 @@ class GroupSharedFanIn(nn.Module):
         already have it; use this on an index that came from elsewhere (a checkpoint of another tool),
         before creating the optimizer (per-slot optimizer state is not permuted).
         """
-        self.check_group_index()
+        self.check_group_index(force=True)
         order = bank_interleaved_order(self.group_index)
         self.group_index.copy_(self.group_index.gather(1, order.to(torch.int64)))
         weight = self.weight.view(self.num_groups, self.group_size, self.fan_in)

@@ -86,7 +86,10 @@ def check_loss(loss: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Targets.
 def _as_label_array(row: int, values: Any) -> np.ndarray:
+    # An empty row has no positives whatever its dtype (``torch.tensor([])`` is float32, ``np.asarray([])`` float64).
     if isinstance(values, Tensor):
+        if values.numel() == 0:
+            return np.zeros(0, dtype=np.int64)
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
             raise TypeError(f"targets[{row}] must hold integer label ids, got dtype {values.dtype}")
         values = values.detach().cpu().numpy()
@@ -120,8 +123,9 @@ def sparse_targets(
     """The positives of ``targets`` as ``(rows, labels)`` int64 arrays, sorted by row then label.
 
     A label listed twice in a row is one positive (the loss treats targets as a set); a stored zero of a sparse
-    matrix is none. Raises for a row count other than ``num_rows``, ids outside ``[0, num_labels)`` (with
-    ``num_labels=None``: negative ids) and non-integer ids. Reading a CUDA tensor synchronises with the device;
+    matrix is none; an empty row is a row without positives whatever its dtype (``torch.tensor([])``). Raises for
+    a row count other than ``num_rows``, ids outside ``[0, num_labels)`` (with ``num_labels=None``: negative ids)
+    and non-integer ids. Reading a CUDA tensor synchronises with the device;
     the collate functions of the package give CPU tensors.
     """
     if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
@@ -144,7 +148,7 @@ def sparse_targets(
         )
     elif len(targets) != num_rows:
         raise ValueError(f"targets has {len(targets)} rows but the input has {num_rows}")
-    elif _all_cpu_label_tensors(targets):
+    elif num_rows and _all_cpu_label_tensors(targets):
         # the collate functions' format: one concatenation instead of a NumPy conversion per row (host time)
         counts = np.fromiter((t.numel() for t in targets), dtype=np.int64, count=num_rows)
         rows = np.repeat(np.arange(num_rows, dtype=np.int64), counts)

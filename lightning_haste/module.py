@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -66,6 +67,76 @@ def _statistics(label_frequencies: Any, num_train: Any) -> dict[str, Any]:
     return {"label_frequencies": np.asarray(label_frequencies, dtype=np.int64), "num_train": int(num_train)}
 
 
+_NO_STATISTICS = (
+    "the output layer is built from the training label statistics: give the Trainer a datamodule that has "
+    "label_frequencies and num_train (e.g. XMCDataModule), or pass label_frequencies= and num_train= (and "
+    "in_features=, optionally label_embeddings=) to configure_haste, or load a trained model with "
+    "load_from_checkpoint"
+)
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be array-like, got {type(value).__name__} ({error})") from None
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def _check_given_statistics(
+    label_frequencies: Any, num_train: Any, label_embeddings: Any
+) -> tuple[Optional[dict[str, Any]], Optional[np.ndarray]]:
+    """``configure_haste``'s training statistics, validated: ``(statistics or None, label embeddings or None)``."""
+    statistics = None
+    if label_frequencies is None:
+        if num_train is not None:
+            raise ValueError("num_train is given without label_frequencies; pass both (or neither)")
+    else:
+        freq = _as_array("label_frequencies", label_frequencies)
+        if freq.ndim != 1 or freq.size == 0:
+            raise ValueError(f"label_frequencies must be 1-D [num_labels] and not empty, got shape {freq.shape}")
+        if np.issubdtype(freq.dtype, np.floating) and not (np.isfinite(freq).all() and (freq == np.round(freq)).all()):
+            raise ValueError("label_frequencies must be whole counts (training positives per label)")
+        if freq.min() < 0:
+            raise ValueError(f"label_frequencies must be >= 0, found {freq.min()}")
+        if num_train is None:
+            raise ValueError(
+                "label_frequencies needs num_train (the number of training instances: the prior biases and the "
+                "propensities of PSP@k are built from it)"
+            )
+        if isinstance(num_train, bool) or not isinstance(num_train, numbers.Integral) or num_train < 1:
+            raise ValueError(f"num_train must be an integer >= 1, got {num_train!r}")
+        if freq.max() > num_train:
+            raise ValueError(
+                f"label_frequencies has a label with {int(freq.max())} positives, more than num_train={num_train} "
+                "training instances"
+            )
+        statistics = _statistics(freq, num_train)
+    embeddings = None
+    if label_embeddings is not None:
+        embeddings = _as_array("label_embeddings", label_embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[1] == 0:
+            raise ValueError(f"label_embeddings must be 2-D [num_labels, dim], got shape {embeddings.shape}")
+        if not np.isfinite(embeddings).all():
+            raise ValueError("label_embeddings must be finite")
+        if statistics is not None and len(embeddings) != len(statistics["label_frequencies"]):
+            raise ValueError(
+                f"label_embeddings has {len(embeddings)} rows for {len(statistics['label_frequencies'])} labels "
+                "(label_frequencies)"
+            )
+    return statistics, embeddings
+
+
+def _target_labels(targets: SparseTargets) -> Optional[int]:
+    """The label count of a matrix of targets (torch sparse or SciPy), None for lists of ids."""
+    shape = getattr(targets, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
 def _num_rows(targets: SparseTargets) -> int:
     return int(targets.shape[0]) if hasattr(targets, "shape") else len(targets)
 
@@ -118,14 +189,23 @@ class HasteXMCModule:
     """Mixin for ``LightningModule``: ``class MyModel(HasteXMCModule, L.LightningModule)``.
 
     Call :meth:`configure_haste` in ``__init__``. The output layer (:class:`HeadTailOutput`) is built in
-    ``setup`` from the datamodule's statistics (``num_labels``, ``label_frequencies``, and for the grouping its
-    ``label_embeddings`` if it has them, else PIFA embeddings from ``train_data``). Override :meth:`encode` to
+    ``setup`` from the training label statistics: the datamodule's (``label_frequencies``, ``num_train``,
+    ``num_features``, and for the grouping its ``label_embeddings`` if it has them, else PIFA embeddings from
+    ``train_data``), or, to train from plain dataloaders without a datamodule
+    (``Trainer.fit(model, train_dataloaders=...)``), those given to :meth:`configure_haste`
+    (``label_frequencies``, ``num_train``, ``in_features``, ``label_embeddings``). Override :meth:`encode` to
     turn a batch into features (default: the batch's ``"features"``, for bag-of-words input). Training uses
     BCE with logits (or squared hinge) on sparse targets, fused with the output layer
     (:meth:`HeadTailOutput.loss`: the ``[B, num_labels]`` logits are never formed; override :meth:`haste_loss`
     for a loss of your own on the full logits, the slow path); validation/test log P@k, nDCG@k and PSP@k;
     ``predict_step`` returns top-k ``(scores, label ids)`` in original label ids; :meth:`configure_optimizers`
     gives AdamW to the encoder and SGD with momentum to the output layer (override it to change that).
+
+    Resume: a fit stopped at any step and resumed from its checkpoint continues as the uninterrupted run would,
+    bit for bit on CPU, when the training loader is resumable (:class:`~lightning_haste.data.ResumableDataLoader`,
+    which :class:`~lightning_haste.data.XMCDataModule` uses): the checkpoint holds the loader's position, the
+    optimizers, the learning-rate schedule and :class:`~lightning_haste.SparseRegrowthCallback`'s state, and the
+    layer's random draws are seeded. torch's global random state (``dropout``) is not restored.
     """
 
     output: Optional[HeadTailOutput]
@@ -155,11 +235,15 @@ class HasteXMCModule:
         warmup: float = 0.05,
         lr_schedule: str = "cosine",
         seed: int = 0,
+        label_frequencies: Optional[Any] = None,
+        num_train: Optional[int] = None,
+        label_embeddings: Optional[Any] = None,
     ) -> None:
         """Store the output-layer and training settings; the layer itself is built in ``setup``.
 
         Args:
-            in_features: width of :meth:`encode`'s output (default: the datamodule's ``num_features``).
+            in_features: width of :meth:`encode`'s output (default: the datamodule's ``num_features``; needed
+                without a datamodule).
             head_ratio, fan_in, group_size, head_features, tail_features: as for :class:`HeadTailOutput`.
             grouping: how the tail labels are grouped (:func:`~lightning_haste.grouping.group_labels` method:
                 ``"faiss-greedy"``, ``"balanced-kmeans"`` or ``"random"``), or ``None`` for frequency order.
@@ -188,6 +272,14 @@ class HasteXMCModule:
             lr_schedule: after the warm-up, ``"cosine"`` (decay to 0 at the last step), ``"linear"`` (to 0) or
                 ``"constant"``.
             seed: seed of the grouping and of the output layer's index and initial weights.
+            label_frequencies: training positives per label ``[num_labels]`` (whole counts >= 0). Given, the model
+                needs no datamodule: ``setup`` builds the output layer from these (and they win over a datamodule's).
+                Without them and without a datamodule that has them, ``setup`` raises.
+            num_train: the number of training instances, with ``label_frequencies`` (the prior biases and the
+                propensities of PSP@k are built from it); at least every label's count.
+            label_embeddings: ``[num_labels, dim]`` label embeddings for the grouping (they win over a datamodule's).
+                Without a datamodule there are no PIFA embeddings: a ``grouping`` other than ``"random"`` or
+                ``None`` needs them (or ``label_groups``).
         """
         if output_bias not in ("default", "prior"):
             raise ValueError(f"output_bias must be 'default' or 'prior', got {output_bias!r}")
@@ -205,6 +297,7 @@ class HasteXMCModule:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
             raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
+        given_statistics, given_embeddings = _check_given_statistics(label_frequencies, num_train, label_embeddings)
         self.haste = dict(
             in_features=in_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
             head_features=head_features, tail_features=tail_features, grouping=grouping, label_groups=label_groups,
@@ -215,21 +308,26 @@ class HasteXMCModule:
         self.output_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output = None
         self.haste_metrics = None
-        self.haste_statistics: Optional[dict[str, Any]] = None
+        #: the training statistics the output layer and PSP@k are built from (saved in checkpoints)
+        self.haste_statistics: Optional[dict[str, Any]] = given_statistics
+        self.haste_statistics_given = given_statistics is not None
+        self.haste_label_embeddings: Optional[np.ndarray] = given_embeddings
 
     # -- building ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         cfg = self.haste
+        given = getattr(self, "haste_statistics_given", False)
+        if not given and dm is not None and hasattr(dm, "label_frequencies"):
+            self.haste_statistics = _statistics(dm.label_frequencies, dm.num_train)
         statistics = getattr(self, "haste_statistics", None)
-        if dm is not None and hasattr(dm, "label_frequencies"):
-            statistics = self.haste_statistics = _statistics(dm.label_frequencies, dm.num_train)
+        if statistics is not None and dm is not None and getattr(dm, "num_labels", None) is not None:
+            num_labels = len(statistics["label_frequencies"])
+            if int(dm.num_labels) != num_labels:
+                raise ValueError(f"the datamodule has {dm.num_labels} labels, the label statistics {num_labels}")
         if self.output is None:
-            if dm is None:
-                raise ValueError(
-                    "the output layer is built from the datamodule's statistics: give the Trainer a datamodule, "
-                    "or load a trained model with load_from_checkpoint"
-                )
+            if statistics is None:
+                raise ValueError(_NO_STATISTICS)
             freq = statistics["label_frequencies"]
             self.output = self._build_output(dm, cfg, freq)
             if cfg.get("output_bias") == "prior":
@@ -264,7 +362,12 @@ class HasteXMCModule:
             self._build_metrics(self.haste, stats["label_frequencies"], stats["num_train"])
 
     def _build_output(self, dm: Any, cfg: dict[str, Any], freq: Any) -> HeadTailOutput:
-        in_features = cfg["in_features"] or dm.num_features
+        in_features = cfg["in_features"] or getattr(dm, "num_features", None)
+        if in_features is None:
+            raise ValueError(
+                "the output layer's input width is unknown: pass in_features= to configure_haste (or give the "
+                "Trainer a datamodule with num_features)"
+            )
         label_groups = cfg.get("label_groups")
         if label_groups is not None:
             if len(label_groups) != len(freq):
@@ -272,13 +375,22 @@ class HasteXMCModule:
         elif cfg["grouping"] is not None:
             head, tail = split_head_tail(freq, cfg["head_ratio"], cfg["group_size"])
             if tail.size:
-                emb = getattr(dm, "label_embeddings", None)
+                emb = getattr(self, "haste_label_embeddings", None)
+                source = "label_embeddings"
+                if emb is None:
+                    emb, source = getattr(dm, "label_embeddings", None), "datamodule.label_embeddings"
                 if cfg["grouping"] == "random":  # needs no embeddings: skip computing PIFA
                     emb = np.zeros((len(freq), 1), dtype=np.float32)
                 elif emb is None:
+                    if getattr(dm, "train_data", None) is None:
+                        raise ValueError(
+                            f"grouping={cfg['grouping']!r} groups the tail labels by their embeddings, and without a "
+                            "datamodule's train_data there are no PIFA embeddings: pass label_embeddings= (or "
+                            "label_groups=) to configure_haste, or use grouping='random' or None"
+                        )
                     emb = label_embeddings_from_features(dm.train_data.features, dm.train_data.labels, seed=cfg["seed"])
                 elif len(emb) != len(freq):
-                    raise ValueError(f"datamodule.label_embeddings has {len(emb)} rows for {len(freq)} labels")
+                    raise ValueError(f"{source} has {len(emb)} rows for {len(freq)} labels")
                 grouping = group_labels(emb[tail], cfg["group_size"], method=cfg["grouping"], seed=cfg["seed"],
                                         progress=False)
                 label_groups = grouping.for_labels(tail, len(freq))
@@ -335,6 +447,10 @@ class HasteXMCModule:
         return loss
 
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:
+        labels = _target_labels(batch["targets"])
+        if labels is not None and labels != self.output.num_labels:
+            # lists of ids are range-checked by PSP@k; a matrix of another width is a split of another data set
+            raise ValueError(f"the {split} batch's targets have {labels} labels, the model {self.output.num_labels}")
         _, top = self.output.topk(self.encode(batch), max(self.haste["k"]))
         for name in ("p", "ndcg", "psp"):
             self.haste_metrics[f"{split}_{name}"].update(top, batch["targets"])

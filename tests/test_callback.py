@@ -4,10 +4,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import lightning_haste as lh
 from lightning_haste.callbacks import prune_fraction_at
+from lightning_haste.data import ResumableDataLoader
 
 
 class Tiny(LightningModule):
@@ -28,7 +29,8 @@ class Tiny(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=False)
+        # resumable: a checkpoint taken mid-epoch continues at the next batch
+        return ResumableDataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=False)
 
 
 def _trainer(callbacks, max_steps, **kw):
@@ -126,20 +128,21 @@ def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_run(tmp_path):
     straight = Tiny()
     _trainer([make()], max_steps=24).fit(straight)
 
-    # An interrupted run: checkpointed at step 12 (a rewire step too, so the saved state is post-rewire),
-    # stopped at 13, resumed from the checkpoint.
+    # An interrupted run: checkpointed at step 8, mid-epoch (12 batches an epoch) and a rewire step too, so the saved
+    # state is post-rewire; stopped at 13, resumed from the checkpoint.
     first = Tiny()
-    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
     trainer = _trainer([make(), saver, StopAt(13)], max_steps=24)
     trainer.fit(first)
-    ckpt = next(tmp_path.glob("*step=12*.ckpt"))
+    ckpt = next(tmp_path.glob("*step=8.ckpt"))
     resumed = Tiny()
     callback = make()
     _trainer([callback], max_steps=24).fit(resumed, ckpt_path=ckpt)
-    assert callback.rewires == 4  # steps 4, 8, 12 before the checkpoint, 16 after (end 19.2)
+    assert callback.rewires == 4  # steps 4, 8 before the checkpoint, 12, 16 after (end 19.2)
     assert callback.last_rewire_step == 24  # the last interval step it considered (past end: no rewire)
     assert torch.equal(resumed.layer.group_index, straight.layer.group_index)
     assert torch.equal(resumed.layer.weight, straight.layer.weight)
+    assert torch.equal(resumed.layer.bias, straight.layer.bias)
     assert not torch.equal(straight.layer.group_index, Tiny().layer.group_index)
 
 
@@ -192,3 +195,37 @@ def test_max_epochs_sets_the_schedule_length():
     trainer.fit(module)
     # 4 epochs x 12 batches = 48 steps; end = 24: rewires at steps 6, 12, 18
     assert [c[0] for c in calls] == pytest.approx([prune_fraction_at(s, 24.0, 0.5, "linear") for s in (6, 12, 18)])
+
+
+class TwoLayers(Tiny):
+    def __init__(self, in_features=24, fan_in=8):
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.layer = lh.GroupSharedFanIn(24, 30, 8, 4, generator=gen)
+        self.second = lh.GroupSharedFanIn(in_features, 30, fan_in, 4, generator=gen)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x) + self.second(x[:, : self.second.in_features]), y)
+
+
+class CorruptBefore(Callback):
+    """Edits the second layer's index through .data (no version bump) just before the step-4 rewire."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == 4:
+            self.before = pl_module.layer.group_index.clone()
+            pl_module.second.group_index.data[0, 0] = 999
+
+
+def test_a_rewire_step_checks_every_layer_before_changing_any():
+    module = TwoLayers()
+    corrupt = CorruptBefore()
+    callback = lh.SparseRegrowthCallback(interval=4, prune_fraction=0.5, end=1.0, log=False)
+    with pytest.raises(ValueError, match=r"entries must lie in \[0, 24\)"):
+        _trainer([corrupt, callback], max_steps=8).fit(module)
+    assert torch.equal(module.layer.group_index, corrupt.before) and callback.rewires == 0
+    # a prune fraction that cannot fit outside a group of some layer fails when the fit starts
+    with pytest.raises(ValueError, match="prunes 4 slots per group of layer 'second', but only 2 features"):
+        _trainer([lh.SparseRegrowthCallback(interval=4, prune_fraction=0.5, log=False)], max_steps=8).fit(
+            TwoLayers(in_features=10, fan_in=8))

@@ -202,3 +202,74 @@ def test_logits_for_no_labels_is_an_empty_result():
     assert layer.logits_for(x, torch.zeros(0, dtype=torch.long)).shape == (3, 0)
     with pytest.raises(TypeError, match="integer"):
         layer.logits_for(x, [1.5])
+
+
+def _reference_label_matrix(raw):
+    """A brute-force reading of a sparse label file's bytes by the documented rules (or None where it must raise)."""
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    text = text.removeprefix("\ufeff")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not all(p.isdigit() for p in head):
+        return None
+    n, m = map(int, head)
+    rows, rest = lines[1 : n + 1], lines[n + 1 :]
+    if len(rows) < n or any(line.strip() for line in rest):
+        return None
+    y = np.zeros((n, m))
+    for i, line in enumerate(rows):
+        seen = set()
+        for token in line.split():
+            key, sep, value = token.partition(":")
+            try:
+                j, v = int(key), float(value)
+            except ValueError:
+                return None
+            if not sep or not 0 <= j < m or j in seen or not math.isfinite(v):
+                return None
+            seen.add(j)
+            y[i, j] = v != 0
+    return y
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_label_reader_on_random_malformed_bytes_raises_cleanly_or_reads_right(tmp_path_factory, data):
+    """Malformed headers, tokens, row counts, trailing lines, a byte-order mark, gzip and non-UTF-8 bytes: the
+    reader raises XMCFormatError (naming the file) exactly where the documented rules say, else reads them right."""
+    n = data.draw(st.integers(0, 3))
+    header = data.draw(st.sampled_from([f"{n} 5", f"{n}", "x 5", f"{n} 5 1", "-1 5", f" {n}  5 "]))
+    token = st.one_of(
+        st.tuples(st.integers(-1, 6), st.sampled_from(["1", "0", "-0", "2.5", "nan", "inf", "x", "", "1e400"]))
+        .map(lambda t: f"{t[0]}:{t[1]}"),
+        st.sampled_from(["a", "3", "1:1:1", ":1"]),
+    )
+    rows = [" ".join(data.draw(st.lists(token, max_size=3))) for _ in range(data.draw(st.integers(0, n + 1)))]
+    text = header + "\n" + "\n".join(rows) + data.draw(st.sampled_from(["", "\n", "\n\n", "\n \n", "\nx\n"]))
+    raw = text.encode("utf-8")
+    if data.draw(st.booleans()):
+        raw = b"\xef\xbb\xbf" + raw
+    if data.draw(st.integers(0, 4)) == 0:  # a byte that is not UTF-8, somewhere
+        at = data.draw(st.integers(0, len(raw)))
+        raw = raw[:at] + data.draw(st.sampled_from([b"\xff", b"\xe9", b"\xc3"])) + raw[at:]
+    if data.draw(st.booleans()):
+        raw = gzip.compress(raw)
+    path = tmp_path_factory.mktemp("fuzz") / "y.txt"
+    path.write_bytes(raw)
+    expected = _reference_label_matrix(raw)
+    try:
+        got = read_label_matrix(path)
+    except XMCFormatError as error:
+        assert expected is None, text
+        assert "y.txt" in str(error)
+        return
+    assert expected is not None, text
+    assert got.shape == expected.shape and np.array_equal(got.toarray(), expected)
+    assert got.has_canonical_format and np.all(got.data == 1)

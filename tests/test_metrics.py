@@ -166,6 +166,16 @@ def test_malformed_predictions_and_targets_raise_or_follow_the_documented_rule()
             PSPrecisionAtK(1, num_train=10, **bad)
 
 
+def test_empty_rows_and_empty_batches():
+    """An empty row has no positives whatever its dtype; a batch of no rows changes nothing."""
+    p = PrecisionAtK(1)
+    p.update(torch.tensor([[1], [2]]), [torch.tensor([]), torch.tensor([2])])  # torch.tensor([]) is float32
+    p.update(torch.zeros(0, 1, dtype=torch.long), [])
+    assert float(p.compute()["P@1"]) == 0.5
+    with pytest.raises(TypeError, match="integer label ids"):
+        p.update(torch.tensor([[1]]), [torch.tensor([1.0])])
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_metrics_on_random_malformed_input_raise_cleanly_or_match_brute_force(data):
@@ -183,3 +193,142 @@ def test_metrics_on_random_malformed_input_raise_cleanly_or_match_brute_force(da
     assert valid
     expected = np.mean([len(set(r) & set(t)) / k for r, t in zip(top, targets, strict=True)])
     assert float(metric.compute()[f"P@{k}"]) == pytest.approx(expected)
+
+
+NUM_LABELS = 7
+
+
+def _reference_at_k(top, positives, ks, inv):
+    """P@k, nDCG@k and PSP@k of top-k ids per row against sets of positives, by their definitions, in float64
+    (PSP@k only for ids within ``inv``)."""
+    inv = dict(enumerate(inv))
+    out = {}
+    for k in ks:
+        p, ndcg, gain, ideal = [], [], 0.0, 0.0
+        for row, pos in zip(top, positives, strict=True):
+            hits = [label in pos for label in row[:k]]
+            p.append(sum(hits) / k)
+            dcg = sum(1 / math.log2(r + 2) for r, hit in enumerate(hits) if hit)
+            idcg = sum(1 / math.log2(r + 2) for r in range(min(k, len(pos))))
+            ndcg.append(dcg / idcg if pos else 0.0)
+            gain += sum(inv.get(label, math.nan) for label, hit in zip(row[:k], hits, strict=True) if hit)
+            ideal += sum(sorted((inv.get(label, math.nan) for label in pos), reverse=True)[:k])
+        out[f"P@{k}"], out[f"nDCG@{k}"] = sum(p) / max(1, len(p)), sum(ndcg) / max(1, len(ndcg))  # no rows: 0
+        out[f"PSP@{k}"] = gain / max(ideal, 1e-300)
+    return out
+
+
+def _rarely(draw, malformed, wellformed):
+    """One draw in six from ``malformed``, else from ``wellformed`` (so that most examples get to the comparison)."""
+    return draw(malformed if draw(st.integers(0, 5)) == 0 else wellformed)
+
+
+@st.composite
+def _metric_inputs(draw):
+    """Predictions and targets of random shape, format and validity, with the error the documented rules expect
+    (None where the input is valid) and, if valid, the top ids and positive sets the reference reads."""
+    bad = set()  # what the documented rules refuse: "k", "input" (every metric), "psp" (PSP@k's label range only)
+    rows = draw(st.integers(0, 4))
+    ks = _rarely(draw, st.sampled_from([[0], [1.0], [True], [2, -1]]), st.lists(st.integers(1, 3), min_size=1,
+                                                                                 max_size=3))
+    if not all(type(k) is int and k >= 1 for k in ks):
+        bad.add("k")
+    kmax = max(int(k) for k in ks)
+    kind = _rarely(draw, st.sampled_from(["bool", "1-D", "few"]), st.sampled_from(["ids", "scores"]))
+    top = None
+    if kind in ("ids", "few"):
+        width = max(kmax, 1) + draw(st.integers(0, 1)) - (kind == "few")
+        ids = []
+        for _ in range(rows):
+            row = draw(st.permutations(range(NUM_LABELS)))[:width]
+            if width and draw(st.integers(0, 5)) == 0:  # a malformed id: negative, a repeat, or past the counts
+                row[draw(st.integers(0, width - 1))] = draw(st.sampled_from([-1, row[0], NUM_LABELS]))
+            ids.append(row)
+        preds = torch.tensor(ids, dtype=draw(st.sampled_from([torch.int64, torch.int32]))).reshape(rows, width)
+        if width < kmax:
+            bad.add("input")
+        else:
+            top = [r[:kmax] for r in ids]
+            if any(min(r, default=0) < 0 or len(set(r)) < len(r) for r in top):
+                bad.add("input")
+            elif any(max(r, default=0) >= NUM_LABELS for r in top):
+                bad.add("psp")  # P@k and nDCG@k take any id; PSP@k's counts end at NUM_LABELS
+    elif kind == "scores":
+        width = draw(st.integers(max(kmax - 1, 0), NUM_LABELS))
+        preds = torch.tensor([draw(st.permutations(range(width))) for _ in range(rows)], dtype=torch.float64)
+        preds = preds.reshape(rows, width)
+        if width < kmax:
+            bad.add("input")
+        else:
+            top = [np.argsort(-r.numpy(), kind="stable")[:kmax].tolist() for r in preds]  # distinct scores: no ties
+    else:
+        preds = torch.zeros(rows, 3, dtype=torch.bool) if kind == "bool" else torch.arange(3)
+        bad.add("input")
+    described = rows + _rarely(draw, st.sampled_from([1, -1] if rows else [1]), st.just(0))
+    if described != rows:
+        bad.add("input")
+    fmt = _rarely(draw, st.sampled_from(["float lists", "dense"]), st.sampled_from(["lists", "scipy", "torch csr"]))
+    positives = []
+    if fmt in ("lists", "float lists"):
+        label = _rarely(draw, st.sampled_from([-1, NUM_LABELS]), st.integers(0, NUM_LABELS - 1))
+        lists = draw(st.lists(st.lists(st.one_of(st.integers(0, NUM_LABELS - 1), st.just(label)), max_size=4),
+                              min_size=described, max_size=described))  # repeats included
+        dtype = torch.int64 if fmt == "lists" else torch.float32
+        targets = [torch.tensor(t, dtype=dtype) for t in lists]
+        if fmt == "float lists" and any(lists):  # float ids are refused; an empty row of any dtype has none
+            bad.add("input")
+        if any(min(t, default=0) < 0 for t in lists):
+            bad.add("input")
+        positives = [set(t) for t in lists]  # a label listed twice is one positive
+    elif fmt in ("scipy", "torch csr"):
+        # non-canonical CSR: repeated entries, stored zeros, values that cancel
+        entries = [draw(st.lists(st.tuples(st.integers(0, NUM_LABELS), st.sampled_from([1.0, 0.0, -1.0, 2.0])),
+                                 max_size=4)) for _ in range(described)]
+        indptr = np.cumsum([0] + [len(e) for e in entries])
+        indices = np.array([j for e in entries for j, _ in e], dtype=np.int64)
+        values = np.array([v for e in entries for _, v in e], dtype=np.float64)
+        shape = (described, NUM_LABELS + 1)
+        if fmt == "scipy":
+            targets = sp.csr_matrix((values, indices, indptr), shape=shape)
+        else:
+            targets = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices),
+                                              torch.from_numpy(values), size=shape)
+        positives = [{j for j, v in e if v != 0} for e in entries]  # a stored non-zero makes a positive
+    else:
+        targets = torch.zeros(described, NUM_LABELS)
+        bad.add("input")
+    if any(max(p, default=0) >= NUM_LABELS for p in positives):
+        bad.add("psp")
+    error = next((kind for kind in ("k", "input", "psp") if kind in bad), None)
+    return ks, preds, targets, error, top, positives
+
+
+@settings(max_examples=300, deadline=None)
+@given(_metric_inputs(), st.integers(0, 2**32 - 1))
+def test_all_metrics_on_random_malformed_input_raise_cleanly_or_match_brute_force(inputs, seed):
+    """Every metric, prediction kind (ids, scores, malformed) and target format (lists, float lists, non-canonical
+    SciPy and torch CSR, dense): a ValueError/TypeError where the documented rules say so, else the brute force."""
+    ks, preds, targets, error, top, positives = inputs
+    counts = np.random.default_rng(seed).integers(0, 50, NUM_LABELS)
+    inv = inverse_propensities(counts, 100).numpy()
+    try:
+        metrics = [PrecisionAtK(ks), NDCGAtK(ks), PSPrecisionAtK(ks, label_counts=counts, num_train=100)]
+    except (TypeError, ValueError):
+        assert error == "k"
+        return
+    assert error != "k"
+    got = {}
+    for metric in metrics:
+        try:
+            metric.update(preds, targets)
+        except (TypeError, ValueError):
+            assert error is not None and (error != "psp" or isinstance(metric, PSPrecisionAtK)), error
+            continue
+        assert error is None or (error == "psp" and not isinstance(metric, PSPrecisionAtK)), error
+        got.update({key: float(value) for key, value in metric.compute().items()})
+    if error is not None and error != "psp":
+        assert not got
+        return
+    expected = _reference_at_k(top, positives, sorted(set(ks)), inv)
+    for key, value in got.items():
+        assert value == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key

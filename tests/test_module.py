@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader
 
 import lightning_haste as lh
 from lightning_haste import module as haste_module
@@ -22,6 +23,7 @@ from lightning_haste.data import (
     read_label_matrix,
     read_raw_text_dataset,
     synthetic_xmc,
+    targets_csr,
     write_bow,
 )
 from lightning_haste.module import HasteXMCModule, sparse_bce_with_logits, sparse_squared_hinge
@@ -110,24 +112,26 @@ def test_predict_returns_original_label_ids():
 
 
 def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
-    dm = _dm(seed=3, shuffle=False)
+    dm = _dm(seed=3)
     straight = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, max_steps=18, limit_val_batches=0).fit(straight, dm)
     first = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
-    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=9, save_top_k=-1)
-    # the same run (the learning-rate schedule spans its max_steps), checkpointed at step 9 and resumed from there:
-    # an epoch's end (540 training rows in batches of 64), since a resume mid-epoch restarts the epoch's loader
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    # the same run (the learning-rate schedule spans its max_steps), checkpointed at step 5 and resumed from there:
+    # mid-epoch (540 training rows in batches of 64), where the datamodule's loader resumes at the sixth batch
     Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
             max_steps=18, limit_val_batches=0, callbacks=[saver]).fit(first, dm)
     resumed = BowModel(fan_in=16, group_size=8, head_ratio=0.1)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, max_steps=18, limit_val_batches=0).fit(
-        resumed, dm, ckpt_path=next(tmp_path.glob("*step=9*.ckpt")))
+        resumed, dm, ckpt_path=next(tmp_path.glob("*step=5.ckpt")))
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
     evaluator = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     a = Trainer(**evaluator).validate(straight, dm, verbose=False)[0]
     b = Trainer(**evaluator).validate(resumed, dm, verbose=False)[0]
-    assert a == pytest.approx(b, abs=1e-6)
+    assert a == b
 
 
 def test_bow_reader_errors_name_file_and_line(tmp_path):
@@ -334,3 +338,89 @@ def test_output_layer_config_round_trip():
     assert copy.config() == layer.config()
     with pytest.raises(ValueError, match="lacks"):
         lh.HeadTailOutput.from_config({"in_features": 4})
+
+
+def _plain_loader(data, batch_size=32, matrix_targets=False):
+    """A user's own DataLoader: dense features and, per row, a tensor of label ids (or one CSR matrix)."""
+
+    def collate(rows):
+        labels = data.labels[rows]
+        targets = targets_csr(labels) if matrix_targets else [torch.from_numpy(r.indices.astype(np.int64))
+                                                                for r in labels]
+        return {"features": torch.from_numpy(data.features[rows]), "targets": targets}
+
+    return DataLoader(list(range(len(data))), batch_size=batch_size, collate_fn=collate)
+
+
+def test_fit_from_plain_dataloaders_with_the_label_statistics_given(tmp_path):
+    train, val = synthetic_xmc(240, 64, 80, 24, seed=9)
+    freq = train.label_frequencies()
+    embeddings = np.random.default_rng(0).standard_normal((train.num_labels, 6))
+    model = BowModel(in_features=24, fan_in=8, group_size=8, head_ratio=0.1, grouping="balanced-kmeans",
+                     label_frequencies=torch.from_numpy(freq), num_train=len(train), label_embeddings=embeddings)
+    trainer = _trainer(max_steps=12)
+    trainer.fit(model, train_dataloaders=_plain_loader(train), val_dataloaders=_plain_loader(val))
+    assert trainer.global_step == 12 and model.output.num_labels == 80
+    assert np.array_equal(model.haste_statistics["label_frequencies"], freq)
+    results = trainer.validate(model, dataloaders=_plain_loader(val, matrix_targets=True), verbose=False)[0]
+    assert 0.0 <= results["val/P@1"] <= 1.0 and "val/PSP@5" in results
+    # the checkpoint carries the statistics: it loads without data and predicts the same
+    path = tmp_path / "plain.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = BowModel.load_from_checkpoint(path)
+    x = torch.from_numpy(val.features)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        expected, got = model.predict_step({"features": x}, 0), loaded.predict_step({"features": x}, 0)
+    assert torch.equal(expected[1], got[1]) and torch.equal(expected[0], got[0])
+    assert np.array_equal(loaded.haste_statistics["label_frequencies"], freq)
+    # a split of another label count is refused (a matrix by its width, lists of ids by their range)
+    wider = sp.hstack([val.labels, sp.csr_matrix((np.ones(1), ([0], [4])), shape=(len(val), 5))]).tocsr()
+    other = XMCData(val.features, wider)  # 85 labels, label 84 a positive of row 0
+    for targets_as_matrix in (True, False):
+        with pytest.raises(ValueError, match="val batch's targets have 85 labels|< 80"):
+            _trainer().validate(model, dataloaders=_plain_loader(other, matrix_targets=targets_as_matrix),
+                                verbose=False)
+
+
+def test_without_a_datamodule_or_label_statistics_setup_says_what_to_pass():
+    train, _ = synthetic_xmc(100, 10, 40, 16, seed=10)
+    with pytest.raises(ValueError, match="pass label_frequencies= and num_train="):
+        _trainer(max_steps=2).fit(BowModel(in_features=16, fan_in=8, group_size=8), _plain_loader(train))
+    freq = train.label_frequencies()
+    with pytest.raises(ValueError, match="pass label_embeddings="):  # no PIFA without train_data
+        _trainer(max_steps=2).fit(BowModel(in_features=16, fan_in=8, group_size=8, head_ratio=0.1,
+                                           label_frequencies=freq, num_train=100), _plain_loader(train))
+    with pytest.raises(ValueError, match="pass in_features="):
+        _trainer(max_steps=2).fit(BowModel(fan_in=8, group_size=8, grouping=None, label_frequencies=freq,
+                                           num_train=100), _plain_loader(train))
+    model = BowModel(in_features=16, fan_in=8, group_size=8, head_ratio=0.1, grouping=None,
+                     label_frequencies=freq, num_train=100)
+    _trainer(max_steps=2).fit(model, _plain_loader(train))  # frequency order needs no embeddings
+    assert model.output.num_labels == 40
+    # a datamodule of another label count than the given statistics
+    with pytest.raises(ValueError, match="the datamodule has 300 labels, the label statistics 40"):
+        _trainer(max_steps=2).fit(BowModel(in_features=64, fan_in=8, group_size=8, grouping=None,
+                                           label_frequencies=freq, num_train=100), _dm())
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(label_frequencies=[3, 0, 2]), ValueError, "needs num_train"),
+    (dict(num_train=10), ValueError, "num_train is given without label_frequencies"),
+    (dict(label_frequencies=[3, -1, 2], num_train=10), ValueError, "label_frequencies must be >= 0"),
+    (dict(label_frequencies=[3, 0.5, 2], num_train=10), ValueError, "whole counts"),
+    (dict(label_frequencies=[3, float("nan")], num_train=10), ValueError, "whole counts"),
+    (dict(label_frequencies=[[3, 1]], num_train=10), ValueError, "1-D"),
+    (dict(label_frequencies=[], num_train=10), ValueError, "1-D"),
+    (dict(label_frequencies=["a", "b"], num_train=10), TypeError, "label_frequencies must hold numbers"),
+    (dict(label_frequencies=[3, 0, 2], num_train=2), ValueError, "more than num_train=2"),
+    (dict(label_frequencies=[3, 0, 2], num_train=2.5), ValueError, "num_train must be an integer"),
+    (dict(label_frequencies=[3, 0, 2], num_train=True), ValueError, "num_train must be an integer"),
+    (dict(label_frequencies=[3, 0, 2], num_train=5, label_embeddings=np.ones((2, 4))), ValueError, "2 rows for 3"),
+    (dict(label_embeddings=np.ones(4)), ValueError, "2-D"),
+    (dict(label_embeddings=np.full((3, 2), np.inf)), ValueError, "finite"),
+])
+def test_configure_haste_checks_the_given_statistics(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BowModel(**kwargs)

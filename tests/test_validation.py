@@ -64,6 +64,50 @@ def test_group_index_checks_before_compute():
     layer(x)  # fixed in place: accepted again
 
 
+def test_group_index_cannot_be_swapped_for_another_layout():
+    """A replaced index (another shape, dtype, a strided view, another device) is refused on every use with the layer
+    untouched, a replaced index of the right layout is read in full once, and ``force=True`` (which every rewire
+    uses) catches an edit through ``.data``, which the cached check cannot see."""
+    x = torch.randn(2, 10)
+    cases = [
+        ("attribute", lambda index: index[:1], ValueError, r"group_index must have shape \(3, 3\)"),  # a one-row view
+        ("data", lambda index: index[:1], ValueError, r"group_index must have shape \(3, 3\)"),
+        ("attribute", lambda index: index.long().repeat(1, 2)[:, :3], ValueError, "contiguous"),
+        ("data", lambda index: index.repeat(1, 2)[:, :3], ValueError, "contiguous"),
+        ("attribute", lambda index: index.float(), TypeError, "group_index must have dtype"),
+        ("attribute", lambda index: index.to("meta"), ValueError, "group_index is on meta"),
+    ]
+    for assign, swap, error, match in cases:
+        layer = _layer()
+        weight = layer.weight.detach().clone()
+        replacement = swap(layer.group_index)
+        if assign == "attribute":
+            layer.group_index = replacement
+        else:
+            layer.group_index.data = replacement
+        for use in (lambda: layer(x), layer.to_dense, lambda: layer.rewire(0.3), layer.check_group_index):  # noqa: B023
+            with pytest.raises(error, match=match):
+                use()
+        assert torch.equal(layer.weight, weight)
+    layer = _layer()
+    layer(x)
+    same_layout = layer.group_index.clone()
+    same_layout[0, 0] = 99  # a new tensor of the right layout: its values are read before use
+    layer.group_index = same_layout
+    with pytest.raises(ValueError, match=r"entries must lie in \[0, 10\)"):
+        layer(x)
+    layer = _layer()
+    layer(x)
+    layer.group_index.data[0, 0] = 99  # bypasses the version counter: the cached check does not see it ...
+    layer.check_group_index()
+    with pytest.raises(ValueError, match=r"entries must lie in \[0, 10\)"):
+        layer.check_group_index(force=True)  # ... a forced one does, and every rewire
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"entries must lie in \[0, 10\)"):
+        layer.rewire(0.3)
+    assert torch.equal(layer.weight, weight) and int(layer.group_index[0, 0]) == 99
+
+
 def test_functional_argument_errors():
     weight = torch.randn(8, 3)
     idx = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
