@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from .grouping import group_labels, label_embeddings_from_features, split_head_t
 from .head_tail import FeatureSlice, HeadTailOutput
 from .loss import SparseTargets, check_reduction, dense_part, divisor, sparse_targets
 from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sharded import ShardedHeadTailOutput
 
 __all__ = [
     "HasteXMCModule", "CombinedOptimizer", "LR_SCHEDULES", "lr_multiplier", "sparse_bce_with_logits",
@@ -128,7 +131,8 @@ class HasteXMCModule:
     gives AdamW to the encoder and SGD with momentum to the output layer (override it to change that).
     """
 
-    output: Optional[HeadTailOutput]
+    #: the output layer; with ``label_sharding`` under DDP, this rank's ``ShardedHeadTailOutput``
+    output: Optional[Union[HeadTailOutput, ShardedHeadTailOutput]]
 
     def configure_haste(
         self,
