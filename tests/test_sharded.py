@@ -2,8 +2,12 @@
 
 import atexit
 import copy
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +301,12 @@ class ShardedModel(HasteXMCModule, LightningModule):
                              warmup=0.0, lr_schedule="constant", encoder_lr=1e-2, output_lr=0.05,
                              label_sharding=label_sharding)
 
+    def setup(self, stage):
+        super().setup(stage)
+        # float64 before a checkpoint loads (Lightning restores before the precision plugin converts the model:
+        # into the float32 parameters of a fresh model, a float64 checkpoint would be rounded)
+        self.double()
+
     def encode(self, batch):
         return self.encoder(batch["features"].to(self.encoder[0].weight.dtype))
 
@@ -382,17 +392,25 @@ def _assert_states_close(got, expected, **tolerance) -> None:
             assert (torch.equal(got[key], value) if isinstance(value, Tensor) else got[key] == value), key
 
 
-def test_lightning_ddp_label_sharding_equals_one_process_on_the_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_epoch(tmp_path_factory):
+    """A label-sharded fit on two ranks of 16 rows each, one epoch of 3 steps (a rewire at step 2): the folder
+    with its checkpoint ``fit.ckpt`` and each rank's top-k ``topk{rank}.pt``."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    torch.manual_seed(0)
+    _fit_trainer(2, 1, [SaveAndPredict(str(folder))]).fit(ShardedModel(), _data_module(16))
+    return folder
+
+
+def test_lightning_ddp_label_sharding_equals_one_process_on_the_global_batch(tmp_path, two_rank_epoch):
     # one process, global batch 32, two epochs of 3 steps (rewires at steps 2 and 4); a checkpoint after the first
     torch.manual_seed(0)
     straight = ShardedModel(label_sharding=False)
     _fit_trainer(1, 2, [SaveAfterFirstEpoch(str(tmp_path / "one.ckpt"))]).fit(straight, _data_module(32))
 
     # two ranks of 16 rows each, label-sharded, one epoch: the same model and optimizer state (whole layer)
-    torch.manual_seed(0)
-    sharded = ShardedModel()
-    _fit_trainer(2, 1, [SaveAndPredict(str(tmp_path))]).fit(sharded, _data_module(16))
-    two = torch.load(tmp_path / "fit.ckpt", weights_only=False)
+    folder = two_rank_epoch
+    two = torch.load(folder / "fit.ckpt", weights_only=False)
     one = torch.load(tmp_path / "one.ckpt", weights_only=False)
     _assert_states_close(two["state_dict"], one["state_dict"], **TOL)
     _assert_states_close(two["optimizer_states"], one["optimizer_states"], **TOL)
@@ -400,23 +418,61 @@ def test_lightning_ddp_label_sharding_equals_one_process_on_the_global_batch(tmp
     assert two["callbacks"]["SparseRegrowthCallback"]["rewires"] == 1  # the topologies compared have been rewired
 
     # the checkpoint written by 2 ranks predicts on one process what the 2 ranks predicted
-    loaded = ShardedModel.load_from_checkpoint(tmp_path / "fit.ckpt").double()
+    loaded = ShardedModel.load_from_checkpoint(folder / "fit.ckpt").double()
     loaded.load_state_dict(two["state_dict"])  # again, in float64 (the encoder was built in float32)
     assert isinstance(loaded.output, lh.HeadTailOutput)
     features = torch.from_numpy(_data_module(16).test_data.features)
     with torch.no_grad():
         scores, ids = loaded.output.topk(loaded.encode({"features": features}), 5)
-    parts = [torch.load(tmp_path / f"topk{r}.pt") for r in range(2)]
+    parts = [torch.load(folder / f"topk{r}.pt") for r in range(2)]
     assert torch.equal(ids, torch.cat([p[1] for p in parts]))
     torch.testing.assert_close(scores, torch.cat([p[0] for p in parts]), **TOL)
 
-    # and resumes on one process (the optimizer state of every shard included) as the uninterrupted run went on:
-    # the same topology; weights within what AdamW's normalisation makes of rounding differences in the encoder's
-    # gradients (tiny gradients, from cancelling sums, are divided by their own magnitude)
+    # and resumes on one process (the optimizer state of every shard included) as the uninterrupted run went on
     torch.manual_seed(0)
     resumed = ShardedModel(label_sharding=False)
-    _fit_trainer(1, 2, []).fit(resumed, _data_module(32), ckpt_path=tmp_path / "fit.ckpt")
+    _fit_trainer(1, 2, []).fit(resumed, _data_module(32), ckpt_path=folder / "fit.ckpt")
     expected, got = _full_state(straight), _full_state(resumed)
     assert torch.equal(got["output.tail.group_index"], expected["output.tail.group_index"])
     assert not torch.equal(got["output.tail.group_index"], two["state_dict"]["output.tail.group_index"])
-    _assert_states_close(got, expected, rtol=1e-6, atol=1e-7)
+    _assert_states_close(got, expected, **TOL)
+
+
+class SaveState(Callback):
+    """At the end of the fit, the whole model state (every rank takes part in the gather; rank 0 writes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        state = _full_state(pl_module)
+        optimizer = trainer.optimizers[0].state_dict()
+        if trainer.global_rank == 0:
+            torch.save({"state_dict": state, "optimizer": optimizer}, self.path)
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            atexit.register(torch.distributed.destroy_process_group)
+
+
+def test_lightning_label_sharded_resume_on_the_same_world_size_is_exact(tmp_path, two_rank_epoch):
+    torch.manual_seed(0)
+    _fit_trainer(2, 2, [SaveState(str(tmp_path / "straight.pt"))]).fit(ShardedModel(), _data_module(16))
+    torch.manual_seed(0)
+    _fit_trainer(2, 2, [SaveState(str(tmp_path / "resumed.pt"))]).fit(
+        ShardedModel(), _data_module(16), ckpt_path=two_rank_epoch / "fit.ckpt"
+    )
+    straight = torch.load(tmp_path / "straight.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    _assert_states_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_multi_gpu_benchmark_runs_its_smoke_mode():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "multi_gpu.py"), "--smoke"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [row["mode"] for row in rows] == ["one", "fit_sharded"]
+    assert rows[0]["ms_per_step"] > 0 and rows[1]["steps"] > 0
