@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 import lightning_haste as lh
 from lightning_haste import dst
 from lightning_haste.data import XMCDataModule, synthetic_xmc
+from lightning_haste.metrics import NDCGAtK, PrecisionAtK
 from lightning_haste.module import HasteXMCModule
 from lightning_haste.sharded import ShardedHeadTailOutput, merge_topk, partition_labels, shard_output
 
@@ -325,18 +326,21 @@ class ConsecutiveRows(XMCDataModule):
                 for i in range(start + rank * size, min(len(loader.dataset), start + (rank + 1) * size))]
         return DataLoader(loader.dataset, batch_size=size, sampler=rows, collate_fn=loader.collate_fn)
 
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_data, shuffle=False)
+
 
 def _data_module(batch_size: int) -> XMCDataModule:
     train, test = synthetic_xmc(seed=0, num_train=96, num_test=8, num_labels=300, num_features=32)
     return ConsecutiveRows(train, test=test, batch_size=batch_size, shuffle=False, val_fraction=0.0)
 
 
-def _fit_trainer(devices: int, max_epochs: int, callbacks) -> Trainer:
+def _fit_trainer(devices: int, max_epochs: int, callbacks, validate: bool = False) -> Trainer:
     return Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", precision="64-true",
         use_distributed_sampler=False,
         max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_model_summary=False, limit_val_batches=1.0 if validate else 0, num_sanity_val_steps=0,
         callbacks=[lh.SparseRegrowthCallback(interval=2, prune_fraction=0.5, end=1.0, schedule="constant",
                                              log=False), *callbacks],
     )
@@ -398,8 +402,9 @@ def two_rank_epoch(tmp_path_factory):
     with its checkpoint ``fit.ckpt`` and each rank's top-k ``topk{rank}.pt``."""
     folder = tmp_path_factory.mktemp("two_ranks")
     torch.manual_seed(0)
-    _fit_trainer(2, 1, [SaveAndPredict(str(folder))]).fit(ShardedModel(), _data_module(16))
-    return folder
+    trainer = _fit_trainer(2, 1, [SaveAndPredict(str(folder))], validate=True)
+    trainer.fit(ShardedModel(), _data_module(16))  # validates the test rows (4 per rank) after the last step
+    return folder, {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
 
 
 def test_lightning_ddp_label_sharding_equals_one_process_on_the_global_batch(tmp_path, two_rank_epoch):
@@ -409,7 +414,7 @@ def test_lightning_ddp_label_sharding_equals_one_process_on_the_global_batch(tmp
     _fit_trainer(1, 2, [SaveAfterFirstEpoch(str(tmp_path / "one.ckpt"))]).fit(straight, _data_module(32))
 
     # two ranks of 16 rows each, label-sharded, one epoch: the same model and optimizer state (whole layer)
-    folder = two_rank_epoch
+    folder, val_metrics = two_rank_epoch
     two = torch.load(folder / "fit.ckpt", weights_only=False)
     one = torch.load(tmp_path / "one.ckpt", weights_only=False)
     _assert_states_close(two["state_dict"], one["state_dict"], **TOL)
@@ -427,6 +432,12 @@ def test_lightning_ddp_label_sharding_equals_one_process_on_the_global_batch(tmp
     parts = [torch.load(folder / f"topk{r}.pt") for r in range(2)]
     assert torch.equal(ids, torch.cat([p[1] for p in parts]))
     torch.testing.assert_close(scores, torch.cat([p[0] for p in parts]), **TOL)
+    # and the metrics the 2 ranks logged are those of the whole test set on one process
+    expected_metrics = {}
+    for metric in (PrecisionAtK((1, 3, 5)), NDCGAtK((1, 3, 5))):
+        metric.update(ids, _data_module(16).test_data.labels)
+        expected_metrics.update({f"val/{k}": float(v) for k, v in metric.compute().items()})
+    assert {k: val_metrics[k] for k in expected_metrics} == pytest.approx(expected_metrics, rel=1e-12, abs=1e-12)
 
     # and resumes on one process (the optimizer state of every shard included) as the uninterrupted run went on
     torch.manual_seed(0)
@@ -460,7 +471,7 @@ def test_lightning_label_sharded_resume_on_the_same_world_size_is_exact(tmp_path
     _fit_trainer(2, 2, [SaveState(str(tmp_path / "straight.pt"))]).fit(ShardedModel(), _data_module(16))
     torch.manual_seed(0)
     _fit_trainer(2, 2, [SaveState(str(tmp_path / "resumed.pt"))]).fit(
-        ShardedModel(), _data_module(16), ckpt_path=two_rank_epoch / "fit.ckpt"
+        ShardedModel(), _data_module(16), ckpt_path=two_rank_epoch[0] / "fit.ckpt"
     )
     straight = torch.load(tmp_path / "straight.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
