@@ -230,6 +230,12 @@ class ShardedHeadTailOutput(nn.Module):
     :class:`~lightning_haste.HasteXMCModule` does). Exclude the shard's parameters and buffers from DDP
     (:meth:`ddp_ignored_names`): they differ between ranks and must be neither broadcast nor all-reduced.
 
+    Precision: float32 and float64 give the unsharded layer's values up to the order of the sums (each rank adds
+    its labels' part of the input gradient, then the ranks' parts are added). With 16-bit inputs the fused loss
+    returns each rank's part rounded to the input dtype; the parts are summed in float32 and rounded once more,
+    so the input gradient can differ from the unsharded layer's (summed over all labels in float32, rounded once)
+    by a rounding of the input dtype per rank.
+
     Args:
         config: the whole layer's :meth:`HeadTailOutput.config`.
         rank, world_size: this rank and the number of ranks (default: ``torch.distributed``'s).
