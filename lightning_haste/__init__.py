@@ -15,11 +15,13 @@ __all__ = [
     "XMCDataModule",
     "HeadTailOutput",
     "RewireStats",
+    "ShardedHeadTailOutput",
     "bank_interleaved_order",
     "dst",
     "functional",
     "reset_optimizer_state_",
     "sample_group_index",
+    "shard_output",
 ]
 __version__ = "0.1.0"
 
@@ -29,6 +31,8 @@ _LAZY = {
     "HasteXMCModule": "module",
     "XMCDataModule": "data",
     "TopKPredictionWriter": "prediction",
+    "ShardedHeadTailOutput": "sharded",
+    "shard_output": "sharded",
 }
 
 

@@ -6,7 +6,6 @@ import math
 import numbers
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -42,9 +41,11 @@ class SparseRegrowthCallback(Callback):
     Every ``interval`` optimizer steps (gradient accumulation counts optimizer steps, not batches),
     until ``end`` x the total number of steps, each layer's slots are rewired with the fraction given by
     ``schedule`` (see :func:`prune_fraction_at`), and the optimizer state of the regrown weights is reset
-    to zero in every optimizer. The random draws come from a generator seeded by
-    ``(seed, global step, layer)``, so every DDP rank makes the same decisions (their weights are equal
-    after each step) and a run resumed from a checkpoint continues exactly like an uninterrupted one.
+    to zero in every optimizer. The random draws are keyed (:func:`lightning_haste.dst.rewire_` with ``seed=``):
+    each group's depend only on ``(seed, global step, layer, global group id)``, so every DDP rank makes the same
+    decisions (their weights are equal after each step), the shards of a label-sharded output layer rewire
+    exactly as the whole layer does on one rank (the topology does not depend on the number of ranks), and a run
+    resumed from a checkpoint continues exactly like an uninterrupted one.
 
     Settings are checked when the callback is made, and against every layer when the fit starts (the pruned slots
     must fit outside each group); at a rewire step every layer's index is validated before any layer changes.
@@ -131,10 +132,9 @@ class SparseRegrowthCallback(Callback):
             layer.check_group_index(force=True)
         self.rewires += 1
         for position, (name, layer) in enumerate(self._layers):
-            generator = torch.Generator(device=layer.weight.device)
-            generator.manual_seed(self._draw_seed(step, position))
             stats = layer.rewire(
-                fraction, score=self.score, init=self.init, init_scale=self.init_scale, generator=generator
+                fraction, score=self.score, init=self.init, init_scale=self.init_scale,
+                seed=self._draw_seed(step, position),
             )
             mask = dst.regrown_weight_mask(layer, stats.regrown)
             for optimizer in trainer.optimizers:

@@ -5,6 +5,12 @@ A rewire scores every slot of every group (``mean`` or ``max`` over the group's 
 threshold), regrows as many slots per group at features that the group did not read before (uniformly
 at random, without replacement, so rows stay duplicate-free), and initialises the regrown weights. It is
 vectorised over groups (no Python loop over groups) and runs wherever the layer lives.
+
+With ``seed=`` (what :class:`~lightning_haste.SparseRegrowthCallback` uses) the random draws are keyed: every
+draw of group ``g`` is a counter-based hash of ``(seed, g + layer.first_group, feature or weight slot)``, so a
+group's rewire depends on nothing else: not on the other groups, the order in which they are processed, the
+device, or which rank of a label-sharded layer holds the group. A layer split into shards (each with its
+``first_group``) then rewires exactly like the whole layer.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from .gsfi import GroupSharedFanIn
 
-__all__ = ["RewireStats", "slot_scores", "rewire_", "reset_optimizer_state_", "regrown_weight_mask"]
+__all__ = ["RewireStats", "slot_scores", "rewire_", "reset_optimizer_state_", "regrown_weight_mask", "keyed_hash32"]
 
 SCORES = ("mean", "max")
 INITS = ("zero", "uniform")
@@ -90,6 +96,100 @@ def _check_fraction(prune_fraction: Optional[float], threshold: Optional[float])
         raise ValueError(f"threshold must be >= 0, got {threshold}")
 
 
+_MASK32 = 0xFFFFFFFF
+# Distinct constants keep the hashes of the different draws (group keys, feature keys, weight values) apart.
+_STREAM_GROUP, _STREAM_ROUND, _STREAM_FEATURE, _STREAM_WEIGHT, _STREAM_SLOT = (
+    0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1,
+)
+
+
+def _mul32(x: Any, constant: int) -> Any:
+    """``x * constant mod 2**32`` for ``0 <= x < 2**32`` (a Python int or an int64 tensor), in two 16-bit halves of
+    the constant so that no int64 product overflows (signed overflow is not defined behaviour on every device)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: Any) -> Any:
+    """A bijection of ``[0, 2**32)`` with full avalanche (the "lowbias32" integer hash), elementwise."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _seed_words(seed: int, stream: int) -> int:
+    """A 32-bit key of ``(seed, stream)`` for any integer seed (its low and high 32-bit words both count)."""
+    seed = int(seed) % 2**64
+    return _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) & _MASK32) ^ _mix32(stream)))
+
+
+def keyed_hash32(seed: int, stream: int, ids: Tensor) -> Tensor:
+    """Counter-based 32-bit hashes (int64 tensor in ``[0, 2**32)``) of ``(seed, stream, id)`` for an int64 tensor of
+    non-negative ``ids`` (< 2**63), elementwise: the same value for the same triple on every device and every
+    rank, whatever else is hashed alongside."""
+    ids = ids.long()
+    low = ids & _MASK32
+    high = ids >> 32
+    return _mix32(_mix32(low ^ _seed_words(seed, stream)) ^ high)
+
+
+def _keyed_new_features(
+    group_index: Tensor, counts: Tensor, in_features: int, seed: int, first_group: int, budget: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_draw_new_features` with keyed draws: the key of feature ``h`` for group ``g`` is
+    ``mix(mix(a_g ^ f_h) ^ b_g)`` with per-group keys ``a_g, b_g`` and per-feature keys ``f_h`` (all hashes of the
+    seed and the global ids). For a fixed group the key is a bijection of ``f_h``, itself a bijection of ``h``: the
+    keys of a row are distinct, so the top keys, hence the drawn features, are the same on every device."""
+    rows = group_index.shape[0]
+    most = int(counts.max()) if rows else 0
+    device = group_index.device
+    candidates = torch.zeros(rows, most, dtype=torch.long, device=device)
+    if most == 0:
+        return candidates, torch.zeros(rows, 0, dtype=torch.bool, device=device)
+    feature_keys = keyed_hash32(seed, _STREAM_FEATURE, torch.arange(in_features, device=device))
+    # about three int64 [rows, in_features] temporaries per chunk
+    step = max(1, budget // (24 * in_features))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        groups = torch.arange(first_group + r0, first_group + r1, dtype=torch.long, device=device)
+        outer = keyed_hash32(seed, _STREAM_GROUP, groups).unsqueeze(1)
+        inner = keyed_hash32(seed, _STREAM_ROUND, groups).unsqueeze(1)
+        keys = _mix32(_mix32(outer ^ feature_keys) ^ inner)
+        keys.scatter_(1, group_index[r0:r1].long(), -1)  # features the group reads already: never drawn
+        candidates[r0:r1] = keys.topk(most, dim=1).indices
+    take = torch.arange(most, device=device).unsqueeze(0) < counts.unsqueeze(1)
+    return candidates, take
+
+
+def _keyed_uniform_weights(
+    layer: GroupSharedFanIn, mask: Tensor, init_scale: float, seed: int, budget: int
+) -> Tensor:
+    """``layer.weight`` with the entries at ``mask`` replaced by keyed uniform draws in ``[-init_scale, init_scale]``:
+    the value of weight ``(row, slot)`` hashes ``(seed, global row, slot)``, the global row being
+    ``first_group * group_size + row``. 24 random bits per value, computed in float64 and rounded once to the weight's
+    dtype."""
+    weight = layer.weight.detach()
+    out = weight.clone()
+    fan_in = weight.shape[1]
+    device = weight.device
+    slot_keys = keyed_hash32(seed, _STREAM_SLOT, torch.arange(fan_in, device=device))
+    first_row = layer.first_group * layer.group_size
+    step = max(1, budget // (24 * fan_in))
+    for r0 in range(0, weight.shape[0], step):
+        r1 = min(weight.shape[0], r0 + step)
+        chunk_mask = mask[r0:r1]
+        if not bool(chunk_mask.any()):
+            continue
+        rows = torch.arange(first_row + r0, first_row + r1, dtype=torch.long, device=device)
+        bits = _mix32(keyed_hash32(seed, _STREAM_WEIGHT, rows).unsqueeze(1) ^ slot_keys)
+        unit = ((bits >> 8).double() + 0.5) * 2.0**-23 - 1.0  # in (-1, 1), symmetric
+        values = (unit * init_scale).to(weight.dtype)
+        out[r0:r1] = torch.where(chunk_mask, values, out[r0:r1])
+    return out
+
+
 def _draw_new_features(
     group_index: Tensor, counts: Tensor, in_features: int, generator: Optional[torch.Generator], budget: int
 ) -> tuple[Tensor, Tensor]:
@@ -127,6 +227,7 @@ def rewire_(
     init_scale: float = 1e-3,
     generator: Optional[torch.Generator] = None,
     memory_budget: int = 64 * 2**20,
+    seed: Optional[int] = None,
 ) -> RewireStats:
     """Prune and regrow the slots of every group of ``layer`` in place.
 
@@ -138,8 +239,12 @@ def rewire_(
         score: ``"mean"`` or ``"max"`` of ``|weight|`` over the group's labels.
         regrow: ``"random"``: uniform over the features the group did not read before the rewire.
         init: regrown weights start at ``"zero"`` or ``"uniform"`` in ``[-init_scale, init_scale]``.
-        generator: random generator (seed it identically on every rank for identical topologies).
+        generator: random generator (seed it identically on every rank for identical topologies); all groups draw
+            from it in turn, so a group's draw depends on the groups before it.
         memory_budget: bound in bytes on the temporary random keys.
+        seed: instead of ``generator``, keyed draws: group ``g``'s new features and regrown weights depend only on
+            ``(seed, layer.first_group + g)`` (see the module docstring), so the shards of a label-sharded layer
+            rewire exactly as the whole layer does, on any number of ranks.
 
     Returns:
         :class:`RewireStats`; its ``regrown`` mask feeds :func:`reset_optimizer_state_`.
@@ -150,6 +255,11 @@ def rewire_(
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     check_init_scale(init_scale)
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give at most one of generator and seed")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
     layer.check_group_index(force=True)  # in full: the new index is built from the old one
     num_groups, fan_in, in_features = layer.num_groups, layer.fan_in, layer.in_features
     scores = slot_scores(layer, score)
@@ -176,13 +286,19 @@ def rewire_(
     pruned = ranks < counts.unsqueeze(1)  # [num_groups, fan_in]
 
     # Everything new is computed first, then written: a failure leaves the layer as it was.
-    candidates, take = _draw_new_features(layer.group_index, counts, in_features, generator, memory_budget)
+    if seed is not None:
+        candidates, take = _keyed_new_features(layer.group_index, counts, in_features, int(seed),
+                                               int(getattr(layer, "first_group", 0)), memory_budget)
+    else:
+        candidates, take = _draw_new_features(layer.group_index, counts, in_features, generator, memory_budget)
     new_index = layer.group_index.clone()
     new_index[pruned] = candidates[take].to(new_index.dtype)
     changed = new_index != layer.group_index
     weight_mask = regrown_weight_mask(layer, pruned)
     if init == "zero":
         new_weight = layer.weight.masked_fill(weight_mask, 0.0)
+    elif seed is not None:
+        new_weight = _keyed_uniform_weights(layer, weight_mask, init_scale, int(seed), memory_budget)
     else:
         draw_device = generator.device if generator is not None else layer.weight.device
         values = torch.empty(layer.weight.shape, device=draw_device).uniform_(

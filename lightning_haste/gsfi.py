@@ -188,6 +188,9 @@ class GroupSharedFanIn(nn.Module):
             raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
         factory = {"device": device, "dtype": dtype}
         self.num_groups = num_groups_for(self.out_features, self.group_size)
+        # The global id of group 0: non-zero for the tail shard of a label-sharded layer, whose keyed rewiring
+        # draws (``rewire(seed=...)``) are then those of the same groups of the whole layer.
+        self.first_group = 0
         self.weight = nn.Parameter(torch.empty(self.num_groups * self.group_size, self.fan_in, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
         self.register_buffer(
@@ -292,8 +295,10 @@ class GroupSharedFanIn(nn.Module):
         init: str = "zero",
         init_scale: float = 1e-3,
         generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
     ) -> RewireStats:
-        """Prune and regrow the slots of every group in place; see :func:`lightning_haste.dst.rewire_`.
+        """Prune and regrow the slots of every group in place; see :func:`lightning_haste.dst.rewire_` (``seed``:
+        keyed draws, each group's depending only on the seed and its global id ``first_group + g``).
 
         Reset the optimizer state of the regrown weights afterwards with
         :func:`lightning_haste.dst.reset_optimizer_state_` and ``dst.regrown_weight_mask(layer, stats.regrown)``.
@@ -302,7 +307,7 @@ class GroupSharedFanIn(nn.Module):
 
         return rewire_(
             self, prune_fraction, threshold=threshold, score=score, regrow=regrow, init=init,
-            init_scale=init_scale, generator=generator,
+            init_scale=init_scale, generator=generator, seed=seed,
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .grouping import group_labels, label_embeddings_from_features, split_head_t
 from .head_tail import FeatureSlice, HeadTailOutput
 from .loss import SparseTargets, check_reduction, dense_part, divisor, sparse_targets
 from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sharded import ShardedHeadTailOutput
 
 __all__ = [
     "HasteXMCModule", "CombinedOptimizer", "LR_SCHEDULES", "lr_multiplier", "sparse_bce_with_logits",
@@ -208,7 +211,8 @@ class HasteXMCModule:
     layer's random draws are seeded. torch's global random state (``dropout``) is not restored.
     """
 
-    output: Optional[HeadTailOutput]
+    #: the output layer; with ``label_sharding`` under DDP, this rank's ``ShardedHeadTailOutput``
+    output: Optional[Union[HeadTailOutput, ShardedHeadTailOutput]]
 
     def configure_haste(
         self,
@@ -238,6 +242,7 @@ class HasteXMCModule:
         label_frequencies: Optional[Any] = None,
         num_train: Optional[int] = None,
         label_embeddings: Optional[Any] = None,
+        label_sharding: bool = False,
     ) -> None:
         """Store the output-layer and training settings; the layer itself is built in ``setup``.
 
@@ -280,6 +285,15 @@ class HasteXMCModule:
             label_embeddings: ``[num_labels, dim]`` label embeddings for the grouping (they win over a datamodule's).
                 Without a datamodule there are no PIFA embeddings: a ``grouping`` other than ``"random"`` or
                 ``None`` needs them (or ``label_groups``).
+            label_sharding: under DDP with N ranks, split the output layer's labels over the ranks
+                (:class:`~lightning_haste.sharded.ShardedHeadTailOutput`) instead of replicating it: each rank holds
+                and updates ``1/N`` of it, the features of the global batch are all-gathered and their gradients
+                reduce-scattered, and the layer's parameters are left out of DDP's all-reduce. A step then equals
+                one step of the unsharded model on the global batch (every rank's rows): the output layer's
+                gradients are the global batch's, and the encoder's too after DDP's average (the loss's gradient
+                reaching the encoder is multiplied by N to undo that average). Needs an encoder with trainable
+                parameters (DDP refuses a model with none to synchronise); checkpoints hold the whole layer, so
+                they load on any number of ranks, sharded or not.
         """
         if output_bias not in ("default", "prior"):
             raise ValueError(f"output_bias must be 'default' or 'prior', got {output_bias!r}")
@@ -304,6 +318,7 @@ class HasteXMCModule:
             output_bias=output_bias, loss=loss, loss_reduction=loss_reduction, dropout=dropout, k=tuple(k),
             psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
             output_weight_decay=output_weight_decay, warmup=warmup, lr_schedule=lr_schedule, seed=seed,
+            label_sharding=bool(label_sharding),
         )
         self.output_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output = None
@@ -332,8 +347,36 @@ class HasteXMCModule:
             self.output = self._build_output(dm, cfg, freq)
             if cfg.get("output_bias") == "prior":
                 self.output.init_bias_from_prior_(freq, max(1, statistics["num_train"]))
+        if cfg.get("label_sharding") and isinstance(self.output, HeadTailOutput):
+            self._shard_output()
         if getattr(self, "haste_metrics", None) is None and statistics is not None:  # also for a hand-set layer
             self._build_metrics(cfg, statistics["label_frequencies"], statistics["num_train"])
+
+    def _shard_output(self) -> None:
+        """Replace the whole output layer (the same on every rank) by this rank's shard, and keep the shard out of
+        DDP's broadcasts and all-reduce."""
+        from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415 - Lightning loads lazily
+        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+        from .sharded import shard_output  # noqa: PLC0415
+
+        trainer = self.trainer
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+            raise ValueError(
+                f"label_sharding needs the DDP strategy (strategy='ddp' or 'ddp_spawn'), got "
+                f"{type(trainer.strategy).__name__}"
+            )
+        if trainer.world_size > 1:
+            output_ids = {id(p) for p in self.output.parameters()}
+            if not any(p.requires_grad and id(p) not in output_ids for p in self.parameters()):
+                raise ValueError(
+                    "label_sharding needs an encoder with trainable parameters: DDP refuses a model whose every "
+                    "parameter is left out of its all-reduce (train a bag-of-words model without label sharding)"
+                )
+        self.output = shard_output(self.output, rank=trainer.global_rank, world_size=trainer.world_size)
+        ignored = set(getattr(self, "_ddp_params_and_buffers_to_ignore", ()))
+        ignored.update(self.output.ddp_ignored_names("output."))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, sorted(ignored))
 
     # -- checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -436,6 +479,9 @@ class HasteXMCModule:
             features = self.output_dropout(features)
         if type(self).haste_loss is not HasteXMCModule.haste_loss:
             return self.haste_loss(self.output(features), targets)
+        if not isinstance(self.output, HeadTailOutput):  # a label-sharded layer: the loss of the global batch
+            return self.output.loss(features, targets, loss=self.haste["loss"], reduction=self.haste["loss_reduction"],
+                                    compensate_ddp_average=True)
         return self.output.loss(features, targets, loss=self.haste["loss"], reduction=self.haste["loss_reduction"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -495,6 +541,8 @@ class HasteXMCModule:
             torch.optim.SGD(output, lr=cfg["output_lr"], momentum=cfg["output_momentum"],
                             weight_decay=cfg["output_weight_decay"])
         ]
+        if hasattr(self.output, "attach_optimizer"):  # a label-sharded layer: checkpoints hold the whole state
+            self.output.attach_optimizer(parts[0])
         if encoder:
             parts.insert(0, torch.optim.AdamW(encoder, lr=cfg["encoder_lr"]))
         optimizer = parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
