@@ -89,6 +89,26 @@ __global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
   }
 }
 
+// Sorts v[0, size) of shared memory in descending order (size a power of two; bitonic: log2(size) * (log2(size) +
+// 1) / 2 passes of size / 2 compare-exchanges). Every thread of the CTA calls it; it ends with a barrier.
+template <class V>
+__device__ __forceinline__ void sort_descending(V* v, int size) {
+  for (int span = 2; span <= size; span <<= 1) {
+    for (int stride = span >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < size / 2; i += blockDim.x) {
+        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const bool descending = (lo & span) == 0;
+        const V a = v[lo], c = v[hi];
+        if ((a < c) == descending) {
+          v[lo] = c;
+          v[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // The ranking key of a score and a label id, as lightning_haste.ranking.rank_keys makes it: the float32 bits mapped
 // to an integer of the same order (negative numbers' magnitude bits flipped; -0.0 as 0.0, every NaN as the
 // canonical NaN, which ranks above +inf) in the high 32 bits, 2^32 - 1 - id in the low ones.
@@ -107,7 +127,7 @@ __device__ __forceinline__ float key_score(long long key) {
 }
 
 // The ranked top-k of each row's list: CTA b reads the row's first min(count[b], cap, width) slots, turns them
-// into ranking keys (the label id through label_permutation), sorts them in shared memory (bitonic, descending,
+// into ranking keys (the label id through label_permutation), sorts them in shared memory (sort_descending,
 // over the next power of two at or above max(n, k); empty slots hold the lowest key) and writes the best k:
 // out_score [B][k] in the input dtype (the scores are values of it), out_id [B][k]. Rows whose threshold is NaN
 // took no candidates in this round and are left as they are. Dynamic shared memory: 8 bytes a key for the next
@@ -132,20 +152,7 @@ __global__ void __launch_bounds__(256) gsfi_topk_merge(
     keys[i] = key;
   }
   __syncthreads();
-  for (int span = 2; span <= size; span <<= 1) {
-    for (int stride = span >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < size / 2; i += blockDim.x) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const bool descending = (lo & span) == 0;
-        const long long a = keys[lo], c = keys[hi];
-        if ((a < c) == descending) {
-          keys[lo] = c;
-          keys[hi] = a;
-        }
-      }
-      __syncthreads();
-    }
-  }
+  sort_descending(keys, size);
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
     const long long key = keys[i];
     out_score[(long long)b * k + i] = Ops<T>::from_float(key_score(key));
@@ -198,20 +205,7 @@ __global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ val
     maxima[j] = best;
   }
   __syncthreads();
-  for (int span = 2; span <= size; span <<= 1) {
-    for (int stride = span >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < size / 2; i += blockDim.x) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const bool descending = (lo & span) == 0;
-        const float a = maxima[lo], c = maxima[hi];
-        if ((a < c) == descending) {
-          maxima[lo] = c;
-          maxima[hi] = a;
-        }
-      }
-      __syncthreads();
-    }
-  }
+  sort_descending(maxima, size);
   // (Under CuPy's -ftz=true the comparisons here see subnormals as zero, so the bound may be off by a value of
   // that class: the candidate kernels compare in the same way, so every score at or above the true bound passes.)
   if (threadIdx.x == 0 && maxima[k - 1] > current) threshold[b] = maxima[k - 1];
