@@ -193,6 +193,7 @@ __global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ val
   for (int j = threadIdx.x; j < size; j += blockDim.x) {
     float best = -__int_as_float(0x7f800000);
     if (j < m) {
+#pragma unroll 4
       for (int c = j; c < n; c += m) {
         const float v = BoundValue<T, V>::get(values[(long long)b * ld + c]);
         if (v != v) {

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as nnf
 
-__all__ = ["MAX_ROUNDS", "block_bound", "candidate_capacity", "fused_topk", "head_chunk_columns"]
+__all__ = ["MAX_ROUNDS", "block_bound", "bound_blocks", "candidate_capacity", "fused_topk", "head_chunk_columns"]
 
 #: Passes over the labels before a row whose list keeps overflowing is left to the chunked path.
 MAX_ROUNDS = 3
@@ -55,23 +55,29 @@ def head_chunk_columns(batch: int, num_labels: int, k: int, memory_budget: int) 
     return max(k, min(max(1, num_labels // 32), memory_budget // (2 * batch)))
 
 
-#: Blocks per k of a bound from block maxima (:func:`block_bound`).
-BLOCKS_PER_K = 8
+#: Blocks per k of a bound from block maxima (:func:`block_bound`), and the fewest and most blocks.
+BLOCKS_PER_K, MIN_BLOCKS, MAX_BLOCKS = 8, 1024, 4096
+
+
+def bound_blocks(k: int) -> int:
+    """Blocks of a bound from block maxima: ``8 k``, at least 1024 (the kernel reads a row with a thread per block,
+    so fewer would leave it latency-bound; more blocks only tighten the bound), at most 4096."""
+    return min(MAX_BLOCKS, max(BLOCKS_PER_K * k, MIN_BLOCKS))
 
 
 def block_bound(scores: Tensor, k: int) -> Optional[Tensor]:
     """A float32 lower bound ``[B]`` of each row's k-th best score in ``scores [B, n]``, or None when ``n < k``: what
     the kernel ``gsfi_topk_bound`` computes on the GPU (the reference of the CPU tests).
 
-    Column ``c`` falls into block ``c mod m`` of ``m = min(n, 8 k)`` strided blocks; each block's maximum is an
-    actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the scores and a
-    sort of ``8 k`` values per row instead of a top-k over all ``n``; the bound ranks near the row's ``k``-th best
+    Column ``c`` falls into block ``c mod m`` of ``m = min(n, bound_blocks(k))`` strided blocks; each block's
+    maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the scores and a
+    sort of ``m`` values per row instead of a top-k over all ``n``; the bound ranks near the row's ``k``-th best
     when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks above every
     number, so ``+inf`` is still a bound)."""
     batch, n = scores.shape
     if n < k:
         return None
-    blocks = min(n, BLOCKS_PER_K * k)
+    blocks = min(n, bound_blocks(k))
     padded = nnf.pad(scores.float(), (0, -n % blocks), value=-math.inf)
     maxima = padded.nan_to_num(nan=math.inf).reshape(batch, -1, blocks).amax(dim=1)
     return maxima.topk(k, dim=1).values[:, -1]
@@ -119,7 +125,7 @@ def fused_topk(
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
             if first:  # each chunk's bound is one; the largest is the best
-                kernels.topk.gsfi_topk_bound(logits, k, threshold, BLOCKS_PER_K * k)
+                kernels.topk.gsfi_topk_bound(logits, k, threshold, bound_blocks(k))
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
@@ -134,7 +140,7 @@ def fused_topk(
             seen += (g1 - g0) * group_size
             g0 = g1
             # the list's scores are actual scores too (a row listing fewer than k keeps its bound)
-            kernels.topk.gsfi_topk_bound(score, k, threshold, BLOCKS_PER_K * k, count, dtype)
+            kernels.topk.gsfi_topk_bound(score, k, threshold, bound_blocks(k), count, dtype)
         _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail, num_head,
                          g0, num_groups, threshold, count, score, position)
         if not synchronize:

@@ -48,7 +48,7 @@ class Lists:
         self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
 
     def bound(self, values, k, threshold, blocks, count=None, dtype=None):
-        assert blocks == fused.BLOCKS_PER_K * k
+        assert blocks == fused.bound_blocks(k)
         for b in range(values.shape[0]):
             if float(threshold[b]) != float(threshold[b]):
                 continue
