@@ -70,10 +70,10 @@ def block_bound(scores: Tensor, k: int) -> Optional[Tensor]:
     the kernel ``gsfi_topk_bound`` computes on the GPU (the reference of the CPU tests).
 
     Column ``c`` falls into block ``c mod m`` of ``m = min(n, bound_blocks(k))`` strided blocks; each block's
-    maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the scores and a
-    sort of ``m`` values per row instead of a top-k over all ``n``; the bound ranks near the row's ``k``-th best
-    when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks above every
-    number, so ``+inf`` is still a bound)."""
+    maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the
+    scores and a sort of ``m`` values per row instead of a top-k over all ``n``; the bound ranks near the row's
+    ``k``-th best when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks
+    above every number, so ``+inf`` is still a bound)."""
     batch, n = scores.shape
     if n < k:
         return None
