@@ -418,24 +418,11 @@ class HeadTailOutput(nn.Module):
                 return ops.head_tail_loss_2d(*args)
         return ops.head_tail_loss_2d(*args)
 
-    def loss_arguments(
-        self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None,
-        reduction: str = "batchmean",
-    ) -> tuple[tuple, bool]:
-        """The validated arguments of :func:`lightning_haste.ops.head_tail_loss_2d` for :meth:`loss`, and whether
-        autocast was on (the op then runs with it off, on arguments cast to its dtype). For callers that replay
-        the loss on fixed targets, e.g. in a CUDA graph: this is the part of :meth:`loss` that reads the targets
-        on the host and copies them to the device. ``workspace``: bytes per chunk of labels instead of
-        :func:`~lightning_haste.loss.workspace_bytes` (for benchmarks)."""
-        fused_loss.check_loss(loss)
-        fused_loss.check_reduction(reduction)
-        x2d = self._check_input(x)
-        batch = x2d.shape[0]
-        rows, labels = fused_loss.sparse_targets(targets, batch, self.num_labels)
-        positions = self._positions_on_host()[labels]
-        order = np.lexsort((rows, positions))
-        rows, positions = rows[order], positions[order]
-
+    def _op_arguments(self, x2d: Tensor) -> tuple[Tensor, tuple, bool, bool]:
+        """``(x2d, (head_weight, head_bias, tail_weight, tail_bias, tail_index), kernels, autocast)`` for the ops that
+        take the whole layer (the fused loss, the fused top-k): under autocast the input and the parameters in the
+        autocast dtype (the op then runs with autocast off), the tail's index validated, and when the tail runs the
+        CUDA kernels (``kernels``) its parameters as they take them (contiguous, the index int32)."""
         head, tail = self.head, self.tail
         device_type = x2d.device.type
         autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
@@ -454,7 +441,28 @@ class HeadTailOutput(nn.Module):
             kernels = tail.backend != "torch" and F._uses_kernels(x2d, tail_weight, tail_index, tail.backend)
             if kernels:
                 tail_weight, tail_index, tail_bias = F.kernel_arguments(tail_weight, tail_index, tail_bias)
-        params = (head_weight, head_bias, tail_weight, tail_bias, tail_index)
+        return x2d, (head_weight, head_bias, tail_weight, tail_bias, tail_index), kernels, autocast
+
+    def loss_arguments(
+        self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None,
+        reduction: str = "batchmean",
+    ) -> tuple[tuple, bool]:
+        """The validated arguments of :func:`lightning_haste.ops.head_tail_loss_2d` for :meth:`loss`, and whether
+        autocast was on (the op then runs with it off, on arguments cast to its dtype). For callers that replay
+        the loss on fixed targets, e.g. in a CUDA graph: this is the part of :meth:`loss` that reads the targets
+        on the host and copies them to the device. ``workspace``: bytes per chunk of labels instead of
+        :func:`~lightning_haste.loss.workspace_bytes` (for benchmarks)."""
+        fused_loss.check_loss(loss)
+        fused_loss.check_reduction(reduction)
+        x2d = self._check_input(x)
+        batch = x2d.shape[0]
+        rows, labels = fused_loss.sparse_targets(targets, batch, self.num_labels)
+        positions = self._positions_on_host()[labels]
+        order = np.lexsort((rows, positions))
+        rows, positions = rows[order], positions[order]
+
+        tail = self.tail
+        x2d, params, kernels, autocast = self._op_arguments(x2d)
         group_size = tail.group_size if tail is not None else 1
         fan_in = tail.fan_in if tail is not None else 1
         if workspace is None:
@@ -478,7 +486,7 @@ class HeadTailOutput(nn.Module):
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, label ids)`` per row in original label ids, sorted by descending score; of equal
-        scores the smaller label id comes first (NaN ranks as ``+inf``; :mod:`lightning_haste.ranking`), the same
+        scores the smaller label id comes first (NaN ranks above ``+inf``; :mod:`lightning_haste.ranking`), the same
         on CPU and GPU. Scores are the layer's logits; on CUDA the tail's come from the mma.sync forward's main
         loop, whose float32 sums can differ in the last bit of a 16-bit logit from those of the Hopper (wgmma)
         forward that :meth:`forward` runs at batches of at most 128 rows with groups of 32 or more labels.
@@ -494,8 +502,6 @@ class HeadTailOutput(nn.Module):
             raise ValueError(f"k={k} must be <= num_labels={self.num_labels}")
         lead = x.shape[:-1]
         x2d = self._check_input(x)
-        if self.tail is not None:
-            self.tail.check_group_index()
         fused = self._fused_topk_arguments(x2d)
         if fused is None:
             scores, ids = self._chunked_topk(x2d, k)
@@ -510,25 +516,14 @@ class HeadTailOutput(nn.Module):
         return scores.reshape(*lead, k), ids.reshape(*lead, k)
 
     def _fused_topk_arguments(self, x2d: Tensor) -> Optional[tuple[tuple, bool]]:
-        """The arguments of :func:`lightning_haste.ops.head_tail_topk` (the input, under autocast in its dtype,
-        then the head's and the tail's parameters as the kernels take them), and whether autocast was on; None
-        when the tail does not run the CUDA kernels."""
-        tail, head = self.tail, self.head
-        if tail is None or tail.backend == "torch" or not x2d.is_cuda:
+        """The arguments of :func:`lightning_haste.ops.head_tail_topk` (:meth:`_op_arguments` and the layer's
+        shapes) and whether autocast was on; None when the tail does not run the CUDA kernels (the chunked path).
+        Validates the tail's index either way."""
+        x2d, params, kernels, autocast = self._op_arguments(x2d)
+        if not kernels:
             return None
-        device_type = x2d.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(
-            x2d, head.weight if head is not None else None, head.bias if head is not None else None,
-            tail.weight, tail.bias,
-        )
-        if head_weight is not None and head_weight.dtype != x2d.dtype:
-            return None
-        if not F._uses_kernels(x2d, tail_weight, tail.group_index, tail.backend):
-            return None
-        tail_weight, tail_index, tail_bias = F.kernel_arguments(tail_weight, tail.group_index, tail_bias)
-        args = (x2d, head_weight, head_bias, tail_weight, tail_bias, tail_index, [*self.head_slice, *self.tail_slice],
-                self.num_head_labels, self.num_tail_labels, self.label_permutation)
+        args = (x2d, *params, [*self.head_slice, *self.tail_slice], self.num_head_labels, self.num_tail_labels,
+                self.label_permutation)
         return args, autocast
 
     def _chunked_topk(self, x2d: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -1,12 +1,13 @@
-"""The top-k candidate kernel of the tail (``cuda/gsfi_topk.cu``): every tail logit at or above a per-row bound,
-straight from the forward's tensor-core tiles, with no logits tensor in between.
+"""The top-k kernels of the output layer (``cuda/gsfi_topk.cu``), which never store a logits tensor.
 
-Given ``threshold [B]`` (float32: a lower bound of each row's k-th best score; NaN: skip the row), the kernel
-appends each logit ``z >= threshold[b]`` (the value the forward would store: bias added, rounded once to the
-input dtype) and its position in the tail to row ``b``'s list of ``cap`` slots; ``count[b]`` ends at the number
-of such logits, above ``cap`` when the list overflowed. The caller merges the lists with the head's top-k
-(:meth:`lightning_haste.HeadTailOutput.topk`). The kernel runs the forward's main loop (the mma.sync kernel's
-variants and tuning: :func:`lightning_haste.kernels.forward.mma_variant`).
+Given ``threshold [B]`` (float32: a lower bound of each row's k-th best score; NaN: skip the row),
+``gsfi_topk_candidates`` appends each tail logit ``z >= threshold[b]`` (the value the forward would store: bias
+added, rounded once to the input dtype) and its position to row ``b``'s list of ``cap`` slots, straight from the
+forward's tensor-core tiles (the mma.sync kernel's main loop, variants and tuning:
+:func:`lightning_haste.kernels.forward.mma_variant`); ``count[b]`` ends at the number of such logits, above ``cap``
+when the list overflowed. ``gsfi_topk_dense_candidates`` does the same for a chunk of the head's logits,
+``gsfi_topk_bound`` raises the bounds from a chunk of logits or from the lists, and ``gsfi_topk_merge`` sorts each
+list into the row's top-k. :mod:`lightning_haste.topk` puts them together.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def plan(
     grid = (row_tiles, math.ceil(num_groups / per_cta))
     # The order of a row's list depends on timing; the caller's merge orders by a total order.
     return runtime.make_plan(fn, grid, 32 * warps, shared, per_cta, index, PARAMS, "gsfi_topk_candidates")
+
+
+def _pow2_at_least(n: int) -> int:
+    """The smallest power of two >= ``n`` (the span of the kernels' bitonic sorts)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def candidate_buffers(batch: int, cap: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,7 +140,7 @@ def gsfi_topk_dense_candidates(
 def merge_shared_bytes(width: int, k: int) -> int:
     """Dynamic shared memory of ``gsfi_topk_merge``: an 8-byte key for each of the next power of two at or above
     ``max(width, k)`` slots (the bitonic sort's span)."""
-    return 8 * (1 << max(0, max(width, k) - 1).bit_length())
+    return 8 * _pow2_at_least(max(width, k))
 
 
 @functools.lru_cache(maxsize=256)
@@ -164,7 +170,7 @@ def gsfi_topk_merge(
     if label_permutation.dtype != torch.int64 or not label_permutation.is_contiguous():
         raise ValueError("label_permutation must be a contiguous int64 tensor")
     index = count.device.index
-    width = min(cap, 1 << max(0, max(width, k) - 1).bit_length())  # the sort's span: few distinct plans
+    width = min(cap, _pow2_at_least(max(width, k)))  # the sort's span: few distinct plans
     p = merge_plan(KERNEL_DTYPES[out_score.dtype], batch, width, k, index)
     args = (ptr(count), ptr(score), ptr(position), cap, width, ptr(label_permutation), ptr(threshold), k,
             ptr(out_score), ptr(out_id))
@@ -176,7 +182,7 @@ def bound_plan(dtype: str, values: str, batch: int, blocks: int, index: int) -> 
     """``gsfi_topk_bound``: one CTA of 256 threads per row, a float for each of the next power of two at or above
     ``blocks`` in shared memory."""
     fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_bound", (dtype, values), index)
-    shared = 4 * (1 << max(0, blocks - 1).bit_length())
+    shared = 4 * _pow2_at_least(blocks)
     return runtime.make_plan(fn, (batch, 1), 256, shared, 0, index, BOUND_PARAMS, "gsfi_topk_bound")
 
 
