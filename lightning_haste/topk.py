@@ -9,16 +9,18 @@ tensor-core tiles); the row's top-k is the top-k of its list in the ranking orde
 :mod:`lightning_haste.ranking` (``gsfi_topk_merge``: a sort of the list's ranking keys per row). Nothing is
 approximate: every label that can be in the top-k, ties included, is in the list.
 
-Where the bound comes from, per row: the k-th best of the maxima of blocks of the head's chunks
-(:func:`block_bound`; the bound rises chunk by chunk), and, when the head is small against the tail, the same of
-the list after each of the tail's first segments of groups (segments that double what was seen: a sample that
-costs nothing extra, those groups are not scored again). A list that overflows (more candidates than slots) is
+Where the bound comes from, per row: the k-th best of the maxima of blocks of the head's first chunk
+(:func:`block_bound`), then the k-th best of the row's list after each chunk (the list holds every score seen at or
+above the bound, so this is the k-th best of all the head's scores so far), and, when the head is small against
+the tail, the same after each of the tail's first segments of groups (segments that double what was seen: a sample
+that costs nothing extra, those groups are not scored again). A label not yet seen then enters the list with
+probability about ``k / seen``. A list that overflows (more candidates than slots) is
 retried with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds
 more than ``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as
 unresolved, for the caller's exact chunked path.
 
-The lists (a sixteenth) and a head chunk (a thirty-second) stay below an eighth of a 16-bit ``[batch, num_labels]``
-tensor.
+The lists (at most a thirty-second) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
+16-bit ``[batch, num_labels]`` tensor.
 """
 
 from __future__ import annotations
@@ -39,24 +41,31 @@ MAX_CAPACITY = 16384
 
 
 def candidate_capacity(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
-    """Slots per row: a power of two near ``num_labels / 64`` (8 bytes a slot: the lists take at most a sixteenth
-    of a 16-bit ``[batch, num_labels]`` tensor), at least ``16 k`` and 256 (room for a sample of a quarter of a list
-    and about k candidates for each segment that doubles it), at most :data:`MAX_CAPACITY`, ``num_labels`` and
-    ``memory_budget`` bytes (but not below ``16 k``)."""
-    cap = 1 << max(0, (num_labels // 64).bit_length() - 1)
+    """Slots per row: a power of two near ``num_labels / 128`` (8 bytes a slot: the lists take at most a
+    thirty-second of a 16-bit ``[batch, num_labels]`` tensor; the bound lets about ``k * num_labels / seen``
+    labels through, where ``seen`` is at least a sixteenth, or a quarter of a list), at least ``16 k`` and 256
+    (room for a sample of a quarter of a list and about k candidates for each segment that doubles it), at most
+    :data:`MAX_CAPACITY`, ``num_labels`` and ``memory_budget`` bytes (but not below ``16 k``)."""
+    cap = 1 << max(0, (num_labels // 128).bit_length() - 1)
     cap = max(cap, 16 * k, 256)
     cap = min(cap, max(MAX_CAPACITY, 16 * k), max(16 * k, memory_budget // (8 * batch)))
     return max(k, min(cap, num_labels))
 
 
-def head_chunk_columns(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
-    """Head logits computed per chunk: columns of at most a thirty-second of a 16-bit ``[batch, num_labels]``
-    tensor (and ``memory_budget``), at least ``k`` so that the first chunk gives a bound."""
-    return max(k, min(max(1, num_labels // 32), memory_budget // (2 * batch)))
+def head_chunk_columns(batch: int, num_labels: int, num_head: int, k: int, memory_budget: int) -> int:
+    """Head logits computed per chunk: the head split into equal chunks of at most a sixteenth of a 16-bit
+    ``[batch, num_labels]`` tensor (and ``memory_budget``), at least ``k`` columns so that the first chunk gives a
+    bound. With the lists, below an eighth of that tensor."""
+    most = max(k, min(max(1, num_labels // 16), memory_budget // (2 * batch)))
+    chunks = max(1, -(-num_head // most))
+    return max(k, -(-num_head // chunks))
 
 
 #: Blocks per k of a bound from block maxima (:func:`block_bound`), and the fewest and most blocks.
 BLOCKS_PER_K, MIN_BLOCKS, MAX_BLOCKS = 8, 1024, 4096
+#: Blocks of a bound from a row's list: a list of at most this many candidates gives the exact k-th best of every
+#: score seen so far (the list holds all of them at or above the old bound), a longer one nearly that.
+LIST_BLOCKS = MAX_BLOCKS
 
 
 def bound_blocks(k: int) -> int:
@@ -65,11 +74,12 @@ def bound_blocks(k: int) -> int:
     return min(MAX_BLOCKS, max(BLOCKS_PER_K * k, MIN_BLOCKS))
 
 
-def block_bound(scores: Tensor, k: int) -> Optional[Tensor]:
+def block_bound(scores: Tensor, k: int, blocks: Optional[int] = None) -> Optional[Tensor]:
     """A float32 lower bound ``[B]`` of each row's k-th best score in ``scores [B, n]``, or None when ``n < k``: what
     the kernel ``gsfi_topk_bound`` computes on the GPU (the reference of the CPU tests).
 
-    Column ``c`` falls into block ``c mod m`` of ``m = min(n, bound_blocks(k))`` strided blocks; each block's
+    Column ``c`` falls into block ``c mod m`` of ``m = min(n, blocks)`` strided blocks (``blocks`` defaults to
+    :func:`bound_blocks`; a row of at most ``blocks`` entries gets its exact k-th best); each block's
     maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the
     scores and a sort of ``m`` values per row instead of a top-k over all ``n``; the bound ranks near the row's
     ``k``-th best when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks
@@ -77,7 +87,7 @@ def block_bound(scores: Tensor, k: int) -> Optional[Tensor]:
     batch, n = scores.shape
     if n < k:
         return None
-    blocks = min(n, bound_blocks(k))
+    blocks = min(n, bound_blocks(k) if blocks is None else blocks)
     padded = nnf.pad(scores.float(), (0, -n % blocks), value=-math.inf)
     maxima = padded.nan_to_num(nan=math.inf).reshape(batch, -1, blocks).amax(dim=1)
     return maxima.topk(k, dim=1).values[:, -1]
@@ -108,8 +118,11 @@ def fused_topk(
     x_any = x_tail if x_tail is not None else x_head
     batch, device, dtype = x_any.shape[0], x_any.device, x_any.dtype
     num_labels = num_head + num_tail
-    cap = candidate_capacity(batch, num_labels, k, memory_budget)
-    chunk = head_chunk_columns(batch, num_labels, k, memory_budget)
+    # the merge sorts a whole list in shared memory (every slot, without a host synchronisation to learn the
+    # longest): the device's shared memory caps the lists too
+    cap = max(k, min(candidate_capacity(batch, num_labels, k, memory_budget),
+                     kernels.topk.max_merge_slots(device.index)))
+    chunk = head_chunk_columns(batch, num_labels, num_head, k, memory_budget)
     num_groups = tail_index.shape[0] if tail_index is not None else 0
     xt = kernels.layout.transpose_input(x_tail) if num_tail else None
     count, score, position = kernels.topk.candidate_buffers(batch, cap, device)
@@ -124,9 +137,16 @@ def fused_topk(
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
-            if first:  # each chunk's bound is one; the largest is the best
+            if first and c0 == 0:  # the first bound: the k-th best of the first chunk's block maxima
                 kernels.topk.gsfi_topk_bound(logits, k, threshold, bound_blocks(k))
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
+            if first and (c1 < num_head or num_tail):
+                # The list holds every score seen so far at or above the bound: its k-th best is the k-th best of
+                # all the head's chunks so far (exact up to LIST_BLOCKS candidates), where a chunk's own block
+                # maxima would bound by that chunk alone; the next chunk and the tail then add about k * (their
+                # labels / the labels seen) candidates.
+                kernels.topk.gsfi_topk_bound(score, k, threshold, LIST_BLOCKS, count, dtype)
+            logits = None  # freed before the next chunk's logits are allocated: one chunk at a time
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
         # through), the tail is taken in segments that double what was seen, the bound raised to the k-th best
@@ -140,18 +160,18 @@ def fused_topk(
             seen += (g1 - g0) * group_size
             g0 = g1
             # the list's scores are actual scores too (a row listing fewer than k keeps its bound)
-            kernels.topk.gsfi_topk_bound(score, k, threshold, bound_blocks(k), count, dtype)
+            kernels.topk.gsfi_topk_bound(score, k, threshold, LIST_BLOCKS, count, dtype)
         _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail, num_head,
                          g0, num_groups, threshold, count, score, position)
+        # Every row of this round (threshold not NaN) is merged, each sorting only its own list; an overflowed
+        # one is merged again in the next round or flagged unresolved.
+        kernels.topk.gsfi_topk_merge(count, score, position, cap, label_permutation, threshold, k, best_scores,
+                                     best_ids)
         if not synchronize:
-            kernels.topk.gsfi_topk_merge(count, score, position, cap, label_permutation, threshold, k, best_scores,
-                                         best_ids)
             return best_scores, best_ids, count > cap
-        most = int(count.max())  # the round's host synchronisation: did any list overflow?
-        # Every row of this round (threshold not NaN) is merged; an overflowed one is merged again in the next
-        # round or flagged unresolved.
-        kernels.topk.gsfi_topk_merge(count, score, position, max(1, min(cap, most)), label_permutation, threshold,
-                                     k, best_scores, best_ids)
+        # The round's one host synchronisation, after all its work is queued (the GPU is not left idle while the
+        # host waits and then launches the merge): did any list overflow?
+        most = int(count.max())
         if most <= cap:
             return best_scores, best_ids, stuck if stuck is not None else count.new_empty(0, dtype=torch.bool)
         # Overflowed rows again with the k-th best of their full lists as the bound; the others take no candidates.

@@ -45,7 +45,8 @@ def _forward_logits(layer, x, k):
     batch = x.shape[0]
     internal = []
     if layer.head is not None:
-        chunk = fused.head_chunk_columns(batch, layer.num_labels, k, layer.memory_budget)
+        chunk = fused.head_chunk_columns(batch, layer.num_labels, layer.num_head_labels, k,
+                                          layer.memory_budget)
         for c0 in range(0, layer.num_head_labels, chunk):
             c1 = min(layer.num_head_labels, c0 + chunk)
             b = layer.head.bias[c0:c1] if layer.head.bias is not None else None

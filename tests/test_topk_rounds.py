@@ -48,12 +48,12 @@ class Lists:
         self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
 
     def bound(self, values, k, threshold, blocks, count=None, dtype=None):
-        assert blocks == fused.bound_blocks(k)
+        assert blocks == (fused.bound_blocks(k) if count is None else fused.LIST_BLOCKS)
         for b in range(values.shape[0]):
             if float(threshold[b]) != float(threshold[b]):
                 continue
             n = values.shape[1] if count is None else min(int(count[b]), values.shape[1])
-            bound = fused.block_bound(values[b : b + 1, :n], k)
+            bound = fused.block_bound(values[b : b + 1, :n], k, blocks)
             if bound is not None:
                 threshold[b] = torch.maximum(threshold[b], bound[0])
 
@@ -78,6 +78,7 @@ def lists(monkeypatch):
     monkeypatch.setattr(kernels.topk, "gsfi_topk_merge", stand_in.merge)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_bound", stand_in.bound)
     monkeypatch.setattr(kernels.runtime, "zero_", lambda t: t.zero_())
+    monkeypatch.setattr(kernels.topk, "max_merge_slots", lambda index: 2**14)  # an H100's, without a device
     return stand_in
 
 
@@ -149,16 +150,24 @@ def _fused_arguments(layer, x2d):
 
 
 def test_capacity_and_chunks_follow_the_memory_rules():
-    # lists: a power of two near L / 64, at least 16 k and 256, at most 16384 (unless 16 k is more) and L
-    assert fused.candidate_capacity(64, 670091, 5, 2**28) == 8192
-    assert fused.candidate_capacity(512, 131072, 5, 2**28) == 2048
+    # lists: a power of two near L / 128, at least 16 k and 256, at most 16384 (unless 16 k is more) and L
+    assert fused.candidate_capacity(64, 670091, 5, 2**28) == 4096
+    assert fused.candidate_capacity(512, 131072, 5, 2**28) == 1024
+    assert fused.candidate_capacity(512, 131072, 100, 2**28) == 1600
     assert fused.candidate_capacity(128, 8623847, 100, 2**28) == 16384
     assert fused.candidate_capacity(4, 300, 100, 2**28) == 300
     assert fused.candidate_capacity(4, 100000, 128, 2**28) == 2048
     assert fused.candidate_capacity(512, 131072, 128, 2**20) == 2048  # 16 k even above the budget
-    # head chunks: a thirty-second of the labels, at least k
-    assert fused.head_chunk_columns(64, 670091, 5, 2**28) == 670091 // 32
-    assert fused.head_chunk_columns(64, 100, 50, 2**28) == 50
+    # head chunks: equal, at most a sixteenth of the labels, at least k
+    assert fused.head_chunk_columns(64, 670091, 67024, 5, 2**28) == 33512
+    assert fused.head_chunk_columns(64, 670091, 20000, 5, 2**28) == 20000
+    assert fused.head_chunk_columns(64, 100, 60, 50, 2**28) == 50  # k columns even above a sixteenth
+    assert fused.head_chunk_columns(64, 100, 0, 50, 2**28) == 50
+    # a chunk and the lists stay below an eighth of a 16-bit [B, L] (8 bytes a slot, 2 a logit)
+    for batch, labels, head, k in [(64, 670091, 67024, 100), (512, 131072, 6560, 5), (128, 8623847, 431200, 100)]:
+        chunk = fused.head_chunk_columns(batch, labels, head, k, 2**30)
+        lists = 8 * fused.candidate_capacity(batch, labels, k, 2**30)
+        assert (2 * min(chunk, head) + lists) / (2 * labels) < 1 / 8
 
 
 @pytest.mark.parametrize("n", [3, 5, 40, 41, 1000])
@@ -172,3 +181,27 @@ def test_block_bound_is_a_lower_bound_of_the_kth_best(n):
         return
     kth = ranked_topk(scores, torch.arange(n), 5)[0][:, -1].float().nan_to_num(nan=float("inf"))
     assert bound.dtype == torch.float32 and torch.all(bound <= kth)
+
+
+def test_the_tail_is_bounded_by_the_kth_best_of_the_whole_head(lists, monkeypatch):
+    # Each head chunk's candidates raise the bound to the k-th best of the list, i.e. of every head score so far:
+    # the tail then sees the k-th best of the whole head, not of one chunk's block maxima.
+    layer, x = _layer(5000, 0.3)
+    seen = []
+    tail = lists.tail
+
+    def recording_tail(xt, batch, weight, group_index, bias, out_features, threshold, *args, **kwargs):
+        seen.append(threshold.clone())
+        tail(xt, batch, weight, group_index, bias, out_features, threshold, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.topk, "gsfi_topk_candidates", recording_tail)
+    k = 9
+    budget = 2**20
+    chunks = -(-layer.num_head_labels // fused.head_chunk_columns(13, 5000, layer.num_head_labels, k, budget))
+    scores, ids, unresolved = _run(layer, x, k, budget)
+    head_logits = layer.head(x[:, layer.head_slice[0] : layer.head_slice[1]])
+    assert chunks > 2 and lists.launches["dense"] == chunks and len(seen) == 1
+    kth = head_logits.float().topk(k, dim=1).values[:, -1]
+    assert torch.equal(seen[0], kth)
+    want_scores, want_ids = ranked_topk(layer(x), torch.arange(5000), k)
+    assert not unresolved.numel() and torch.equal(ids, want_ids) and torch.equal(scores, want_scores)

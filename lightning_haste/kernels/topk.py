@@ -27,7 +27,7 @@ from .tuning import ForwardTuning, current
 
 __all__ = [
     "candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "gsfi_topk_merge",
-    "bound_plan", "gsfi_topk_bound", "merge_plan", "merge_shared_bytes", "plan",
+    "bound_plan", "gsfi_topk_bound", "max_merge_slots", "merge_plan", "merge_shared_bytes", "plan",
 ]
 
 #: gsfi_topk_candidates parameters: XT, ldxt, W, idx, bias, threshold, count, score, position, cap, offset, B, H,
@@ -135,6 +135,12 @@ def gsfi_topk_dense_candidates(
     p = dense_plan(KERNEL_DTYPES[logits.dtype], batch, cols, index)
     args = (ptr(logits), logits.stride(0), cols, ptr(threshold), ptr(count), ptr(score), ptr(position), cap, offset)
     runtime.launch(p, args, index)
+
+
+def max_merge_slots(index: int) -> int:
+    """The longest list ``gsfi_topk_merge`` sorts in the shared memory of device ``index`` (a power of two)."""
+    _, max_shared, _ = runtime.device_limits(index)
+    return 1 << ((max_shared // 8).bit_length() - 1)
 
 
 def merge_shared_bytes(width: int, k: int) -> int:
