@@ -16,7 +16,9 @@ default recipe for the same number of epochs, bf16-mixed, batch 256:
 - ``haste-nodst``: the same without pruning and regrowth;
 - ``random``: the same as ``haste-nodst`` with random groups;
 - ``haste-k64``, ``haste-nodst-k64``, ``random-k64``: the same three at fan-in 64 (with a 384-wide encoder,
-  fan-in 128 alone is a third of the dense layer's parameters).
+  fan-in 128 alone is a third of the dense layer's parameters);
+- ``haste-nodst-k32``, ``random-k32``, ``haste-nodst-k16``, ``random-k16``: FAISS against random groups at fan-in 32
+  and 16, where a group sees a twelfth and a twenty-fourth of the encoder's features.
 
 Per variant: test P@1/3/5, PSP@1/3/5, nDCG@3/5, the wall time of ``Trainer.fit`` (validation on 2,000 test rows
 twice per epoch included: the learning curve), peak GPU memory, output-layer parameters, and the curve
@@ -57,6 +59,10 @@ VARIANTS = {
     "haste-k64": dict(output="haste", dst=True, grouping="faiss-greedy", fan_in=64),
     "haste-nodst-k64": dict(output="haste", grouping="faiss-greedy", fan_in=64),
     "random-k64": dict(output="haste", grouping="random", label_groups=None, fan_in=64),
+    "haste-nodst-k32": dict(output="haste", grouping="faiss-greedy", fan_in=32),
+    "random-k32": dict(output="haste", grouping="random", label_groups=None, fan_in=32),
+    "haste-nodst-k16": dict(output="haste", grouping="faiss-greedy", fan_in=16),
+    "random-k16": dict(output="haste", grouping="random", label_groups=None, fan_in=16),
 }
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5", "nDCG@3", "nDCG@5")
 
