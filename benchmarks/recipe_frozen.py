@@ -12,7 +12,12 @@ output layer, which the encoder's optimizer (AdamW, insensitive to the loss's sc
 - ``sum``: BCE summed over all entries, otherwise as ``old``;
 - ``sum-cosine``: ``sum`` with a 5 % warm-up and a cosine schedule;
 - ``default``: ``sum-cosine`` with biases from the label prior (the package's default);
-- ``default-lr0.02``, ``default-lr0.15``: the default at another output-layer learning rate.
+- ``default-lr0.02``, ``default-lr0.15``: the default at another output-layer learning rate;
+- ``haste-k128``, ``haste-k32``, ``haste-k16``: the default recipe on a HASTE layer (head 5 %, groups of 32, no
+  DST) at that fan-in, grouped by ``--label-groups`` (e.g. ``benchmarks/quality.py --make-groups``: FAISS on PIFA
+  embeddings of the same untrained encoder); ``random-k128``, ``random-k32``, ``random-k16``: the same with random
+  groups. On a frozen encoder the groups' input features cannot adapt to the groups: how much the grouping is
+  worth, with nothing to compensate for it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ RECIPES = {
     "default": {},
     "default-lr0.02": dict(output_lr=0.02),
     "default-lr0.15": dict(output_lr=0.15),
+    **{f"{kind}-k{k}": dict(head_ratio=0.05, fan_in=k, group_size=32, grouping="random" if kind == "random" else None,
+                            label_groups=kind == "haste")
+       for k in (128, 32, 16) for kind in ("haste", "random")},
 }
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 
@@ -50,7 +58,7 @@ METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 class OutputOnly(HasteXMCModule, LightningModule):
     def __init__(self, in_features: int, **kw) -> None:
         super().__init__()
-        self.configure_haste(in_features=in_features, head_ratio=1.0, grouping=None, **kw)
+        self.configure_haste(in_features=in_features, **{"head_ratio": 1.0, "grouping": None, **kw})
 
 
 def embeddings(args: argparse.Namespace, cache: str, split: str, data: XMCData) -> np.ndarray:
@@ -78,13 +86,22 @@ def main() -> None:
     for name in own.recipes.split(","):
         seed_everything(args.seed)
         dm = XMCDataModule(XMCData(xtr, train.labels), test=XMCData(xte, test.labels), batch_size=args.batch_size)
-        model = OutputOnly(xtr.shape[1], **RECIPES[name])
+        settings = dict(RECIPES[name])
+        if settings.get("label_groups"):
+            if args.label_groups is None:
+                raise SystemExit(f"{name} needs --label-groups")
+            settings["label_groups"] = np.load(args.label_groups)
+        else:
+            settings.pop("label_groups", None)
+        model = OutputOnly(xtr.shape[1], **settings)
         start = time.perf_counter()
         trainer = Trainer(accelerator=args.accelerator, max_epochs=epochs, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         trainer.fit(model, dm)
         results = trainer.test(model, dm, verbose=False)[0]
-        row = {"recipe": name, "settings": RECIPES[name], "epochs": epochs, "seconds": time.perf_counter() - start,
+        params = sum(p.numel() for p in model.output.parameters())
+        row = {"recipe": name, "settings": RECIPES[name], "epochs": epochs, "output_parameters": params,
+               "seconds": time.perf_counter() - start,
                **{m: float(results[f"test/{m}"]) for m in METRICS}}
         C.report_row(row, own.json)
 
