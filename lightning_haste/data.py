@@ -570,16 +570,6 @@ class _Collate:
         return batch
 
 
-def single_threaded_worker(worker_id: int) -> None:
-    """``worker_init_fn`` of the datamodule's loaders: each worker runs its ``text_transform`` on one thread.
-
-    The training step of a fine-tuned encoder is bound by the host thread that launches its kernels; loader workers
-    that each start a thread per core (Hugging Face tokenizers' pool does, in a process forked before the parent
-    tokenised anything) take the cores from it. torch already runs one thread per worker; this turns the tokenizers'
-    pool off too (``TOKENIZERS_PARALLELISM=false``), unless the variable is set."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 class XMCDataModule(LightningDataModule):
     """Train / validation / test :class:`XMCData` as dataloaders of sparse-target batches.
 
@@ -693,8 +683,7 @@ class XMCDataModule(LightningDataModule):
             raise ValueError("this split was not given to the XMCDataModule")
         return DataLoader(_Rows(data), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=_Collate(data, self.sparse_features, self.text_transform),
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          worker_init_fn=single_threaded_worker if self.num_workers > 0 else None)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Batches of the training split in a seeded order (``shuffle_seed``), resumable mid-epoch."""
@@ -709,7 +698,6 @@ class XMCDataModule(LightningDataModule):
         return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                    collate_fn=_Collate(data, self.sparse_features, self.text_transform),
                                    pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                                   worker_init_fn=single_threaded_worker if self.num_workers > 0 else None,
                                    first_epoch=trainer.current_epoch if trainer is not None else 0)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

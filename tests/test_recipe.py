@@ -2,7 +2,6 @@
 data path of a fit step (targets as one CSR left on the host, tokenising in the loader)."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -211,27 +210,3 @@ def test_validation_holds_out_part_of_train_by_default_never_the_test_split():
     assert explicit.train_data is train and explicit.val_data is test
     with pytest.raises(ValueError, match="val_fraction"):
         XMCDataModule(train, val_fraction=1.0)
-
-
-def _tokenizer_pool_setting(texts):
-    # module level: the loader's worker processes must be able to pickle it
-    setting = os.environ.get("TOKENIZERS_PARALLELISM", "unset")
-    return {"setting": torch.tensor([len(texts)] * len(texts)), "env": [setting] * len(texts)}
-
-
-def test_loader_workers_run_the_text_transform_on_one_thread(tmp_path, monkeypatch):
-    # A tokenizer's own thread pool in every worker would take the cores from the host thread that launches the
-    # training step's kernels: the workers turn the Hugging Face tokenizers' pool off unless the user set it.
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    (tmp_path / "x.txt").write_text("alpha beta\ngamma\ndelta epsilon zeta\n")
-    (tmp_path / "y.txt").write_text("3 4\n0:1 2:1\n1:1\n3:1\n")
-    data = read_raw_text_dataset(tmp_path / "x.txt", tmp_path / "y.txt")
-    dm = XMCDataModule(data, test=data, batch_size=2, shuffle=False, text_transform=_tokenizer_pool_setting,
-                       num_workers=1, val_fraction=0.0)
-    assert next(iter(dm.train_dataloader()))["env"] == ["false", "false"]
-    assert next(iter(dm.test_dataloader()))["env"] == ["false", "false"]
-    assert "TOKENIZERS_PARALLELISM" not in os.environ  # the main process is left as it was
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # a user's choice stands
-    dm = XMCDataModule(data, test=data, batch_size=2, shuffle=False, text_transform=_tokenizer_pool_setting,
-                       num_workers=1, val_fraction=0.0)
-    assert next(iter(dm.train_dataloader()))["env"] == ["true", "true"]
