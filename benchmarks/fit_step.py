@@ -17,6 +17,8 @@ Per configuration:
   backward, optimizer and scheduler step): the work itself;
 - ``overhead`` = 1 - bare / fit: what the loop around the work costs (data, targets, loss glue, logging,
   callbacks, Lightning);
+- ``--compare-optimizers``: instead of the profile, the bare step with torch's for-each optimizers and with the
+  fused ones (``configure_haste(fused_optimizers=)``), three times each, alternated;
 - from ``torch.profiler`` over 10 fit steps: the host-device synchronisations per step
   (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, device-to-host copies) and the
   GPU's busy fraction (the union of its kernels' and copies' intervals over the window).
@@ -196,6 +198,17 @@ def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, bas
         batches.append(batch)
         if len(batches) == 8:
             break
+    if getattr(args, "compare_optimizers", False):
+        # the bare step with torch's for-each optimizers and with the fused ones, alternated in one process
+        times: dict = {"foreach": [], "fused": []}
+        for setting in (False, True, False, True, False, True):
+            model.haste["fused_optimizers"] = setting
+            times["fused" if setting else "foreach"].append(bare_loop(model, batches, steps, args.precision))
+        model.haste["fused_optimizers"] = None
+        return {"labels": label_spec, "num_labels": train.num_labels, "output": output, "steps": steps,
+                "fit_ms": fit_step * 1e3, **{f"bare_{k}_ms": [1e3 * t for t in v] for k, v in times.items()},
+                "bare_foreach_median_ms": 1e3 * float(np.median(times["foreach"])),
+                "bare_fused_median_ms": 1e3 * float(np.median(times["fused"]))}
     bare_step = bare_loop(model, batches, steps, args.precision)
     profile = profile_fit(args, train, test)
     return {
@@ -215,8 +228,11 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--history", default=str(C.HISTORY))
     parser.add_argument("--commit")
+    parser.add_argument("--compare-optimizers", action="store_true",
+                        help="after each fit, the bare step with for-each and with fused optimizers, alternated")
     own, rest = parser.parse_known_args()
     args = train_text.arguments(rest)
+    args.compare_optimizers = own.compare_optimizers
     torch.set_float32_matmul_precision("high")
     train, test = train_text.read_splits(args)
     device = C.device_short_name() if torch.cuda.is_available() else "cpu"
@@ -227,7 +243,10 @@ def main() -> None:
             row = run(args, label_spec, output, own.steps, train, test)
             rows.append(row)
             C.report_row(row, own.json, hidden=("host_table",))
-            print(row["host_table"], flush=True)
+            if "host_table" in row:
+                print(row["host_table"], flush=True)
+    if own.compare_optimizers:
+        return
     print("\n| labels | output | fit ms / step | steps/s | bare ms / step | overhead | syncs / step | GPU busy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

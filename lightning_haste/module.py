@@ -236,6 +236,7 @@ class HasteXMCModule:
         output_lr: float = 0.05,
         output_momentum: float = 0.9,
         output_weight_decay: float = 1e-4,
+        fused_optimizers: Optional[bool] = None,
         warmup: float = 0.05,
         lr_schedule: str = "cosine",
         seed: int = 0,
@@ -272,6 +273,11 @@ class HasteXMCModule:
             encoder_lr: AdamW learning rate of the encoder (every parameter outside the output layer); the default
                 suits fine-tuning a pretrained transformer (an encoder trained from scratch wants about 1e-3).
             output_lr, output_momentum, output_weight_decay: SGD settings of the output layer.
+            fused_optimizers: step AdamW and SGD with their fused kernels (``fused=True``: a few launches per step
+                instead of about a dozen per group of parameters, which counts where the host's launching bounds the
+                step, as it does when fine-tuning a transformer encoder). ``None`` (default): when every parameter
+                is on CUDA. The update rule is the same; the fused kernels' float32 rounding may differ in the last
+                bit from the for-each path's.
             warmup: the fraction of the training steps (``Trainer.estimated_stepping_batches``) over which both
                 learning rates rise linearly from 0.
             lr_schedule: after the warm-up, ``"cosine"`` (decay to 0 at the last step), ``"linear"`` (to 0) or
@@ -311,14 +317,16 @@ class HasteXMCModule:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
             raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
+        if fused_optimizers is not None and not isinstance(fused_optimizers, bool):
+            raise TypeError(f"fused_optimizers must be None, True or False, got {fused_optimizers!r}")
         given_statistics, given_embeddings = _check_given_statistics(label_frequencies, num_train, label_embeddings)
         self.haste = dict(
             in_features=in_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size,
             head_features=head_features, tail_features=tail_features, grouping=grouping, label_groups=label_groups,
             output_bias=output_bias, loss=loss, loss_reduction=loss_reduction, dropout=dropout, k=tuple(k),
             psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
-            output_weight_decay=output_weight_decay, warmup=warmup, lr_schedule=lr_schedule, seed=seed,
-            label_sharding=bool(label_sharding),
+            output_weight_decay=output_weight_decay, fused_optimizers=fused_optimizers, warmup=warmup,
+            lr_schedule=lr_schedule, seed=seed, label_sharding=bool(label_sharding),
         )
         self.output_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output = None
@@ -537,14 +545,18 @@ class HasteXMCModule:
         ``lr_schedule`` (:func:`lr_multiplier`)."""
         cfg = self.haste
         encoder, output = self.haste_parameter_groups()
+        fused = cfg.get("fused_optimizers")
+        if fused is None:
+            fused = all(p.is_cuda for p in (*encoder, *output))
+        fused_arg = True if fused else None  # None: torch's default (for-each on CUDA)
         parts: list[torch.optim.Optimizer] = [
             torch.optim.SGD(output, lr=cfg["output_lr"], momentum=cfg["output_momentum"],
-                            weight_decay=cfg["output_weight_decay"])
+                            weight_decay=cfg["output_weight_decay"], fused=fused_arg)
         ]
         if hasattr(self.output, "attach_optimizer"):  # a label-sharded layer: checkpoints hold the whole state
             self.output.attach_optimizer(parts[0])
         if encoder:
-            parts.insert(0, torch.optim.AdamW(encoder, lr=cfg["encoder_lr"]))
+            parts.insert(0, torch.optim.AdamW(encoder, lr=cfg["encoder_lr"], fused=fused_arg))
         optimizer = parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
         total = self._training_steps()
         warmup, schedule = cfg.get("warmup", 0.0), cfg.get("lr_schedule", "constant")

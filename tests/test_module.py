@@ -96,6 +96,23 @@ def test_encoder_model_trains_end_to_end_with_combined_optimizer():
     assert not torch.equal(before, model.encoder[0].weight)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_on_cuda_the_optimizers_are_fused_and_train(precision):
+    # every parameter on CUDA: AdamW and SGD run their fused kernels by default, under both mixed precisions
+    # (16-mixed steps them through the gradient scaler)
+    dm = _dm(seed=1)
+    model = EncoderModel(64, fan_in=8, group_size=8, head_ratio=0.1, grouping="random")
+    trainer = Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=10, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0)
+    trainer.fit(model, dm)
+    parts = trainer.optimizers[0].optimizers
+    assert [type(p).__name__ for p in parts] == ["AdamW", "SGD"] and all(p.defaults["fused"] for p in parts)
+    assert trainer.global_step == 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_predict_returns_original_label_ids():
     dm = _dm(seed=2)
     model = BowModel(fan_in=16, group_size=8, head_ratio=0.1, k=(1, 3))

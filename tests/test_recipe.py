@@ -103,6 +103,36 @@ def test_recipe_settings_are_validated_up_front():
             BowModel(**kw)
 
 
+class _Encoded(BowModel):
+    def __init__(self, **kw):
+        super().__init__(in_features=16, **kw)
+        self.encoder = torch.nn.Linear(32, 16)
+
+    def encode(self, batch):
+        return self.encoder(batch["features"])
+
+
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_fused_optimizers_follow_the_setting_and_the_device(fused):
+    # None: fused where every parameter is on CUDA (here on the CPU: torch's default for-each path); True/False
+    # as given. Either way the same update rule: one step from the same state gives the same weights.
+    results = []
+    for setting in (fused, False):
+        torch.manual_seed(0)
+        model = _Encoded(fan_in=8, group_size=8, head_ratio=0.1, grouping=None, fused_optimizers=setting,
+                         warmup=0.0, lr_schedule="constant")
+        trainer = _trainer(max_steps=3)
+        trainer.fit(model, _dm())
+        parts = trainer.optimizers[0].optimizers
+        assert [type(p).__name__ for p in parts] == ["AdamW", "SGD"]
+        want = bool(setting) if setting is not None else False  # the CPU: not fused by default
+        assert all(bool(p.defaults["fused"]) == want for p in parts)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="fused_optimizers"):
+        BowModel(fused_optimizers="yes")
+
+
 def test_schedule_without_a_step_count_raises():
     model = BowModel(fan_in=8, group_size=8, head_ratio=0.1, grouping=None)
     trainer = Trainer(accelerator="cpu", max_epochs=-1, max_steps=-1, logger=False, enable_checkpointing=False,
