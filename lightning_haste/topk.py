@@ -9,15 +9,15 @@ tensor-core tiles); the row's top-k is the top-k of its list in the ranking orde
 :mod:`lightning_haste.ranking` (``gsfi_topk_merge``: a sort of the list's ranking keys per row). Nothing is
 approximate: every label that can be in the top-k, ties included, is in the list.
 
-Where the bound comes from, per row: the k-th best of the maxima of blocks of the head's first chunk
-(:func:`block_bound`), then the k-th best of the row's list after each chunk (the list holds every score seen at or
-above the bound, so this is the k-th best of all the head's scores so far), and, when the head is small against
-the tail, the same after each of the tail's first segments of groups (segments that double what was seen: a sample
-that costs nothing extra, those groups are not scored again). A label not yet seen then enters the list with
-probability about ``k / seen``. A list that overflows (more candidates than slots) is
-retried with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds
-more than ``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as
-unresolved, for the caller's exact chunked path.
+Where the bound comes from, per row: the k-th best of the maxima of blocks of the first columns of the head's first
+chunk (:func:`block_bound`), then the k-th best of the row's list after each chunk (the list holds every score seen
+at or above the bound, so this is the k-th best of all the head's scores so far), and, when the head is small
+against the tail, the same after each of the tail's first segments of groups (segments that double what was seen: a
+sample that costs nothing extra, those groups are not scored again). A label not yet seen then enters the list with
+probability about ``k / seen``. A list that overflows (more candidates than slots) is retried with the k-th best of
+its stored candidates as the new bound, which rises each time unless the row holds more than ``cap`` scores tied at
+the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved,
+for the caller's exact chunked path.
 
 The lists (at most a thirty-second) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
@@ -63,6 +63,8 @@ def head_chunk_columns(batch: int, num_labels: int, num_head: int, k: int, memor
 
 #: Blocks per k of a bound from block maxima (:func:`block_bound`), and the fewest and most blocks.
 BLOCKS_PER_K, MIN_BLOCKS, MAX_BLOCKS = 8, 1024, 4096
+#: Columns per block of the first head chunk that its first bound reads.
+FIRST_SAMPLE_PER_BLOCK = 8
 #: Blocks of a bound from a row's list: a list of at most this many candidates gives the exact k-th best of every
 #: score seen so far (the list holds all of them at or above the old bound), a longer one nearly that.
 LIST_BLOCKS = MAX_BLOCKS
@@ -137,8 +139,12 @@ def fused_topk(
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
-            if first and c0 == 0:  # the first bound: the k-th best of the first chunk's block maxima
-                kernels.topk.gsfi_topk_bound(logits, k, threshold, bound_blocks(k))
+            if first and c0 == 0:
+                # The first bound: the k-th best of the block maxima of the chunk's first columns (8 per block).
+                # It only has to keep this chunk's candidates well within a list (about k * chunk / sample
+                # of them); the bound from the list after the chunk is the chunk's exact k-th best either way.
+                sample = min(c1 - c0, FIRST_SAMPLE_PER_BLOCK * bound_blocks(k))
+                kernels.topk.gsfi_topk_bound(logits[:, :sample], k, threshold, bound_blocks(k))
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
             if first and (c1 < num_head or num_tail):
                 # The list holds every score seen so far at or above the bound: its k-th best is the k-th best of
