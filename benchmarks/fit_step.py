@@ -9,7 +9,7 @@ head 5 %, fan-in 128, groups of 32 (random groups: the grouping does not change 
 every label in the head. ``--labels``: ``real`` keeps the data set's labels; a number draws that many labels
 instead (each row keeps its count of positives, ids Zipf-distributed), for the step's cost at that label count.
 
-Per configuration:
+Per configuration, each in a fresh process (``--same-process``: all in this one):
 
 - ``fit``: optimizer steps per second of ``Trainer.fit`` (the datamodule tokenising in its workers, the default
   logging and progress bar, a synchronisation only at the two ends of the timed window of ``--steps`` steps);
@@ -27,7 +27,10 @@ Per configuration:
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,21 +233,40 @@ def main() -> None:
     parser.add_argument("--commit")
     parser.add_argument("--compare-optimizers", action="store_true",
                         help="after each fit, the bare step with for-each and with fused optimizers, alternated")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure every configuration in this process (default: each in a fresh one)")
     own, rest = parser.parse_known_args()
     args = train_text.arguments(rest)
     args.compare_optimizers = own.compare_optimizers
     torch.set_float32_matmul_precision("high")
-    train, test = train_text.read_splits(args)
     device = C.device_short_name() if torch.cuda.is_available() else "cpu"
     commit = C.resolve_commit(own.commit)
+    configurations = [(label_spec, output) for label_spec in own.labels.split(",")
+                      for output in own.outputs.split(",")]
     rows = []
-    for label_spec in own.labels.split(","):
-        for output in own.outputs.split(","):
+    if own.same_process or len(configurations) == 1:
+        train, test = train_text.read_splits(args)
+        for label_spec, output in configurations:
             row = run(args, label_spec, output, own.steps, train, test)
             rows.append(row)
             C.report_row(row, own.json, hidden=("host_table",))
             if "host_table" in row:
                 print(row["host_table"], flush=True)
+    else:
+        # One process per configuration: in one process the bare loop of a later configuration measured up to
+        # 1.7x slower than the same loop in the first one (benchmarks/RESULTS.md), so that "fit - bare" compared
+        # configurations measured under different conditions.
+        for label_spec, output in configurations:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "row.jsonl"
+                command = [sys.executable, __file__, *sys.argv[1:], "--labels", label_spec, "--outputs", output,
+                           "--json", str(out), "--history", ""]
+                subprocess.run(command, check=True)
+                row = json.loads(out.read_text().splitlines()[-1])
+            rows.append(row)
+            if own.json:
+                with open(own.json, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     if own.compare_optimizers:
         return
     print("\n| labels | output | fit ms / step | steps/s | bare ms / step | overhead | syncs / step | GPU busy |")
