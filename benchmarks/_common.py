@@ -60,6 +60,14 @@ OFFICIAL = ("Amazon-670K", "AmazonTitles-670K", "Amazon-3M", "LF-Paper2Keywords-
 QUICK = ("B512-L131K-K128", "Amazon-670K")
 
 
+def hide_benchmarks_from_imports() -> None:
+    """Take this folder off ``sys.path`` once a script has imported what it needs from it: it holds ``kernels.py``
+    (the kernel benchmark), and transformers imports the Hugging Face ``kernels`` package by that name (Python puts
+    a script's own folder first on the path)."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+
+
 def select_shapes(spec: str, extra: Iterable[Shape] = ()) -> list[Shape]:
     """Comma-separated shape names (of SHAPES and ``extra``) or groups: ``all``, ``quick``, ``official``,
     ``b512``; e.g. ``official,B512-L131K-K128``. In the order given, without repeats."""

@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared history file and device description
 import train_text  # noqa: E402 - the example's model, datamodule and recipe
 
+C.hide_benchmarks_from_imports()
+
 from lightning_haste.data import XMCData  # noqa: E402
 
 CURVE_ROWS = 2000

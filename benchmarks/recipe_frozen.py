@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared result reporting
 import train_text  # noqa: E402 - the example's data reading and pooling
 
+C.hide_benchmarks_from_imports()
+
 from lightning_haste import HasteXMCModule  # noqa: E402
 from lightning_haste.data import XMCData, XMCDataModule  # noqa: E402
 
