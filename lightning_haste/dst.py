@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -135,6 +136,33 @@ def keyed_hash32(seed: int, stream: int, ids: Tensor) -> Tensor:
     return _mix32(_mix32(low ^ _seed_words(seed, stream)) ^ high)
 
 
+def _top_new_features(
+    group_index: Tensor, counts: Tensor, in_features: int, budget: int, bytes_per_key: int,
+    row_keys: Callable[[int, int], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """For every row, the ``counts[row]`` features not in the row with the largest keys (``row_keys(r0, r1)``:
+    ``[r1 - r0, in_features]`` non-negative keys of rows ``r0 .. r1``, made in chunks of about ``budget`` bytes at
+    ``bytes_per_key`` a key, in row order).
+
+    Returns ``(candidates [rows, max_count], take [rows, max_count] bool)``; the features to use are
+    ``candidates[take]`` in row-major order. No keys are made when no row regrows.
+    """
+    rows = group_index.shape[0]
+    most = int(counts.max()) if rows else 0
+    device = group_index.device
+    candidates = torch.zeros(rows, most, dtype=torch.long, device=device)
+    if most == 0:
+        return candidates, torch.zeros(rows, 0, dtype=torch.bool, device=device)
+    step = max(1, budget // (bytes_per_key * in_features))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        keys = row_keys(r0, r1)
+        keys.scatter_(1, group_index[r0:r1].long(), -1)  # features the group reads already: never drawn
+        candidates[r0:r1] = keys.topk(most, dim=1).indices
+    take = torch.arange(most, device=device).unsqueeze(0) < counts.unsqueeze(1)
+    return candidates, take
+
+
 def _keyed_new_features(
     group_index: Tensor, counts: Tensor, in_features: int, seed: int, first_group: int, budget: int
 ) -> tuple[Tensor, Tensor]:
@@ -142,25 +170,17 @@ def _keyed_new_features(
     ``mix(mix(a_g ^ f_h) ^ b_g)`` with per-group keys ``a_g, b_g`` and per-feature keys ``f_h`` (all hashes of the
     seed and the global ids). For a fixed group the key is a bijection of ``f_h``, itself a bijection of ``h``: the
     keys of a row are distinct, so the top keys, hence the drawn features, are the same on every device."""
-    rows = group_index.shape[0]
-    most = int(counts.max()) if rows else 0
     device = group_index.device
-    candidates = torch.zeros(rows, most, dtype=torch.long, device=device)
-    if most == 0:
-        return candidates, torch.zeros(rows, 0, dtype=torch.bool, device=device)
     feature_keys = keyed_hash32(seed, _STREAM_FEATURE, torch.arange(in_features, device=device))
-    # about three int64 [rows, in_features] temporaries per chunk
-    step = max(1, budget // (24 * in_features))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+
+    def row_keys(r0: int, r1: int) -> Tensor:
         groups = torch.arange(first_group + r0, first_group + r1, dtype=torch.long, device=device)
         outer = keyed_hash32(seed, _STREAM_GROUP, groups).unsqueeze(1)
         inner = keyed_hash32(seed, _STREAM_ROUND, groups).unsqueeze(1)
-        keys = _mix32(_mix32(outer ^ feature_keys) ^ inner)
-        keys.scatter_(1, group_index[r0:r1].long(), -1)  # features the group reads already: never drawn
-        candidates[r0:r1] = keys.topk(most, dim=1).indices
-    take = torch.arange(most, device=device).unsqueeze(0) < counts.unsqueeze(1)
-    return candidates, take
+        return _mix32(_mix32(outer ^ feature_keys) ^ inner)
+
+    # about three int64 [rows, in_features] temporaries per chunk
+    return _top_new_features(group_index, counts, in_features, budget, 24, row_keys)
 
 
 def _keyed_uniform_weights(
@@ -198,21 +218,13 @@ def _draw_new_features(
     Returns ``(candidates [rows, max_count], take [rows, max_count] bool)``; the features to use are
     ``candidates[take]`` in row-major order.
     """
-    rows = group_index.shape[0]
-    most = int(counts.max()) if rows else 0
     device = group_index.device
-    candidates = torch.zeros(rows, most, dtype=torch.long, device=device)
-    if most == 0:
-        return candidates, torch.zeros(rows, 0, dtype=torch.bool, device=device)
     draw_device = generator.device if generator is not None else device
-    step = max(1, budget // (4 * in_features))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        keys = torch.rand(r1 - r0, in_features, generator=generator, device=draw_device).to(device)
-        keys.scatter_(1, group_index[r0:r1].long(), -1.0)  # features the group reads already: never drawn
-        candidates[r0:r1] = keys.topk(most, dim=1).indices
-    take = torch.arange(most, device=device).unsqueeze(0) < counts.unsqueeze(1)
-    return candidates, take
+
+    def row_keys(r0: int, r1: int) -> Tensor:
+        return torch.rand(r1 - r0, in_features, generator=generator, device=draw_device).to(device)
+
+    return _top_new_features(group_index, counts, in_features, budget, 4, row_keys)
 
 
 @torch.no_grad()
