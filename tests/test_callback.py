@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from fit_helpers import StopAt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
@@ -112,15 +113,6 @@ def test_logs_statistics():
     assert "dst/layer/pruned_slots" in trainer.callback_metrics
     assert float(trainer.callback_metrics["dst/layer/changed_fraction"]) == pytest.approx(0.5)
     assert float(trainer.callback_metrics["dst/layer/pruned_slots"]) == 4 * module.layer.num_groups
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_run(tmp_path):

@@ -58,22 +58,23 @@ def test_lr_multiplier_endpoints():
     assert lr_multiplier(100, total=100, warmup=0.1, schedule="cosine") == pytest.approx(0.0, abs=1e-12)
 
 
+class _Encoded(BowModel):
+    def __init__(self, **kw):
+        super().__init__(in_features=16, **kw)
+        self.encoder = torch.nn.Linear(32, 16)
+
+    def encode(self, batch):
+        return self.encoder(batch["features"])
+
+
 def test_the_schedule_drives_both_learning_rates_per_step():
-    class Encoded(BowModel):
-        def __init__(self, **kw):
-            super().__init__(in_features=16, **kw)
-            self.encoder = torch.nn.Linear(32, 16)
-
-        def encode(self, batch):
-            return self.encoder(batch["features"])
-
     seen = []
 
     class Record(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append([group["lr"] for group in trainer.optimizers[0].param_groups])
 
-    model = Encoded(fan_in=8, group_size=8, head_ratio=0.1, grouping=None, encoder_lr=1e-3, output_lr=0.05,
+    model = _Encoded(fan_in=8, group_size=8, head_ratio=0.1, grouping=None, encoder_lr=1e-3, output_lr=0.05,
                     warmup=0.25, lr_schedule="cosine")
     _trainer(max_steps=8, callbacks=[Record()]).fit(model, _dm())
     assert len(seen) == 8
@@ -101,15 +102,6 @@ def test_recipe_settings_are_validated_up_front():
                       ({"output_lr": 0.0}, "output_lr"), ({"encoder_lr": -1.0}, "encoder_lr")]:
         with pytest.raises(ValueError, match=match):
             BowModel(**kw)
-
-
-class _Encoded(BowModel):
-    def __init__(self, **kw):
-        super().__init__(in_features=16, **kw)
-        self.encoder = torch.nn.Linear(32, 16)
-
-    def encode(self, batch):
-        return self.encoder(batch["features"])
 
 
 @pytest.mark.parametrize("fused", [None, True, False])
