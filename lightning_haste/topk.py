@@ -16,8 +16,8 @@ against the tail, the same after each of the tail's first segments of groups (se
 sample that costs nothing extra, those groups are not scored again). A label not yet seen then enters the list with
 probability about ``k / seen``. A list that overflows (more candidates than slots) is retried with the k-th best of
 its stored candidates as the new bound, which rises each time unless the row holds more than ``cap`` scores tied at
-the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved,
-for the caller's exact chunked path.
+the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved, for the caller's exact
+chunked path.
 
 The lists (at most a thirty-second) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
