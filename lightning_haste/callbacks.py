@@ -106,7 +106,7 @@ class SparseRegrowthCallback(Callback):
         if not self._layers:
             rank_zero_warn("SparseRegrowthCallback: the module has no GroupSharedFanIn layer; it will do nothing")
         for name, layer in self._layers:  # the largest fraction (the first rewire's) must fit every layer
-            count = math.floor(self.prune_fraction * layer.fan_in + 1e-9)
+            count = dst.pruned_slot_count(self.prune_fraction, layer.fan_in)
             free = layer.in_features - layer.fan_in
             if count > free:
                 raise ValueError(

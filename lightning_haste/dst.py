@@ -227,6 +227,12 @@ def _draw_new_features(
     return _top_new_features(group_index, counts, in_features, budget, 4, row_keys)
 
 
+def pruned_slot_count(prune_fraction: float, fan_in: int) -> int:
+    """Slots a group prunes (and regrows) at ``prune_fraction``: ``floor(prune_fraction * fan_in)``, with a margin
+    for fractions such as ``0.3 * 10`` that float arithmetic puts just below a whole number."""
+    return math.floor(float(prune_fraction) * fan_in + 1e-9)
+
+
 @torch.no_grad()
 def rewire_(
     layer: GroupSharedFanIn,
@@ -283,7 +289,7 @@ def rewire_(
         scores = scores.masked_fill(broken, float("-inf"))
     order = torch.sort(scores, dim=1, stable=True).indices  # lowest first, ties by slot
     if prune_fraction is not None:
-        count = math.floor(float(prune_fraction) * fan_in + 1e-9)
+        count = pruned_slot_count(prune_fraction, fan_in)
         counts = torch.full((num_groups,), count, dtype=torch.long, device=scores.device)
     else:
         counts = (scores < float(threshold)).sum(dim=1)
