@@ -468,10 +468,14 @@ class ResumableDataLoader(DataLoader):
         # loader is.
         state = self.__dict__.copy()
         position = self.state_dict()
-        epoch, batches = position["epoch"], position["batches"]
-        state["_resume"] = (epoch + 1, 0) if batches >= len(self) else (epoch, batches)
+        state["_resume"] = self._start_of(position["epoch"], position["batches"])
         state["_current"] = None
         return state
+
+    def _start_of(self, epoch: int, batches: int) -> tuple[int, int]:
+        """Where an iteration continues after ``batches`` of epoch ``epoch``: after the epoch's last batch, the
+        next epoch from its beginning."""
+        return (epoch + 1, 0) if batches >= len(self) else (epoch, batches)
 
     def _set_sampler_epoch(self, epoch: int) -> None:
         found = {id(self.sampler): self.sampler}
@@ -501,9 +505,7 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(f"not a ResumableDataLoader state: {state_dict!r} ({error!r})") from None
         if epoch < 0 or batches < 0:
             raise ValueError(f"a ResumableDataLoader state has epoch={epoch}, batches={batches} (expected >= 0)")
-        if batches >= len(self):  # saved after the epoch's last batch: the next epoch starts at its beginning
-            epoch, batches = epoch + 1, 0
-        self._resume = (epoch, batches)
+        self._resume = self._start_of(epoch, batches)
 
 
 def split_train_val(data: XMCData, val_fraction: float, seed: int = 0) -> tuple[XMCData, XMCData]:
