@@ -54,13 +54,11 @@ RECIPES = {
     "default": {},
     "default-lr0.02": dict(output_lr=0.02),
     "default-lr0.15": dict(output_lr=0.15),
-    **{f"{kind}-k{k}": dict(head_ratio=0.05, fan_in=k, group_size=32, grouping="random" if kind == "random" else None,
-                            label_groups=kind == "haste")
-       for k in (128, 32, 16) for kind in ("haste", "random")},
-    **{f"{kind}-informed-k{k}": dict(head_ratio=0.05, fan_in=k, group_size=32,
-                                     grouping="random" if kind == "random" else None, label_groups=kind == "haste",
-                                     informed=True)
-       for k in (32, 16) for kind in ("haste", "random")},
+    **{f"{kind}{'-informed' if informed else ''}-k{k}": dict(
+        head_ratio=0.05, fan_in=k, group_size=32, grouping="random" if kind == "random" else None,
+        label_groups=kind == "haste", informed=informed)
+       for k, informed in ((128, False), (32, False), (16, False), (32, True), (16, True))
+       for kind in ("haste", "random")},
 }
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 
