@@ -348,6 +348,11 @@ class ShardedHeadTailOutput(nn.Module):
     def _row_counts(self, rows: int) -> tuple[int, ...]:
         return tuple(int(v[0]) for v in self._exchange_host(np.array([rows], dtype=np.int64)))
 
+    def _own_rows(self, counts: tuple[int, ...]) -> tuple[int, int]:
+        """This rank's rows ``[r0, r1)`` of the global batch (the ranks' rows in rank order, ``counts`` each)."""
+        r0 = sum(counts[: self.rank])
+        return r0, r0 + counts[self.rank]
+
     def _gather_input(self, x2d: Tensor, counts: tuple[int, ...], grad_scale: float = 1.0) -> Tensor:
         if self.world_size == 1:
             return x2d if grad_scale == 1.0 else _scale_gradient(x2d, grad_scale)
@@ -377,7 +382,7 @@ class ShardedHeadTailOutput(nn.Module):
         x2d = self.shard._check_input(x)
         rows, labels = fused_loss.sparse_targets(targets, x2d.shape[0], self.num_labels)
         counts = self._row_counts(x2d.shape[0])
-        offset = sum(counts[: self.rank])
+        offset, _ = self._own_rows(counts)
         pairs = self._exchange_host(np.concatenate([rows + offset, labels]))
         all_rows = np.concatenate([p[: p.size // 2] for p in pairs])
         all_labels = np.concatenate([p[p.size // 2 :] for p in pairs])
@@ -424,8 +429,7 @@ class ShardedHeadTailOutput(nn.Module):
             _all_gather_into(all_ids, ids.contiguous(), group)
             all_scores = all_scores.view(self.world_size, -1, k)
             all_ids = all_ids.view(self.world_size, -1, k)
-            r0 = sum(counts[: self.rank])
-            r1 = r0 + counts[self.rank]
+            r0, r1 = self._own_rows(counts)
             scores = all_scores[:, r0:r1].permute(1, 0, 2).reshape(r1 - r0, -1)
             ids = all_ids[:, r0:r1].permute(1, 0, 2).reshape(r1 - r0, -1)
         scores, ids = merge_topk(scores, ids, k)
@@ -443,8 +447,7 @@ class ShardedHeadTailOutput(nn.Module):
         x_global = self._gather_input(x2d, counts)
         local = self.shard(x_global)  # [global rows, labels of this shard], in shard label-id order
         pieces = _AllGatherColumns.apply(local, self.rank, self._group(), self._all_shard_sizes())
-        r0 = sum(counts[: self.rank])
-        r1 = r0 + counts[self.rank]
+        r0, r1 = self._own_rows(counts)
         ids = self._all_shard_ids()
         out = local.new_empty(r1 - r0, self.num_labels)
         out = out.index_copy(1, ids, pieces[r0:r1])
