@@ -126,12 +126,17 @@ __device__ __forceinline__ float key_score(long long key) {
   return __uint_as_float(bits);
 }
 
-// The ranked top-k of each row's list: CTA b reads the row's first min(count[b], cap, width) slots, turns them
-// into ranking keys (the label id through label_permutation), sorts them in shared memory (sort_descending,
-// over the next power of two at or above max(n, k); empty slots hold the lowest key) and writes the best k:
-// out_score [B][k] in the input dtype (the scores are values of it), out_id [B][k]. Rows whose threshold is NaN
-// took no candidates in this round and are left as they are. Dynamic shared memory: 8 bytes a key for the next
-// power of two at or above max(width, k).
+// The ranked top-k of each row's list: CTA b reads the row's first n = min(count[b], cap, width) slots. A long list
+// (n > 2 m, m = the power of two at or above 4 k, at most 512, when m >= 2 k) is first cut down: the k-th best t of the maxima of
+// m strided blocks of its scores is a lower bound of its k-th best (each maximum is a score of a distinct slot; NaN
+// counts as +inf), so every slot of the top-k has a score s with !(s < t) (ties, NaN and -0.0 against 0.0
+// included); only those slots are kept (about 2-3 k of them). The kept slots become ranking keys (the label id
+// through label_permutation), sorted in shared memory (sort_descending, over the next power of two at or above
+// max(kept, k); empty slots hold the lowest key), and the best k are written: out_score [B][k] in the input dtype
+// (the scores are values of it), out_id [B][k]. The order in which slots are kept does not matter: the keys are
+// distinct (one per label) and sorted. Rows whose threshold is NaN took no candidates in this round and are left
+// as they are. Dynamic shared memory: 8 bytes a key for the next power of two at or above max(width, k) (the m
+// maxima, 4 bytes each, use the same space first: a list is cut only when n > 2 m, and n <= width).
 template <class T>
 __global__ void __launch_bounds__(256) gsfi_topk_merge(
     const int* __restrict__ count, const float* __restrict__ score, const int* __restrict__ position, int cap,
@@ -139,18 +144,51 @@ __global__ void __launch_bounds__(256) gsfi_topk_merge(
     u16* __restrict__ out_score, long long* __restrict__ out_id) {
   extern __shared__ __align__(16) unsigned char smem[];
   long long* keys = reinterpret_cast<long long*>(smem);
+  __shared__ int kept;
+  __shared__ float cut;
   const int b = blockIdx.x;
   const float bound = threshold[b];
   if (bound != bound) return;
   const int n = min(min(count[b], cap), width);
-  int size = 1;
-  while (size < max(n, k)) size <<= 1;
-  const long long empty = (long long)(-2147483647 - 1) * 4294967296LL;
-  for (int i = threadIdx.x; i < size; i += blockDim.x) {
-    long long key = empty;
-    if (i < n) key = rank_key(score[(long long)b * cap + i], label_permutation[position[(long long)b * cap + i]]);
-    keys[i] = key;
+  const float* row = score + (long long)b * cap;
+  int m = 32;
+  while (m < 4 * k && m < 512) m <<= 1;
+  if (threadIdx.x == 0) {
+    kept = 0;
+    cut = -__int_as_float(0x7f800000);
   }
+  if (n > 2 * m && m >= 2 * k) {
+    float* maxima = reinterpret_cast<float*>(smem);
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+      float best = -__int_as_float(0x7f800000);
+      for (int c = j; c < n; c += m) {
+        const float v = row[c];
+        if (v != v) {
+          best = __int_as_float(0x7f800000);
+          break;
+        }
+        if (v > best) best = v;
+      }
+      maxima[j] = best;
+    }
+    __syncthreads();
+    sort_descending(maxima, m);
+    if (threadIdx.x == 0) cut = maxima[k - 1];
+  }
+  __syncthreads();
+  const float t = cut;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float s = row[i];
+    if (s < t) continue;
+    const int slot = atomicAdd(&kept, 1);
+    keys[slot] = rank_key(s, label_permutation[position[(long long)b * cap + i]]);
+  }
+  __syncthreads();
+  const int n_kept = kept;
+  int size = 1;
+  while (size < max(n_kept, k)) size <<= 1;
+  const long long empty = (long long)(-2147483647 - 1) * 4294967296LL;
+  for (int i = n_kept + threadIdx.x; i < size; i += blockDim.x) keys[i] = empty;
   __syncthreads();
   sort_descending(keys, size);
   for (int i = threadIdx.x; i < k; i += blockDim.x) {

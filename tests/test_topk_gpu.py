@@ -168,3 +168,41 @@ def test_head_tail_topk_op_is_registered_for_compile():
         got = compiled(x)
         want = layer.topk(x, 5)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k", [1, 5, 100, 128, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_merge_of_long_lists_with_special_values(k, dtype):
+    # Lists of every length up to the capacity, including far longer than the merge's cut (2 m slots for
+    # m = 4 k blocks): values of the 16-bit dtype with NaN, +-inf, -0.0 / 0.0, ties and subnormals; rows with
+    # fewer than k slots are not merged (the caller never asks), rows with a NaN threshold are left alone.
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    batch, cap, num_labels = 64, 4096, 50000
+    count = torch.randint(k, cap + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    count[0], count[1], count[2] = cap, k, cap + 7  # full, the least, overflowed (the first cap slots count)
+    values = torch.randn(batch, cap, generator=gen, device="cuda").to(dtype)
+    special = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-40, -1e-40, 1.0], device="cuda")
+    pick = torch.randint(0, 8, (batch, cap), generator=gen, device="cuda")
+    where = torch.rand(batch, cap, generator=gen, device="cuda") < 0.05
+    values = torch.where(where, special[pick].to(dtype), values)
+    values[3] = values[3, 0]  # a row tied everywhere
+    score = values.float()
+    position = torch.stack([torch.randperm(num_labels, generator=gen, device="cuda")[:cap] for _ in range(batch)])
+    position = position.int()
+    permutation = torch.randperm(num_labels, generator=gen, device="cuda")
+    threshold = torch.zeros(batch, device="cuda")
+    threshold[5] = math.nan
+    out_score = torch.full((batch, k), 7.0, device="cuda", dtype=dtype)
+    out_id = torch.full((batch, k), -5, device="cuda", dtype=torch.long)
+    kernels.topk.gsfi_topk_merge(count, score, position, cap, permutation, threshold, k, out_score, out_id)
+    for b in range(batch):
+        if b == 5:
+            assert (out_score[b] == 7.0).all() and (out_id[b] == -5).all()
+            continue
+        n = min(int(count[b]), cap)
+        ids = permutation[position[b, :n].long()]
+        want_scores, want_ids = ranked_topk(values[b : b + 1, :n], ids, k)
+        assert torch.equal(out_id[b], want_ids[0]), b
+        assert torch.equal(out_score[b].view(torch.int16), want_scores[0].view(torch.int16)) or torch.equal(
+            out_score[b].float().nan_to_num(nan=1234.0), want_scores[0].float().nan_to_num(nan=1234.0)), b
