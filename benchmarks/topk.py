@@ -7,17 +7,21 @@ Per shape and k (bf16, ``HeadTailOutput`` set up as in benchmarks/step.py: the d
 768 wide whose features 0..383 feed the tail and 384..767 the head where the tail reads 384; medians of CUDA-event
 timings over rotating random inputs, never zeros):
 
-- fused: ``layer.topk(x, k)`` eager, as validation and prediction call it (the candidate kernels, one host
-  synchronisation per call to check the lists); and one round without that check replayed in a CUDA graph
-  (``fused_graph``: GPU time without the host);
+- fused: ``layer.topk(x, k)`` eager, as validation and prediction call it: from the second call of a shape one
+  round of the candidate kernels replayed from the layer's CUDA graph, then one host synchronisation to check the
+  lists (``fused_eager``); the same with the layer's graphs off, every kernel launched by the host
+  (``fused_launched``); and the round alone captured in a CUDA graph by this script (``fused_graph``: GPU time
+  without the host);
 - chunked: the pure-PyTorch path over chunks of labels with a running top-k (the path before the kernels, with
   the ranking order), eager;
 - dense: ``F.linear(X[B, H], W[L, H]) + torch.topk`` at the exact L and at L rounded up to a multiple of 16
   (cuBLAS is slow on odd L; ratios use the faster), eager and graph;
 - tail_forward: our forward kernel of the tail alone (``layer.tail(x)``, the logits stored), graph: the target is
   fused top-k <= 1.3 x this;
-- peak memory of one eager ``topk`` above what was allocated before, against one bf16 [B, L] tensor;
-- ``--profile``: the CUDA kernels of one eager ``topk`` by total time and their count (torch.profiler).
+- peak memory of the first three ``topk`` calls of a shape (eager, captured, replayed) above what was allocated
+  before, and the memory the layer's graph keeps between calls, each against one bf16 [B, L] tensor;
+- ``--profile``: the CUDA kernels of one ``topk`` with the kernels launched one by one, by total time, and their
+  count (torch.profiler).
 
 ``--history`` (default benchmarks/results/history.csv; '' for none) appends ``date,commit,device,script,shape,
 metric,ms`` rows, the shape named ``<shape>/k<k>``.
@@ -39,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared timing helpers, shapes and history file
 
 from lightning_haste import HeadTailOutput  # noqa: E402
-from lightning_haste.topk import fused_topk  # noqa: E402
+from lightning_haste.topk import RoundGraphs, fused_topk  # noqa: E402
 
 HEAD_RATIO = {"Amazon-670K": 0.10, "AmazonTitles-670K": 0.10, "Amazon-3M": 0.02, "LF-Paper2Keywords-8.6M": 0.05}
 ENCODER_WIDTH = 768
-HISTORY_METRICS = ("fused_eager", "fused_graph", "chunked_eager", "dense_best_eager", "dense_best_graph",
-                   "tail_forward_graph")
+HISTORY_METRICS = ("fused_eager", "fused_launched", "fused_graph", "chunked_eager", "dense_best_eager",
+                   "dense_best_graph", "tail_forward_graph")
 
 
 def _free() -> None:
@@ -78,6 +82,7 @@ def _dense(shape: C.Shape, L: int, k: int, xs: list[torch.Tensor], sets: int) ->
 def _profile(layer: HeadTailOutput, x: torch.Tensor, k: int) -> str:
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
 
+    graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
     layer.topk(x, k)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -86,6 +91,7 @@ def _profile(layer: HeadTailOutput, x: torch.Tensor, k: int) -> str:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     launches = sum(e.count for e in events) / 5
+    layer.topk_graphs = graphs
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
     return f"{launches:.0f} kernels per call\n{table}"
 
@@ -99,6 +105,9 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
     row["head_labels"] = layer.num_head_labels
     with torch.no_grad():
         row["fused_eager"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
+        graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
+        row["fused_launched"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
+        layer.topk_graphs = graphs
         args = [layer._fused_topk_arguments(x)[0] for x in xs]
 
         def one_round(i: int) -> None:
@@ -110,17 +119,25 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
         row["chunked_eager"] = C.bench(lambda i: layer._chunked_topk(xs[i], k), sets, max_ms=2000, min_reps=3)
         x_tail = [x[:, : shape.H].contiguous() for x in xs]
         row["tail_forward_graph"] = C.timeit(lambda i: layer.tail(x_tail[i]), sets)
+        layer.topk_graphs.clear()
         _free()
-        base = torch.cuda.memory_allocated()
+        base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         torch.cuda.reset_peak_memory_stats()
-        layer.topk(xs[0], k)
+        for i in range(3):
+            out = layer.topk(xs[i % sets], k)
         torch.cuda.synchronize()
         row["peak_over_bf16_logits"] = (torch.cuda.max_memory_allocated() - base) / (2 * B * L)
+        out = None  # noqa: F841
+        _free()
+        row["graph_kept_over_bf16_logits"] = (torch.cuda.memory_reserved() - base_reserved) / (2 * B * L)
         # the result agrees with the chunked path (the same ranking order; the logits may differ in the last bit
         # where the forward picks another kernel than the candidate kernel's main loop)
         fused_ids = layer.topk(xs[0], k)[1]
         chunked_ids = layer._chunked_topk(xs[0], k)[1]
         row["ids_equal_chunked"] = float((fused_ids == chunked_ids).float().mean())
+        graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
+        row["ids_equal_launched"] = float((fused_ids == layer.topk(xs[0], k)[1]).float().mean())
+        layer.topk_graphs = graphs
         if profile:
             print(f"profile {shape.name} k={k}: {_profile(layer, xs[0], k)}", flush=True)
     layer = None  # noqa: F841 - frees the layer before the dense baselines
@@ -132,6 +149,7 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
         row[f"dense_best_{mode}"] = min(options) if options else None
     tail = row["tail_forward_graph"]
     row["fused_eager_over_tail_forward"] = row["fused_eager"] / tail
+    row["fused_launched_over_tail_forward"] = row["fused_launched"] / tail
     row["fused_graph_over_tail_forward"] = row["fused_graph"] / tail if row["fused_graph"] else None
     if row["dense_best_eager"]:
         row["fused_eager_over_dense_eager"] = row["fused_eager"] / row["dense_best_eager"]
@@ -139,17 +157,19 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| shape | k | fused eager | fused graph | chunked eager | dense+topk eager | dense+topk graph "
-          "| tail forward | fused eager / forward | fused eager / dense | peak / bf16 [B,L] |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | k | fused eager | fused launched | fused graph | chunked eager | dense+topk eager "
+          "| dense+topk graph | tail forward | fused eager / forward | fused launched / forward | fused eager / dense "
+          "| peak / bf16 [B,L] | graph kept / bf16 [B,L] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def f(key: str, digits: int = 3) -> str:
             v = r.get(key)
             return "-" if v is None else f"{v:.{digits}f}"
-        print(f"| {r['shape']} | {r['k']} | {f('fused_eager')} | {f('fused_graph')} | {f('chunked_eager')} | "
-              f"{f('dense_best_eager')} | {f('dense_best_graph')} | {f('tail_forward_graph')} | "
-              f"{f('fused_eager_over_tail_forward', 2)} | {f('fused_eager_over_dense_eager', 2)} | "
-              f"{f('peak_over_bf16_logits', 3)} |")
+        print(f"| {r['shape']} | {r['k']} | {f('fused_eager')} | {f('fused_launched')} | {f('fused_graph')} | "
+              f"{f('chunked_eager')} | {f('dense_best_eager')} | {f('dense_best_graph')} | "
+              f"{f('tail_forward_graph')} | {f('fused_eager_over_tail_forward', 2)} | "
+              f"{f('fused_launched_over_tail_forward', 2)} | {f('fused_eager_over_dense_eager', 2)} | "
+              f"{f('peak_over_bf16_logits', 3)} | {f('graph_kept_over_bf16_logits', 3)} |")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from ._checks import check_float_tensor, check_memory_budget, check_positive_int
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
 from .ranking import ranked_merge
+from .topk import RoundGraphs
 
 __all__ = ["HeadTailOutput", "FeatureSlice"]
 
@@ -101,6 +102,9 @@ class HeadTailOutput(nn.Module):
         device, dtype, generator: as for :class:`GroupSharedFanIn`.
         memory_budget: bound in bytes on temporaries of the pure-PyTorch path and of :meth:`topk`.
         backend: kernel choice of the tail, see :class:`GroupSharedFanIn`.
+        topk_graphs: CUDA graphs of :meth:`topk`'s kernels kept for replay, one per input shape, ``k`` and
+            autocast setting (:class:`~lightning_haste.topk.RoundGraphs`, the attribute ``topk_graphs``;
+            ``layer.topk_graphs.clear()`` frees them); 0 launches the kernels one by one on every call.
     """
 
     label_permutation: Tensor
@@ -123,9 +127,11 @@ class HeadTailOutput(nn.Module):
         generator: Optional[torch.Generator] = None,
         memory_budget: int = F.DEFAULT_MEMORY_BUDGET,
         backend: str = "auto",
+        topk_graphs: int = 4,
     ) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
+        self.topk_graphs = RoundGraphs(topk_graphs)
         self.group_size = check_positive_int("group_size", group_size)
         self.fan_in = check_positive_int("fan_in", fan_in)
         self.memory_budget = check_memory_budget(memory_budget)
@@ -502,18 +508,74 @@ class HeadTailOutput(nn.Module):
             raise ValueError(f"k={k} must be <= num_labels={self.num_labels}")
         lead = x.shape[:-1]
         x2d = self._check_input(x)
+        key = self._topk_graph_key(x2d, k)
+        replayed = self._replayed_topk(key, x2d, k) if key is not None else None
+        if replayed is not None:
+            scores, ids, unresolved = replayed
+            if bool(unresolved.any()):  # a list overflowed in the one round: those rows by the whole eager path
+                rows = unresolved.nonzero().flatten()
+                rows_scores, rows_ids, _ = self._eager_topk(x2d.index_select(0, rows), k)
+                scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)
+        else:
+            scores, ids, fused = self._eager_topk(x2d, k)
+            if key is not None:
+                self.topk_graphs.remember(key, capturable=fused)
+        return scores.reshape(*lead, k), ids.reshape(*lead, k)
+
+    def _eager_topk(self, x2d: Tensor, k: int) -> tuple[Tensor, Tensor, bool]:
+        """``(scores, ids, fused)``: the top-k by the candidate kernels launched one by one (``fused``; rounds until
+        the lists hold every candidate), or by the chunked path where the kernels do not run; rows whose list
+        keeps overflowing also by the chunked path."""
         fused = self._fused_topk_arguments(x2d)
         if fused is None:
-            scores, ids = self._chunked_topk(x2d, k)
-        else:
+            return (*self._chunked_topk(x2d, k), False)
+        args, autocast = fused
+        with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            scores, ids, unresolved = ops.head_tail_topk(*args, k, self.memory_budget)
+        if unresolved.numel() and bool(unresolved.any()):  # more than a list of scores tied at the k-th best
+            rows = unresolved.nonzero().flatten()
+            rows_scores, rows_ids = self._chunked_topk(x2d.index_select(0, rows), k)
+            scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)
+        return scores, ids, True
+
+    def _replayed_topk(self, key: tuple, x2d: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """``(scores, ids, unresolved [B])`` of one round of the candidate kernels replayed from the CUDA graph of
+        ``key`` (captured on the key's second call); None where the eager path runs instead (the key's first call,
+        or a tail that does not run the kernels)."""
+        assert self.tail is not None
+        # validated here, outside the capture (inside it a no-op, as the index has not changed since)
+        self.tail.check_group_index()
+
+        def one_round(static_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            fused = self._fused_topk_arguments(static_x)
+            assert fused is not None, "only keys whose eager call ran the kernels are captured"
             args, autocast = fused
-            with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
-                scores, ids, unresolved = ops.head_tail_topk(*args, k, self.memory_budget)
-            if unresolved.numel() and bool(unresolved.any()):  # more than a list of scores tied at the k-th best
-                rows = unresolved.nonzero().flatten()
-                rows_scores, rows_ids = self._chunked_topk(x2d.index_select(0, rows), k)
-                scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)
-        return scores.reshape(*lead, k), ids.reshape(*lead, k)
+            with torch.autocast(static_x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+                return ops._head_tail_topk(*args, k, self.memory_budget, synchronize=False)
+
+        with torch.no_grad():
+            return self.topk_graphs.replay(key, x2d.detach(), one_round)
+
+    def _topk_graph_key(self, x2d: Tensor, k: int) -> Optional[tuple]:
+        """What a captured top-k round of this input depends on besides the values it reads (inference mode too:
+        a graph's tensors made under it cannot be written outside it); None where no graph is used (graphs off,
+        not on CUDA, under ``torch.compile``, no tail)."""
+        if self.topk_graphs.max_graphs == 0 or not x2d.is_cuda or torch.compiler.is_compiling() or self.tail is None:
+            return None
+        from . import kernels  # noqa: PLC0415 - imports no CuPy itself; the CUDA path only
+
+        def described(t: Optional[Tensor]) -> Optional[tuple]:
+            return None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+        head, tail = self.head, self.tail
+        autocast = torch.is_autocast_enabled("cuda")
+        params = (head.weight if head is not None else None, head.bias if head is not None else None, tail.weight,
+                  tail.bias, tail.group_index, self.label_permutation)
+        return (
+            tuple(x2d.shape), x2d.dtype, x2d.device, k, self.memory_budget, (*self.head_slice, *self.tail_slice),
+            autocast, torch.get_autocast_dtype("cuda") if autocast else None, kernels.tuning.current(), tail.backend,
+            torch.is_inference_mode_enabled(), *(described(t) for t in params),
+        )
 
     def _fused_topk_arguments(self, x2d: Tensor) -> Optional[tuple[tuple, bool]]:
         """The arguments of :func:`lightning_haste.ops.head_tail_topk` (:meth:`_op_arguments` and the layer's

@@ -21,18 +21,28 @@ chunked path.
 
 The lists (at most a thirty-second) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
+
+A round is a dozen or more kernel launches and their torch glue, which at small shapes costs the host more time than
+the GPU needs for the work: :class:`RoundGraphs` captures one round per input shape in a CUDA graph and replays it
+for the calls that follow (validation and prediction call the top-k with one batch shape over and over).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.nn import functional as nnf
 
-__all__ = ["MAX_ROUNDS", "block_bound", "bound_blocks", "candidate_capacity", "fused_topk", "head_chunk_columns"]
+__all__ = [
+    "MAX_ROUNDS", "RoundGraphs", "block_bound", "bound_blocks", "candidate_capacity", "fused_topk",
+    "head_chunk_columns",
+]
 
 #: Passes over the labels before a row whose list keeps overflowing is left to the chunked path.
 MAX_ROUNDS = 3
@@ -113,8 +123,8 @@ def fused_topk(
     are not set and the caller computes them another way.
 
     ``unresolved`` is empty when every row was resolved. ``synchronize=False`` makes one round with no host
-    synchronisation (so that it can be captured in a CUDA graph): rows whose list overflowed come back unresolved,
-    and the merge reads every slot of the lists."""
+    synchronisation (so that it can be captured in a CUDA graph): rows whose list overflowed come back unresolved
+    (``unresolved`` is then always ``[B]``)."""
     from . import kernels  # noqa: PLC0415 - the CUDA path only; kernels imports no CuPy itself
 
     x_any = x_tail if x_tail is not None else x_head
@@ -205,3 +215,102 @@ def _tail_candidates(
         xt, batch, weight[p0 : g1 * group_size], index[g0:g1], bias[p0:p1] if bias is not None else None, p1 - p0,
         threshold, count, score, position, num_head + p0, checked=False,
     )
+
+
+class RoundGraphs:
+    """CUDA graphs of one round of the fused top-k (``synchronize=False``), one per key, replayed instead of
+    launching the round's kernels one by one.
+
+    The key must hold everything the captured work depends on other than the values it reads: the input's shape
+    and dtype, ``k``, and the data pointers, shapes, strides and dtypes of the parameters (a graph reads its
+    tensors through the pointers it was captured with, so in-place updates of the parameters, e.g. optimizer
+    steps or a rewire of the index in place, are seen by the next replay; a parameter moved to new memory gives a
+    new key). A key is captured the second time it is seen: the first call runs eagerly, which loads the kernels
+    and the libraries' handles outside the capture. At most ``max_graphs`` graphs are kept (the least recently
+    used goes first); they share one memory pool, which holds about what one eager round allocates (below an
+    eighth of a 16-bit ``[batch, num_labels]`` tensor) plus each graph's input copy and outputs.
+
+    Not kept by ``copy.deepcopy`` or pickling (a copy starts empty)."""
+
+    def __init__(self, max_graphs: int = 4) -> None:
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 0:
+            raise ValueError(f"max_graphs must be a non-negative int, got {max_graphs!r}")
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Hashable, tuple] = OrderedDict()  # key -> (graph, static input, outputs)
+        self._seen: OrderedDict[Hashable, bool] = OrderedDict()  # keys run once eagerly (False: capture failed)
+        self._pool: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph and its memory (returned to torch's caching allocator)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def __deepcopy__(self, memo: dict) -> RoundGraphs:
+        return RoundGraphs(self.max_graphs)
+
+    def __getstate__(self) -> dict:
+        return {"max_graphs": self.max_graphs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_graphs"])  # type: ignore[misc]
+
+    def replay(
+        self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """``round_fn(x)``'s outputs (copies) from the graph of ``key``, captured now if the key was
+        :meth:`remember`-ed as capturable; None when the caller should run the round eagerly instead (and then
+        :meth:`remember` the key): graphs off, a capture under way on this stream, a key not seen yet or not
+        capturable, or a capture of this key that failed."""
+        if self.max_graphs == 0 or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+            return None
+        entry = self._graphs.get(key)
+        if entry is None:
+            if not self._seen.get(key, False):
+                return None
+            entry = self._capture(key, x, round_fn)
+            if entry is None:
+                return None
+        else:
+            self._graphs.move_to_end(key)
+        graph, static_x, outputs = entry
+        static_x.copy_(x)
+        graph.replay()
+        return tuple(t.clone() for t in outputs)  # type: ignore[return-value]
+
+    def remember(self, key: Hashable, capturable: bool) -> None:
+        """Note that ``key`` ran once eagerly (its kernels are loaded): its next call is captured if
+        ``capturable``. A key already noted keeps its first note (a failed capture is not retried)."""
+        if self.max_graphs == 0:
+            return
+        self._seen.setdefault(key, capturable)
+        self._seen.move_to_end(key)
+        while len(self._seen) > 4 * self.max_graphs:
+            self._seen.popitem(last=False)
+
+    def _capture(
+        self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    ) -> Optional[tuple]:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        static_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        static_x.copy_(x)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: a capture fails only on this thread's illegal calls, not on e.g. a pinning thread's
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                outputs = round_fn(static_x)
+        except RuntimeError as exc:
+            torch.cuda.synchronize(x.device)
+            self._seen[key] = False
+            warnings.warn(f"the top-k round could not be captured in a CUDA graph; it runs eagerly for this shape "
+                          f"({str(exc).splitlines()[0][:200]})", RuntimeWarning, stacklevel=4)
+            return None
+        entry = (graph, static_x, outputs)
+        self._graphs[key] = entry
+        return entry

@@ -145,16 +145,139 @@ def test_fused_topk_under_autocast_and_nan_scores():
 
 @torch.no_grad()
 def test_topk_peak_memory_below_an_eighth_of_the_logits():
+    # the first call (eager), the second (captured in a CUDA graph) and the third (replayed); what the graph
+    # keeps between calls counts too
     case = (256, 384, 670091, 16, 128, 0.1, 100, torch.bfloat16)
     layer, x = _layer(case, seed=6)
-    layer.topk(x, 100)  # compile and warm the allocator
+    eighth = 256 * 670091 * 2 / 8
+    layer.topk(x, 100)  # compile the kernels outside the measurement
+    layer.topk_graphs.clear()
+    layer.topk(x[:255], 100)  # the same kernels; a key of its own
+    layer.topk_graphs.clear()
     torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    torch.cuda.empty_cache()
+    base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     torch.cuda.reset_peak_memory_stats()
-    layer.topk(x, 100)
+    for _ in range(3):
+        scores, ids = layer.topk(x, 100)
     torch.cuda.synchronize()
+    assert len(layer.topk_graphs) == 1
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < 256 * 670091 * 2 / 8, peak
+    assert peak < eighth, peak
+    del scores, ids
+    torch.cuda.empty_cache()
+    kept = torch.cuda.memory_reserved() - base_reserved
+    assert kept < eighth, kept
+    layer.topk_graphs.clear()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() <= base_reserved
+
+
+def _no_graphs(layer):
+    """A copy of the layer that launches the kernels one by one (deepcopy starts without graphs)."""
+    import copy  # noqa: PLC0415
+
+    twin = copy.deepcopy(layer)
+    twin.topk_graphs = fused.RoundGraphs(0)
+    return twin
+
+
+def _poison_graph_outputs(layer):
+    for _graph, _static_x, outputs in layer.topk_graphs._graphs.values():
+        outputs[0].fill_(math.nan)
+        outputs[1].fill_(-7)
+        outputs[2].fill_(True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-L{c[2]}-G{c[3]}-k{c[6]}")
+@torch.no_grad()
+def test_replayed_topk_equals_the_kernels_launched_one_by_one(case):
+    k = case[6]
+    layer, _ = _layer(case, seed=sum(case[:5]) + 1)
+    twin = _no_graphs(layer)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    for call in range(4):  # eager, captured, replayed twice on fresh inputs, the graph's outputs poisoned
+        x = torch.randn(case[0], case[1], device="cuda", generator=gen).to(case[7])
+        _poison_graph_outputs(layer)
+        got, want = layer.topk(x, k), twin.topk(x, k)
+        assert torch.equal(got[1], want[1]), call
+        assert torch.equal(got[0], want[0]), call
+        assert len(layer.topk_graphs) == (call >= 1)
+    assert len(twin.topk_graphs) == 0
+
+
+@torch.no_grad()
+def test_replayed_topk_sees_parameters_changed_in_place():
+    case = (40, 256, 9001, 16, 32, 0.1, 20, torch.bfloat16)
+    layer, x = _layer(case, seed=12)
+    for _ in range(2):
+        layer.topk(x, 20)
+    assert len(layer.topk_graphs) == 1
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layer.tail.weight.mul_(-1.5)
+    layer.head.bias.add_(torch.randn(layer.head.bias.shape, device="cuda", generator=gen).to(layer.head.bias.dtype))
+    # a rewire in place: another valid pattern for every group (the index is validated again before the replay)
+    index = layer.tail.group_index
+    index.copy_(torch.stack([torch.randperm(256, generator=gen, device="cuda")[:32] for _ in range(index.shape[0])]))
+    got = layer.topk(x, 20)
+    assert len(layer.topk_graphs) == 1  # the same graph, replayed
+    want = ranked_topk(_forward_logits(layer, x, 20), torch.arange(9001, device="cuda"), 20)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    # a parameter in new memory is a new key: captured on its second call, the old graph kept until evicted
+    layer.tail.weight = torch.nn.Parameter(layer.tail.weight.detach().clone())
+    for _ in range(2):
+        got = layer.topk(x, 20)
+    assert len(layer.topk_graphs) == 2
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@torch.no_grad()
+def test_replayed_topk_under_autocast_casts_the_current_parameters():
+    case = (33, 128, 4000, 16, 32, 0.1, 6, torch.float32)
+    layer, x = _layer(case, seed=4)
+    twin = _no_graphs(layer)
+    for step in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = layer.topk(x, 6), twin.topk(x, 6)
+        assert got[0].dtype == torch.bfloat16
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), step
+        for t in (layer, twin):  # an optimizer step on the float32 parameters
+            t.tail.weight.add_(0.01 * step)
+    assert len(layer.topk_graphs) == 1
+    got_plain = layer.topk(x, 6)  # autocast off: another key, eager on its first call
+    assert got_plain[0].dtype == torch.float32
+    assert len(layer.topk_graphs) == 1
+
+
+@torch.no_grad()
+def test_replayed_rows_whose_list_overflowed_take_the_eager_rounds(monkeypatch):
+    case = (50, 128, 7001, 16, 32, 0.01, 8, torch.bfloat16)
+    layer, x = _layer(case, seed=11)
+    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, num_labels, k, budget: max(k, 40))
+    want = ranked_topk(_forward_logits(layer, x, 8), torch.arange(7001, device="cuda"), 8)
+    for _ in range(3):
+        scores, ids = layer.topk(x, 8)
+        assert torch.equal(ids, want[1]) and torch.equal(scores, want[0])
+    assert len(layer.topk_graphs) == 1
+
+
+@torch.no_grad()
+def test_topk_graphs_are_bounded_and_not_copied():
+    import copy  # noqa: PLC0415
+
+    layer = lh.HeadTailOutput(128, np.arange(3000, 0, -1), head_ratio=0.1, fan_in=32, group_size=16,
+                              dtype=torch.bfloat16, topk_graphs=2, generator=torch.Generator().manual_seed(1)).cuda()
+    twin = _no_graphs(layer)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for batch in (30, 31, 32, 30, 31, 32):
+        for _ in range(2):
+            x = torch.randn(batch, 128, device="cuda", generator=gen).bfloat16()
+            got, want = layer.topk(x, 5), twin.topk(x, 5)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert len(layer.topk_graphs) <= 2
+    assert len(copy.deepcopy(layer).topk_graphs) == 0
+    layer.topk_graphs.clear()
+    assert len(layer.topk_graphs) == 0
 
 
 def test_head_tail_topk_op_is_registered_for_compile():

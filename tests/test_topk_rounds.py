@@ -205,3 +205,39 @@ def test_the_tail_is_bounded_by_the_kth_best_of_the_whole_head(lists, monkeypatc
     assert torch.equal(seen[0], kth)
     want_scores, want_ids = ranked_topk(layer(x), torch.arange(5000), k)
     assert not unresolved.numel() and torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+
+
+def test_round_graphs_bookkeeping_without_a_device():
+    import copy  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="max_graphs"):
+        fused.RoundGraphs(-1)
+    with pytest.raises(ValueError, match="max_graphs"):
+        lh.HeadTailOutput(16, [3, 2, 1], head_ratio=0.0, fan_in=8, group_size=1, topk_graphs=True)
+    graphs = fused.RoundGraphs(2)
+    calls = []
+    x = torch.zeros(2, 3)
+    graphs.remember("a", capturable=True)
+    # CPU tensors never replay, whatever was remembered: the round runs eagerly
+    assert graphs.replay("a", x, lambda t: calls.append(t)) is None and not calls
+    for key in "bcdefghijk":
+        graphs.remember(key, capturable=key != "c")
+    assert len(graphs._seen) == 8  # at most four keys a graph noted
+    graphs.remember("k", capturable=False)  # a key keeps its first note
+    assert graphs._seen["k"] is True
+    assert len(copy.deepcopy(graphs)._seen) == 0 and copy.deepcopy(graphs).max_graphs == 2
+    restored = pickle.loads(pickle.dumps(graphs))
+    assert len(restored._seen) == 0 and restored.max_graphs == 2
+    off = fused.RoundGraphs(0)
+    off.remember("a", capturable=True)
+    assert len(off._seen) == 0
+
+
+def test_a_layer_on_cpu_keeps_no_graphs():
+    layer, x = _layer(3000, 0.1)
+    for _ in range(3):
+        layer.topk(x, 5)
+    assert layer._topk_graph_key(x, 5) is None and len(layer.topk_graphs._seen) == 0
+    twin = __import__("copy").deepcopy(layer)
+    assert isinstance(twin.topk_graphs, fused.RoundGraphs) and twin.topk_graphs is not layer.topk_graphs
