@@ -329,3 +329,19 @@ def test_merge_of_long_lists_with_special_values(k, dtype):
         assert torch.equal(out_id[b], want_ids[0]), b
         assert torch.equal(out_score[b].view(torch.int16), want_scores[0].view(torch.int16)) or torch.equal(
             out_score[b].float().nan_to_num(nan=1234.0), want_scores[0].float().nan_to_num(nan=1234.0)), b
+
+
+def test_replayed_topk_under_inference_mode_as_validation_runs_it():
+    case = (64, 256, 9001, 32, 64, 0.05, 10, torch.bfloat16)
+    layer, x = _layer(case, seed=21)
+    twin = _no_graphs(layer)
+    with torch.inference_mode():
+        for _ in range(3):
+            got, want = layer.topk(x, 10), twin.topk(x, 10)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert len(layer.topk_graphs) == 1
+    with torch.no_grad():  # outside inference mode: a key of its own (a graph's inference tensors stay inside)
+        for _ in range(3):
+            got = layer.topk(x, 10)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert len(layer.topk_graphs) == 2
