@@ -19,8 +19,12 @@
 // CuPy compiles with -ftz=true, so the comparison may see a subnormal as zero: flushing is monotone, so it can
 // only let more logits through (the caller's merge compares exactly), never drop one at or above the bound.
 //
-// The main loop is forward_tiles (cuda/gsfi_forward_tiles.cuh), shared with gsfi_forward and the fused loss.
+// The main loop is the forward's, so that a candidate's value is bit for bit the logit the forward stores: forward_tiles
+// (mma.sync, cuda/gsfi_forward_tiles.cuh, shared with gsfi_forward and the fused loss) in gsfi_topk_candidates, and
+// on Hopper, where the forward runs gsfi_forward_sm90, forward_tiles_sm90 (wgmma, cuda/gsfi_forward_sm90_tiles.cuh)
+// in gsfi_topk_candidates_sm90.
 #include "gsfi_forward_tiles.cuh"
+#include "gsfi_forward_sm90_tiles.cuh"
 
 template <class T, int GP>
 struct EmitCandidates {
@@ -66,6 +70,17 @@ __global__ void __launch_bounds__(NW * 32) gsfi_topk_candidates(
     int num_groups) {
   EmitCandidates<T, gsfi_pad16(G)> emit{threshold, count, score, position, cap, B, G, offset};
   forward_tiles<T, G, KP, RESIDENT, NW, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
+}
+
+// The same candidates from the Hopper forward's main loop (sm_90a only; an empty kernel elsewhere, never picked).
+template <class T, int G, int KP, int NWG, int NSW>
+__global__ void __launch_bounds__(NWG * 128, 1) gsfi_topk_candidates_sm90(
+    const u16* __restrict__ XT, int ldxt, const u16* __restrict__ W, const int* __restrict__ idx,
+    const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
+    float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,
+    int num_groups) {
+  EmitCandidates<T, G> emit{threshold, count, score, position, cap, B, G, offset};
+  forward_tiles_sm90<T, G, KP, NWG, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
 }
 
 // The candidates of a chunk of dense logits [B][ld] (cols columns, rounded values of the input dtype T) at

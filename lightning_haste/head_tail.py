@@ -493,9 +493,8 @@ class HeadTailOutput(nn.Module):
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, label ids)`` per row in original label ids, sorted by descending score; of equal
         scores the smaller label id comes first (NaN ranks above ``+inf``; :mod:`lightning_haste.ranking`), the same
-        on CPU and GPU. Scores are the layer's logits; on CUDA the tail's come from the mma.sync forward's main
-        loop, whose float32 sums can differ in the last bit of a 16-bit logit from those of the Hopper (wgmma)
-        forward that :meth:`forward` runs at batches of at most 128 rows with groups of 32 or more labels.
+        on CPU and GPU. Scores are the layer's logits; on CUDA the tail's come from the main loop of the kernel
+        that :meth:`forward` runs for the same batch (bit for bit the 16-bit logits it stores).
 
         The full ``[batch, num_labels]`` logits are never materialised (nor permuted). With the CUDA kernels (a
         bfloat16/float16 layer on CUDA) the tail's scores never leave the kernel either: it keeps only the labels

@@ -11,6 +11,7 @@ import lightning_haste as lh
 from lightning_haste import functional as LF
 from lightning_haste.kernels import forward, grad_input, grad_weight, layout, runtime, tuning
 from lightning_haste.kernels import loss as loss_kernels
+from lightning_haste.kernels import topk as topk_kernels
 
 H100_SHARED = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200
 
@@ -142,6 +143,11 @@ def test_grad_weight_warp_tuning():
         ("gsfi_loss", "gsfi_loss_grad", loss_kernels.GRAD_PARAMS),
         ("gsfi_loss", "gsfi_loss_dense", loss_kernels.DENSE_PARAMS),
         ("gsfi_loss", "gsfi_scale", loss_kernels.SCALE_PARAMS),
+        ("gsfi_topk", "gsfi_topk_candidates", topk_kernels.PARAMS),
+        ("gsfi_topk", "gsfi_topk_candidates_sm90", topk_kernels.PARAMS),
+        ("gsfi_topk", "gsfi_topk_dense_candidates", topk_kernels.DENSE_PARAMS),
+        ("gsfi_topk", "gsfi_topk_bound", topk_kernels.BOUND_PARAMS),
+        ("gsfi_topk", "gsfi_topk_merge", topk_kernels.MERGE_PARAMS),
     ],
 )
 def test_packed_parameters_match_the_kernel_signatures(file, kernel, params):
@@ -312,3 +318,23 @@ def test_tuning_is_part_of_the_plan_cache_key(monkeypatch):
     auto = forward.plan.__wrapped__(*args)
     mma = forward.plan.__wrapped__(*args, tuning.ForwardTuning(kernel="mma"))
     assert auto.kernel == "gsfi_forward_sm90" and mma.kernel == "gsfi_forward"
+
+
+@pytest.mark.parametrize(("batch", "group_size", "kernel"), [
+    (128, 32, "auto"), (64, 128, "auto"), (129, 32, "auto"), (128, 16, "auto"), (128, 32, "mma"), (512, 16, "wgmma"),
+])
+def test_topk_candidates_run_the_main_loop_the_forward_runs(monkeypatch, batch, group_size, kernel):
+    # a candidate's value is the forward's logit bit for bit only if both run the same main loop and variant
+    monkeypatch.setattr(runtime, "device_limits", lambda index: (132, H100_SHARED, H100_SHARED + 1024))
+    monkeypatch.setattr(runtime, "capability", lambda index: (9, 0))
+    compiled = []
+    monkeypatch.setattr(runtime, "compile_kernel",
+                        lambda file, kernel, template, index, *a: compiled.append((kernel, template)) or _FakeKernel())
+    settings = tuning.ForwardTuning(kernel=kernel)
+    fwd = forward.plan.__wrapped__("bf16_t", group_size, 64, 384, batch, 1000, True, 0, settings)
+    cand = topk_kernels.plan.__wrapped__("bf16_t", group_size, 64, 384, batch, 1000, 0, settings)
+    assert cand.kernel == fwd.kernel.replace("gsfi_forward", "gsfi_topk_candidates")
+    (_, fwd_template), (_, cand_template) = compiled
+    aligned = 3 if fwd.kernel == "gsfi_forward_sm90" else 4  # the forward's output-alignment flag
+    assert cand_template == fwd_template[:aligned] + fwd_template[aligned + 1:]
+    assert (cand.grid, cand.block, cand.shared) == (fwd.grid, fwd.block, fwd.shared)

@@ -64,6 +64,9 @@ def _instantiations():
     lines += [f"(void*)&gsfi_topk_candidates<{dtype}, {g}, {kp}, {r}, {w}, {n}>,"
               for dtype, r in (("bf16_t", "true"), ("f16_t", "false")) for g, kp, w, n in
               ((8, 16, 8, 3), (16, 64, 12, 3), (32, 128, 8, 4), (64, 128, 4, 3), (128, 512, 2, 2))]
+    lines += [f"(void*)&gsfi_topk_candidates_sm90<{dtype}, {g}, {kp}, {w}, {n}>,"
+              for dtype, g, kp, w, n in (("bf16_t", 32, 128, 3, 4), ("f16_t", 64, 80, 2, 3), ("bf16_t", 128, 512, 1, 3),
+                                         ("f16_t", 8, 16, 3, 3))]
     lines += [f"(void*)&gsfi_topk_{kernel}<{dtype}>," for kernel in ("dense_candidates", "merge")
               for dtype in ("bf16_t", "f16_t")]
     lines += [f"(void*)&gsfi_topk_bound<{dtype}, {v}>," for dtype in ("bf16_t", "f16_t") for v in ("u16", "float")]
@@ -102,6 +105,7 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_scale<f16_t>,
 (void*)&gsfi_topk_candidates<bf16_t, 32, 128, true, 8, 3>,
 (void*)&gsfi_topk_candidates<f16_t, 16, 64, false, 8, 3>,
+(void*)&gsfi_topk_candidates_sm90<bf16_t, 64, 128, 3, 3>,
 (void*)&gsfi_topk_dense_candidates<bf16_t>,
 (void*)&gsfi_topk_merge<f16_t>,
 (void*)&gsfi_topk_bound<bf16_t, u16>,

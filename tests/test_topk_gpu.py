@@ -41,7 +41,8 @@ def _layer(case, seed):
 
 def _forward_logits(layer, x, k):
     """The logits in original label order as the candidate kernels see them: the head by cuBLAS in the same
-    chunks of columns, the tail by the mma.sync forward (the candidate kernel's main loop)."""
+    chunks of columns, the tail by the forward (the kernel whose main loop the candidate kernel runs, under the
+    tuning in force)."""
     batch = x.shape[0]
     internal = []
     if layer.head is not None:
@@ -51,8 +52,7 @@ def _forward_logits(layer, x, k):
             c1 = min(layer.num_head_labels, c0 + chunk)
             b = layer.head.bias[c0:c1] if layer.head.bias is not None else None
             internal.append(nnf.linear(x[:, layer.head_slice[0] : layer.head_slice[1]], layer.head.weight[c0:c1], b))
-    with tuning.use(tuning.ForwardTuning(kernel="mma")):
-        internal.append(layer.tail(x[:, layer.tail_slice[0] : layer.tail_slice[1]]))
+    internal.append(layer.tail(x[:, layer.tail_slice[0] : layer.tail_slice[1]]))
     internal = torch.cat(internal, dim=1)
     out = torch.empty_like(internal)
     out[:, layer.label_permutation] = internal
@@ -67,13 +67,15 @@ def _float64_logits(layer, x):
         layer.to(x.dtype)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "mma", "wgmma"])  # the forward's choice, or either main loop forced
 @pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-H{c[1]}-L{c[2]}-G{c[3]}-K{c[4]}-k{c[6]}" for c in CASES])
 @torch.no_grad()
-def test_fused_topk_equals_the_ranked_forward_logits(case):
+def test_fused_topk_equals_the_ranked_forward_logits(case, kernel):
     k = case[6]
     layer, x = _layer(case, seed=sum(case[:5]))
-    scores, ids = layer.topk(x, k)
-    logits = _forward_logits(layer, x, k)
+    with tuning.use(tuning.ForwardTuning(kernel=kernel)):
+        scores, ids = layer.topk(x, k)
+        logits = _forward_logits(layer, x, k)
     want_scores, want_ids = ranked_topk(logits, torch.arange(layer.num_labels, device="cuda"), k)
     assert torch.equal(ids, want_ids)
     assert torch.equal(scores, want_scores)

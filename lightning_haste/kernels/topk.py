@@ -3,11 +3,11 @@
 Given ``threshold [B]`` (float32: a lower bound of each row's k-th best score; NaN: skip the row),
 ``gsfi_topk_candidates`` appends each tail logit ``z >= threshold[b]`` (the value the forward would store: bias
 added, rounded once to the input dtype) and its position to row ``b``'s list of ``cap`` slots, straight from the
-forward's tensor-core tiles (the mma.sync kernel's main loop, variants and tuning:
-:func:`lightning_haste.kernels.forward.mma_variant`); ``count[b]`` ends at the number of such logits, above ``cap``
-when the list overflowed. ``gsfi_topk_dense_candidates`` does the same for a chunk of the head's logits,
-``gsfi_topk_bound`` raises the bounds from a chunk of logits or from the lists, and ``gsfi_topk_merge`` sorts each
-list into the row's top-k. :mod:`lightning_haste.topk` puts them together.
+forward's tensor-core tiles (the main loop, variant and tuning the forward takes for the same shape: the Hopper
+kernel's where the forward runs it, else the mma.sync kernel's; :func:`plan`); ``count[b]`` ends at the number of
+such logits, above ``cap`` when the list overflowed. ``gsfi_topk_dense_candidates`` does the same for a chunk of
+the head's logits, ``gsfi_topk_bound`` raises the bounds from a chunk of logits or from the lists, and
+``gsfi_topk_merge`` sorts each list into the row's top-k. :mod:`lightning_haste.topk` puts them together.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .forward import mma_variant
+from .forward import mma_variant, uses_wgmma, wgmma_variant
 from .layout import KERNEL_DTYPES, kernel_sizes, pad16, ptr
 from .tuning import ForwardTuning, current
 
@@ -46,14 +46,27 @@ def plan(
     dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
     settings: ForwardTuning = ForwardTuning(),
 ) -> runtime.Plan:
-    """Kernel and grid of ``gsfi_topk_candidates`` for one problem shape: the forward's mma.sync variant (the
-    same main loop and shared memory) and its one-wave grid."""
+    """Kernel and grid of the tail's candidates for one problem shape: the main loop, variant and grid the forward
+    takes for it (:func:`lightning_haste.kernels.forward.plan`), so that every candidate is bit for bit the logit
+    the forward stores: ``gsfi_topk_candidates_sm90`` (wgmma) where the forward runs its Hopper kernel, else
+    ``gsfi_topk_candidates`` (mma.sync)."""
     k_pad = pad16(fan_in)
     _, max_shared, per_sm = runtime.device_limits(index)
+    row_tiles = math.ceil(batch / 64)
+    sm90 = None
+    if uses_wgmma(runtime.capability(index), batch, group_size, settings):
+        sm90 = wgmma_variant(group_size, in_features, max_shared, settings)
+    if sm90 is not None:
+        warpgroups, stages, shared = sm90
+        template = (dtype, group_size, k_pad, warpgroups, stages)
+        fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_candidates_sm90", template, index, True)
+        per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index, fn, 128 * warpgroups)
+        per_cta = math.ceil(per_cta / warpgroups) * warpgroups
+        grid = (row_tiles, math.ceil(num_groups / per_cta))
+        return runtime.make_plan(fn, grid, 128 * warpgroups, shared, 0, index, PARAMS, "gsfi_topk_candidates_sm90")
     resident, warps, stages, shared = mma_variant(group_size, k_pad, in_features, max_shared, per_sm, settings)
     template = (dtype, group_size, k_pad, resident, warps, stages)
     fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_candidates", template, index)
-    row_tiles = math.ceil(batch / 64)
     per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index)
     per_cta = math.ceil(per_cta / warps) * warps
     grid = (row_tiles, math.ceil(num_groups / per_cta))
