@@ -265,21 +265,25 @@ class RoundGraphs:
         :meth:`remember`-ed as capturable; None when the caller should run the round eagerly instead (and then
         :meth:`remember` the key): graphs off, a capture under way on this stream, a key not seen yet or not
         capturable, or a capture of this key that failed."""
-        if self.max_graphs == 0 or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        if self.max_graphs == 0 or not x.is_cuda:
             return None
-        entry = self._graphs.get(key)
-        if entry is None:
-            if not self._seen.get(key, False):
+        # a graph is captured and replayed on the current device's streams: the input's device made current
+        with torch.cuda.device(x.device):
+            if torch.cuda.is_current_stream_capturing():
                 return None
-            entry = self._capture(key, x, round_fn)
+            entry = self._graphs.get(key)
             if entry is None:
-                return None
-        else:
-            self._graphs.move_to_end(key)
-        graph, static_x, outputs = entry
-        static_x.copy_(x)
-        graph.replay()
-        return tuple(t.clone() for t in outputs)  # type: ignore[return-value]
+                if not self._seen.get(key, False):
+                    return None
+                entry = self._capture(key, x, round_fn)
+                if entry is None:
+                    return None
+            else:
+                self._graphs.move_to_end(key)
+            graph, static_x, outputs = entry
+            static_x.copy_(x)
+            graph.replay()
+            return tuple(t.clone() for t in outputs)  # type: ignore[return-value]
 
     def remember(self, key: Hashable, capturable: bool) -> None:
         """Note that ``key`` ran once eagerly (its kernels are loaded): its next call is captured if
