@@ -154,7 +154,8 @@ def test_topk_peak_memory_below_an_eighth_of_the_logits():
     eighth = 256 * 670091 * 2 / 8
     layer.topk(x, 100)  # compile the kernels outside the measurement
     layer.topk_graphs.clear()
-    layer.topk(x[:255], 100)  # the same kernels; a key of its own
+    for _ in range(3):  # a capture too: the libraries' per-stream state (cuBLAS's workspace) is made once
+        layer.topk(x[:255], 100)
     layer.topk_graphs.clear()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
