@@ -104,7 +104,8 @@ class HeadTailOutput(nn.Module):
         backend: kernel choice of the tail, see :class:`GroupSharedFanIn`.
         topk_graphs: CUDA graphs of :meth:`topk`'s kernels kept for replay, one per input shape, ``k`` and
             autocast setting (:class:`~lightning_haste.topk.RoundGraphs`, the attribute ``topk_graphs``;
-            ``layer.topk_graphs.clear()`` frees them); 0 launches the kernels one by one on every call.
+            ``layer.topk_graphs.clear()`` frees them and their memory); 0 launches the kernels one by one on every
+            call and keeps no memory between calls.
     """
 
     label_permutation: Tensor
@@ -127,7 +128,7 @@ class HeadTailOutput(nn.Module):
         generator: Optional[torch.Generator] = None,
         memory_budget: int = F.DEFAULT_MEMORY_BUDGET,
         backend: str = "auto",
-        topk_graphs: int = 4,
+        topk_graphs: int = 2,
     ) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)

@@ -169,8 +169,10 @@ def test_topk_peak_memory_below_an_eighth_of_the_logits():
     assert peak < eighth, peak
     del scores, ids
     torch.cuda.empty_cache()
+    # what the graph keeps between calls: the round's temporaries in its private memory pool, whose segments the
+    # caching allocator rounds up (a request of 1-10 MiB takes a 20 MiB segment)
     kept = torch.cuda.memory_reserved() - base_reserved
-    assert kept < eighth, kept
+    assert kept < eighth + 20 * 2**20, kept
     layer.topk_graphs.clear()
     torch.cuda.empty_cache()
     assert torch.cuda.memory_reserved() <= base_reserved
