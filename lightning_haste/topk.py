@@ -19,7 +19,7 @@ its stored candidates as the new bound, which rises each time unless the row hol
 the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved, for the caller's exact
 chunked path.
 
-The lists (at most a thirty-second) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
+The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
 
 A round is a dozen or more kernel launches and their torch glue, which at small shapes costs the host more time than
@@ -51,12 +51,13 @@ MAX_CAPACITY = 16384
 
 
 def candidate_capacity(batch: int, num_labels: int, k: int, memory_budget: int) -> int:
-    """Slots per row: a power of two near ``num_labels / 128`` (8 bytes a slot: the lists take at most a
-    thirty-second of a 16-bit ``[batch, num_labels]`` tensor; the bound lets about ``k * num_labels / seen``
-    labels through, where ``seen`` is at least a sixteenth, or a quarter of a list), at least ``16 k`` and 256
-    (room for a sample of a quarter of a list and about k candidates for each segment that doubles it), at most
-    :data:`MAX_CAPACITY`, ``num_labels`` and ``memory_budget`` bytes (but not below ``16 k``)."""
-    cap = 1 << max(0, (num_labels // 128).bit_length() - 1)
+    """Slots per row: a multiple of 256 at or below ``num_labels / 96`` (8 bytes a slot: the lists take at most a
+    twenty-fourth of a 16-bit ``[batch, num_labels]`` tensor, which leaves room for a head chunk of a sixteenth;
+    the bound lets about ``k * num_labels / seen`` labels through, where ``seen`` is at least a sixteenth, and
+    single rows several times the mean), at least ``16 k`` and 256 (room for a sample of a quarter of a list and
+    about k candidates for each segment that doubles it), at most :data:`MAX_CAPACITY`, ``num_labels`` and
+    ``memory_budget`` bytes (but not below ``16 k``)."""
+    cap = num_labels // 96 // 256 * 256
     cap = max(cap, 16 * k, 256)
     cap = min(cap, max(MAX_CAPACITY, 16 * k), max(16 * k, memory_budget // (8 * batch)))
     return max(k, min(cap, num_labels))
@@ -150,10 +151,12 @@ def fused_topk(
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
             if first and c0 == 0:
-                # The first bound: the k-th best of the block maxima of the chunk's first columns (8 per block).
-                # It only has to keep this chunk's candidates well within a list (about k * chunk / sample
-                # of them); the bound from the list after the chunk is the chunk's exact k-th best either way.
-                sample = min(c1 - c0, FIRST_SAMPLE_PER_BLOCK * bound_blocks(k))
+                # The first bound: the k-th best of the block maxima of the chunk's first columns (8 per block,
+                # more where the chunk is long). It only has to keep this chunk's candidates well within a list:
+                # about k * chunk / sample of them on average, at most an eighth of a list, as single rows reach
+                # several times the mean; the bound from the list after the chunk is the chunk's exact k-th best
+                # either way.
+                sample = min(c1 - c0, max(FIRST_SAMPLE_PER_BLOCK * bound_blocks(k), -(-8 * k * (c1 - c0) // cap)))
                 kernels.topk.gsfi_topk_bound(logits[:, :sample], k, threshold, bound_blocks(k))
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
             if first and (c1 < num_head or num_tail):
@@ -166,10 +169,11 @@ def fused_topk(
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
         # through), the tail is taken in segments that double what was seen, the bound raised to the k-th best
-        # of the list after each: every segment then adds about k candidates. Once the rest would add at most a
-        # quarter of a list, it is taken in one launch.
+        # of the list after each: every segment then adds about k candidates. Once the rest would add at most an
+        # eighth of a list on average (rows whose best scores lie in the tail add several times the mean), it is
+        # taken in one launch.
         seen = num_head if num_head >= k else 0
-        while first and g0 < num_groups and (not seen or k * (num_tail - g0 * group_size) > (cap // 4) * seen):
+        while first and g0 < num_groups and (not seen or k * (num_tail - g0 * group_size) > (cap // 8) * seen):
             g1 = min(num_groups, g0 + max(1, -(-max(cap // 4, seen) // group_size)))
             _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail,
                              num_head, g0, g1, threshold, count, score, position)
