@@ -28,7 +28,7 @@ from .layout import (
 )
 from .tuning import ForwardTuning, current
 
-__all__ = ["gsfi_forward", "mma_shared_bytes", "plan", "wgmma_shared_bytes"]
+__all__ = ["gsfi_forward", "main_loop_plan", "mma_shared_bytes", "plan", "wgmma_shared_bytes"]
 
 #: gsfi_forward / gsfi_forward_sm90 parameters: XT, ldxt, W, idx, bias, Z, ldz, B, H, L, K, num_groups.
 PARAMS = struct.Struct("@QiQQQQqiiiii")
@@ -118,12 +118,15 @@ def uses_wgmma(
     return settings.kernel == "wgmma" or (batch <= 128 and group_size >= 32)
 
 
-@functools.lru_cache(maxsize=256)
-def plan(
-    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned: bool,
-    index: int, settings: ForwardTuning = ForwardTuning(),
+def main_loop_plan(
+    mma: tuple[str, str], wgmma: tuple[str, str], dtype: str, group_size: int, fan_in: int, in_features: int,
+    batch: int, num_groups: int, index: int, settings: ForwardTuning, params: struct.Struct,
+    flags: tuple = (),
 ) -> runtime.Plan:
-    """Kernel, grid and shared memory of the forward for one problem shape on device ``index``."""
+    """The plan of a kernel built on the forward's main loop: ``wgmma`` (``(file, kernel)`` of its Hopper form)
+    where :func:`uses_wgmma` and the input fits, else ``mma`` (its mma.sync form), with the variant and the
+    one-wave grid the forward takes for the shape. The template is ``(dtype, group_size, k_pad[, resident],
+    *flags, warps or warpgroups, stages)``, ``flags`` being the kernel's own (its epilogue's)."""
     k_pad = pad16(fan_in)
     _, max_shared, per_sm = runtime.device_limits(index)
     row_tiles = math.ceil(batch / 64)
@@ -132,21 +135,31 @@ def plan(
         sm90 = wgmma_variant(group_size, in_features, max_shared, settings)
     if sm90 is not None:
         warpgroups, stages, shared = sm90
-        template = (dtype, group_size, k_pad, aligned, warpgroups, stages)
-        fn = runtime.compile_kernel("gsfi_forward_sm90", "gsfi_forward_sm90", template, index, True)
+        template = (dtype, group_size, k_pad, *flags, warpgroups, stages)
+        fn = runtime.compile_kernel(*wgmma, template, index, True)
         per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index, fn, 128 * warpgroups)
         per_cta = math.ceil(per_cta / warpgroups) * warpgroups
         grid = (row_tiles, math.ceil(num_groups / per_cta))
-        return runtime.make_plan(fn, grid, 128 * warpgroups, shared, 0, index, PARAMS, "gsfi_forward_sm90")
+        return runtime.make_plan(fn, grid, 128 * warpgroups, shared, 0, index, params, wgmma[1])
     resident, warps, stages, shared = mma_variant(group_size, k_pad, in_features, max_shared, per_sm, settings)
-    template = (dtype, group_size, k_pad, resident, aligned, warps, stages)
-    fn = runtime.compile_kernel("gsfi_forward", "gsfi_forward", template, index)
+    template = (dtype, group_size, k_pad, resident, *flags, warps, stages)
+    fn = runtime.compile_kernel(*mma, template, index)
     # One wave of CTAs, each with at least one group per warp; the kernel deals the groups out to its
     # CTAs by itself (strided), so it takes no range per CTA.
     per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index)
     per_cta = math.ceil(per_cta / warps) * warps
     grid = (row_tiles, math.ceil(num_groups / per_cta))
-    return runtime.make_plan(fn, grid, 32 * warps, shared, 0, index, PARAMS, "gsfi_forward")
+    return runtime.make_plan(fn, grid, 32 * warps, shared, 0, index, params, mma[1])
+
+
+@functools.lru_cache(maxsize=256)
+def plan(
+    dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, aligned: bool,
+    index: int, settings: ForwardTuning = ForwardTuning(),
+) -> runtime.Plan:
+    """Kernel, grid and shared memory of the forward for one problem shape on device ``index``."""
+    return main_loop_plan(("gsfi_forward", "gsfi_forward"), ("gsfi_forward_sm90", "gsfi_forward_sm90"), dtype,
+                          group_size, fan_in, in_features, batch, num_groups, index, settings, PARAMS, (aligned,))
 
 
 def gsfi_forward(

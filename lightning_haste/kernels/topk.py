@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .forward import mma_variant, uses_wgmma, wgmma_variant
-from .layout import KERNEL_DTYPES, kernel_sizes, pad16, ptr
+from .forward import main_loop_plan
+from .layout import KERNEL_DTYPES, kernel_sizes, ptr
 from .tuning import ForwardTuning, current
 
 __all__ = [
@@ -50,28 +50,9 @@ def plan(
     takes for it (:func:`lightning_haste.kernels.forward.plan`), so that every candidate is bit for bit the logit
     the forward stores: ``gsfi_topk_candidates_sm90`` (wgmma) where the forward runs its Hopper kernel, else
     ``gsfi_topk_candidates`` (mma.sync)."""
-    k_pad = pad16(fan_in)
-    _, max_shared, per_sm = runtime.device_limits(index)
-    row_tiles = math.ceil(batch / 64)
-    sm90 = None
-    if uses_wgmma(runtime.capability(index), batch, group_size, settings):
-        sm90 = wgmma_variant(group_size, in_features, max_shared, settings)
-    if sm90 is not None:
-        warpgroups, stages, shared = sm90
-        template = (dtype, group_size, k_pad, warpgroups, stages)
-        fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_candidates_sm90", template, index, True)
-        per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index, fn, 128 * warpgroups)
-        per_cta = math.ceil(per_cta / warpgroups) * warpgroups
-        grid = (row_tiles, math.ceil(num_groups / per_cta))
-        return runtime.make_plan(fn, grid, 128 * warpgroups, shared, 0, index, PARAMS, "gsfi_topk_candidates_sm90")
-    resident, warps, stages, shared = mma_variant(group_size, k_pad, in_features, max_shared, per_sm, settings)
-    template = (dtype, group_size, k_pad, resident, warps, stages)
-    fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_candidates", template, index)
-    per_cta = runtime.groups_per_cta(num_groups, row_tiles, shared, index)
-    per_cta = math.ceil(per_cta / warps) * warps
-    grid = (row_tiles, math.ceil(num_groups / per_cta))
     # The order of a row's list depends on timing; the caller's merge orders by a total order.
-    return runtime.make_plan(fn, grid, 32 * warps, shared, per_cta, index, PARAMS, "gsfi_topk_candidates")
+    return main_loop_plan(("gsfi_topk", "gsfi_topk_candidates"), ("gsfi_topk", "gsfi_topk_candidates_sm90"), dtype,
+                          group_size, fan_in, in_features, batch, num_groups, index, settings, PARAMS)
 
 
 def _pow2_at_least(n: int) -> int:
