@@ -526,12 +526,10 @@ class HeadTailOutput(nn.Module):
         """``(scores, ids, fused)``: the top-k by the candidate kernels launched one by one (``fused``; rounds until
         the lists hold every candidate), or by the chunked path where the kernels do not run; rows whose list
         keeps overflowing also by the chunked path."""
-        fused = self._fused_topk_arguments(x2d)
+        fused = self._fused_topk(x2d, k)
         if fused is None:
             return (*self._chunked_topk(x2d, k), False)
-        args, autocast = fused
-        with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            scores, ids, unresolved = ops.head_tail_topk(*args, k, self.memory_budget)
+        scores, ids, unresolved = fused
         if unresolved.numel() and bool(unresolved.any()):  # more than a list of scores tied at the k-th best
             rows = unresolved.nonzero().flatten()
             rows_scores, rows_ids = self._chunked_topk(x2d.index_select(0, rows), k)
@@ -547,11 +545,9 @@ class HeadTailOutput(nn.Module):
         self.tail.check_group_index()
 
         def one_round(static_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            fused = self._fused_topk_arguments(static_x)
+            fused = self._fused_topk(static_x, k, synchronize=False)
             assert fused is not None, "only keys whose eager call ran the kernels are captured"
-            args, autocast = fused
-            with torch.autocast(static_x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-                return ops._head_tail_topk(*args, k, self.memory_budget, synchronize=False)
+            return fused
 
         with torch.no_grad():
             return self.topk_graphs.replay(key, x2d.detach(), one_round)
@@ -576,6 +572,21 @@ class HeadTailOutput(nn.Module):
             autocast, torch.get_autocast_dtype("cuda") if autocast else None, kernels.tuning.current(), tail.backend,
             torch.is_inference_mode_enabled(), *(described(t) for t in params),
         )
+
+    def _fused_topk(
+        self, x2d: Tensor, k: int, synchronize: bool = True
+    ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """``(scores, ids, unresolved)`` of :func:`lightning_haste.ops.head_tail_topk` (autocast off, on arguments
+        cast to its dtype), or of one round without a host synchronisation (``synchronize=False``, for a CUDA
+        graph); None where the tail does not run the kernels."""
+        fused = self._fused_topk_arguments(x2d)
+        if fused is None:
+            return None
+        args, autocast = fused
+        with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if synchronize:
+                return ops.head_tail_topk(*args, k, self.memory_budget)
+            return ops._head_tail_topk(*args, k, self.memory_budget, synchronize=False)
 
     def _fused_topk_arguments(self, x2d: Tensor) -> Optional[tuple[tuple, bool]]:
         """The arguments of :func:`lightning_haste.ops.head_tail_topk` (:meth:`_op_arguments` and the layer's
