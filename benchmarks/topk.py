@@ -30,8 +30,10 @@ metric,ms`` rows, the shape named ``<shape>/k<k>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -43,12 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared timing helpers, shapes and history file
 
 from lightning_haste import HeadTailOutput  # noqa: E402
-from lightning_haste.topk import RoundGraphs, fused_topk  # noqa: E402
+from lightning_haste.topk import RoundGraphs  # noqa: E402
 
 HEAD_RATIO = {"Amazon-670K": 0.10, "AmazonTitles-670K": 0.10, "Amazon-3M": 0.02, "LF-Paper2Keywords-8.6M": 0.05}
 ENCODER_WIDTH = 768
 HISTORY_METRICS = ("fused_eager", "fused_launched", "fused_graph", "chunked_eager", "dense_best_eager",
                    "dense_best_graph", "tail_forward_graph")
+
+
+@contextlib.contextmanager
+def _graphs_off(layer: HeadTailOutput) -> Iterator[None]:
+    """The layer's top-k with every kernel launched by the host (its graphs kept aside, then put back)."""
+    graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
+    try:
+        yield
+    finally:
+        layer.topk_graphs = graphs
 
 
 def _free() -> None:
@@ -82,16 +94,15 @@ def _dense(shape: C.Shape, L: int, k: int, xs: list[torch.Tensor], sets: int) ->
 def _profile(layer: HeadTailOutput, x: torch.Tensor, k: int) -> str:
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
 
-    graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
-    layer.topk(x, k)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
-            layer.topk(x, k)
+    with _graphs_off(layer):
+        layer.topk(x, k)
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                layer.topk(x, k)
+            torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     launches = sum(e.count for e in events) / 5
-    layer.topk_graphs = graphs
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
     return f"{launches:.0f} kernels per call\n{table}"
 
@@ -105,17 +116,10 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
     row["head_labels"] = layer.num_head_labels
     with torch.no_grad():
         row["fused_eager"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
-        graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
-        row["fused_launched"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
-        layer.topk_graphs = graphs
-        args = [layer._fused_topk_arguments(x)[0] for x in xs]
-
-        def one_round(i: int) -> None:
-            x, hw, hb, tw, tb, ti, slices, nh, nt, perm = args[i]
-            fused_topk(x[:, slices[0]:slices[1]] if nh else None, x[:, slices[2]:slices[3]], hw, hb, tw, tb, ti,
-                       tw.shape[0] // ti.shape[0], nh, nt, perm, k, layer.memory_budget, synchronize=False)
-
-        row["fused_graph"] = C.timeit(one_round, sets)
+        with _graphs_off(layer):
+            row["fused_launched"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
+        # the round the layer's graph replays, captured here by the script
+        row["fused_graph"] = C.timeit(lambda i: layer._fused_topk(xs[i], k, synchronize=False), sets)
         row["chunked_eager"] = C.bench(lambda i: layer._chunked_topk(xs[i], k), sets, max_ms=2000, min_reps=3)
         x_tail = [x[:, : shape.H].contiguous() for x in xs]
         row["tail_forward_graph"] = C.timeit(lambda i: layer.tail(x_tail[i]), sets)
@@ -135,9 +139,8 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
         fused_ids = layer.topk(xs[0], k)[1]
         chunked_ids = layer._chunked_topk(xs[0], k)[1]
         row["ids_equal_chunked"] = float((fused_ids == chunked_ids).float().mean())
-        graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(0)
-        row["ids_equal_launched"] = float((fused_ids == layer.topk(xs[0], k)[1]).float().mean())
-        layer.topk_graphs = graphs
+        with _graphs_off(layer):
+            row["ids_equal_launched"] = float((fused_ids == layer.topk(xs[0], k)[1]).float().mean())
         if profile:
             print(f"profile {shape.name} k={k}: {_profile(layer, xs[0], k)}", flush=True)
     layer = None  # noqa: F841 - frees the layer before the dense baselines
