@@ -308,8 +308,7 @@ class RoundGraphs:
             self._graphs.popitem(last=False)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        static_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        static_x.copy_(x)
+        static_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # filled by each replay, this one included
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: a capture fails only on this thread's illegal calls, not on e.g. a pinning thread's
