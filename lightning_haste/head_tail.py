@@ -20,7 +20,7 @@ from ._checks import check_float_tensor, check_memory_budget, check_positive_int
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
 from .ranking import ranked_merge
-from .topk import RoundGraphs
+from .topk import CastCache, RoundGraphs
 
 __all__ = ["HeadTailOutput", "FeatureSlice"]
 
@@ -105,7 +105,10 @@ class HeadTailOutput(nn.Module):
         topk_graphs: CUDA graphs of :meth:`topk`'s kernels kept for replay, one per input shape, ``k`` and
             autocast setting (:class:`~lightning_haste.topk.RoundGraphs`, the attribute ``topk_graphs``;
             ``layer.topk_graphs.clear()`` frees them and their memory); 0 launches the kernels one by one on every
-            call and keeps no memory between calls.
+            call and keeps no memory between calls. Under autocast the top-k of float32 parameters also keeps
+            their copies in the autocast dtype between calls (refreshed when the parameters change; the attribute
+            ``topk_casts``, a :class:`~lightning_haste.topk.CastCache`): ``train()`` and
+            :meth:`clear_topk_cache` free them and the graphs, which read them.
     """
 
     label_permutation: Tensor
@@ -133,6 +136,7 @@ class HeadTailOutput(nn.Module):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.topk_graphs = RoundGraphs(topk_graphs)
+        self.topk_casts = CastCache()
         self.group_size = check_positive_int("group_size", group_size)
         self.fan_in = check_positive_int("fan_in", fan_in)
         self.memory_budget = check_memory_budget(memory_budget)
@@ -425,21 +429,26 @@ class HeadTailOutput(nn.Module):
                 return ops.head_tail_loss_2d(*args)
         return ops.head_tail_loss_2d(*args)
 
-    def _op_arguments(self, x2d: Tensor) -> tuple[Tensor, tuple, bool, bool]:
+    def _op_arguments(self, x2d: Tensor, cached_casts: bool = False) -> tuple[Tensor, tuple, bool, bool]:
         """``(x2d, (head_weight, head_bias, tail_weight, tail_bias, tail_index), kernels, autocast)`` for the ops that
         take the whole layer (the fused loss, the fused top-k): under autocast the input and the parameters in the
-        autocast dtype (the op then runs with autocast off), the tail's index validated, and when the tail runs the
+        autocast dtype (the op then runs with autocast off; ``cached_casts``: the parameters' copies from
+        ``topk_casts``, for ops that need no gradient), the tail's index validated, and when the tail runs the
         CUDA kernels (``kernels``) its parameters as they take them (contiguous, the index int32)."""
         head, tail = self.head, self.tail
         device_type = x2d.device.type
         autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-        x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(
-            x2d,
-            head.weight if head is not None else None,
-            head.bias if head is not None else None,
-            tail.weight if tail is not None else None,
-            tail.bias if tail is not None else None,
-        )
+        params = {
+            "head.weight": head.weight if head is not None else None,
+            "head.bias": head.bias if head is not None else None,
+            "tail.weight": tail.weight if tail is not None else None,
+            "tail.bias": tail.bias if tail is not None else None,
+        }
+        if autocast and cached_casts and x2d.is_cuda and not torch.compiler.is_compiling():
+            x2d = x2d.to(torch.get_autocast_dtype(device_type))
+            head_weight, head_bias, tail_weight, tail_bias = self._cached_casts(x2d.dtype, params)
+        else:
+            x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(x2d, *params.values())
         kernels = False
         tail_index = None
         if tail is not None:
@@ -449,6 +458,40 @@ class HeadTailOutput(nn.Module):
             if kernels:
                 tail_weight, tail_index, tail_bias = F.kernel_arguments(tail_weight, tail_index, tail_bias)
         return x2d, (head_weight, head_bias, tail_weight, tail_bias, tail_index), kernels, autocast
+
+    def _cached_casts(self, dtype: torch.dtype, params: Optional[dict] = None) -> tuple[Optional[Tensor], ...]:
+        """The parameters ``(head.weight, head.bias, tail.weight, tail.bias)`` in ``dtype`` from ``topk_casts``
+        (each refreshed if its parameter changed since)."""
+        if params is None:
+            head, tail = self.head, self.tail
+            params = {
+                "head.weight": head.weight if head is not None else None,
+                "head.bias": head.bias if head is not None else None,
+                "tail.weight": tail.weight if tail is not None else None,
+                "tail.bias": tail.bias if tail is not None else None,
+            }
+        out = []
+        for name, param in params.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                param, made = self.topk_casts.get(name, param, dtype)
+                if made and not torch.cuda.is_current_stream_capturing():
+                    # a graph captured on an earlier copy must not replay it (inside a capture no copy is made:
+                    # the replaying call refreshed them all before it)
+                    self.topk_graphs.clear()
+            out.append(param)
+        return tuple(out)
+
+    def clear_topk_cache(self) -> None:
+        """Free what :meth:`topk` keeps between calls: its CUDA graphs and, under autocast, its copies of the
+        parameters in the autocast dtype. ``train()`` calls this when such copies are kept (validation's copies are
+        not kept while training)."""
+        self.topk_graphs.clear()
+        self.topk_casts.clear()
+
+    def train(self, mode: bool = True) -> HeadTailOutput:
+        if mode and len(self.topk_casts):
+            self.clear_topk_cache()
+        return super().train(mode)
 
     def loss_arguments(
         self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None,
@@ -543,6 +586,10 @@ class HeadTailOutput(nn.Module):
         assert self.tail is not None
         # validated here, outside the capture (inside it a no-op, as the index has not changed since)
         self.tail.check_group_index()
+        if torch.is_autocast_enabled(x2d.device.type):
+            # the graph reads the parameters' cached copies: refreshed here, before it replays (and before a capture,
+            # which then finds them current)
+            self._cached_casts(torch.get_autocast_dtype(x2d.device.type))
 
         def one_round(static_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             fused = self._fused_topk(static_x, k, synchronize=False)
@@ -592,7 +639,7 @@ class HeadTailOutput(nn.Module):
         """The arguments of :func:`lightning_haste.ops.head_tail_topk` (:meth:`_op_arguments` and the layer's
         shapes) and whether autocast was on; None when the tail does not run the CUDA kernels (the chunked path).
         Validates the tail's index either way."""
-        x2d, params, kernels, autocast = self._op_arguments(x2d)
+        x2d, params, kernels, autocast = self._op_arguments(x2d, cached_casts=True)
         if not kernels:
             return None
         args = (x2d, *params, [*self.head_slice, *self.tail_slice], self.num_head_labels, self.num_tail_labels,

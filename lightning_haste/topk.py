@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.nn import functional as nnf
 
 __all__ = [
-    "MAX_ROUNDS", "RoundGraphs", "block_bound", "bound_blocks", "candidate_capacity", "fused_topk",
+    "MAX_ROUNDS", "CastCache", "RoundGraphs", "block_bound", "bound_blocks", "candidate_capacity", "fused_topk",
     "head_chunk_columns",
 ]
 
@@ -219,6 +219,57 @@ def _tail_candidates(
         xt, batch, weight[p0 : g1 * group_size], index[g0:g1], bias[p0:p1] if bias is not None else None, p1 - p0,
         threshold, count, score, position, num_head + p0, checked=False,
     )
+
+
+class CastCache:
+    """Copies of a layer's parameters in another dtype, kept between top-k calls under autocast (a float32 layer in
+    ``bf16-mixed`` validation would otherwise cast all its weights on every batch, several times the top-k's own
+    memory traffic).
+
+    A copy is refreshed in place (same memory: a CUDA graph that reads it stays valid) when its parameter changed in
+    place since (its version counter moved, e.g. an optimizer step or a rewire), and made anew when the parameter is
+    another tensor (other memory, shape or strides); :meth:`get` says when it made one, so that the caller drops
+    whatever read the old copy. Writes that bypass the version counter (through ``.data``) are not seen: call
+    :meth:`clear` after such an edit.
+
+    Not kept by ``copy.deepcopy`` or pickling (a copy starts empty)."""
+
+    def __init__(self) -> None:
+        self._copies: dict[str, tuple[tuple, int, Tensor]] = {}  # name -> (what the parameter is, version, copy)
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def clear(self) -> None:
+        """Drop every copy (its memory goes back to torch's caching allocator)."""
+        self._copies.clear()
+
+    def __deepcopy__(self, memo: dict) -> CastCache:
+        return CastCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def get(self, name: str, param: Tensor, dtype: torch.dtype) -> tuple[Tensor, bool]:
+        """``(param`` in ``dtype``, contiguous, detached; ``made)``: ``made`` when a new copy was allocated (any
+        earlier copy under ``name`` is dropped)."""
+        described = (param.data_ptr(), tuple(param.shape), param.stride(), param.dtype, param.device, dtype)
+        entry = self._copies.get(name)
+        version = param._version
+        if entry is not None and entry[0] == described:
+            if entry[1] != version:
+                with torch.no_grad():
+                    entry[2].copy_(param)
+                self._copies[name] = (described, version, entry[2])
+            return entry[2], False
+        self._copies.pop(name, None)
+        with torch.no_grad():
+            copy = param.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        self._copies[name] = (described, version, copy)
+        return copy, True
 
 
 class RoundGraphs:

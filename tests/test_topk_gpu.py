@@ -241,17 +241,39 @@ def test_replayed_topk_under_autocast_casts_the_current_parameters():
     case = (33, 128, 4000, 16, 32, 0.1, 6, torch.float32)
     layer, x = _layer(case, seed=4)
     twin = _no_graphs(layer)
-    for step in range(4):
+    layer.eval()
+    copies = None
+    for step in range(5):
+        twin.topk_casts.clear()  # the reference casts the parameters afresh on every call
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got, want = layer.topk(x, 6), twin.topk(x, 6)
         assert got[0].dtype == torch.bfloat16
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), step
-        for t in (layer, twin):  # an optimizer step on the float32 parameters
+        # the cached bfloat16 copies of the four float32 parameters, refreshed in place (the graph reads them)
+        pointers = {name: entry[2].data_ptr() for name, entry in layer.topk_casts._copies.items()}
+        assert len(pointers) == 4 and (copies is None or pointers == copies), step
+        copies = pointers
+        for t in (layer, twin):  # an optimizer step on the float32 parameters, a bias changed in place too
             t.tail.weight.add_(0.01 * step)
+            t.head.bias.mul_(1.0 + 0.1 * step)
     assert len(layer.topk_graphs) == 1
     got_plain = layer.topk(x, 6)  # autocast off: another key, eager on its first call
     assert got_plain[0].dtype == torch.float32
     assert len(layer.topk_graphs) == 1
+    # a parameter replaced by another tensor: a new copy, and the graphs that read the old one dropped
+    for t in (layer, twin):
+        t.tail.weight = torch.nn.Parameter(t.tail.weight.detach() * -1.0)
+    for _ in range(3):
+        twin.topk_casts.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = layer.topk(x, 6), twin.topk(x, 6)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert layer.topk_casts._copies["tail.weight"][2].data_ptr() != copies["tail.weight"]
+    # training mode frees the copies and the graphs; evaluation mode alone keeps them
+    layer.eval()
+    assert len(layer.topk_casts) == 4 and len(layer.topk_graphs) == 1
+    layer.train()
+    assert len(layer.topk_casts) == 0 and len(layer.topk_graphs) == 0
 
 
 @torch.no_grad()

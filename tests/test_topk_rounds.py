@@ -244,3 +244,43 @@ def test_a_layer_on_cpu_keeps_no_graphs():
     assert layer._topk_graph_key(x, 5) is None and len(layer.topk_graphs._seen) == 0
     twin = __import__("copy").deepcopy(layer)
     assert isinstance(twin.topk_graphs, fused.RoundGraphs) and twin.topk_graphs is not layer.topk_graphs
+
+
+def test_cast_cache_refreshes_in_place_and_renews_for_another_tensor():
+    import copy  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    cache = fused.CastCache()
+    gen = torch.Generator().manual_seed(5)
+    param = torch.nn.Parameter(torch.randn(7, 5, generator=gen))
+    first, made = cache.get("w", param, torch.bfloat16)
+    assert made and first.dtype == torch.bfloat16 and not first.requires_grad
+    assert torch.equal(first, param.detach().bfloat16())
+    again, made = cache.get("w", param, torch.bfloat16)
+    assert not made and again is first
+    with torch.no_grad():  # an optimizer step: the copy follows, in the same memory
+        param.mul_(-3.0)
+    refreshed, made = cache.get("w", param, torch.bfloat16)
+    assert not made and refreshed.data_ptr() == first.data_ptr()
+    assert torch.equal(refreshed, param.detach().bfloat16())
+    half, made = cache.get("w", param, torch.float16)  # another dtype: a new copy
+    assert made and half.dtype == torch.float16 and len(cache) == 1
+    strided = torch.nn.Parameter(torch.randn(5, 7, generator=gen).t())  # another tensor, not contiguous
+    copied, made = cache.get("w", strided, torch.float16)
+    assert made and copied.is_contiguous() and torch.equal(copied, strided.detach().half())
+    assert len(copy.deepcopy(cache)) == 0 and len(pickle.loads(pickle.dumps(cache))) == 0
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_cpu_topk_under_autocast_keeps_no_casts():
+    layer, x = _layer(3000, 0.1)
+    layer, x = layer.float(), x.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, _ = layer.topk(x, 5)
+    assert scores.dtype == torch.bfloat16 and len(layer.topk_casts) == 0  # on CPU the chunked path casts per chunk, as the layer's forward does
+    layer.topk_casts.get("tail.weight", layer.tail.weight, torch.bfloat16)
+    layer.eval()
+    assert len(layer.topk_casts) == 1
+    layer.train()
+    assert len(layer.topk_casts) == 0
