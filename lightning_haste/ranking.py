@@ -53,8 +53,9 @@ def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ids = ids.expand_as(scores)
     kept = min(k, scores.shape[1])
     if scores.dtype in PACKED_DTYPES:
-        index = rank_keys(scores, ids).topk(kept, dim=1).indices
-        return scores.gather(1, index), ids.gather(1, index)
+        if kept < scores.shape[1] and scores.shape[0]:
+            return _ranked_topk_by_value(scores, ids, kept)
+        return _ranked_topk_by_keys(scores, ids, kept)
     order = _order(scores)
     boundary = order.topk(kept, dim=1).values[:, -1:]
     # The entries above the k-th (fewer than k) all stay; of those equal to it, the smallest ids.
@@ -65,6 +66,32 @@ def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     by_score = order.gather(1, index).argsort(dim=1, descending=True, stable=True)
     index = index.gather(1, by_score)
     return scores.gather(1, index), ids.gather(1, index)
+
+
+def _ranked_topk_by_keys(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    """:func:`ranked_topk` of packed-dtype scores by one int64 key per entry."""
+    index = rank_keys(scores, ids).topk(kept, dim=1).indices
+    return scores.gather(1, index), ids.gather(1, index)
+
+
+def _ranked_topk_by_value(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    """:func:`ranked_topk` of packed-dtype scores from ``torch.topk`` of the values, keys built for the ``kept``
+    entries only: a row's ``kept`` entries are its top set in the ranking order exactly when no other entry of
+    the row ranks at or above their lowest (which also holds the result to the ranking order's NaN and ``-0.0``
+    rules, whatever ``torch.topk`` does with them); the rows where one does (ties at the boundary, where the
+    ranking wants the smallest ids) are redone by the keys of all their entries."""
+    values, index = scores.topk(kept, dim=1)
+    lowest = values[:, -1:]
+    nan_scores = torch.isnan(scores)
+    at_or_above = torch.where(torch.isnan(lowest), nan_scores, (scores >= lowest) | nan_scores).sum(dim=1)
+    top_ids = ids.gather(1, index)
+    order = rank_keys(values, top_ids).argsort(dim=1, descending=True)
+    values, top_ids = values.gather(1, order), top_ids.gather(1, order)
+    redo = (at_or_above != kept).nonzero().flatten()
+    if redo.numel():
+        redo_scores, redo_ids = _ranked_topk_by_keys(scores.index_select(0, redo), ids.index_select(0, redo), kept)
+        values, top_ids = values.index_copy(0, redo, redo_scores), top_ids.index_copy(0, redo, redo_ids)
+    return values, top_ids
 
 
 def ranked_merge(
