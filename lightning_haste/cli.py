@@ -21,7 +21,8 @@ class HasteXMC(HasteXMCModule, LightningModule):
     HASTE output layer. ``hidden=None`` feeds the features (e.g. bag-of-words) straight to the output layer;
     ``head_ratio=1.0`` makes the whole output layer dense (the baseline). The other settings are
     :meth:`HasteXMCModule.configure_haste`'s; ``encoder_lr`` defaults to 2e-3, for the small encoder trained from
-    scratch."""
+    scratch. ``num_features``: the width of the data's features (default: the datamodule's ``num_features``;
+    needed to train from plain dataloaders, with ``label_frequencies`` and ``num_train``)."""
 
     def __init__(
         self,
@@ -44,21 +45,35 @@ class HasteXMC(HasteXMCModule, LightningModule):
         warmup: float = 0.05,
         lr_schedule: str = "cosine",
         seed: int = 0,
+        num_features: Optional[int] = None,
+        label_frequencies: Optional[Any] = None,
+        num_train: Optional[int] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["label_frequencies"])
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                         or num_features < 1):
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.hidden = hidden
+        self.num_features = num_features
         self.encoder: Optional[nn.Module] = None
         self.configure_haste(
-            in_features=hidden, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size, grouping=grouping,
+            in_features=hidden if hidden is not None else num_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size, grouping=grouping,
             loss=loss, loss_reduction=loss_reduction, dropout=dropout, output_bias=output_bias, k=k, psp_a=psp_a,
             psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
             output_weight_decay=output_weight_decay, warmup=warmup, lr_schedule=lr_schedule, seed=seed,
+            label_frequencies=label_frequencies, num_train=num_train,
         )
 
     def setup(self, stage: str) -> None:
         if self.hidden is not None and self.encoder is None:
-            self.encoder = nn.Sequential(nn.Linear(self.trainer.datamodule.num_features, self.hidden), nn.ReLU())
+            trainer = getattr(self, "_trainer", None)
+            datamodule = trainer.datamodule if trainer is not None else None
+            num_features = self.num_features or getattr(datamodule, "num_features", None)
+            if num_features is None:
+                raise ValueError("HasteXMC builds its encoder from the width of the data's features: give the Trainer a "
+                                 "datamodule with num_features (e.g. XMCDataModule) or pass num_features=")
+            self.encoder = nn.Sequential(nn.Linear(num_features, self.hidden), nn.ReLU())
         super().setup(stage)
 
     def on_load_checkpoint(self, checkpoint) -> None:

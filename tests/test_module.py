@@ -441,3 +441,19 @@ def test_without_a_datamodule_or_label_statistics_setup_says_what_to_pass():
 def test_configure_haste_checks_the_given_statistics(kwargs, error, match):
     with pytest.raises(error, match=match):
         BowModel(**kwargs)
+
+
+def test_cli_model_fits_from_plain_dataloaders_with_num_features():
+    train, val = synthetic_xmc(200, 40, 60, 24, seed=3)
+    stats = dict(label_frequencies=train.label_frequencies(), num_train=len(train))
+    model = HasteXMC(hidden=16, head_ratio=0.1, fan_in=8, group_size=8, grouping="random", **stats)
+    with pytest.raises(ValueError, match="num_features="):
+        _trainer(max_steps=1).fit(model, train_dataloaders=_plain_loader(train))
+    for hidden in (16, None):
+        model = HasteXMC(hidden=hidden, head_ratio=0.1, fan_in=8, group_size=8, grouping="random", num_features=24,
+                         **stats)
+        trainer = _trainer(max_steps=3)
+        trainer.fit(model, train_dataloaders=_plain_loader(train), val_dataloaders=_plain_loader(val))
+        assert trainer.global_step == 3 and model.output.in_features == (hidden or 24)
+    with pytest.raises(ValueError, match="num_features"):
+        HasteXMC(num_features=0)
