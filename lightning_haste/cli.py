@@ -58,7 +58,8 @@ class HasteXMC(HasteXMCModule, LightningModule):
         self.num_features = num_features
         self.encoder: Optional[nn.Module] = None
         self.configure_haste(
-            in_features=hidden if hidden is not None else num_features, head_ratio=head_ratio, fan_in=fan_in, group_size=group_size, grouping=grouping,
+            in_features=hidden if hidden is not None else num_features, head_ratio=head_ratio, fan_in=fan_in,
+            group_size=group_size, grouping=grouping,
             loss=loss, loss_reduction=loss_reduction, dropout=dropout, output_bias=output_bias, k=k, psp_a=psp_a,
             psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
             output_weight_decay=output_weight_decay, warmup=warmup, lr_schedule=lr_schedule, seed=seed,
@@ -71,8 +72,8 @@ class HasteXMC(HasteXMCModule, LightningModule):
             datamodule = trainer.datamodule if trainer is not None else None
             num_features = self.num_features or getattr(datamodule, "num_features", None)
             if num_features is None:
-                raise ValueError("HasteXMC builds its encoder from the width of the data's features: give the Trainer a "
-                                 "datamodule with num_features (e.g. XMCDataModule) or pass num_features=")
+                raise ValueError("HasteXMC builds its encoder from the width of the data's features: give the Trainer "
+                                 "a datamodule with num_features (e.g. XMCDataModule) or pass num_features=")
             self.encoder = nn.Sequential(nn.Linear(num_features, self.hidden), nn.ReLU())
         super().setup(stage)
 

@@ -278,7 +278,8 @@ def test_cpu_topk_under_autocast_keeps_no_casts():
     layer, x = layer.float(), x.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores, _ = layer.topk(x, 5)
-    assert scores.dtype == torch.bfloat16 and len(layer.topk_casts) == 0  # on CPU the chunked path casts per chunk, as the layer's forward does
+    # on CPU the chunked path casts per chunk, as the layer's forward does
+    assert scores.dtype == torch.bfloat16 and len(layer.topk_casts) == 0
     layer.topk_casts.get("tail.weight", layer.tail.weight, torch.bfloat16)
     layer.eval()
     assert len(layer.topk_casts) == 1
