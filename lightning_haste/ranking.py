@@ -53,7 +53,9 @@ def ranked_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ids = ids.expand_as(scores)
     kept = min(k, scores.shape[1])
     if scores.dtype in PACKED_DTYPES:
-        if kept < scores.shape[1] and scores.shape[0]:
+        # on CPU torch.topk of the values and keys for a few entries beat keys for all entries (the CUDA path
+        # keeps the keys: measured there, the ties of 16-bit scores at large k made the by-value path slower)
+        if scores.device.type == "cpu" and kept < scores.shape[1] and scores.shape[0]:
             return _ranked_topk_by_value(scores, ids, kept)
         return _ranked_topk_by_keys(scores, ids, kept)
     order = _order(scores)
@@ -75,19 +77,44 @@ def _ranked_topk_by_keys(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tensor
 
 
 def _ranked_topk_by_value(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tensor, Tensor]:
-    """:func:`ranked_topk` of packed-dtype scores from ``torch.topk`` of the values, keys built for the ``kept``
-    entries only: a row's ``kept`` entries are its top set in the ranking order exactly when no other entry of
-    the row ranks at or above their lowest (which also holds the result to the ranking order's NaN and ``-0.0``
-    rules, whatever ``torch.topk`` does with them); the rows where one does (ties at the boundary, where the
-    ranking wants the smallest ids) are redone by the keys of all their entries."""
+    """:func:`ranked_topk` of packed-dtype scores from ``torch.topk`` of the values, keys built for a few entries
+    a row only. With ``b`` the lowest of a row's ``kept`` values: the row's top set is every entry ranking above
+    ``b`` and, of the entries tied with ``b`` (equal, or NaN with NaN), the smallest ids. ``torch.topk`` gives
+    the entries above ``b`` (checked: as many as the row has, else the row is redone by the keys of all its
+    entries, which also holds the result to the ranking's NaN and ``-0.0`` rules whatever ``torch.topk`` does with
+    them); where more entries tie with ``b`` than it kept, the tied ones with the smallest ids are taken instead."""
     values, index = scores.topk(kept, dim=1)
     lowest = values[:, -1:]
+    lowest_nan = torch.isnan(lowest)
     nan_scores = torch.isnan(scores)
-    at_or_above = torch.where(torch.isnan(lowest), nan_scores, (scores >= lowest) | nan_scores).sum(dim=1)
+    # ranking-order comparisons with b: NaN above every number, all NaNs tied
+    above = ~lowest_nan & ((scores > lowest) | nan_scores)
+    tied = torch.where(lowest_nan, nan_scores, scores == lowest)
+    kept_above = (~lowest_nan & ((values > lowest) | torch.isnan(values))).sum(dim=1)
+    row_above, row_tied = above.sum(dim=1), tied.sum(dim=1)
     top_ids = ids.gather(1, index)
     order = rank_keys(values, top_ids).argsort(dim=1, descending=True)
     values, top_ids = values.gather(1, order), top_ids.gather(1, order)
-    redo = (at_or_above != kept).nonzero().flatten()
+    ties = ((row_above == kept_above) & (row_above + row_tied > kept)).nonzero().flatten()
+    if ties.numel():
+        # torch's entries above b, and the row's tied entries with the smallest ids; of their union (more than
+        # kept entries) the best kept by their keys
+        t_scores, t_ids, t_values, t_top_ids = (scores.index_select(0, ties), ids.index_select(0, ties),
+                                                values.index_select(0, ties), top_ids.index_select(0, ties))
+        t_low = lowest.index_select(0, ties)
+        t_above = ~torch.isnan(t_low) & ((t_values > t_low) | torch.isnan(t_values))
+        largest_id = torch.iinfo(torch.int64).max
+        smallest = torch.where(tied.index_select(0, ties), t_ids, largest_id).topk(kept, dim=1, largest=False)
+        tie_valid = smallest.values != largest_id
+        union_scores = torch.cat([t_values, t_scores.gather(1, smallest.indices)], dim=1)
+        union_ids = torch.cat([t_top_ids, t_ids.gather(1, smallest.indices)], dim=1)
+        keys = torch.where(torch.cat([t_above, tie_valid], dim=1), rank_keys(union_scores, union_ids),
+                           torch.iinfo(torch.int64).min)
+        best = keys.topk(kept, dim=1).indices
+        values = values.index_copy(0, ties, union_scores.gather(1, best))
+        top_ids = top_ids.index_copy(0, ties, union_ids.gather(1, best))
+    # torch's kept set is not the row's entries above b plus ties (a NaN order of its own): the keys decide
+    redo = ((row_above != kept_above) | (row_above + row_tied < kept)).nonzero().flatten()
     if redo.numel():
         redo_scores, redo_ids = _ranked_topk_by_keys(scores.index_select(0, redo), ids.index_select(0, redo), kept)
         values, top_ids = values.index_copy(0, redo, redo_scores), top_ids.index_copy(0, redo, redo_ids)

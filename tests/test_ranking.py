@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lightning_haste as lh
-from lightning_haste.ranking import rank_keys, ranked_merge, ranked_topk
+from lightning_haste.ranking import (
+    PACKED_DTYPES,
+    _ranked_topk_by_keys,
+    _ranked_topk_by_value,
+    rank_keys,
+    ranked_merge,
+    ranked_topk,
+)
 
 
 def _brute_force(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +52,14 @@ def test_ranked_topk_equals_brute_force(rows, n, k, dtype, values, seed, per_row
     assert torch.equal(got_ids, want_ids)
     assert torch.equal(got_scores.double().nan_to_num(nan=7.0), want_scores.nan_to_num(nan=7.0))
     assert got_scores.dtype == dtype
+    if dtype in PACKED_DTYPES and k < n:
+        # the two ways to a packed-dtype top-k (keys of every entry; torch.topk of the values and keys of a few)
+        # return the same entries, to the bit (a zero's sign, a NaN's payload)
+        full = ids.expand_as(scores)
+        by_keys, by_value = _ranked_topk_by_keys(scores, full, k), _ranked_topk_by_value(scores, full, k)
+        assert torch.equal(by_keys[1], by_value[1])
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
+        assert torch.equal(by_keys[0].view(bits), by_value[0].view(bits))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
