@@ -75,6 +75,25 @@ def _check_label_order(permutation: Tensor, position: Tensor, num_labels: int) -
         raise ValueError("label_position must be the inverse of label_permutation")
 
 
+def check_label_ids(labels: Any, num_labels: int) -> Tensor:
+    """``labels`` (a tensor or a sequence of label ids) as a 1-D int64 tensor, validated: integers in
+    ``[0, num_labels)``."""
+    if not isinstance(labels, Tensor):
+        array = np.asarray(labels)
+        # an empty list has no dtype of its own (NumPy says float64): no labels, not float ids
+        labels = torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of label ids, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        raise ValueError(
+            f"labels must lie in [0, {num_labels}) (num_labels), found values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.to(torch.long)
+
+
 class HeadTailOutput(nn.Module):
     """Extreme multi-label output layer: dense head over frequent labels, GSFI tail over the rest.
 
@@ -290,20 +309,7 @@ class HeadTailOutput(nn.Module):
         return x2d[:, self.tail_slice[0] : self.tail_slice[1]]
 
     def _check_labels(self, labels: Any) -> Tensor:
-        if not isinstance(labels, Tensor):
-            array = np.asarray(labels)
-            # an empty list has no dtype of its own (NumPy says float64): no labels, not float ids
-            labels = torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor of label ids, got dtype {labels.dtype}")
-        if labels.dim() != 1:
-            raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_labels}) (num_labels), found values in "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-        return labels.to(self.label_position.device, torch.long)
+        return check_label_ids(labels, self.num_labels).to(self.label_position.device)
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

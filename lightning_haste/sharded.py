@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import scipy.sparse
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from . import loss as fused_loss
 from ._checks import check_positive_int
-from .head_tail import HeadTailOutput, _check_label_order
+from .head_tail import HeadTailOutput, _check_label_order, check_label_ids
 from .ranking import ranked_topk
 
 __all__ = ["LabelPartition", "ShardedHeadTailOutput", "partition_labels", "merge_topk", "shard_output"]
@@ -214,9 +214,10 @@ class ShardedHeadTailOutput(nn.Module):
     rank's labels (``self.shard``; its label ids are the owned original ids in increasing order, so its ties break
     as the whole layer's do); every input and output speaks original label ids of the whole layer.
 
-    :meth:`loss`, :meth:`topk` and :meth:`forward` are collective: every rank of the process group calls them in
-    the same order, each with its own rows (the row counts may differ). So are :meth:`state_dict` (it gathers the
-    whole layer, whose keys and shapes it has) and the optimizer-state hooks of :meth:`attach_optimizer`.
+    :meth:`loss`, :meth:`topk`, :meth:`forward` and :meth:`logits_for` are collective: every rank of the process
+    group calls them in the same order, each with its own rows (the row counts may differ). So are
+    :meth:`state_dict` (it gathers the whole layer, whose keys and shapes it has) and the optimizer-state hooks of
+    :meth:`attach_optimizer`.
 
     Gradients (the rule): :meth:`loss` returns, on every rank, the loss of the whole layer on the global batch (the
     concatenation of every rank's rows, in rank order), reduced over all of it: ``"sum"`` over every entry,
@@ -452,6 +453,40 @@ class ShardedHeadTailOutput(nn.Module):
         out = local.new_empty(r1 - r0, self.num_labels)
         out = out.index_copy(1, ids, pieces[r0:r1])
         return out.reshape(*lead, self.num_labels)
+
+    def logits_for(self, x: Tensor, labels: Union[Tensor, Sequence[int]]) -> Tensor:
+        """Logits ``[..., len(labels)]`` of this rank's rows for the given original label ids only (differentiable),
+        as :meth:`HeadTailOutput.logits_for` of the whole layer. Collective, and ``labels`` must be the same on
+        every rank (checked: every rank computes the columns of the labels it holds for every rank's rows).
+        Gradients follow :meth:`forward`'s rule: the shard's parameters get the gradient of the sum of the ranks'
+        losses."""
+        self._check_distributed()
+        lead = x.shape[:-1]
+        x2d = self.shard._check_input(x)
+        labels = check_label_ids(labels, self.num_labels)
+        wanted = labels.cpu().numpy()
+        if self.world_size > 1 and any(not np.array_equal(other, wanted) for other in self._exchange_host(wanted)):
+            raise ValueError("logits_for needs the same labels on every rank (each rank computes the columns of the "
+                             "labels it holds)")
+        counts = self._row_counts(x2d.shape[0])
+        x_global = self._gather_input(x2d, counts)
+        # where each wanted label lives: its position in the ranks' shards, concatenated in rank order
+        all_ids = self._all_shard_ids().cpu().numpy()
+        position = np.empty(self.num_labels, dtype=np.int64)
+        position[all_ids] = np.arange(all_ids.size)
+        sizes = np.asarray(self._all_shard_sizes())
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        where = position[wanted]
+        owner = np.searchsorted(np.cumsum(sizes), where, side="right")
+        by_owner = np.argsort(owner, kind="stable")  # the gathered columns come in rank order
+        mine = by_owner[owner[by_owner] == self.rank]
+        local_ids = torch.as_tensor(where[mine] - starts[self.rank], device=self.shard_label_ids.device)
+        local = self.shard.logits_for(x_global, local_ids)  # [global rows, this rank's wanted labels]
+        columns = tuple(int(c) for c in np.bincount(owner, minlength=self.world_size))
+        gathered = _AllGatherColumns.apply(local, self.rank, self._group(), columns)
+        r0, r1 = self._own_rows(counts)
+        back = torch.as_tensor(np.argsort(by_owner, kind="stable"), device=gathered.device)
+        return gathered[r0:r1].index_select(1, back).reshape(*lead, len(wanted))
 
     def _all_shard_sizes(self) -> tuple[int, ...]:
         return tuple(self.partition.num_labels(r) for r in range(self.world_size))

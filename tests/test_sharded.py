@@ -113,6 +113,30 @@ def _check_rank(rank: int, world: int, folder: str) -> None:
     logits = sharded(x_mine)
     torch.testing.assert_close(logits, whole(x[r0:r1]), **TOL)
 
+    # the logits of some labels (head and tail, every rank's, in any order, one repeated): values and gradients
+    labels = torch.tensor([whole.num_labels - 1, 0, 17, 3, 17, 40, 2, whole.num_labels // 2])
+    weights = torch.randn(x.shape[0], labels.numel(), generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    whole.zero_grad()
+    sharded.zero_grad()
+    x_all = x.clone().requires_grad_(True)
+    expected = whole.logits_for(x_all, labels)
+    (expected * weights).sum().backward()  # the sum of every rank's loss
+    x_mine = x[r0:r1].clone().requires_grad_(True)
+    got = sharded.logits_for(x_mine, labels.tolist())
+    torch.testing.assert_close(got, expected[r0:r1].detach(), **TOL)
+    (got * weights[r0:r1]).sum().backward()  # this rank's loss
+    torch.testing.assert_close(x_mine.grad, x_all.grad[r0:r1], **TOL)
+    for name in ("head.weight", "head.bias", "tail.weight", "tail.bias"):
+        a, b = sharded.partition.rows(name, rank)
+        param = sharded.shard.get_parameter(name)
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)  # none of its labels: no gradient
+        torch.testing.assert_close(grad, whole.get_parameter(name).grad[a:b], **TOL)
+    assert sharded.logits_for(x[r0:r1], []).shape == (r1 - r0, 0)
+    with pytest.raises(ValueError, match="same labels on every rank"):
+        sharded.logits_for(x[r0:r1], [rank])
+    with pytest.raises(ValueError, match="lie in"):
+        sharded.logits_for(x[r0:r1], [whole.num_labels])
+
     # rewiring: the shards' topology and weights after several keyed rewires are the whole layer's
     reference = copy.deepcopy(whole)
     for step in range(1, 4):
@@ -204,6 +228,9 @@ def test_world_size_one_is_the_whole_layer():
     sharded.loss(xb, targets, reduction="sum").backward()
     torch.testing.assert_close(xb.grad, xa.grad, **TOL)
     assert torch.equal(sharded.topk(x, 4)[1], whole.topk(x, 4)[1])
+    labels = [whole.num_labels - 1, 4, 0, 4]
+    torch.testing.assert_close(sharded.logits_for(x, labels), whole.logits_for(x, labels), **TOL)
+    assert sharded.logits_for(x, []).shape == (8, 0)
     state, expected = sharded.state_dict(), whole.state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items()) and sorted(state) == sorted(expected)
     unsharded = sharded.to_unsharded()
