@@ -313,6 +313,10 @@ def read_raw_text_dataset(
     travel in the batches (``batch["texts"]``); ``features`` is their hashed bag of words (for PIFA)."""
     texts = read_texts(texts_path)
     labels = read_label_matrix(labels_path)
+    if len(texts) > labels.shape[0] and not any(texts[labels.shape[0] :]):
+        # blank lines after the last text (an editor's or a concatenation's): not instances. Only where they are
+        # all that is extra: an empty text within the file is an instance with no words.
+        texts = texts[: labels.shape[0]]
     if len(texts) != labels.shape[0]:
         raise XMCFormatError(f"{texts_path} has {len(texts)} texts but {labels_path} has {labels.shape[0]} rows")
     return XMCData(hashed_bag_of_words(texts, hash_features), labels, texts=texts)

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_haste.data import XMCData, XMCDataModule, read_raw_text_dataset, synthetic_xmc, targets_csr
+from lightning_haste.data import (
+    XMCData,
+    XMCDataModule,
+    XMCFormatError,
+    read_raw_text_dataset,
+    synthetic_xmc,
+    targets_csr,
+)
 from lightning_haste.module import HasteXMCModule, lr_multiplier
 
 
@@ -232,3 +239,16 @@ def test_validation_holds_out_part_of_train_by_default_never_the_test_split():
     assert explicit.train_data is train and explicit.val_data is test
     with pytest.raises(ValueError, match="val_fraction"):
         XMCDataModule(train, val_fraction=1.0)
+
+
+def test_raw_text_blank_lines_after_the_last_text_are_not_instances(tmp_path):
+    (tmp_path / "y.txt").write_text("3 4\n0:1 2:1\n1:1\n3:1\n")
+    (tmp_path / "x.txt").write_text("alpha beta\n\ndelta\n\n\r\n")  # an empty second text, then blank lines
+    data = read_raw_text_dataset(tmp_path / "x.txt", tmp_path / "y.txt")
+    assert data.texts == ["alpha beta", "", "delta"]
+    (tmp_path / "x.txt").write_text("alpha beta\ngamma\n")  # one text short
+    with pytest.raises(XMCFormatError, match="2 texts but .* 3 rows"):
+        read_raw_text_dataset(tmp_path / "x.txt", tmp_path / "y.txt")
+    (tmp_path / "x.txt").write_text("alpha\nbeta\ngamma\ndelta\n")  # one text too many, not blank
+    with pytest.raises(XMCFormatError, match="4 texts"):
+        read_raw_text_dataset(tmp_path / "x.txt", tmp_path / "y.txt")
