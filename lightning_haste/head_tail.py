@@ -126,8 +126,8 @@ class HeadTailOutput(nn.Module):
             ``layer.topk_graphs.clear()`` frees them and their memory); 0 launches the kernels one by one on every
             call and keeps no memory between calls. Under autocast the top-k of float32 parameters also keeps
             their copies in the autocast dtype between calls (refreshed when the parameters change; the attribute
-            ``topk_casts``, a :class:`~lightning_haste.topk.CastCache`): ``train()`` and
-            :meth:`clear_topk_cache` free them and the graphs, which read them.
+            ``topk_casts``, a :class:`~lightning_haste.topk.CastCache`): ``train()``, moving or casting the
+            layer (``.to()``, ``.half()``, ...) and :meth:`clear_topk_cache` free them and the graphs.
     """
 
     label_permutation: Tensor
@@ -498,6 +498,11 @@ class HeadTailOutput(nn.Module):
         if mode and len(self.topk_casts):
             self.clear_topk_cache()
         return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HeadTailOutput:
+        # .to(), .cuda(), .half() ... replace the parameters: what the top-k kept of the old ones only holds memory
+        self.clear_topk_cache()
+        return super()._apply(fn, recurse)
 
     def loss_arguments(
         self, x: Tensor, targets: fused_loss.SparseTargets, loss: str = "bce", workspace: Optional[int] = None,

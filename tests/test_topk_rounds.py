@@ -285,3 +285,8 @@ def test_cpu_topk_under_autocast_keeps_no_casts():
     assert len(layer.topk_casts) == 1
     layer.train()
     assert len(layer.topk_casts) == 0
+    layer.topk_casts.get("tail.weight", layer.tail.weight, torch.bfloat16)
+    layer.topk_graphs.remember("a key", capturable=True)
+    layer.double()  # new parameters: the copies of the old ones and the graphs' notes go
+    assert len(layer.topk_casts) == 0 and len(layer.topk_graphs._seen) == 0
+    assert layer.tail.weight.dtype == torch.float64
