@@ -114,6 +114,18 @@ def bench(
     return statistics.median(times)
 
 
+def host_ms(fn: Callable[[], object], reps: int = 200) -> float:
+    """Mean host milliseconds of one ``fn()`` over ``reps`` calls, without waiting for the GPU in between (what the
+    host spends issuing the work); the GPU is drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = (time.perf_counter() - start) / reps * 1e3
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def bench_graph(fn: Callable[[int], object], sets: int, **kw: float) -> float:
     """Median milliseconds of one ``fn(i)`` call, captured in a CUDA graph per input set: GPU time without
     the host's launch gaps (which dominate eager timings of sub-millisecond Python-launched work)."""

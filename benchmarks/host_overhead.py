@@ -93,13 +93,7 @@ def launcher_costs(shape: C.Shape, layer: lh.GroupSharedFanIn, xs: list, dzs: li
     print(f"host time of one call at {shape.name} (mean of {n}, no sync):")
     for name, fn in calls.items():
         fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - start) / n
-        torch.cuda.synchronize()
-        print(f"  {name:<28} {host * 1e6:8.1f} us")
+        print(f"  {name:<28} {C.host_ms(fn, n) * 1e3:8.1f} us")
 
 
 def main() -> None:

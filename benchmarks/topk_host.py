@@ -25,8 +25,6 @@ import cProfile
 import io
 import pstats
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,16 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared timing helpers and shapes
 import topk as T  # noqa: E402 - the layers of benchmarks/topk.py
-
-
-def _host_ms(fn: Callable[[], object], reps: int = 200) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    elapsed = (time.perf_counter() - start) / reps * 1e3
-    torch.cuda.synchronize()
-    return elapsed
 
 
 def host_breakdown(name: str, k: int, profile: bool) -> None:
@@ -64,19 +52,19 @@ def host_breakdown(name: str, k: int, profile: bool) -> None:
                 layer.topk(xs[i % 4], k)
             fallbacks.clear()
             calls = 50
-            wall = _host_ms(lambda: [layer.topk(x, k) for x in xs], calls // 4) / 4
+            wall = C.host_ms(lambda: [layer.topk(x, k) for x in xs], calls // 4) / 4
             x = xs[0]
             x2d = layer._check_input(x)
             key = layer._topk_graph_key(x2d, k)
             graph, static_x, outputs = layer.topk_graphs._graphs[key]
             parts = {
-                "check_input": _host_ms(lambda: layer._check_input(x)),
-                "graph_key": _host_ms(lambda: layer._topk_graph_key(x2d, k)),
-                "check_group_index": _host_ms(lambda: layer.tail.check_group_index()),
-                "copy_in": _host_ms(lambda: static_x.copy_(x2d)),
-                "replay_enqueue": _host_ms(lambda: graph.replay(), 20),
-                "clones": _host_ms(lambda: tuple(t.clone() for t in outputs)),
-                "any_and_read": _host_ms(lambda: bool(outputs[2].any())),
+                "check_input": C.host_ms(lambda: layer._check_input(x)),
+                "graph_key": C.host_ms(lambda: layer._topk_graph_key(x2d, k)),
+                "check_group_index": C.host_ms(lambda: layer.tail.check_group_index()),
+                "copy_in": C.host_ms(lambda: static_x.copy_(x2d)),
+                "replay_enqueue": C.host_ms(lambda: graph.replay(), 20),
+                "clones": C.host_ms(lambda: tuple(t.clone() for t in outputs)),
+                "any_and_read": C.host_ms(lambda: bool(outputs[2].any())),
             }
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             times = []

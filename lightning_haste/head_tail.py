@@ -441,20 +441,16 @@ class HeadTailOutput(nn.Module):
         autocast dtype (the op then runs with autocast off; ``cached_casts``: the parameters' copies from
         ``topk_casts``, for ops that need no gradient), the tail's index validated, and when the tail runs the
         CUDA kernels (``kernels``) its parameters as they take them (contiguous, the index int32)."""
-        head, tail = self.head, self.tail
+        tail = self.tail
         device_type = x2d.device.type
         autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-        params = {
-            "head.weight": head.weight if head is not None else None,
-            "head.bias": head.bias if head is not None else None,
-            "tail.weight": tail.weight if tail is not None else None,
-            "tail.bias": tail.bias if tail is not None else None,
-        }
         if autocast and cached_casts and x2d.is_cuda and not torch.compiler.is_compiling():
             x2d = x2d.to(torch.get_autocast_dtype(device_type))
-            head_weight, head_bias, tail_weight, tail_bias = self._cached_casts(x2d.dtype, params)
+            head_weight, head_bias, tail_weight, tail_bias = self._cached_casts(x2d.dtype)
         else:
-            x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(x2d, *params.values())
+            x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(
+                x2d, *self._part_parameters().values()
+            )
         kernels = False
         tail_index = None
         if tail is not None:
@@ -465,19 +461,22 @@ class HeadTailOutput(nn.Module):
                 tail_weight, tail_index, tail_bias = F.kernel_arguments(tail_weight, tail_index, tail_bias)
         return x2d, (head_weight, head_bias, tail_weight, tail_bias, tail_index), kernels, autocast
 
-    def _cached_casts(self, dtype: torch.dtype, params: Optional[dict] = None) -> tuple[Optional[Tensor], ...]:
+    def _part_parameters(self) -> dict[str, Optional[Tensor]]:
+        """``head.weight``, ``head.bias``, ``tail.weight``, ``tail.bias`` by name, in that order (None where the part
+        or its bias is absent)."""
+        head, tail = self.head, self.tail
+        return {
+            "head.weight": head.weight if head is not None else None,
+            "head.bias": head.bias if head is not None else None,
+            "tail.weight": tail.weight if tail is not None else None,
+            "tail.bias": tail.bias if tail is not None else None,
+        }
+
+    def _cached_casts(self, dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
         """The parameters ``(head.weight, head.bias, tail.weight, tail.bias)`` in ``dtype`` from ``topk_casts``
         (each refreshed if its parameter changed since)."""
-        if params is None:
-            head, tail = self.head, self.tail
-            params = {
-                "head.weight": head.weight if head is not None else None,
-                "head.bias": head.bias if head is not None else None,
-                "tail.weight": tail.weight if tail is not None else None,
-                "tail.bias": tail.bias if tail is not None else None,
-            }
         out = []
-        for name, param in params.items():
+        for name, param in self._part_parameters().items():
             if param is not None and param.is_floating_point() and param.dtype != dtype:
                 param, made = self.topk_casts.get(name, param, dtype)
                 if made and not torch.cuda.is_current_stream_capturing():

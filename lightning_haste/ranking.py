@@ -9,6 +9,8 @@ and payload); ``-0.0`` ties with ``0.0``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -76,6 +78,13 @@ def _ranked_topk_by_keys(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tensor
     return scores.gather(1, index), ids.gather(1, index)
 
 
+def _ranks_above(values: Tensor, bound: Tensor, nan_values: Optional[Tensor] = None) -> Tensor:
+    """Which ``values`` rank strictly above ``bound`` (broadcast) in the ranking order: NaN above every number,
+    nothing above NaN. ``nan_values``: ``torch.isnan(values)`` where the caller has it."""
+    nan_values = torch.isnan(values) if nan_values is None else nan_values
+    return ~torch.isnan(bound) & ((values > bound) | nan_values)
+
+
 def _ranked_topk_by_value(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tensor, Tensor]:
     """:func:`ranked_topk` of packed-dtype scores from ``torch.topk`` of the values, keys built for a few entries
     a row only. With ``b`` the lowest of a row's ``kept`` values: the row's top set is every entry ranking above
@@ -85,13 +94,11 @@ def _ranked_topk_by_value(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tenso
     them); where more entries tie with ``b`` than it kept, the tied ones with the smallest ids are taken instead."""
     values, index = scores.topk(kept, dim=1)
     lowest = values[:, -1:]
-    lowest_nan = torch.isnan(lowest)
     nan_scores = torch.isnan(scores)
-    # ranking-order comparisons with b: NaN above every number, all NaNs tied
-    above = ~lowest_nan & ((scores > lowest) | nan_scores)
-    tied = torch.where(lowest_nan, nan_scores, scores == lowest)
-    kept_above = (~lowest_nan & ((values > lowest) | torch.isnan(values))).sum(dim=1)
-    row_above, row_tied = above.sum(dim=1), tied.sum(dim=1)
+    # tied with b in the ranking order: equal, or NaN with NaN
+    tied = torch.where(torch.isnan(lowest), nan_scores, scores == lowest)
+    kept_above = _ranks_above(values, lowest).sum(dim=1)
+    row_above, row_tied = _ranks_above(scores, lowest, nan_scores).sum(dim=1), tied.sum(dim=1)
     top_ids = ids.gather(1, index)
     order = rank_keys(values, top_ids).argsort(dim=1, descending=True)
     values, top_ids = values.gather(1, order), top_ids.gather(1, order)
@@ -101,8 +108,7 @@ def _ranked_topk_by_value(scores: Tensor, ids: Tensor, kept: int) -> tuple[Tenso
         # kept entries) the best kept by their keys
         t_scores, t_ids, t_values, t_top_ids = (scores.index_select(0, ties), ids.index_select(0, ties),
                                                 values.index_select(0, ties), top_ids.index_select(0, ties))
-        t_low = lowest.index_select(0, ties)
-        t_above = ~torch.isnan(t_low) & ((t_values > t_low) | torch.isnan(t_values))
+        t_above = _ranks_above(t_values, lowest.index_select(0, ties))
         largest_id = torch.iinfo(torch.int64).max
         smallest = torch.where(tied.index_select(0, ties), t_ids, largest_id).topk(kept, dim=1, largest=False)
         tie_valid = smallest.values != largest_id

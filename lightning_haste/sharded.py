@@ -475,12 +475,13 @@ class ShardedHeadTailOutput(nn.Module):
         position = np.empty(self.num_labels, dtype=np.int64)
         position[all_ids] = np.arange(all_ids.size)
         sizes = np.asarray(self._all_shard_sizes())
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        ends = np.cumsum(sizes)
         where = position[wanted]
-        owner = np.searchsorted(np.cumsum(sizes), where, side="right")
+        owner = np.searchsorted(ends, where, side="right")
         by_owner = np.argsort(owner, kind="stable")  # the gathered columns come in rank order
         mine = by_owner[owner[by_owner] == self.rank]
-        local_ids = torch.as_tensor(where[mine] - starts[self.rank], device=self.shard_label_ids.device)
+        local_ids = torch.as_tensor(where[mine] - (ends[self.rank] - sizes[self.rank]),
+                                    device=self.shard_label_ids.device)
         local = self.shard.logits_for(x_global, local_ids)  # [global rows, this rank's wanted labels]
         columns = tuple(int(c) for c in np.bincount(owner, minlength=self.world_size))
         gathered = _AllGatherColumns.apply(local, self.rank, self._group(), columns)
