@@ -9,8 +9,8 @@ Per shape (bf16 layer as in benchmarks/topk.py, k = 5, inputs rotating over four
   each call ends with its host synchronisation); ``graph GPU``: the layer's own graph replayed alone (CUDA
   events); ``fallback rows``: rows per call that took the eager rounds after the replay (lists that overflowed);
 - the host time of each piece of the replayed call, each timed alone over 200 calls: the input checks, the graph
-  key, the index check, the input's copy into the graph, the replay's enqueueing, the outputs' clones, the
-  overflow flag's ``any`` and its read (which waits for the GPU);
+  key, the index check, the input's copy into the graph, the replay's enqueueing, the copy of the outputs (one
+  buffer) and their views, the read of the overflow flag (which waits for the GPU);
 - ``--profile``: a cProfile of 100 calls (top 18 by own time).
 
 Then, per ``--cast-shapes``: the same layer in float32 under ``torch.autocast(bfloat16)`` (``bf16-mixed``
@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared timing helpers and shapes
 import topk as T  # noqa: E402 - the layers of benchmarks/topk.py
+
+from lightning_haste import topk as fused  # noqa: E402
 
 
 def host_breakdown(name: str, k: int, profile: bool) -> None:
@@ -56,15 +58,16 @@ def host_breakdown(name: str, k: int, profile: bool) -> None:
             x = xs[0]
             x2d = layer._check_input(x)
             key = layer._topk_graph_key(x2d, k)
-            graph, static_x, outputs = layer.topk_graphs._graphs[key]
+            graph, static_x, packed, layout = layer.topk_graphs._graphs[key]
+            outputs = fused._unpack(packed, layout)
             parts = {
                 "check_input": C.host_ms(lambda: layer._check_input(x)),
                 "graph_key": C.host_ms(lambda: layer._topk_graph_key(x2d, k)),
                 "check_group_index": C.host_ms(lambda: layer.tail.check_group_index()),
                 "copy_in": C.host_ms(lambda: static_x.copy_(x2d)),
                 "replay_enqueue": C.host_ms(lambda: graph.replay(), 20),
-                "clones": C.host_ms(lambda: tuple(t.clone() for t in outputs)),
-                "any_and_read": C.host_ms(lambda: bool(outputs[2].any())),
+                "clone_and_views": C.host_ms(lambda: fused._unpack(packed.clone(), layout)),
+                "flag_read": C.host_ms(lambda: bool(outputs[3])),
             }
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             times = []

@@ -564,8 +564,8 @@ class HeadTailOutput(nn.Module):
         key = self._topk_graph_key(x2d, k)
         replayed = self._replayed_topk(key, x2d, k) if key is not None else None
         if replayed is not None:
-            scores, ids, unresolved = replayed
-            if bool(unresolved.any()):  # a list overflowed in the one round: those rows by the whole eager path
+            scores, ids, unresolved, overflowed = replayed
+            if bool(overflowed):  # a list overflowed in the one round: those rows by the whole eager path
                 rows = unresolved.nonzero().flatten()
                 rows_scores, rows_ids, _ = self._eager_topk(x2d.index_select(0, rows), k)
                 scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)
@@ -589,10 +589,10 @@ class HeadTailOutput(nn.Module):
             scores, ids = scores.index_copy(0, rows, rows_scores), ids.index_copy(0, rows, rows_ids)
         return scores, ids, True
 
-    def _replayed_topk(self, key: tuple, x2d: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """``(scores, ids, unresolved [B])`` of one round of the candidate kernels replayed from the CUDA graph of
-        ``key`` (captured on the key's second call); None where the eager path runs instead (the key's first call,
-        or a tail that does not run the kernels)."""
+    def _replayed_topk(self, key: tuple, x2d: Tensor, k: int) -> Optional[tuple[Tensor, ...]]:
+        """``(scores, ids, unresolved [B], any unresolved [])`` of one round of the candidate kernels replayed from
+        the CUDA graph of ``key`` (captured on the key's second call); None where the eager path runs instead (the
+        key's first call, or a tail that does not run the kernels)."""
         assert self.tail is not None
         # validated here, outside the capture (inside it a no-op, as the index has not changed since)
         self.tail.check_group_index()
@@ -601,10 +601,10 @@ class HeadTailOutput(nn.Module):
             # which then finds them current)
             self._cached_casts(torch.get_autocast_dtype(x2d.device.type))
 
-        def one_round(static_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def one_round(static_x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             fused = self._fused_topk(static_x, k, synchronize=False)
             assert fused is not None, "only keys whose eager call ran the kernels are captured"
-            return fused
+            return (*fused, fused[2].any())  # the flag in the graph: the host reads one byte, launches nothing
 
         with torch.no_grad():
             return self.topk_graphs.replay(key, x2d.detach(), one_round)

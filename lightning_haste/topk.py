@@ -293,7 +293,8 @@ class RoundGraphs:
         if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 0:
             raise ValueError(f"max_graphs must be a non-negative int, got {max_graphs!r}")
         self.max_graphs = max_graphs
-        self._graphs: OrderedDict[Hashable, tuple] = OrderedDict()  # key -> (graph, static input, outputs)
+        # key -> (graph, static input, the outputs packed in one byte buffer, their layout in it)
+        self._graphs: OrderedDict[Hashable, tuple] = OrderedDict()
         self._seen: OrderedDict[Hashable, bool] = OrderedDict()  # keys run once eagerly (False: capture failed)
         self._pool: Optional[tuple] = None
 
@@ -316,8 +317,8 @@ class RoundGraphs:
         self.__init__(state["max_graphs"])  # type: ignore[misc]
 
     def replay(
-        self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
-    ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, ...]]
+    ) -> Optional[tuple[Tensor, ...]]:
         """``round_fn(x)``'s outputs (copies) from the graph of ``key``, captured now if the key was
         :meth:`remember`-ed as capturable; None when the caller should run the round eagerly instead (and then
         :meth:`remember` the key): graphs off, a capture under way on this stream, a key not seen yet or not
@@ -337,10 +338,11 @@ class RoundGraphs:
                     return None
             else:
                 self._graphs.move_to_end(key)
-            graph, static_x, outputs = entry
+            graph, static_x, packed, layout = entry
             static_x.copy_(x)
             graph.replay()
-            return tuple(t.clone() for t in outputs)  # type: ignore[return-value]
+            # one copy of all the outputs (the next replay overwrites the graph's), one allocation and one launch
+            return _unpack(packed.clone(), layout)  # type: ignore[return-value]
 
     def remember(self, key: Hashable, capturable: bool) -> None:
         """Note that ``key`` ran once eagerly (its kernels are loaded): its next call is captured if
@@ -353,7 +355,7 @@ class RoundGraphs:
             self._seen.popitem(last=False)
 
     def _capture(
-        self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+        self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, ...]]
     ) -> Optional[tuple]:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
@@ -364,13 +366,35 @@ class RoundGraphs:
         try:
             # thread_local: a capture fails only on this thread's illegal calls, not on e.g. a pinning thread's
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                outputs = round_fn(static_x)
+                packed, layout = _pack(round_fn(static_x))
         except RuntimeError as exc:
             torch.cuda.synchronize(x.device)
             self._seen[key] = False
             warnings.warn(f"the top-k round could not be captured in a CUDA graph; it runs eagerly for this shape "
                           f"({str(exc).splitlines()[0][:200]})", RuntimeWarning, stacklevel=4)
             return None
-        entry = (graph, static_x, outputs)
+        entry = (graph, static_x, packed, layout)
         self._graphs[key] = entry
         return entry
+
+
+def _pack(outputs: tuple[Tensor, ...]) -> tuple[Tensor, tuple[tuple[int, int, int, torch.dtype, tuple], ...]]:
+    """The tensors' bytes in one uint8 buffer and where each lies (``(position in outputs, offset, bytes, dtype,
+    shape)``). Wider dtypes come first, so that every offset is a multiple of its dtype's size (a block's size is
+    a multiple of its own element size, and element sizes are powers of two)."""
+    order = sorted(range(len(outputs)), key=lambda i: -outputs[i].element_size())
+    layout, pieces, offset = [], [], 0
+    for i in order:
+        flat = outputs[i].contiguous().reshape(-1).view(torch.uint8)
+        layout.append((i, offset, flat.numel(), outputs[i].dtype, tuple(outputs[i].shape)))
+        pieces.append(flat)
+        offset += flat.numel()
+    return torch.cat(pieces), tuple(layout)
+
+
+def _unpack(packed: Tensor, layout: tuple[tuple[int, int, int, torch.dtype, tuple], ...]) -> tuple[Tensor, ...]:
+    """The tensors of :func:`_pack`'s layout, as views of ``packed``."""
+    out: list[Optional[Tensor]] = [None] * len(layout)
+    for i, offset, size, dtype, shape in layout:
+        out[i] = packed[offset : offset + size].view(dtype).view(shape)
+    return tuple(out)  # type: ignore[arg-type]

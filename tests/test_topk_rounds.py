@@ -290,3 +290,17 @@ def test_cpu_topk_under_autocast_keeps_no_casts():
     layer.double()  # new parameters: the copies of the old ones and the graphs' notes go
     assert len(layer.topk_casts) == 0 and len(layer.topk_graphs._seen) == 0
     assert layer.tail.weight.dtype == torch.float64
+
+
+def test_graph_outputs_pack_into_one_buffer_and_unpack_as_views():
+    gen = torch.Generator().manual_seed(2)
+    outputs = (torch.randn(3, 5, generator=gen).bfloat16(), torch.randint(-9, 9, (3, 5), generator=gen),
+               torch.rand(3, generator=gen) > 0.5, torch.tensor(True), torch.randn(2, 2, generator=gen).t(),
+               torch.empty(0, 4, dtype=torch.float16))
+    packed, layout = fused._pack(outputs)
+    assert packed.dtype == torch.uint8 and packed.numel() == sum(t.numel() * t.element_size() for t in outputs)
+    copy = packed.clone()
+    unpacked = fused._unpack(copy, layout)
+    for got, want in zip(unpacked, outputs, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        assert got.numel() == 0 or got.untyped_storage().data_ptr() == copy.untyped_storage().data_ptr()
