@@ -17,6 +17,10 @@ Per configuration, each in a fresh process (``--same-process``: all in this one)
   backward, optimizer and scheduler step): the work itself;
 - ``overhead`` = 1 - bare / fit: what the loop around the work costs (data, targets, loss glue, logging,
   callbacks, Lightning);
+- ``--breakdown``: instead of the torch profile, the host time per step of each of Lightning's actions
+  (``SimpleProfiler``: fetching the batch, the training step, backward, the optimizer step, each callback hook)
+  over ``--steps`` fit steps after the warm-up, sorted by time (nested actions count in their parents too);
+- ``--no-progress-bar``: every fit with ``enable_progress_bar=False`` (the bar's share of the step);
 - ``--compare-optimizers``: instead of the profile, the bare step with torch's for-each optimizers and with the
   fused ones (``configure_haste(fused_optimizers=)``), three times each, alternated;
 - from ``torch.profiler`` over 10 fit steps: the host-device synchronisations per step
@@ -137,7 +141,7 @@ def profile_fit(args, train, test, steps: int = 10) -> dict:
 
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
                       logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=[*callbacks, Profile()])
+                      enable_progress_bar=not args.no_progress_bar, callbacks=[*callbacks, Profile()])
     trainer.fit(model, dm)
     prof = holder["prof"]
     events = prof.events()
@@ -148,6 +152,45 @@ def profile_fit(args, train, test, steps: int = 10) -> dict:
     top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     return {"syncs_per_step": syncs / steps, "d2h_copies_per_step": d2h / steps,
             "gpu_busy_fraction": _busy_fraction(events, window), "host_table": top}
+
+
+def breakdown_fit(args, train, test, steps: int) -> dict:
+    """Host milliseconds per step of each Lightning action (``SimpleProfiler``) over ``steps`` fit steps after the
+    warm-up, largest first."""
+    from lightning.pytorch.profilers import SimpleProfiler  # noqa: PLC0415 - only with --breakdown
+
+    seed_everything(args.seed)
+    model, dm, callbacks = train_text.build(args, train, test)
+    # its summary goes to a file (not to stdout): the table below is the window's
+    profiler = SimpleProfiler(dirpath=tempfile.mkdtemp(), filename="simple_profiler", extended=False)
+    window: dict = {}
+
+    class Window(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == WARMUP_STEPS and "start" not in window:
+                _sync()
+                window["start"] = {name: len(d) for name, d in profiler.recorded_durations.items()}
+                window["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == WARMUP_STEPS + steps and "stop" not in window:
+                _sync()
+                window["wall"] = time.perf_counter() - window["t0"]
+                window["stop"] = {name: len(d) for name, d in profiler.recorded_durations.items()}
+                trainer.should_stop = True
+
+    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
+                      logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      enable_progress_bar=not args.no_progress_bar, profiler=profiler,
+                      callbacks=[*callbacks, Window()])
+    trainer.fit(model, dm)
+    per_step = {}
+    for name, stop in window["stop"].items():
+        durations = profiler.recorded_durations[name][window["start"].get(name, 0) : stop]
+        if durations:
+            per_step[name] = 1e3 * sum(durations) / steps
+    top = dict(sorted(per_step.items(), key=lambda item: -item[1])[:25])
+    return {"breakdown_wall_ms": 1e3 * window["wall"] / steps, "breakdown_ms": top}
 
 
 def bare_loop(model, batches, steps: int, precision: str) -> float:
@@ -191,7 +234,7 @@ def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, bas
     timer = StepTimer(WARMUP_STEPS, steps)
     trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
                       logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=[*callbacks, timer])
+                      enable_progress_bar=not args.no_progress_bar, callbacks=[*callbacks, timer])
     trainer.fit(model, dm)
     fit_step = (timer.stop - timer.start) / steps
     # the same model and recipe on batches made ready beforehand: tokens on the GPU, targets as the collate gives
@@ -215,13 +258,13 @@ def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, bas
                 "bare_foreach_median_ms": 1e3 * float(np.median(times["foreach"])),
                 "bare_fused_median_ms": 1e3 * float(np.median(times["fused"]))}
     bare_step = bare_loop(model, batches, steps, args.precision)
-    profile = profile_fit(args, train, test)
+    profile = breakdown_fit(args, train, test, steps) if args.breakdown else profile_fit(args, train, test)
     return {
         "labels": label_spec, "num_labels": train.num_labels, "output": output, "steps": steps,
         "fit_ms": fit_step * 1e3, "fit_steps_per_s": 1.0 / fit_step, "bare_ms": bare_step * 1e3,
         "overhead": 1.0 - bare_step / fit_step,
         "output_parameters": int(sum(p.numel() for p in model.output.parameters())),
-        **{k: v for k, v in profile.items() if k != "host_table"}, "host_table": profile["host_table"],
+        **{k: v for k, v in profile.items() if k != "host_table"}, "host_table": profile.get("host_table", ""),
     }
 
 
@@ -237,9 +280,13 @@ def main() -> None:
                         help="after each fit, the bare step with for-each and with fused optimizers, alternated")
     parser.add_argument("--same-process", action="store_true",
                         help="measure every configuration in this process (default: each in a fresh one)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead of the torch profile, the host time of each Lightning action per step")
+    parser.add_argument("--no-progress-bar", action="store_true", help="fit without the progress bar")
     own, rest = parser.parse_known_args()
     args = train_text.arguments(rest)
-    args.compare_optimizers = own.compare_optimizers
+    args.compare_optimizers, args.breakdown, args.no_progress_bar = (own.compare_optimizers, own.breakdown,
+                                                                     own.no_progress_bar)
     torch.set_float32_matmul_precision("high")
     device = C.device_short_name() if torch.cuda.is_available() else "cpu"
     commit = C.resolve_commit(own.commit)
@@ -271,12 +318,18 @@ def main() -> None:
                     fh.write(json.dumps(row) + "\n")
     if own.compare_optimizers:
         return
+    for r in rows:
+        if "breakdown_ms" in r:
+            print(f"\nhost ms / step of Lightning's actions ({r['output']}, {r['num_labels']:,} labels; wall "
+                  f"{r['breakdown_wall_ms']:.2f} ms / step under the profiler):")
+            for name, ms in r["breakdown_ms"].items():
+                print(f"  {ms:8.3f}  {name}")
     print("\n| labels | output | fit ms / step | steps/s | bare ms / step | overhead | syncs / step | GPU busy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['num_labels']:,} | {r['output']} | {r['fit_ms']:.2f} | {r['fit_steps_per_s']:.1f} | "
-              f"{r['bare_ms']:.2f} | {100 * r['overhead']:.1f} % | {r['syncs_per_step']:.1f} | "
-              f"{100 * r['gpu_busy_fraction']:.0f} % |")
+              f"{r['bare_ms']:.2f} | {100 * r['overhead']:.1f} % | {C.fmt(r.get('syncs_per_step'), 0, 1)} | "
+              f"{C.fmt(100 * r['gpu_busy_fraction'] if 'gpu_busy_fraction' in r else None, 0, 0)} % |")
     written = C.append_history(
         own.history, [(f"{r['output']}-L{r['num_labels']}", m, r[m]) for r in rows for m in ("fit_ms", "bare_ms")],
         script="fit_step.py", device=device, commit=commit)
