@@ -124,6 +124,63 @@ __device__ __forceinline__ void sort_descending(V* v, int size) {
   }
 }
 
+// A float's bits as an unsigned integer of the same order (larger floats, larger keys; -0.0 just below +0.0), and
+// back. The keys of the values below are never NaN (callers count a NaN as +inf).
+__device__ __forceinline__ unsigned float_order(float v) {
+  const unsigned bits = __float_as_uint(v);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float order_float(unsigned key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// The k-th largest of v[0, n) in shared memory (1 <= k <= n, no NaN), found by radix selection on float_order:
+// four passes over 8-bit digits from the top, each a histogram of the values that share the digits chosen so far
+// and a scan of its 256 bins for the one holding the k-th largest; exact, as a sort would give it, but 4 passes of
+// n / 256 reads per thread instead of a bitonic sort's log2(n) (log2(n) + 1) / 2 passes. Every thread of the CTA
+// (blockDim.x == 256) calls it and gets the value; v is read only. Ends with a barrier.
+__device__ __forceinline__ float kth_largest(const float* v, int n, int k) {
+  __shared__ unsigned histogram[256];
+  __shared__ unsigned warp_total[8];
+  __shared__ unsigned chosen;
+  __shared__ int still;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned prefix = 0, mask = 0;  // the digits chosen so far, and their bits
+  int remaining = k;              // the rank of the k-th largest among the values that match prefix
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    histogram[threadIdx.x] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += 256) {
+      const unsigned key = float_order(v[i]);
+      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    // thread t takes digit 255 - t: its inclusive scan is the count of matching values with a digit >= its own
+    const unsigned own = histogram[255 - threadIdx.x];
+    unsigned above = own;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const unsigned other = __shfl_up_sync(0xffffffffu, above, d);
+      if (lane >= d) above += other;
+    }
+    if (lane == 31) warp_total[warp] = above;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) above += warp_total[w];
+    // the one digit whose values reach rank `remaining`: fewer than that above it, at least that with it
+    if (above >= (unsigned)remaining && above - own < (unsigned)remaining) {
+      chosen = prefix | ((255u - threadIdx.x) << shift);
+      still = remaining - (int)(above - own);
+    }
+    __syncthreads();
+    prefix = chosen;
+    remaining = still;
+    mask |= 255u << shift;
+    __syncthreads();  // chosen and still are read before the next pass writes them
+  }
+  return order_float(prefix);
+}
+
 // The ranking key of a score and a label id, as lightning_haste.ranking.rank_keys makes it: the float32 bits mapped
 // to an integer of the same order (negative numbers' magnitude bits flipped; -0.0 as 0.0, every NaN as the
 // canonical NaN, which ranks above +inf) in the high 32 bits, 2^32 - 1 - id in the low ones.
@@ -141,13 +198,14 @@ __device__ __forceinline__ float key_score(long long key) {
   return __uint_as_float(bits);
 }
 
-// The ranked top-k of each row's list: CTA b reads the row's first n = min(count[b], cap, width) slots. A long list
-// (n > 2 m, m = the power of two at or above 4 k, at most 512, when m >= 2 k) is first cut down: the k-th best t of the maxima of
-// m strided blocks of its scores is a lower bound of its k-th best (each maximum is a score of a distinct slot; NaN
-// counts as +inf), so every slot of the top-k has a score s with !(s < t) (ties, NaN and -0.0 against 0.0
-// included); only those slots are kept (about 2-3 k of them). The kept slots become ranking keys (the label id
-// through label_permutation), sorted in shared memory (sort_descending, over the next power of two at or above
-// max(kept, k); empty slots hold the lowest key), and the best k are written: out_score [B][k] in the input dtype
+// The ranked top-k of each row's list: CTA b reads the row's first n = min(count[b], cap, width) slots. A long
+// list (n > 2 m, m = the power of two at or above 4 k, at most 512, when m >= 2 k) is first cut down: the k-th best t
+// (kth_largest) of the maxima of m strided blocks of its scores is a lower bound of its k-th best (each maximum is a
+// score of a distinct slot; NaN counts as +inf), so every slot of the top-k has a score s with !(s < t) (ties, NaN
+// and -0.0 against 0.0 included); only those slots are kept (about 2-3 k of them). The kept slots become ranking
+// keys (the label id through label_permutation), sorted in shared memory (sort_descending, over the next power of
+// two at or above max(kept, k); empty slots hold the lowest key), and the best k are written: out_score [B][k] in
+// the input dtype
 // (the scores are values of it), out_id [B][k]. The order in which slots are kept does not matter: the keys are
 // distinct (one per label) and sorted. Rows whose threshold is NaN took no candidates in this round and are left
 // as they are. Dynamic shared memory: 8 bytes a key for the next power of two at or above max(width, k) (the m
@@ -187,8 +245,8 @@ __global__ void __launch_bounds__(256) gsfi_topk_merge(
       maxima[j] = best;
     }
     __syncthreads();
-    sort_descending(maxima, m);
-    if (threadIdx.x == 0) cut = maxima[k - 1];
+    const float t = kth_largest(maxima, m, k);
+    if (threadIdx.x == 0) cut = t;
   }
   __syncthreads();
   const float t = cut;
@@ -225,10 +283,9 @@ template <class T> struct BoundValue<T, float> {
 // A lower bound of each row's k-th best score from `values` [B][ld] (the row's first n = cols, or min(count[b],
 // cols) with a count, entries): the n entries fall into m = min(n, blocks) strided blocks (entry c into block
 // c % m), each block's maximum is an actual score of a distinct entry, and the k-th best of the m maxima is the
-// bound (sorted in shared memory, bitonic, descending; NaN counts as +inf, which still bounds: a NaN ranks above
-// every number). threshold[b] becomes the larger of itself and the bound (a row with n < k keeps its own); rows
-// whose threshold is NaN are skipped. One CTA of 256 threads per row; dynamic shared memory: 4 bytes for each of
-// the next power of two at or above `blocks`.
+// bound (kth_largest, in shared memory; NaN counts as +inf, which still bounds: a NaN ranks above every number).
+// threshold[b] becomes the larger of itself and the bound (a row with n < k keeps its own); rows whose threshold is
+// NaN are skipped. One CTA of 256 threads per row; dynamic shared memory: 4 bytes for each of `blocks` maxima.
 template <class T, class V>
 __global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ values, long long ld, int cols,
                                                       const int* __restrict__ count, int blocks, int k,
@@ -241,26 +298,22 @@ __global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ val
   const int n = count != nullptr ? min(count[b], cols) : cols;
   if (n < k) return;
   const int m = min(n, blocks);
-  int size = 1;
-  while (size < m) size <<= 1;
-  for (int j = threadIdx.x; j < size; j += blockDim.x) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     float best = -__int_as_float(0x7f800000);
-    if (j < m) {
 #pragma unroll 4
-      for (int c = j; c < n; c += m) {
-        const float v = BoundValue<T, V>::get(values[(long long)b * ld + c]);
-        if (v != v) {
-          best = __int_as_float(0x7f800000);
-          break;
-        }
-        if (v > best) best = v;
+    for (int c = j; c < n; c += m) {
+      const float v = BoundValue<T, V>::get(values[(long long)b * ld + c]);
+      if (v != v) {
+        best = __int_as_float(0x7f800000);
+        break;
       }
+      if (v > best) best = v;
     }
     maxima[j] = best;
   }
   __syncthreads();
-  sort_descending(maxima, size);
+  const float bound = kth_largest(maxima, m, k);
   // (Under CuPy's -ftz=true the comparisons here see subnormals as zero, so the bound may be off by a value of
   // that class: the candidate kernels compare in the same way, so every score at or above the true bound passes.)
-  if (threadIdx.x == 0 && maxima[k - 1] > current) threshold[b] = maxima[k - 1];
+  if (threadIdx.x == 0 && bound > current) threshold[b] = bound;
 }

@@ -372,3 +372,38 @@ def test_replayed_topk_under_inference_mode_as_validation_runs_it():
             got = layer.topk(x, 10)
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert len(layer.topk_graphs) == 2
+
+
+@pytest.mark.parametrize("k", [1, 5, 100, 128])
+@pytest.mark.parametrize("source", ["logits", "lists"])
+@torch.no_grad()
+def test_bound_kernel_equals_the_block_maxima_reference(k, source):
+    # The kernel's k-th best of the block maxima (a radix selection) against block_bound's torch.topk, exactly:
+    # NaN (as +inf), +-inf, -0.0 / 0.0 and heavy ties among random values, rows of fewer blocks than the kernel's,
+    # rows with fewer than k entries (kept as they are), a NaN threshold (skipped) and one already above the bound.
+    gen = torch.Generator(device="cuda").manual_seed(100 + k)
+    batch, cols = 48, 9000
+    blocks = fused.bound_blocks(k)
+    values = torch.randn(batch, cols, generator=gen, device="cuda")
+    special = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, 1.0, -1.0], device="cuda")
+    pick = torch.randint(0, 7, (batch, cols), generator=gen, device="cuda")
+    where = torch.rand(batch, cols, generator=gen, device="cuda") < 0.02
+    values = torch.where(where, special[pick], values).bfloat16()
+    values[1] = values[1].round()  # integers: ties everywhere
+    values[2] = 0.0
+    values[2, 7] = -0.0
+    count = torch.randint(0, cols + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    count[:4] = torch.tensor([cols, 5, k - 1, blocks // 2], dtype=torch.int32)
+    threshold = torch.full((batch,), -math.inf, device="cuda")
+    threshold[5], threshold[6] = math.nan, 1e30
+    lists = source == "lists"
+    before = threshold.clone()
+    if lists:
+        kernels.topk.gsfi_topk_bound(values.float(), k, threshold, blocks, count, torch.bfloat16)
+    else:
+        kernels.topk.gsfi_topk_bound(values, k, threshold, blocks)
+    for b in range(batch):
+        n = min(int(count[b]), cols) if lists else cols
+        want = fused.block_bound(values[b : b + 1, :n], k, blocks) if n else None
+        expected = before[b] if want is None or math.isnan(before[b]) else torch.maximum(before[b], want[0])
+        assert torch.equal(threshold[b], expected) or (math.isnan(threshold[b]) and math.isnan(expected)), b

@@ -179,10 +179,10 @@ def gsfi_topk_merge(
 
 @functools.lru_cache(maxsize=64)
 def bound_plan(dtype: str, values: str, batch: int, blocks: int, index: int) -> runtime.Plan:
-    """``gsfi_topk_bound``: one CTA of 256 threads per row, a float for each of the next power of two at or above
-    ``blocks`` in shared memory."""
+    """``gsfi_topk_bound``: one CTA of 256 threads per row (the kernel's selection takes exactly 256), a float for
+    each of the ``blocks`` block maxima in shared memory."""
     fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_bound", (dtype, values), index)
-    shared = 4 * _pow2_at_least(blocks)
+    shared = 4 * blocks
     return runtime.make_plan(fn, (batch, 1), 256, shared, 0, index, BOUND_PARAMS, "gsfi_topk_bound")
 
 
