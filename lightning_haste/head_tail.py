@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as nnf
 
 from . import functional as F
 from . import loss as fused_loss
@@ -20,6 +21,7 @@ from ._checks import check_float_tensor, check_memory_budget, check_positive_int
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
 from .ranking import ranked_merge
+from . import topk as topk_rounds
 from .topk import CastCache, RoundGraphs
 
 __all__ = ["HeadTailOutput", "FeatureSlice"]
@@ -563,7 +565,9 @@ class HeadTailOutput(nn.Module):
         x2d = self._check_input(x)
         key = self._topk_graph_key(x2d, k)
         replayed = self._replayed_topk(key, x2d, k) if key is not None else None
-        if replayed is not None:
+        if replayed is not None and len(replayed) == 2:  # every round in the graph: exact, nothing to check
+            scores, ids = replayed
+        elif replayed is not None:
             scores, ids, unresolved, overflowed = replayed
             if bool(overflowed):  # a list overflowed in the one round: those rows by the whole eager path
                 rows = unresolved.nonzero().flatten()
@@ -590,18 +594,42 @@ class HeadTailOutput(nn.Module):
         return scores, ids, True
 
     def _replayed_topk(self, key: tuple, x2d: Tensor, k: int) -> Optional[tuple[Tensor, ...]]:
-        """``(scores, ids, unresolved [B], any unresolved [])`` of one round of the candidate kernels replayed from
-        the CUDA graph of ``key`` (captured on the key's second call); None where the eager path runs instead (the
-        key's first call, or a tail that does not run the kernels)."""
+        """The top-k replayed from the CUDA graph of ``key`` (captured on the key's second call): ``(scores, ids)``,
+        exact, where the graph holds the rare further rounds and the fallback as conditional nodes
+        (:func:`lightning_haste.topk.conditional_blocks_supported`: the host reads nothing back), else ``(scores,
+        ids, unresolved [B], any unresolved [])`` of one round; None where the eager path runs instead (the key's
+        first call, or a tail that does not run the kernels)."""
         assert self.tail is not None
         # validated here, outside the capture (inside it a no-op, as the index has not changed since)
         self.tail.check_group_index()
-        if torch.is_autocast_enabled(x2d.device.type):
+        device_type = x2d.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type) if autocast else None
+        if autocast:
             # the graph reads the parameters' cached copies: refreshed here, before it replays (and before a capture,
             # which then finds them current)
-            self._cached_casts(torch.get_autocast_dtype(x2d.device.type))
+            self._cached_casts(autocast_dtype)
+        whole = topk_rounds.conditional_blocks_supported(x2d.device)
 
-        def one_round(static_x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        def fallback(unresolved: Tensor, scores: Tensor, ids: Tensor, static_x: Tensor) -> None:
+            # The chunked path for every row (static shapes), kept for the flagged ones; under the caller's
+            # autocast, as the eager fallback runs. Its chunks (logits and ranking keys) are held to a 64th of a
+            # 16-bit [B, L] tensor: their memory stays in the graph's pool.
+            budget = min(self.memory_budget, max(2**20, static_x.shape[0] * self.num_labels // 32))
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast) if autocast else (
+                    contextlib.nullcontext()):
+                exact_scores, exact_ids = self._chunked_topk(static_x, k, budget)
+            rows = unresolved[:, None]
+            scores.copy_(torch.where(rows, exact_scores.to(scores.dtype), scores))
+            ids.copy_(torch.where(rows, exact_ids, ids))
+
+        def one_round(static_x: Tensor) -> tuple[Tensor, ...]:
+            if whole:
+                on_device = topk_rounds.DeviceRounds(
+                    topk_rounds.conditional_block, lambda u, s, i: fallback(u, s, i, static_x))
+                fused = self._fused_topk(static_x, k, synchronize=False, on_device=on_device)
+                assert fused is not None, "only keys whose eager call ran the kernels are captured"
+                return fused[0], fused[1]
             fused = self._fused_topk(static_x, k, synchronize=False)
             assert fused is not None, "only keys whose eager call ran the kernels are captured"
             return (*fused, fused[2].any())  # the flag in the graph: the host reads one byte, launches nothing
@@ -631,7 +659,7 @@ class HeadTailOutput(nn.Module):
         )
 
     def _fused_topk(
-        self, x2d: Tensor, k: int, synchronize: bool = True
+        self, x2d: Tensor, k: int, synchronize: bool = True, on_device: Optional[topk_rounds.DeviceRounds] = None,
     ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
         """``(scores, ids, unresolved)`` of :func:`lightning_haste.ops.head_tail_topk` (autocast off, on arguments
         cast to its dtype), or of one round without a host synchronisation (``synchronize=False``, for a CUDA
@@ -643,7 +671,7 @@ class HeadTailOutput(nn.Module):
         with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():
             if synchronize:
                 return ops.head_tail_topk(*args, k, self.memory_budget)
-            return ops._head_tail_topk(*args, k, self.memory_budget, synchronize=False)
+            return ops._head_tail_topk(*args, k, self.memory_budget, synchronize=False, on_device=on_device)
 
     def _fused_topk_arguments(self, x2d: Tensor) -> Optional[tuple[tuple, bool]]:
         """The arguments of :func:`lightning_haste.ops.head_tail_topk` (:meth:`_op_arguments` and the layer's
@@ -656,17 +684,26 @@ class HeadTailOutput(nn.Module):
                 self.label_permutation)
         return args, autocast
 
-    def _chunked_topk(self, x2d: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The top-k by chunks of labels of at most ``memory_budget`` bytes, merged in the ranking order."""
+    def _chunked_topk(self, x2d: Tensor, k: int, memory_budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The top-k by chunks of labels of at most ``memory_budget`` bytes (the layer's by default), merged in the
+        ranking order."""
+        memory_budget = self.memory_budget if memory_budget is None else memory_budget
+        # a chunk's logits and their int64 ranking keys
+        labels_per_chunk = max(1, memory_budget // ((x2d.element_size() + 8) * x2d.shape[0]))
         best: Optional[tuple[Tensor, Tensor]] = None
-        if self.head is not None:
-            best = ranked_merge(best, self.head(self._head_input(x2d)), self.label_permutation[: self.num_head_labels],
-                                k)
+        head = self.head
+        if head is not None:
+            x_head = self._head_input(x2d)
+            if self.num_head_labels <= labels_per_chunk:
+                best = ranked_merge(best, head(x_head), self.label_permutation[: self.num_head_labels], k)
+            else:
+                for c0 in range(0, self.num_head_labels, labels_per_chunk):
+                    c1 = min(self.num_head_labels, c0 + labels_per_chunk)
+                    logits = nnf.linear(x_head, head.weight[c0:c1], head.bias[c0:c1] if head.bias is not None else None)
+                    best = ranked_merge(best, logits, self.label_permutation[c0:c1], k)
         if self.tail is not None:
             tail = self.tail
             x_tail = self._tail_input(x2d)
-            # the chunk's logits and their int64 ranking keys
-            labels_per_chunk = max(1, self.memory_budget // ((x2d.element_size() + 8) * x2d.shape[0]))
             groups_per_chunk = max(1, labels_per_chunk // tail.group_size)
             for g0 in range(0, tail.num_groups, groups_per_chunk):
                 g1 = min(tail.num_groups, g0 + groups_per_chunk)
@@ -677,7 +714,7 @@ class HeadTailOutput(nn.Module):
                     tail.group_index[g0:g1],
                     tail.bias[p0:p1] if tail.bias is not None else None,
                     p1 - p0,
-                    memory_budget=self.memory_budget,
+                    memory_budget=memory_budget,
                     check_index=False,
                     backend=tail.backend,
                 )

@@ -433,7 +433,7 @@ def head_tail_loss_2d(
 def _head_tail_topk(
     x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Tensor,
     tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
-    label_permutation: Tensor, k: int, memory_budget: int, synchronize: bool = True,
+    label_permutation: Tensor, k: int, memory_budget: int, synchronize: bool = True, on_device=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .topk import fused_topk  # noqa: PLC0415 - the CUDA path only
 
@@ -441,7 +441,7 @@ def _head_tail_topk(
     return fused_topk(
         x[:, slices[0] : slices[1]] if num_head else None, x[:, slices[2] : slices[3]], head_weight, head_bias,
         tail_weight, tail_bias, tail_index, group_size, num_head, num_tail, label_permutation, k, memory_budget,
-        synchronize,
+        synchronize, on_device,
     )
 
 

@@ -29,10 +29,11 @@ for the calls that follow (validation and prediction call the top-k with one bat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Optional
 
 import torch
@@ -40,8 +41,8 @@ from torch import Tensor
 from torch.nn import functional as nnf
 
 __all__ = [
-    "MAX_ROUNDS", "CastCache", "RoundGraphs", "block_bound", "bound_blocks", "candidate_capacity", "fused_topk",
-    "head_chunk_columns",
+    "MAX_ROUNDS", "CastCache", "DeviceRounds", "RoundGraphs", "block_bound", "bound_blocks", "candidate_capacity",
+    "conditional_block", "conditional_blocks_supported", "fused_topk", "head_chunk_columns",
 ]
 
 #: Passes over the labels before a row whose list keeps overflowing is left to the chunked path.
@@ -115,6 +116,7 @@ def fused_topk(
     x_head: Optional[Tensor], x_tail: Optional[Tensor], head_weight: Optional[Tensor], head_bias: Optional[Tensor],
     tail_weight: Optional[Tensor], tail_bias: Optional[Tensor], tail_index: Optional[Tensor], group_size: int,
     num_head: int, num_tail: int, label_permutation: Tensor, k: int, memory_budget: int, synchronize: bool = True,
+    on_device: Optional[DeviceRounds] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(scores [B, k], label ids [B, k], unresolved [B] bool)`` of the layer's top-k in the ranking order.
 
@@ -125,7 +127,8 @@ def fused_topk(
 
     ``unresolved`` is empty when every row was resolved. ``synchronize=False`` makes one round with no host
     synchronisation (so that it can be captured in a CUDA graph): rows whose list overflowed come back unresolved
-    (``unresolved`` is then always ``[B]``)."""
+    (``unresolved`` is then always ``[B]``). With ``on_device`` as well, the further rounds and the fallback run in
+    its conditional blocks instead (:class:`DeviceRounds`): still no host synchronisation, and every row resolved."""
     from . import kernels  # noqa: PLC0415 - the CUDA path only; kernels imports no CuPy itself
 
     x_any = x_tail if x_tail is not None else x_head
@@ -141,12 +144,9 @@ def fused_topk(
     count, score, position = kernels.topk.candidate_buffers(batch, cap, device)
     best_scores = torch.empty(batch, k, dtype=dtype, device=device)
     best_ids = torch.empty(batch, k, dtype=torch.long, device=device)
-    threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=device)
-    stuck: Optional[Tensor] = None  # rows whose bound stopped rising: more than a list of scores tie at it
-    for round_index in range(MAX_ROUNDS):
-        first = round_index == 0
-        if not first:
-            kernels.runtime.zero_(count)
+
+    def one_round(threshold: Tensor, first: bool, chunk: int = chunk) -> None:
+        """The candidates of every row whose threshold is not NaN (raised in place on the first round), merged."""
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
@@ -187,23 +187,121 @@ def fused_topk(
         # one is merged again in the next round or flagged unresolved.
         kernels.topk.gsfi_topk_merge(count, score, position, cap, label_permutation, threshold, k, best_scores,
                                      best_ids)
-        if not synchronize:
-            return best_scores, best_ids, count > cap
-        # The round's one host synchronisation, after all its work is queued (the GPU is not left idle while the
-        # host waits and then launches the merge): did any list overflow?
-        most = int(count.max())
-        if most <= cap:
-            return best_scores, best_ids, stuck if stuck is not None else count.new_empty(0, dtype=torch.bool)
-        # Overflowed rows again with the k-th best of their full lists as the bound; the others take no candidates.
+
+    def retry(threshold: Tensor, stuck: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(threshold, progress, stuck)`` of the next round: overflowed rows again with the k-th best of their
+        full lists as the bound (stuck where it does not rise: more than a list of scores tie at it), the others
+        with NaN (they take no candidates and are not merged again); the lists emptied."""
         over = count > cap
         raised = _kth_best(score, k)
         progress = over & (raised > threshold)
         stuck = over & ~progress if stuck is None else stuck | (over & ~progress)
-        threshold = torch.where(progress, raised, math.nan).contiguous()
+        count.zero_()
+        return torch.where(progress, raised, math.nan).contiguous(), progress, stuck
+
+    threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=device)
+    one_round(threshold, first=True)
+    if not synchronize and on_device is None:
+        return best_scores, best_ids, count > cap
+    if not synchronize:
+        # The rare rounds as conditional blocks of the caller's graph: they run only where a list overflowed, a
+        # flag the GPU computes; the host reads nothing.
+        unresolved = count > cap
+        with on_device.when(unresolved.any()):
+            # A block's work allocates on a stream of its own, so the graph's pool keeps its memory besides the
+            # first round's: smaller head chunks here (a quarter) keep that small.
+            stuck = None
+            for _ in range(MAX_ROUNDS - 1):
+                threshold, _, stuck = retry(threshold, stuck)
+                one_round(threshold, first=False, chunk=max(k, chunk // 4))
+            unresolved.copy_(stuck | (count > cap))
+            with on_device.when(unresolved.any()):
+                on_device.fallback(unresolved, best_scores, best_ids)
+                unresolved.zero_()
+        return best_scores, best_ids, unresolved
+    stuck: Optional[Tensor] = None  # rows whose bound stopped rising: more than a list of scores tie at it
+    for _ in range(MAX_ROUNDS - 1):
+        # The round's one host synchronisation, after all its work is queued (the GPU is not left idle while the
+        # host waits and then launches the merge): did any list overflow?
+        if int(count.max()) <= cap:
+            return best_scores, best_ids, stuck if stuck is not None else count.new_empty(0, dtype=torch.bool)
+        threshold, progress, stuck = retry(threshold, stuck)
         if not bool(progress.any()):
             break
+        one_round(threshold, first=False)
     assert stuck is not None
     return best_scores, best_ids, stuck | (count > cap)
+
+
+class DeviceRounds:
+    """How :func:`fused_topk` completes a captured round without the host: ``when(flag)`` is a context whose
+    work runs only where the 0-d bool CUDA tensor ``flag`` is true at replay (a conditional node of the CUDA graph
+    being captured: :func:`conditional_block`), and ``fallback(unresolved, scores, ids)`` writes the exact top-k of
+    the rows flagged in ``unresolved [B]`` into ``scores`` and ``ids`` in place (the caller's chunked path, all of
+    its work captured with static shapes)."""
+
+    def __init__(self, when: Callable[[Tensor], contextlib.AbstractContextManager],
+                 fallback: Callable[[Tensor, Tensor, Tensor], None]) -> None:
+        self.when = when
+        self.fallback = fallback
+
+
+def conditional_blocks_supported(device: torch.device) -> bool:
+    """Whether CUDA graphs captured on ``device`` can hold conditional nodes (:func:`conditional_block`): a CUDA
+    12.4+ build of torch with ``CUDAGraph.begin_capture_to_if_node``, and a small graph with one that replays
+    right on this device and driver (tried once per device; never while a capture is under way)."""
+    if device.type != "cuda" or torch.version.cuda is None or getattr(torch.version, "hip", None):
+        return False
+    graph_type = torch.cuda.CUDAGraph
+    if not all(hasattr(graph_type, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
+                                                       "end_capture_to_conditional_node")):
+        return False
+    if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 4):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CONDITIONAL_PROBES:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _CONDITIONAL_PROBES[index] = _probe_conditional_block(index)
+    return _CONDITIONAL_PROBES[index]
+
+
+_CONDITIONAL_PROBES: dict[int, bool] = {}
+
+
+def _probe_conditional_block(index: int) -> bool:
+    """Capture ``out += 1`` under a conditional node and replay it with the flag off and on."""
+    try:
+        with torch.cuda.device(index):
+            flag = torch.zeros((), dtype=torch.bool, device="cuda")
+            out = torch.zeros(1, dtype=torch.int32, device="cuda")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with conditional_block(flag):
+                    out.add_(1)
+            graph.replay()
+            flag.fill_(True)
+            graph.replay()
+            ok = int(out.item()) == 1
+            del graph
+            return ok
+    except Exception as exc:  # noqa: BLE001 - any failure means: no conditional nodes here
+        warnings.warn(f"CUDA graphs with conditional nodes do not work here ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the top-k's graph holds one round and "
+                      "the host checks its lists", RuntimeWarning, stacklevel=3)
+        return False
+
+
+@contextlib.contextmanager
+def conditional_block(flag: Tensor) -> Iterator[None]:
+    """Capture the block's work into a conditional node of the CUDA graph being captured: at replay it runs only
+    where the 0-d bool tensor ``flag`` is true (its allocations still come from the graph's pool)."""
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_if_node(flag)
+    try:
+        yield
+    finally:
+        graph.end_capture_to_conditional_node()
 
 
 def _tail_candidates(

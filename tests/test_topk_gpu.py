@@ -123,9 +123,29 @@ def test_all_scores_tied_fall_back_to_the_smallest_ids():
     layer, x = _layer(case, seed=3)
     for p in layer.parameters():
         p.zero_()
-    scores, ids = layer.topk(x, 50)
-    assert torch.equal(ids, torch.arange(50, device="cuda").expand(20, 50))
-    assert torch.equal(scores, torch.zeros_like(scores))
+    for call in range(3):  # eager, captured, replayed: the chunked fallback in the graph's conditional block
+        _poison_graph_outputs(layer)
+        scores, ids = layer.topk(x, 50)
+        assert torch.equal(ids, torch.arange(50, device="cuda").expand(20, 50)), call
+        assert torch.equal(scores, torch.zeros_like(scores)), call
+
+
+@torch.no_grad()
+def test_replayed_topk_reads_nothing_back_where_graphs_take_conditional_blocks():
+    if not fused.conditional_blocks_supported(torch.device("cuda")):
+        pytest.skip("this torch or driver captures no conditional nodes")
+    case = (37, 384, 5003, 16, 64, 0.1, 5, torch.bfloat16)
+    layer, x = _layer(case, seed=21)
+    layer.topk(x, 5)
+    layer.topk(x, 5)  # captured
+    want = ranked_topk(_forward_logits(layer, x, 5), torch.arange(5003, device="cuda"), 5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        scores, ids = layer.topk(x, 5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(ids, want[1]) and torch.equal(scores, want[0])
 
 
 @torch.no_grad()
@@ -276,15 +296,23 @@ def test_replayed_topk_under_autocast_casts_the_current_parameters():
     assert len(layer.topk_casts) == 0 and len(layer.topk_graphs) == 0
 
 
+@pytest.mark.parametrize("conditional", [True, False])
+@pytest.mark.parametrize("cap", [8, 40])
 @torch.no_grad()
-def test_replayed_rows_whose_list_overflowed_take_the_eager_rounds(monkeypatch):
+def test_replayed_rows_whose_list_overflowed_are_completed(monkeypatch, cap, conditional):
+    # by the further rounds and the chunked fallback in the graph's conditional blocks, or (graphs of one round)
+    # by the eager rounds after the host read the flag
+    if conditional and not fused.conditional_blocks_supported(torch.device("cuda")):
+        pytest.skip("this torch or driver captures no conditional nodes")
+    monkeypatch.setattr(fused, "conditional_blocks_supported", lambda device: conditional)
     case = (50, 128, 7001, 16, 32, 0.01, 8, torch.bfloat16)
     layer, x = _layer(case, seed=11)
-    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, num_labels, k, budget: max(k, 40))
+    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, num_labels, k, budget: max(k, cap))
     want = ranked_topk(_forward_logits(layer, x, 8), torch.arange(7001, device="cuda"), 8)
-    for _ in range(3):
+    for call in range(4):
+        _poison_graph_outputs(layer)
         scores, ids = layer.topk(x, 8)
-        assert torch.equal(ids, want[1]) and torch.equal(scores, want[0])
+        assert torch.equal(ids, want[1]) and torch.equal(scores, want[0]), call
     assert len(layer.topk_graphs) == 1
 
 

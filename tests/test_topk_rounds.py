@@ -2,6 +2,8 @@
 left unresolved) on CPU, with the candidate kernels stood in for by PyTorch code that keeps their contract:
 candidates appended in an arbitrary order, counts that run past the lists' capacity."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -82,15 +84,37 @@ def lists(monkeypatch):
     return stand_in
 
 
-def _run(layer: lh.HeadTailOutput, x: torch.Tensor, k: int, budget: int):
+def _run(layer: lh.HeadTailOutput, x: torch.Tensor, k: int, budget: int, **kwargs):
     tail = layer.tail
     head = layer.head
     return fused.fused_topk(
         x[:, layer.head_slice[0] : layer.head_slice[1]] if head is not None else None,
         x[:, layer.tail_slice[0] : layer.tail_slice[1]], head.weight if head is not None else None,
         head.bias if head is not None else None, tail.weight, tail.bias, tail.group_index.int(), tail.group_size,
-        layer.num_head_labels, layer.num_tail_labels, layer.label_permutation, k, budget,
+        layer.num_head_labels, layer.num_tail_labels, layer.label_permutation, k, budget, **kwargs,
     )
+
+
+class Conditional:
+    """A stand-in for the graph's conditional blocks: a capture records a block's work whatever the flag, so the
+    block always runs here (its work must then leave resolved rows as they are); the flags are kept."""
+
+    def __init__(self, reference) -> None:
+        self.flags: list[bool] = []
+        self.fallbacks: list[torch.Tensor] = []
+        self.reference = reference  # (scores, ids) of every row
+
+    @contextlib.contextmanager
+    def when(self, flag: torch.Tensor):
+        assert flag.dtype == torch.bool and flag.dim() == 0
+        self.flags.append(bool(flag))
+        yield
+
+    def fallback(self, unresolved, scores, ids) -> None:
+        self.fallbacks.append(unresolved.clone())
+        rows = unresolved[:, None]
+        scores.copy_(torch.where(rows, self.reference[0], scores))
+        ids.copy_(torch.where(rows, self.reference[1], ids))
 
 
 def _layer(num_labels, head_ratio, group_size=8, seed=0):
@@ -141,6 +165,44 @@ def test_rows_tied_beyond_a_list_come_back_unresolved(lists, monkeypatch):
     monkeypatch.setattr(type(layer), "_fused_topk_arguments", lambda self, x2d: _fused_arguments(self, x2d))
     scores, ids = layer.topk(x, 5)
     want_scores, want_ids = ranked_topk(layer(x), torch.arange(2000), 5)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+
+
+@pytest.mark.parametrize(("num_labels", "head_ratio", "k", "cap", "overflow"), [
+    (3000, 0.1, 5, None, False),  # nothing overflows: the blocks' work changes nothing
+    (3000, 0.0, 7, 64, True),  # lists far too short: the further rounds in the block
+])
+def test_device_rounds_give_the_ranked_topk_without_the_host(lists, monkeypatch, num_labels, head_ratio, k, cap,
+                                                             overflow):
+    if cap is not None:
+        monkeypatch.setattr(fused, "candidate_capacity", lambda batch, labels, kk, budget: max(kk, cap))
+    layer, x = _layer(num_labels, head_ratio)
+    if cap is not None:
+        layer.tail.weight[-num_labels // 4 :] *= 8
+    want_scores, want_ids = ranked_topk(layer(x), torch.arange(num_labels), k)
+    blocks = Conditional((want_scores, want_ids))
+    scores, ids, unresolved = _run(layer, x, k, 13 * 2 * 700, synchronize=False,
+                                   on_device=fused.DeviceRounds(blocks.when, blocks.fallback))
+    assert blocks.flags[0] == overflow and len(blocks.flags) == 2
+    assert not unresolved.any()
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    if overflow:
+        assert lists.launches["merge"] == fused.MAX_ROUNDS
+
+
+def test_device_rounds_leave_rows_tied_beyond_a_list_to_the_fallback(lists, monkeypatch):
+    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, labels, kk, budget: 32)
+    layer, x = _layer(2000, 0.05)
+    layer.tail.weight.zero_()
+    layer.tail.bias.zero_()
+    layer.head.weight.zero_()
+    layer.head.bias.fill_(-1.0)
+    x[3:] = 0
+    want_scores, want_ids = ranked_topk(layer(x), torch.arange(2000), 5)
+    blocks = Conditional((want_scores, want_ids))
+    scores, ids, unresolved = _run(layer, x, 5, 2**20, synchronize=False,
+                                   on_device=fused.DeviceRounds(blocks.when, blocks.fallback))
+    assert blocks.flags == [True, True] and blocks.fallbacks[0].all() and not unresolved.any()
     assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
 
 
