@@ -24,7 +24,10 @@ The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one a
 
 A round is a dozen or more kernel launches and their torch glue, which at small shapes costs the host more time than
 the GPU needs for the work: :class:`RoundGraphs` captures one round per input shape in a CUDA graph and replays it
-for the calls that follow (validation and prediction call the top-k with one batch shape over and over).
+for the calls that follow (validation and prediction call the top-k with one batch shape over and over). Where
+torch captures conditional nodes (:func:`conditional_blocks_supported`), the graph holds the whole exact top-k: the
+further rounds and the chunked fallback are conditional blocks that run only where the GPU found a list that
+overflowed (:class:`DeviceRounds`), so a replayed call reads nothing back and the host never waits for the GPU.
 """
 
 from __future__ import annotations
