@@ -135,6 +135,26 @@ __device__ __forceinline__ float order_float(unsigned key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
+// maxima[j] for j < m: the largest of value(c) over the strided block c = j, j + m, ... < n (each an actual value of
+// a distinct entry; a NaN counts as +inf, which ranks above every number). Every thread of the CTA takes blocks
+// threadIdx.x, threadIdx.x + blockDim.x, ...; the caller puts a barrier before reading them.
+template <class Value>
+__device__ __forceinline__ void block_maxima(Value value, int n, int m, float* maxima) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    float best = -__int_as_float(0x7f800000);
+#pragma unroll 4
+    for (int c = j; c < n; c += m) {
+      const float v = value(c);
+      if (v != v) {
+        best = __int_as_float(0x7f800000);
+        break;
+      }
+      if (v > best) best = v;
+    }
+    maxima[j] = best;
+  }
+}
+
 // The k-th largest of v[0, n) in shared memory (1 <= k <= n, no NaN), found by radix selection on float_order:
 // four passes over 8-bit digits from the top, each a histogram of the values that share the digits chosen so far
 // and a scan of its 256 bins for the one holding the k-th largest; exact, as a sort would give it, but 4 passes of
@@ -232,18 +252,7 @@ __global__ void __launch_bounds__(256) gsfi_topk_merge(
   }
   if (n > 2 * m && m >= 2 * k) {
     float* maxima = reinterpret_cast<float*>(smem);
-    for (int j = threadIdx.x; j < m; j += blockDim.x) {
-      float best = -__int_as_float(0x7f800000);
-      for (int c = j; c < n; c += m) {
-        const float v = row[c];
-        if (v != v) {
-          best = __int_as_float(0x7f800000);
-          break;
-        }
-        if (v > best) best = v;
-      }
-      maxima[j] = best;
-    }
+    block_maxima([row](int c) { return row[c]; }, n, m, maxima);
     __syncthreads();
     const float t = kth_largest(maxima, m, k);
     if (threadIdx.x == 0) cut = t;
@@ -298,19 +307,8 @@ __global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ val
   const int n = count != nullptr ? min(count[b], cols) : cols;
   if (n < k) return;
   const int m = min(n, blocks);
-  for (int j = threadIdx.x; j < m; j += blockDim.x) {
-    float best = -__int_as_float(0x7f800000);
-#pragma unroll 4
-    for (int c = j; c < n; c += m) {
-      const float v = BoundValue<T, V>::get(values[(long long)b * ld + c]);
-      if (v != v) {
-        best = __int_as_float(0x7f800000);
-        break;
-      }
-      if (v > best) best = v;
-    }
-    maxima[j] = best;
-  }
+  const V* row = values + (long long)b * ld;
+  block_maxima([row](int c) { return BoundValue<T, V>::get(row[c]); }, n, m, maxima);
   __syncthreads();
   const float bound = kth_largest(maxima, m, k);
   // (Under CuPy's -ftz=true the comparisons here see subnormals as zero, so the bound may be off by a value of
