@@ -596,7 +596,8 @@ class HeadTailOutput(nn.Module):
     def _replayed_topk(self, key: tuple, x2d: Tensor, k: int) -> Optional[tuple[Tensor, ...]]:
         """The top-k replayed from the CUDA graph of ``key`` (captured on the key's second call): ``(scores, ids)``,
         exact, where the graph holds the rare further rounds and the fallback as conditional nodes
-        (:func:`lightning_haste.topk.conditional_blocks_supported`: the host reads nothing back), else ``(scores,
+        (``RoundGraphs(conditional=True)`` where :func:`lightning_haste.topk.conditional_blocks_supported`: the host
+        reads nothing back), else ``(scores,
         ids, unresolved [B], any unresolved [])`` of one round; None where the eager path runs instead (the key's
         first call, or a tail that does not run the kernels)."""
         assert self.tail is not None
@@ -609,7 +610,7 @@ class HeadTailOutput(nn.Module):
             # the graph reads the parameters' cached copies: refreshed here, before it replays (and before a capture,
             # which then finds them current)
             self._cached_casts(autocast_dtype)
-        whole = topk_rounds.conditional_blocks_supported(x2d.device)
+        whole = self.topk_graphs.conditional and topk_rounds.conditional_blocks_supported(x2d.device)
 
         def fallback(unresolved: Tensor, scores: Tensor, ids: Tensor, static_x: Tensor) -> None:
             # The chunked path for every row (static shapes), kept for the flagged ones; under the caller's

@@ -24,10 +24,11 @@ The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one a
 
 A round is a dozen or more kernel launches and their torch glue, which at small shapes costs the host more time than
 the GPU needs for the work: :class:`RoundGraphs` captures one round per input shape in a CUDA graph and replays it
-for the calls that follow (validation and prediction call the top-k with one batch shape over and over). Where
-torch captures conditional nodes (:func:`conditional_blocks_supported`), the graph holds the whole exact top-k: the
-further rounds and the chunked fallback are conditional blocks that run only where the GPU found a list that
-overflowed (:class:`DeviceRounds`), so a replayed call reads nothing back and the host never waits for the GPU.
+for the calls that follow (validation and prediction call the top-k with one batch shape over and over). With
+``RoundGraphs(conditional=True)`` (experimental), where torch captures conditional nodes
+(:func:`conditional_blocks_supported`), the graph holds the whole exact top-k: the further rounds and the chunked
+fallback are conditional blocks that run only where the GPU found a list that overflowed (:class:`DeviceRounds`),
+so a replayed call reads nothing back and the host never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -390,12 +391,21 @@ class RoundGraphs:
     each graph's input copy and outputs, in segments that the caching allocator rounds up (a request of 1-10 MiB
     takes 20 MiB).
 
+    ``conditional=True`` (experimental, off by default): where torch captures conditional nodes
+    (:func:`conditional_blocks_supported`), a graph holds the whole exact top-k, the further rounds and the
+    fallback as conditional blocks (:class:`DeviceRounds`), so that a replayed call reads nothing back; their work
+    allocates on streams of its own, which the pool keeps besides the first round's. Off by default until its GPU
+    tests have run on a device whose torch captures conditional nodes.
+
     Not kept by ``copy.deepcopy`` or pickling (a copy starts empty)."""
 
-    def __init__(self, max_graphs: int = 2) -> None:
+    def __init__(self, max_graphs: int = 2, conditional: bool = False) -> None:
         if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 0:
             raise ValueError(f"max_graphs must be a non-negative int, got {max_graphs!r}")
+        if not isinstance(conditional, bool):
+            raise TypeError(f"conditional must be a bool, got {conditional!r}")
         self.max_graphs = max_graphs
+        self.conditional = conditional
         # key -> (graph, static input, the outputs packed in one byte buffer, their layout in it)
         self._graphs: OrderedDict[Hashable, tuple] = OrderedDict()
         self._seen: OrderedDict[Hashable, bool] = OrderedDict()  # keys run once eagerly (False: capture failed)
@@ -411,13 +421,13 @@ class RoundGraphs:
         self._pool = None
 
     def __deepcopy__(self, memo: dict) -> RoundGraphs:
-        return RoundGraphs(self.max_graphs)
+        return RoundGraphs(self.max_graphs, self.conditional)
 
     def __getstate__(self) -> dict:
-        return {"max_graphs": self.max_graphs}
+        return {"max_graphs": self.max_graphs, "conditional": self.conditional}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_graphs"])  # type: ignore[misc]
+        self.__init__(state["max_graphs"], state.get("conditional", False))  # type: ignore[misc]
 
     def replay(
         self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, ...]]

@@ -123,7 +123,9 @@ def test_all_scores_tied_fall_back_to_the_smallest_ids():
     layer, x = _layer(case, seed=3)
     for p in layer.parameters():
         p.zero_()
-    for call in range(3):  # eager, captured, replayed: the chunked fallback in the graph's conditional block
+    if fused.conditional_blocks_supported(torch.device("cuda")):
+        layer.topk_graphs = fused.RoundGraphs(2, conditional=True)  # the fallback in a conditional block
+    for call in range(3):  # eager, captured, replayed
         _poison_graph_outputs(layer)
         scores, ids = layer.topk(x, 50)
         assert torch.equal(ids, torch.arange(50, device="cuda").expand(20, 50)), call
@@ -136,6 +138,7 @@ def test_replayed_topk_reads_nothing_back_where_graphs_take_conditional_blocks()
         pytest.skip("this torch or driver captures no conditional nodes")
     case = (37, 384, 5003, 16, 64, 0.1, 5, torch.bfloat16)
     layer, x = _layer(case, seed=21)
+    layer.topk_graphs = fused.RoundGraphs(2, conditional=True)
     layer.topk(x, 5)
     layer.topk(x, 5)  # captured
     want = ranked_topk(_forward_logits(layer, x, 5), torch.arange(5003, device="cuda"), 5)
@@ -304,9 +307,9 @@ def test_replayed_rows_whose_list_overflowed_are_completed(monkeypatch, cap, con
     # by the eager rounds after the host read the flag
     if conditional and not fused.conditional_blocks_supported(torch.device("cuda")):
         pytest.skip("this torch or driver captures no conditional nodes")
-    monkeypatch.setattr(fused, "conditional_blocks_supported", lambda device: conditional)
     case = (50, 128, 7001, 16, 32, 0.01, 8, torch.bfloat16)
     layer, x = _layer(case, seed=11)
+    layer.topk_graphs = fused.RoundGraphs(2, conditional=conditional)
     monkeypatch.setattr(fused, "candidate_capacity", lambda batch, num_labels, k, budget: max(k, cap))
     want = ranked_topk(_forward_logits(layer, x, 8), torch.arange(7001, device="cuda"), 8)
     for call in range(4):

@@ -297,6 +297,12 @@ def test_round_graphs_bookkeeping_without_a_device():
     off = fused.RoundGraphs(0)
     off.remember("a", capturable=True)
     assert len(off._seen) == 0
+    with pytest.raises(TypeError, match="conditional"):
+        fused.RoundGraphs(2, conditional=1)
+    whole = fused.RoundGraphs(3, conditional=True)
+    assert copy.deepcopy(whole).conditional and pickle.loads(pickle.dumps(whole)).conditional
+    assert not graphs.conditional  # off by default
+    assert not fused.conditional_blocks_supported(torch.device("cpu"))
 
 
 def test_a_layer_on_cpu_keeps_no_graphs():
