@@ -17,11 +17,11 @@ from torch.nn import functional as nnf
 from . import functional as F
 from . import loss as fused_loss
 from . import ops
+from . import topk as topk_rounds
 from ._checks import check_float_tensor, check_memory_budget, check_positive_int, check_same_device_dtype
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
 from .ranking import ranked_merge
-from . import topk as topk_rounds
 from .topk import CastCache, RoundGraphs
 
 __all__ = ["HeadTailOutput", "FeatureSlice"]
@@ -597,9 +597,8 @@ class HeadTailOutput(nn.Module):
         """The top-k replayed from the CUDA graph of ``key`` (captured on the key's second call): ``(scores, ids)``,
         exact, where the graph holds the rare further rounds and the fallback as conditional nodes
         (``RoundGraphs(conditional=True)`` where :func:`lightning_haste.topk.conditional_blocks_supported`: the host
-        reads nothing back), else ``(scores,
-        ids, unresolved [B], any unresolved [])`` of one round; None where the eager path runs instead (the key's
-        first call, or a tail that does not run the kernels)."""
+        reads nothing back), else ``(scores, ids, unresolved [B], any unresolved [])`` of one round; None where the
+        eager path runs instead (the key's first call, or a tail that does not run the kernels)."""
         assert self.tail is not None
         # validated here, outside the capture (inside it a no-op, as the index has not changed since)
         self.tail.check_group_index()
