@@ -79,6 +79,13 @@ def relabel(data: XMCData, num_labels: int, seed: int) -> XMCData:
     return XMCData(data.features, labels, texts=data.texts)
 
 
+def _trainer(args, callbacks: list, **options) -> Trainer:
+    """The measured fits' trainer: one device, no logger, checkpoints or validation, stopped by a callback."""
+    return Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100, logger=False,
+                   enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                   enable_progress_bar=not args.no_progress_bar, callbacks=callbacks, **options)
+
+
 class StepTimer(Callback):
     """Wall time of optimizer steps ``first`` .. ``first + count`` (a synchronisation at each end only)."""
 
@@ -139,9 +146,7 @@ def profile_fit(args, train, test, steps: int = 10) -> dict:
                 holder["done"] = True
                 trainer.should_stop = True
 
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
-                      logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                      enable_progress_bar=not args.no_progress_bar, callbacks=[*callbacks, Profile()])
+    trainer = _trainer(args, [*callbacks, Profile()])
     trainer.fit(model, dm)
     prof = holder["prof"]
     events = prof.events()
@@ -179,10 +184,7 @@ def breakdown_fit(args, train, test, steps: int) -> dict:
                 window["stop"] = {name: len(d) for name, d in profiler.recorded_durations.items()}
                 trainer.should_stop = True
 
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
-                      logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                      enable_progress_bar=not args.no_progress_bar, profiler=profiler,
-                      callbacks=[*callbacks, Window()])
+    trainer = _trainer(args, [*callbacks, Window()], profiler=profiler)
     trainer.fit(model, dm)
     per_step = {}
     for name, stop in window["stop"].items():
@@ -232,9 +234,7 @@ def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, bas
     seed_everything(args.seed)
     model, dm, callbacks = train_text.build(args, train, test)
     timer = StepTimer(WARMUP_STEPS, steps)
-    trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=100,
-                      logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                      enable_progress_bar=not args.no_progress_bar, callbacks=[*callbacks, timer])
+    trainer = _trainer(args, [*callbacks, timer])
     trainer.fit(model, dm)
     fit_step = (timer.stop - timer.start) / steps
     # the same model and recipe on batches made ready beforehand: tokens on the GPU, targets as the collate gives

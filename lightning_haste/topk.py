@@ -107,15 +107,19 @@ def block_bound(scores: Tensor, k: int, blocks: Optional[int] = None) -> Optiona
         return None
     blocks = min(n, bound_blocks(k) if blocks is None else blocks)
     padded = nnf.pad(scores.float(), (0, -n % blocks), value=-math.inf)
-    # (posinf / neginf kept: nan_to_num would otherwise turn the infinities into the largest finite values)
-    maxima = padded.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf).reshape(batch, -1, blocks).amax(dim=1)
+    maxima = _nan_as_inf(padded).reshape(batch, -1, blocks).amax(dim=1)
     return maxima.topk(k, dim=1).values[:, -1]
+
+
+def _nan_as_inf(values: Tensor) -> Tensor:
+    """``values`` with NaN as ``+inf`` and the infinities kept (``nan_to_num`` alone would turn them into the
+    largest finite values)."""
+    return values.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def _kth_best(scores: Tensor, k: int) -> Tensor:
     """The k-th best value of each row as a float32 bound (NaN counts as +inf)."""
-    finite_or_inf = scores.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return finite_or_inf.topk(k, dim=1).values[:, -1].contiguous()
+    return _nan_as_inf(scores.float()).topk(k, dim=1).values[:, -1].contiguous()
 
 
 def fused_topk(

@@ -151,7 +151,8 @@ def test_rounds_give_the_ranked_topk(lists, monkeypatch, num_labels, head_ratio,
     assert torch.equal(scores[resolved], want_scores[resolved])
 
 
-def test_rows_tied_beyond_a_list_come_back_unresolved(lists, monkeypatch):
+def _tied_beyond_a_list(monkeypatch):
+    """Lists of 32 slots and a layer whose every row ties more than 32 tail labels at its top score."""
     monkeypatch.setattr(fused, "candidate_capacity", lambda batch, labels, kk, budget: 32)
     layer, x = _layer(2000, 0.05)
     layer.tail.weight.zero_()
@@ -159,6 +160,11 @@ def test_rows_tied_beyond_a_list_come_back_unresolved(lists, monkeypatch):
     layer.head.weight.zero_()
     layer.head.bias.fill_(-1.0)  # the head below the tail's 0.0 ties: more than 32 tail labels tie at the top
     x[3:] = 0  # rows 3.. tie everywhere at 0 as well; rows 0..2 too (zero tail weights): all unresolved
+    return layer, x
+
+
+def test_rows_tied_beyond_a_list_come_back_unresolved(lists, monkeypatch):
+    layer, x = _tied_beyond_a_list(monkeypatch)
     _, _, unresolved = _run(layer, x, 5, 2**20)
     assert unresolved.all()
     # the layer's topk completes them by the chunked path: the smallest tail label ids with score 0
@@ -191,13 +197,7 @@ def test_device_rounds_give_the_ranked_topk_without_the_host(lists, monkeypatch,
 
 
 def test_device_rounds_leave_rows_tied_beyond_a_list_to_the_fallback(lists, monkeypatch):
-    monkeypatch.setattr(fused, "candidate_capacity", lambda batch, labels, kk, budget: 32)
-    layer, x = _layer(2000, 0.05)
-    layer.tail.weight.zero_()
-    layer.tail.bias.zero_()
-    layer.head.weight.zero_()
-    layer.head.bias.fill_(-1.0)
-    x[3:] = 0
+    layer, x = _tied_beyond_a_list(monkeypatch)
     want_scores, want_ids = ranked_topk(layer(x), torch.arange(2000), 5)
     blocks = Conditional((want_scores, want_ids))
     scores, ids, unresolved = _run(layer, x, 5, 2**20, synchronize=False,
