@@ -26,6 +26,35 @@
 #include "gsfi_forward_tiles.cuh"
 #include "gsfi_forward_sm90_tiles.cuh"
 
+// The largest finite value of T, as a float: a float rounds to +inf in T only above it.
+template <class T> struct LargestFinite;
+template <> struct LargestFinite<bf16_t> {
+  static __device__ __forceinline__ float value() { return __uint_as_float(0x7f7f0000u); }
+};
+template <> struct LargestFinite<f16_t> {
+  static __device__ __forceinline__ float value() { return 65504.f; }
+};
+
+// The screen of a row's bound b: a float s such that every float32 sum whose rounding to T is at or above b is at or
+// above s, so that one comparison of the unrounded sum (!(z < s)) finds every lane that may hold a candidate; the
+// exact rule then runs only there. Rounding to nearest moves a value by at most half a unit in the last place of T:
+// below |b| 2^-8 (bfloat16, 8 significant bits) or |b| 2^-11 (half), and 2^-25 in half's subnormal range; s = b -
+// |b| 2^-7 - 2^-24 leaves at least that twice over, more than the float subtraction's own rounding (a few units
+// of float's last place) can take back. Under -ftz the comparison sees subnormals as zero on both sides, which keeps
+// its order (flushing is monotone). b = +inf: s = T's largest finite value; b = -inf: s = -inf (everything passes);
+// b NaN (the row takes no candidates): s = +inf (only +inf and NaN sums pass, and the exact rule drops them).
+template <class T>
+__device__ __forceinline__ float screen_bound(float b) {
+  if (b != b) return __int_as_float(0x7f800000);
+  if (b == __int_as_float(0x7f800000)) return LargestFinite<T>::value();
+  if (b == -__int_as_float(0x7f800000)) return b;
+  // b - |b| 2^-7 - 2^-24 in IEEE arithmetic (CuPy's -ftz=true would make plain float operations flush)
+  const float minus_magnitude = __int_as_float(__float_as_int(b) | 0x80000000);
+  float s;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(s) : "f"(minus_magnitude), "f"(0.0078125f), "f"(b));
+  return add_f32(s, -5.9604645e-8f);
+}
+
 template <class T, int GP>
 struct EmitCandidates {
   const float* __restrict__ threshold;
@@ -36,22 +65,30 @@ struct EmitCandidates {
   __device__ __forceinline__ void operator()(const float (&acc)[GP / 8][4], const float (&bias_v)[GP / 8][2],
                                              unsigned char*, int row0, int g, int cols, int lane) {
     // This lane's two rows of the slice, lane / 4 and lane / 4 + 8; their bounds are read once per slice.
-    float bound[2];
-    bool active[2];
+    float bound[2], screen[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + (lane >> 2) + h * 8;
-      bound[h] = row < B ? threshold[row] : 0.f;
-      active[h] = row < B && bound[h] == bound[h];
+      bound[h] = row < B ? threshold[row] : __int_as_float(0x7fffffff);
+      screen[h] = screen_bound<T>(bound[h]);
     }
-    if (!active[0] && !active[1]) return;
+    if (bound[0] != bound[0] && bound[1] != bound[1]) return;  // both rows take no candidates
+    // The screen: one comparison per sum, no rounding, no branch. Few lanes pass it (a bound lets about k of a
+    // row's seen labels through), and only they take the exact rule.
+    bool maybe = false;
+#pragma unroll
+    for (int n = 0; n < GP / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) maybe |= !(add_f32(acc[n][e], bias_v[n][e & 1]) < screen[e >> 1]);
+    if (!maybe) return;
 #pragma unroll
     for (int n = 0; n < GP / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
         const float z = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
-        if (!active[h] || j >= cols || z < bound[h]) continue;
+        // (a NaN bound fails bound == bound: the row takes no candidates)
+        if (bound[h] != bound[h] || j >= cols || z < bound[h]) continue;
         const int row = row0 + (lane >> 2) + h * 8;
         const int slot = atomicAdd(count + row, 1);
         if (slot < cap) {
@@ -62,8 +99,11 @@ struct EmitCandidates {
   }
 };
 
-template <class T, int G, int KP, bool RESIDENT, int NW, int NSW>
-__global__ void __launch_bounds__(NW * 32) gsfi_topk_candidates(
+// MINB: the CTAs per multiprocessor that the registers must leave room for (__launch_bounds__' second argument):
+// kernels/topk.py asks for the ones the shared memory allows where the candidate epilogue would otherwise take
+// more registers than they leave, and it does not spill.
+template <class T, int G, int KP, bool RESIDENT, int MINB, int NW, int NSW>
+__global__ void __launch_bounds__(NW * 32, MINB) gsfi_topk_candidates(
     const u16* __restrict__ XT, int ldxt, const u16* __restrict__ W, const int* __restrict__ idx,
     const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
     float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,
@@ -73,8 +113,8 @@ __global__ void __launch_bounds__(NW * 32) gsfi_topk_candidates(
 }
 
 // The same candidates from the Hopper forward's main loop (sm_90a only; an empty kernel elsewhere, never picked).
-template <class T, int G, int KP, int NWG, int NSW>
-__global__ void __launch_bounds__(NWG * 128, 1) gsfi_topk_candidates_sm90(
+template <class T, int G, int KP, int MINB, int NWG, int NSW>
+__global__ void __launch_bounds__(NWG * 128, MINB) gsfi_topk_candidates_sm90(
     const u16* __restrict__ XT, int ldxt, const u16* __restrict__ W, const int* __restrict__ idx,
     const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
     float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,

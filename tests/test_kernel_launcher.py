@@ -265,6 +265,10 @@ def test_tuning_settings_are_typed_and_validated():
         tuning.GradWeightTuning(tile_stages=1)
     with pytest.raises(TypeError, match="grad_input"):
         tuning.Tuning(grad_input=tuning.ForwardTuning())
+    with pytest.raises(ValueError, match="min_ctas"):
+        tuning.TopkTuning(min_ctas=0)
+    with pytest.raises(TypeError, match="topk"):
+        tuning.Tuning(topk=tuning.ForwardTuning())
     settings = tuning.ForwardTuning(kernel="mma", mma_warps=8)
     assert hash(settings) == hash(tuning.ForwardTuning(kernel="mma", mma_warps=8))  # usable as a cache key
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -297,6 +301,7 @@ def test_tuning_parse():
     assert parsed.forward == tuning.ForwardTuning(kernel="mma", mma_resident=False)
     assert parsed.grad_input == tuning.GradInputTuning(rows=64)
     assert parsed.grad_weight == tuning.GradWeightTuning(warp_warps=6)
+    assert tuning.parse("topk.min_ctas=2").topk == tuning.TopkTuning(min_ctas=2)
     assert tuning.parse([]) == tuning.Tuning()
     with pytest.raises(ValueError, match="unknown field"):
         tuning.parse("forward.stages=3")
@@ -334,7 +339,18 @@ def test_topk_candidates_run_the_main_loop_the_forward_runs(monkeypatch, batch, 
     fwd = forward.plan.__wrapped__("bf16_t", group_size, 64, 384, batch, 1000, True, 0, settings)
     cand = topk_kernels.plan.__wrapped__("bf16_t", group_size, 64, 384, batch, 1000, 0, settings)
     assert cand.kernel == fwd.kernel.replace("gsfi_forward", "gsfi_topk_candidates")
-    (_, fwd_template), (_, cand_template) = compiled
-    aligned = 3 if fwd.kernel == "gsfi_forward_sm90" else 4  # the forward's output-alignment flag
-    assert cand_template == fwd_template[:aligned] + fwd_template[aligned + 1:]
+    (_, fwd_template), (_, cand_template), *tighter = compiled
+    # the forward's output-alignment flag is the candidates' MINB (CTAs per multiprocessor the registers allow)
+    aligned = 3 if fwd.kernel == "gsfi_forward_sm90" else 4
+    assert cand_template == fwd_template[:aligned] + (1,) + fwd_template[aligned + 1:]
+    # the fake kernel's 200 registers leave one CTA of the forward's per multiprocessor: where the shared memory
+    # allows more, the kernel is compiled again for them
+    ctas = min(8, (H100_SHARED + 1024) // (fwd.shared + 1024), 2048 // fwd.block)
+    assert [t[1] for t in tighter] == ([cand_template[:aligned] + (ctas,) + cand_template[aligned + 1:]]
+                                       if ctas > 1 else [])
     assert (cand.grid, cand.block, cand.shared) == (fwd.grid, fwd.block, fwd.shared)
+    # the minimum can be forced
+    compiled.clear()
+    forced = topk_kernels.plan.__wrapped__("bf16_t", group_size, 64, 384, batch, 1000, 0, settings,
+                                           tuning.TopkTuning(min_ctas=1))
+    assert [t[aligned] for _, t in compiled] == [1] and forced.shared == fwd.shared

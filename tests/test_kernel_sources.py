@@ -61,10 +61,10 @@ def _instantiations():
     lines += ["(void*)&gsfi_scale<bf16_t>,", "(void*)&gsfi_scale<f16_t>,"]
     # the top-k candidates: the forward's main loop with the candidate epilogue; both dtypes, every group size,
     # resident and streamed input
-    lines += [f"(void*)&gsfi_topk_candidates<{dtype}, {g}, {kp}, {r}, {w}, {n}>,"
-              for dtype, r in (("bf16_t", "true"), ("f16_t", "false")) for g, kp, w, n in
-              ((8, 16, 8, 3), (16, 64, 12, 3), (32, 128, 8, 4), (64, 128, 4, 3), (128, 512, 2, 2))]
-    lines += [f"(void*)&gsfi_topk_candidates_sm90<{dtype}, {g}, {kp}, {w}, {n}>,"
+    lines += [f"(void*)&gsfi_topk_candidates<{dtype}, {g}, {kp}, {r}, {b}, {w}, {n}>,"
+              for dtype, r in (("bf16_t", "true"), ("f16_t", "false")) for g, kp, b, w, n in
+              ((8, 16, 2, 8, 3), (16, 64, 2, 12, 3), (32, 128, 1, 8, 4), (64, 128, 2, 4, 3), (128, 512, 1, 2, 2))]
+    lines += [f"(void*)&gsfi_topk_candidates_sm90<{dtype}, {g}, {kp}, 1, {w}, {n}>,"
               for dtype, g, kp, w, n in (("bf16_t", 32, 128, 3, 4), ("f16_t", 64, 80, 2, 3), ("bf16_t", 128, 512, 1, 3),
                                          ("f16_t", 8, 16, 3, 3))]
     lines += [f"(void*)&gsfi_topk_{kernel}<{dtype}>," for kernel in ("dense_candidates", "merge")
@@ -103,9 +103,9 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_grad_weight_warp<bf16_t, 16, 128, 3, 6, false>,
 (void*)&gsfi_scale<bf16_t>,
 (void*)&gsfi_scale<f16_t>,
-(void*)&gsfi_topk_candidates<bf16_t, 32, 128, true, 8, 3>,
-(void*)&gsfi_topk_candidates<f16_t, 16, 64, false, 8, 3>,
-(void*)&gsfi_topk_candidates_sm90<bf16_t, 64, 128, 3, 3>,
+(void*)&gsfi_topk_candidates<bf16_t, 32, 128, true, 1, 8, 3>,
+(void*)&gsfi_topk_candidates<f16_t, 16, 64, false, 2, 8, 3>,
+(void*)&gsfi_topk_candidates_sm90<bf16_t, 64, 128, 1, 3, 3>,
 (void*)&gsfi_topk_dense_candidates<bf16_t>,
 (void*)&gsfi_topk_merge<f16_t>,
 (void*)&gsfi_topk_bound<bf16_t, u16>,

@@ -438,3 +438,51 @@ def test_bound_kernel_equals_the_block_maxima_reference(k, source):
         want = fused.block_bound(values[b : b + 1, :n], k, blocks) if n else None
         expected = before[b] if want is None or math.isnan(before[b]) else torch.maximum(before[b], want[0])
         assert torch.equal(threshold[b], expected) or (math.isnan(threshold[b]) and math.isnan(expected)), b
+
+
+@pytest.mark.parametrize("own", [tuning.TopkTuning(), tuning.TopkTuning(min_ctas=1), tuning.TopkTuning(min_ctas=2)],
+                         ids=["auto", "one-cta", "two-ctas"])
+@pytest.mark.parametrize("case", [(130, 384, 20000, 16, 64), (96, 256, 12000, 32, 128), (200, 768, 9000, 32, 128),
+                                  (64, 768, 9000, 64, 128)], ids=lambda c: f"B{c[0]}-G{c[3]}-K{c[4]}")
+@torch.no_grad()
+def test_candidate_lists_hold_exactly_the_logits_at_or_above_the_bound(case, own):
+    # The candidate kernel against the forward's stored logits: each row's list holds exactly its logits z >=
+    # threshold (positions offset + p, scores bit for bit), count[b] their number, nothing written past it (the
+    # buffers poisoned); rows with a NaN threshold take none, -inf every logit, +inf none. Bounds that are logits
+    # (ties at the bound) or just above one, letting 5-25 % of a row through, so that the screen (a comparison of
+    # the unrounded sums) passes many lanes; the registers held to the CTAs per multiprocessor as planned, or
+    # forced to one or two; both main loops (the batches and group sizes pick them).
+    batch, in_features, num_labels, group_size, fan_in = case
+    gen = torch.Generator(device="cuda").manual_seed(batch + fan_in)
+    layer = lh.GroupSharedFanIn(in_features, num_labels, fan_in=fan_in, group_size=group_size, dtype=torch.bfloat16,
+                                generator=torch.Generator().manual_seed(batch)).cuda()
+    layer.bias.normal_(generator=gen)
+    x = torch.randn(batch, in_features, device="cuda", generator=gen).bfloat16()
+    z = layer(x).float()
+    passing = ((torch.rand(batch, device="cuda", generator=gen) * 0.2 + 0.05) * num_labels).long()  # 5-25 %
+    threshold = z.sort(dim=1, descending=True).values.gather(1, passing[:, None]).squeeze(1).contiguous()
+    threshold[3] = math.nan
+    threshold[4] = -math.inf
+    threshold[5] = math.inf
+    threshold[6:9] = torch.nextafter(threshold[6:9], torch.tensor(math.inf, device="cuda"))  # between 16-bit values
+    cap = num_labels + 7
+    count = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    score = torch.full((batch, cap), math.nan, device="cuda")
+    position = torch.full((batch, cap), -1, dtype=torch.int32, device="cuda")
+    xt = kernels.layout.transpose_input(x)
+    weight, index, bias = lh.functional.kernel_arguments(layer.weight, layer.group_index, layer.bias)
+    with tuning.use(own):
+        kernels.topk.gsfi_topk_candidates(xt, batch, weight, index, bias, num_labels, threshold, count, score,
+                                          position, offset=1000)
+    torch.cuda.synchronize()
+    for b in range(batch):
+        n = int(count[b])
+        if b == 3:
+            assert n == 0
+            continue
+        want = (z[b] >= threshold[b]).nonzero().flatten()
+        assert n == want.numel(), b
+        got_pos, order = (position[b, :n].long() - 1000).sort()
+        assert torch.equal(got_pos, want), b
+        assert torch.equal(score[b, :n][order], z[b, want]), b
+        assert bool(score[b, n:].isnan().all()) and bool((position[b, n:] == -1).all()), b

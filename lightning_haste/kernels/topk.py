@@ -23,7 +23,7 @@ from torch import Tensor
 from . import runtime
 from .forward import main_loop_plan
 from .layout import KERNEL_DTYPES, kernel_sizes, ptr
-from .tuning import ForwardTuning, current
+from .tuning import ForwardTuning, TopkTuning, current
 
 __all__ = [
     "candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "gsfi_topk_merge",
@@ -44,15 +44,35 @@ MERGE_PARAMS = struct.Struct("@QQQiiQQiQQ")
 @functools.lru_cache(maxsize=256)
 def plan(
     dtype: str, group_size: int, fan_in: int, in_features: int, batch: int, num_groups: int, index: int,
-    settings: ForwardTuning = ForwardTuning(),
+    settings: ForwardTuning = ForwardTuning(), own: TopkTuning = TopkTuning(),
 ) -> runtime.Plan:
     """Kernel and grid of the tail's candidates for one problem shape: the main loop, variant and grid the forward
     takes for it (:func:`lightning_haste.kernels.forward.plan`), so that every candidate is bit for bit the logit
     the forward stores: ``gsfi_topk_candidates_sm90`` (wgmma) where the forward runs its Hopper kernel, else
-    ``gsfi_topk_candidates`` (mma.sync)."""
+    ``gsfi_topk_candidates`` (mma.sync).
+
+    The candidates kernel's registers are its own: its epilogue can take more than the forward's store does,
+    enough to leave room for fewer CTAs per multiprocessor than the shared memory allows (and the grid assumes);
+    it is then compiled for that many (``__launch_bounds__``' minimum, the template's ``MINB``) where that does not
+    spill. ``own`` forces the minimum (:class:`~lightning_haste.kernels.tuning.TopkTuning`)."""
     # The order of a row's list depends on timing; the caller's merge orders by a total order.
-    return main_loop_plan(("gsfi_topk", "gsfi_topk_candidates"), ("gsfi_topk", "gsfi_topk_candidates_sm90"), dtype,
-                          group_size, fan_in, in_features, batch, num_groups, index, settings, PARAMS)
+    def main_loop(min_ctas: int) -> runtime.Plan:
+        return main_loop_plan(("gsfi_topk", "gsfi_topk_candidates"), ("gsfi_topk", "gsfi_topk_candidates_sm90"),
+                              dtype, group_size, fan_in, in_features, batch, num_groups, index, settings, PARAMS,
+                              (min_ctas,))
+
+    if own.min_ctas is not None:
+        return main_loop(own.min_ctas)
+    p = main_loop(1)
+    _, _, per_sm = runtime.device_limits(index)
+    # what the shared memory allows, within a multiprocessor's 2048 threads
+    ctas = max(1, min(8, per_sm // (p.shared + 1024), 2048 // p.block))
+    regs = -(-int(getattr(p.fn, "num_regs", 0) or 0) // 8) * 8  # allocated per thread in steps of 8
+    if ctas > 1 and regs * p.block * ctas > 65536:
+        tighter = main_loop(ctas)
+        if int(getattr(tighter.fn, "local_size_bytes", 0) or 0) == 0:
+            return tighter
+    return p
 
 
 def _pow2_at_least(n: int) -> int:
@@ -95,7 +115,9 @@ def gsfi_topk_candidates(
     cap = _check_lists(threshold, count, score, position, batch, xt)
     in_features = xt.shape[0]
     index = xt.device.index
-    p = plan(KERNEL_DTYPES[xt.dtype], group_size, fan_in, in_features, batch, num_groups, index, current().forward)
+    settings = current()
+    p = plan(KERNEL_DTYPES[xt.dtype], group_size, fan_in, in_features, batch, num_groups, index, settings.forward,
+             settings.topk)
     args = (
         ptr(xt), xt.shape[1], ptr(weight), ptr(group_index), ptr(bias), ptr(threshold), ptr(count), ptr(score),
         ptr(position), cap, offset, batch, in_features, out_features, fan_in, num_groups,

@@ -27,6 +27,7 @@ __all__ = [
     "ForwardTuning",
     "GradInputTuning",
     "GradWeightTuning",
+    "TopkTuning",
     "Tuning",
     "current",
     "parse",
@@ -138,7 +139,23 @@ class GradWeightTuning:
         _check_int(owner, "tile_stages", self.tile_stages, 2, 8)
 
 
-KernelTuning = Union[ForwardTuning, GradInputTuning, GradWeightTuning]
+@dataclasses.dataclass(frozen=True)
+class TopkTuning:
+    """Top-k candidate kernel overrides (its main loop is the forward's, tuned by :class:`ForwardTuning`).
+
+    Attributes:
+        min_ctas: CTAs per multiprocessor its registers must leave room for (``__launch_bounds__``' minimum,
+            1-8; by default the ones the shared memory allows where the registers would leave fewer and that
+            does not spill, else 1).
+    """
+
+    min_ctas: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_int(type(self).__name__, "min_ctas", self.min_ctas, 1, 8)
+
+
+KernelTuning = Union[ForwardTuning, GradInputTuning, GradWeightTuning, TopkTuning]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +165,7 @@ class Tuning:
     forward: ForwardTuning = ForwardTuning()
     grad_input: GradInputTuning = GradInputTuning()
     grad_weight: GradWeightTuning = GradWeightTuning()
+    topk: TopkTuning = TopkTuning()
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -162,7 +180,7 @@ class Tuning:
             name = _FIELD_OF.get(type(item))
             if name is None:
                 raise TypeError(
-                    f"expected ForwardTuning, GradInputTuning, GradWeightTuning or Tuning, got {item!r}"
+                    f"expected ForwardTuning, GradInputTuning, GradWeightTuning, TopkTuning or Tuning, got {item!r}"
                 )
             if name in changes:
                 raise ValueError(f"two {type(item).__name__} settings given; pass one per kernel")
@@ -170,7 +188,8 @@ class Tuning:
         return dataclasses.replace(self, **changes)
 
 
-_KINDS = {"forward": ForwardTuning, "grad_input": GradInputTuning, "grad_weight": GradWeightTuning}
+_KINDS = {"forward": ForwardTuning, "grad_input": GradInputTuning, "grad_weight": GradWeightTuning,
+          "topk": TopkTuning}
 _FIELD_OF = {kind: name for name, kind in _KINDS.items()}
 _DEFAULT = Tuning()
 _state = threading.local()
