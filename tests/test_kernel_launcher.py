@@ -345,7 +345,7 @@ def test_topk_candidates_run_the_main_loop_the_forward_runs(monkeypatch, batch, 
     assert cand_template == fwd_template[:aligned] + (1,) + fwd_template[aligned + 1:]
     # the fake kernel's 200 registers leave one CTA of the forward's per multiprocessor: where the shared memory
     # allows more, the kernel is compiled again for them
-    ctas = min(8, (H100_SHARED + 1024) // (fwd.shared + 1024), 2048 // fwd.block)
+    ctas = min(8, (H100_SHARED + 1024) // (fwd.shared + 1024), 65536 // (64 * fwd.block))
     assert [t[1] for t in tighter] == ([cand_template[:aligned] + (ctas,) + cand_template[aligned + 1:]]
                                        if ctas > 1 else [])
     assert (cand.grid, cand.block, cand.shared) == (fwd.grid, fwd.block, fwd.shared)
@@ -354,3 +354,19 @@ def test_topk_candidates_run_the_main_loop_the_forward_runs(monkeypatch, batch, 
     forced = topk_kernels.plan.__wrapped__("bf16_t", group_size, 64, 384, batch, 1000, 0, settings,
                                            tuning.TopkTuning(min_ctas=1))
     assert [t[aligned] for _, t in compiled] == [1] and forced.shared == fwd.shared
+
+
+def test_topk_candidates_keep_one_cta_where_ptxas_cannot_meet_the_register_target(monkeypatch):
+    # A register target the main loop cannot fit in is a compile error (ptxas C7602), not spills: the plan keeps
+    # the kernel compiled for one CTA per multiprocessor.
+    monkeypatch.setattr(runtime, "device_limits", lambda index: (132, H100_SHARED, H100_SHARED + 1024))
+    monkeypatch.setattr(runtime, "capability", lambda index: (9, 0))
+
+    def compile_kernel(file, kernel, template, index, *a):
+        if 2 in template[3:5]:
+            raise RuntimeError("ptxas fatal: (C7602) Insufficient registers")
+        return _FakeKernel()
+
+    monkeypatch.setattr(runtime, "compile_kernel", compile_kernel)
+    cand = topk_kernels.plan.__wrapped__("bf16_t", 16, 64, 384, 512, 1000, 0, tuning.ForwardTuning(kernel="mma"))
+    assert cand.kernel == "gsfi_topk_candidates" and cand.block == 384  # the first compile's plan
