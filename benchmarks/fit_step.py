@@ -19,7 +19,9 @@ Per configuration, each in a fresh process (``--same-process``: all in this one)
   callbacks, Lightning);
 - ``--breakdown``: instead of the torch profile, the host time per step of each of Lightning's actions
   (``SimpleProfiler``: fetching the batch, the training step, backward, the optimizer step, each callback hook)
-  over ``--steps`` fit steps after the warm-up, sorted by time (nested actions count in their parents too);
+  over ``--steps`` fit steps after the warm-up, sorted by time (nested actions count in their parents too), and
+  the host time of the same pieces of work in the fit and in the bare loop (the encoder, the loss, backward;
+  ``log`` in the fit): where a piece takes longer in the fit, the difference is not the loop's own cost;
 - ``--no-progress-bar``: every fit with ``enable_progress_bar=False`` (the bar's share of the step);
 - ``--compare-optimizers``: instead of the profile, the bare step with torch's for-each optimizers and with the
   fused ones (``configure_haste(fused_optimizers=)``), three times each, alternated;
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -60,6 +63,35 @@ SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class PartTimer:
+    """Host seconds spent in some of a model's methods (wrapped on the instance), while ``counting``: the same
+    pieces of a step timed in the fit and in the bare loop, to tell the loop's own cost from the same work running
+    slower."""
+
+    def __init__(self, model, names: tuple[str, ...]) -> None:
+        self.totals = dict.fromkeys(names, 0.0)
+        self.counting = False
+        for name in names:
+            setattr(model, name, self._wrap(name, getattr(model, name)))
+
+    def _wrap(self, name: str, method):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if self.counting:
+                    self.totals[name] += time.perf_counter() - start
+        return timed
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        return {name: 1e3 * total / steps for name, total in self.totals.items()}
+
+
+#: The model's methods a step runs, timed by ``--breakdown`` in the fit and in the bare loop.
+TIMED_METHODS = ("encode", "haste_training_loss", "log")
 
 
 def relabel(data: XMCData, num_labels: int, seed: int) -> XMCData:
@@ -169,6 +201,7 @@ def breakdown_fit(args, train, test, steps: int) -> dict:
     # its summary goes to a file (not to stdout): the table below is the window's
     profiler = SimpleProfiler(dirpath=tempfile.mkdtemp(), filename="simple_profiler", extended=False)
     window: dict = {}
+    parts = PartTimer(model, TIMED_METHODS)
 
     class Window(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -176,11 +209,13 @@ def breakdown_fit(args, train, test, steps: int) -> dict:
                 _sync()
                 window["start"] = {name: len(d) for name, d in profiler.recorded_durations.items()}
                 window["t0"] = time.perf_counter()
+                parts.counting = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == WARMUP_STEPS + steps and "stop" not in window:
                 _sync()
                 window["wall"] = time.perf_counter() - window["t0"]
+                parts.counting = False
                 window["stop"] = {name: len(d) for name, d in profiler.recorded_durations.items()}
                 trainer.should_stop = True
 
@@ -192,33 +227,56 @@ def breakdown_fit(args, train, test, steps: int) -> dict:
         if durations:
             per_step[name] = 1e3 * sum(durations) / steps
     top = dict(sorted(per_step.items(), key=lambda item: -item[1])[:25])
-    return {"breakdown_wall_ms": 1e3 * window["wall"] / steps, "breakdown_ms": top}
+    fit_parts = parts.per_step_ms(steps)
+    fit_parts["wall"] = 1e3 * window["wall"] / steps
+    for name, ms in per_step.items():
+        if name.startswith("[Strategy]") and name.endswith(".backward"):
+            fit_parts["backward"] = ms
+    return {"breakdown_wall_ms": 1e3 * window["wall"] / steps, "breakdown_ms": top, "fit_parts_ms": fit_parts}
 
 
-def bare_loop(model, batches, steps: int, precision: str) -> float:
-    """Seconds per step of forward + fused loss + backward + optimizer step on ready batches."""
+def bare_loop(model, batches, steps: int, precision: str, parts: Optional[dict] = None) -> float:
+    """Seconds per step of forward + fused loss + backward + optimizer step on ready batches. ``parts``: filled with
+    the host milliseconds per step of the encoder, the loss, backward and the optimizer and scheduler steps (each
+    timed on the host, without waiting for the GPU)."""
     model.train()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     optimizers = model.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     # Lightning's "bf16-mixed" / "16-mixed": autocast over float32 weights; "32-true" etc.: no autocast
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    totals = dict.fromkeys(("encode", "haste_training_loss", "backward", "optimizer_step"), 0.0)
 
-    def step(batch):
+    def step(batch, timed: bool = False):
+        clock = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            if timed:
+                totals[name] += now - clock[0]
+            clock[0] = now
+
         with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = model.haste_training_loss(model.encode(batch), batch["targets"])
+            features = model.encode(batch)
+            lap("encode")
+            loss = model.haste_training_loss(features, batch["targets"])
+            lap("haste_training_loss")
         loss.backward()
+        lap("backward")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        lap("optimizer_step")
 
     for i in range(WARMUP_STEPS):
         step(batches[i % len(batches)])
     _sync()
     start = time.perf_counter()
     for i in range(steps):
-        step(batches[i % len(batches)])
+        step(batches[i % len(batches)], timed=parts is not None)
     _sync()
+    if parts is not None:
+        parts.update({name: 1e3 * total / steps for name, total in totals.items()})
     return (time.perf_counter() - start) / steps
 
 
@@ -257,13 +315,17 @@ def run(args, label_spec: str, output: str, steps: int, base_train: XMCData, bas
                 "fit_ms": fit_step * 1e3, **{f"bare_{k}_ms": [1e3 * t for t in v] for k, v in times.items()},
                 "bare_foreach_median_ms": 1e3 * float(np.median(times["foreach"])),
                 "bare_fused_median_ms": 1e3 * float(np.median(times["fused"]))}
-    bare_step = bare_loop(model, batches, steps, args.precision)
+    bare_parts: dict = {}
+    bare_step = bare_loop(model, batches, steps, args.precision, bare_parts if args.breakdown else None)
+    if args.breakdown:
+        bare_parts["wall"] = 1e3 * bare_step
     profile = breakdown_fit(args, train, test, steps) if args.breakdown else profile_fit(args, train, test)
     return {
         "labels": label_spec, "num_labels": train.num_labels, "output": output, "steps": steps,
         "fit_ms": fit_step * 1e3, "fit_steps_per_s": 1.0 / fit_step, "bare_ms": bare_step * 1e3,
         "overhead": 1.0 - bare_step / fit_step,
         "output_parameters": int(sum(p.numel() for p in model.output.parameters())),
+        **({"bare_parts_ms": bare_parts} if bare_parts else {}),
         **{k: v for k, v in profile.items() if k != "host_table"}, "host_table": profile.get("host_table", ""),
     }
 
@@ -324,6 +386,10 @@ def main() -> None:
                   f"{r['breakdown_wall_ms']:.2f} ms / step under the profiler):")
             for name, ms in r["breakdown_ms"].items():
                 print(f"  {ms:8.3f}  {name}")
+            fit_parts, bare_parts = r.get("fit_parts_ms", {}), r.get("bare_parts_ms", {})
+            print("host ms / step of the same pieces, fit (in the training step) against the bare loop:")
+            for name in sorted(set(fit_parts) | set(bare_parts)):
+                print(f"  {name:24s} fit {C.fmt(fit_parts.get(name), 8, 3)}  bare {C.fmt(bare_parts.get(name), 8, 3)}")
     print("\n| labels | output | fit ms / step | steps/s | bare ms / step | overhead | syncs / step | GPU busy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -55,59 +55,15 @@ __device__ __forceinline__ float screen_bound(float b) {
   return add_f32(s, -5.9604645e-8f);
 }
 
-__device__ __forceinline__ void append_candidate(int* __restrict__ count, float* __restrict__ score,
-                                                 int* __restrict__ position, int cap, int row, float z, int p) {
-  const int slot = atomicAdd(count + row, 1);
-  if (slot < cap) {
-    score[(long long)row * cap + slot] = z;
-    position[(long long)row * cap + slot] = p;
-  }
-}
-
-// The candidates of a warp's tiles. A lane that finds one appends it to the warp's buffer in its output tile (free
-// in this kernel: nothing is stored) with a shared-memory atomic; the warp moves the buffer to the rows' lists once
-// it is half full and when its groups are done (finish), each lane taking entries with a global atomic on the row's
-// count, all in flight at once. A global atomic per candidate, as it is found, would make the lane wait for its
-// round trip to L2 at every candidate. A candidate that finds the buffer full goes to its row's list directly.
-// The buffer, TILE bytes: the entry count, then CAP scores, CAP positions and CAP rows (within the CTA's 64).
-template <class T, int GP, int TILE>
+template <class T, int GP>
 struct EmitCandidates {
-  static constexpr int CAP = (TILE - 16) / 9 / 4 * 4;
   const float* __restrict__ threshold;
   int* __restrict__ count;
   float* __restrict__ score;
   int* __restrict__ position;
-  int cap, B, G, offset, b0;
-  unsigned char* buffer;  // the warp's output tile, set by its first call (every lane of the warp makes it)
-
-  __device__ __forceinline__ int* size() const { return reinterpret_cast<int*>(buffer); }
-  __device__ __forceinline__ float* scores() const { return reinterpret_cast<float*>(buffer + 16); }
-  __device__ __forceinline__ int* positions() const { return reinterpret_cast<int*>(buffer + 16 + 4 * CAP); }
-  __device__ __forceinline__ unsigned char* rows() const { return buffer + 16 + 8 * CAP; }
-
-  // Every lane of the warp calls it (the buffer's entries go to the lists; it is left empty).
-  __device__ __forceinline__ void flush(int lane) {
-    __syncwarp();
-    const int n = min(*size(), CAP);
-    for (int i = lane; i < n; i += 32)
-      append_candidate(count, score, position, cap, b0 + rows()[i], scores()[i], positions()[i]);
-    __syncwarp();
-    if (lane == 0) *size() = 0;
-    __syncwarp();
-  }
-
-  // After the warp's last tile: every lane of the warp calls it.
-  __device__ __forceinline__ void finish(int lane) {
-    if (buffer != nullptr) flush(lane);
-  }
-
+  int cap, B, G, offset;
   __device__ __forceinline__ void operator()(const float (&acc)[GP / 8][4], const float (&bias_v)[GP / 8][2],
-                                             unsigned char* o_s, int row0, int g, int cols, int lane) {
-    if (buffer == nullptr) {
-      buffer = o_s;
-      if (lane == 0) *size() = 0;
-      __syncwarp();
-    }
+                                             unsigned char*, int row0, int g, int cols, int lane) {
     // This lane's two rows of the slice, lane / 4 and lane / 4 + 8; their bounds are read once per slice.
     float bound[2], screen[2];
 #pragma unroll
@@ -116,6 +72,7 @@ struct EmitCandidates {
       bound[h] = row < B ? threshold[row] : __int_as_float(0x7fffffff);
       screen[h] = screen_bound<T>(bound[h]);
     }
+    if (bound[0] != bound[0] && bound[1] != bound[1]) return;  // both rows take no candidates
     // The screen: one comparison per sum, no rounding, no branch. Few lanes pass it (a bound lets about k of a
     // row's seen labels through), and only they take the exact rule.
     bool maybe = false;
@@ -123,29 +80,22 @@ struct EmitCandidates {
     for (int n = 0; n < GP / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) maybe |= !(add_f32(acc[n][e], bias_v[n][e & 1]) < screen[e >> 1]);
-    if (!__any_sync(0xffffffffu, maybe)) return;
-    if (maybe) {
+    if (!maybe) return;
 #pragma unroll
-      for (int n = 0; n < GP / 8; ++n)
+    for (int n = 0; n < GP / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
-          const float z = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
-          // (a NaN bound fails bound == bound: the row takes no candidates)
-          if (bound[h] != bound[h] || j >= cols || z < bound[h]) continue;
-          const int row = row0 + (lane >> 2) + h * 8, p = offset + g * G + j;
-          const int i = atomicAdd(size(), 1);
-          if (i < CAP) {
-            scores()[i] = z;
-            positions()[i] = p;
-            rows()[i] = (unsigned char)(row - b0);
-          } else {
-            append_candidate(count, score, position, cap, row, z, p);
-          }
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
+        const float z = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
+        // (a NaN bound fails bound == bound: the row takes no candidates)
+        if (bound[h] != bound[h] || j >= cols || z < bound[h]) continue;
+        const int row = row0 + (lane >> 2) + h * 8;
+        const int slot = atomicAdd(count + row, 1);
+        if (slot < cap) {
+          score[(long long)row * cap + slot] = z;
+          position[(long long)row * cap + slot] = offset + g * G + j;
         }
-    }
-    __syncwarp();
-    if (*size() >= CAP / 2) flush(lane);
+      }
   }
 };
 
@@ -158,11 +108,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) gsfi_topk_candidates(
     const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
     float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,
     int num_groups) {
-  constexpr int GP = gsfi_pad16(G);
-  EmitCandidates<T, GP, ForwardSmem<G, KP, RESIDENT, NW, NSW>::O_BYTES> emit{
-      threshold, count, score, position, cap, B, G, offset, (int)blockIdx.x * 64, nullptr};
+  EmitCandidates<T, gsfi_pad16(G)> emit{threshold, count, score, position, cap, B, G, offset};
   forward_tiles<T, G, KP, RESIDENT, NW, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
-  emit.finish(threadIdx.x & 31);
 }
 
 // The same candidates from the Hopper forward's main loop (sm_90a only; an empty kernel elsewhere, never picked).
@@ -172,10 +119,8 @@ __global__ void __launch_bounds__(NWG * 128, MINB) gsfi_topk_candidates_sm90(
     const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
     float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,
     int num_groups) {
-  EmitCandidates<T, G, ForwardSm90Smem<G, NWG, NSW>::O_BYTES> emit{
-      threshold, count, score, position, cap, B, G, offset, (int)blockIdx.x * 64, nullptr};
+  EmitCandidates<T, G> emit{threshold, count, score, position, cap, B, G, offset};
   forward_tiles_sm90<T, G, KP, NWG, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
-  emit.finish(threadIdx.x & 31);
 }
 
 // The candidates of a chunk of dense logits [B][ld] (cols columns, rounded values of the input dtype T) at
