@@ -2,8 +2,9 @@
 
 Batches are dicts ``{"features": Tensor [B, F] (dense float32, or int64 for integer inputs) or sparse CSR,
 "targets": a ``[B, num_labels]`` torch sparse CSR tensor of the positives (on the host), "index": Tensor [B]}``
-plus, for raw-text data, ``"texts"`` (and what a ``text_transform`` makes of them, e.g. ``"tokens"``); targets stay
-sparse all the way to the loss and the metrics.
+plus, for raw-text data, ``"texts"`` and what a ``text_transform`` makes of them (e.g. ``"tokens"``; such batches
+carry no ``"features"`` unless asked: ``XMCDataModule(batch_features=True)``); targets stay sparse all the way to the
+loss and the metrics.
 """
 
 from __future__ import annotations
@@ -547,13 +548,27 @@ def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
 
 
 class _Collate:
-    def __init__(self, data: XMCData, sparse_features: bool, text_transform: Optional[Callable] = None):
+    def __init__(self, data: XMCData, sparse_features: bool, text_transform: Optional[Callable] = None,
+                 features: bool = True):
         self.data = data
         self.sparse = sparse_features
         self.text_transform = text_transform
+        self.features = features
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
         rows_np = np.asarray(rows)
+        # One CSR for the batch's positives (not a tensor per row): the loss reads it on the host in one piece
+        targets = targets_csr(self.data.labels[rows_np])
+        batch = {"targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
+        if self.features:
+            batch["features"] = self._features(rows_np)
+        if self.data.texts is not None:
+            batch["texts"] = [self.data.texts[i] for i in rows]
+            if self.text_transform is not None:  # e.g. tokenising, here in the loader's workers, not in the step
+                batch.update(self.text_transform(batch["texts"]))
+        return batch
+
+    def _features(self, rows_np: np.ndarray) -> torch.Tensor:
         feats = self.data.features[rows_np]
         # Integer inputs (token ids, say) stay integers (int64): a float32 copy would lose ids above 2^24, and
         # a bfloat16 one above 256. Everything else becomes float32.
@@ -566,14 +581,7 @@ class _Collate:
                 features = torch.from_numpy(feats.toarray().astype(dtype))
         else:
             features = torch.from_numpy(np.ascontiguousarray(feats, dtype=dtype))
-        # One CSR for the batch's positives (not a tensor per row): the loss reads it on the host in one piece
-        targets = targets_csr(self.data.labels[rows_np])
-        batch = {"features": features, "targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
-        if self.data.texts is not None:
-            batch["texts"] = [self.data.texts[i] for i in rows]
-            if self.text_transform is not None:  # e.g. tokenising, here in the loader's workers, not in the step
-                batch.update(self.text_transform(batch["texts"]))
-        return batch
+        return features
 
 
 class XMCDataModule(LightningDataModule):
@@ -592,6 +600,10 @@ class XMCDataModule(LightningDataModule):
             loader's worker processes, off the training step's path.
         num_workers: loader worker processes; ``None`` (default): with a ``text_transform``, ``min(4, CPUs - 1)``
             (tokenising is slow), else 0 (in-memory collation is cheap).
+        batch_features: whether batches carry the input features (``"features"``); ``None`` (default): not with a
+            ``text_transform``, whose output is then the model's input and the features (e.g. a raw-text data set's
+            hashed bag of words) serve the label grouping only: a dense batch of them would be made, pinned and
+            copied to the GPU at every step for nothing.
         shuffle: whether the training loader shuffles.
         shuffle_seed: seed of the training order: epoch ``e`` is the permutation that
             ``torch.utils.data.DistributedSampler`` draws for ``seed + e`` (the same on every DDP process, each of
@@ -623,8 +635,11 @@ class XMCDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         val_seed: int = 0,
         shuffle_seed: Optional[int] = None,
+        batch_features: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        if batch_features is not None and not isinstance(batch_features, bool):
+            raise TypeError(f"batch_features must be a bool or None, got {batch_features!r}")
         if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (numbers.Integral, type(None))):
             raise TypeError(f"shuffle_seed must be an integer or None, got {shuffle_seed!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -652,6 +667,7 @@ class XMCDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.shuffle_seed = shuffle_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.batch_features = text_transform is None if batch_features is None else batch_features
 
     @classmethod
     def synthetic(
@@ -688,8 +704,11 @@ class XMCDataModule(LightningDataModule):
         if data is None:
             raise ValueError("this split was not given to the XMCDataModule")
         return DataLoader(_Rows(data), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_Collate(data, self.sparse_features, self.text_transform),
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+                          collate_fn=self._collate(data), pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def _collate(self, data: XMCData) -> _Collate:
+        return _Collate(data, self.sparse_features, self.text_transform, getattr(self, "batch_features", True))
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Batches of the training split in a seeded order (``shuffle_seed``), resumable mid-epoch."""
@@ -702,8 +721,8 @@ class XMCDataModule(LightningDataModule):
         # and one that Lightning does not wrap under DDP.
         sampler = DistributedSampler(rows, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=seed)
         return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                   collate_fn=_Collate(data, self.sparse_features, self.text_transform),
-                                   pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                                   collate_fn=self._collate(data), pin_memory=self.pin_memory,
+                                   persistent_workers=self.num_workers > 0,
                                    first_epoch=trainer.current_epoch if trainer is not None else 0)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -464,6 +464,10 @@ class HasteXMCModule:
     def encode(self, batch: dict[str, Any]) -> Tensor:
         """Features ``[B, in_features]`` for a batch; the default passes the batch's features through (integer
         features, which the datamodule keeps as integers for encoders that embed them, as float32)."""
+        if "features" not in batch:
+            raise KeyError("this batch carries no 'features': XMCDataModule leaves them out where a text_transform "
+                           "makes the model's inputs; override encode() to read those, or pass "
+                           "XMCDataModule(batch_features=True)")
         features = batch["features"]
         features = features.to_dense() if features.layout != torch.strided else features
         return features if features.is_floating_point() else features.float()

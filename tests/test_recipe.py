@@ -203,6 +203,16 @@ def test_text_transform_runs_in_the_collate(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["tokens"]["length"].tolist() == [2, 1] and batch["texts"] == ["alpha beta", "gamma"]
     assert calls == [2]
+    # the features (the texts' hashed bag of words, for the label grouping) stay out of such batches unless asked
+    assert "features" not in batch and not dm.batch_features
+    with_features = XMCDataModule(data, batch_size=2, shuffle=False, text_transform=lengths, num_workers=0,
+                                  batch_features=True)
+    assert next(iter(with_features.train_dataloader()))["features"].shape == (2, data.num_features)
+    assert "features" in next(iter(XMCDataModule(data, batch_size=2, num_workers=0).train_dataloader()))
+    with pytest.raises(TypeError, match="batch_features"):
+        XMCDataModule(data, batch_features=1)
+    with pytest.raises(KeyError, match="batch_features=True"):
+        BowModel.encode(None, batch)
     assert XMCDataModule(data, text_transform=lengths).num_workers >= 0
     with pytest.raises(ValueError, match="raw-text"):
         XMCDataModule(XMCData(data.features, data.labels), text_transform=lengths)
