@@ -584,6 +584,10 @@ class _Collate:
         return features
 
 
+#: Batch entries that stay on the host when a batch moves to the device.
+_HOST_KEYS = ("targets", "texts")
+
+
 class XMCDataModule(LightningDataModule):
     """Train / validation / test :class:`XMCData` as dataloaders of sparse-target batches.
 
@@ -726,14 +730,15 @@ class XMCDataModule(LightningDataModule):
                                    first_epoch=trainer.current_epoch if trainer is not None else 0)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Lightning's hook, with a batch's ``"targets"`` left on the host: the fused loss and the metrics read the
-        positives there (mapping them to the layer's label order, O(positives)) and copy what the device needs
-        from pinned memory themselves; targets moved to the GPU would have to come back, a synchronisation per
-        step."""
-        if isinstance(batch, dict) and "targets" in batch:
-            rest = {key: value for key, value in batch.items() if key != "targets"}
+        """Lightning's hook, with a batch's ``"targets"`` and ``"texts"`` left on the host. The fused loss and the
+        metrics read the positives there (mapping them to the layer's label order, O(positives)) and copy what the
+        device needs from pinned memory themselves; targets moved to the GPU would have to come back, a
+        synchronisation per step. The texts cannot move, and Lightning's walk over the batch would visit each of
+        them every step."""
+        if isinstance(batch, dict) and any(key in batch for key in _HOST_KEYS):
+            rest = {key: value for key, value in batch.items() if key not in _HOST_KEYS}
             moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
-            moved["targets"] = batch["targets"]
+            moved.update({key: batch[key] for key in _HOST_KEYS if key in batch})
             return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

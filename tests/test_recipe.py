@@ -213,6 +213,9 @@ def test_text_transform_runs_in_the_collate(tmp_path):
         XMCDataModule(data, batch_features=1)
     with pytest.raises(KeyError, match="batch_features=True"):
         BowModel.encode(None, batch)
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["tokens"]["length"].device.type == "meta"
+    assert moved["texts"] is batch["texts"] and moved["targets"] is batch["targets"]  # left on the host
     assert XMCDataModule(data, text_transform=lengths).num_workers >= 0
     with pytest.raises(ValueError, match="raw-text"):
         XMCDataModule(XMCData(data.features, data.labels), text_transform=lengths)
