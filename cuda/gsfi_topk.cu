@@ -18,6 +18,9 @@
 // threshold[b] NaN marks a row that takes no candidates (a retry touches only the rows that overflowed).
 // CuPy compiles with -ftz=true, so the comparison may see a subnormal as zero: flushing is monotone, so it can
 // only let more logits through (the caller's merge compares exactly), never drop one at or above the bound.
+// Rounding and comparing every logit costs the epilogue more than the forward's store: the tail's epilogue first
+// screens the unrounded sums against a value just below the bound (screen_bound) and applies the rule above only
+// in the lanes where one passes.
 //
 // The main loop is the forward's, so that a candidate's value is bit for bit the logit the forward stores: forward_tiles
 // (mma.sync, cuda/gsfi_forward_tiles.cuh, shared with gsfi_forward and the fused loss) in gsfi_topk_candidates, and
