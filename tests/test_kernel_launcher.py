@@ -370,3 +370,12 @@ def test_topk_candidates_keep_one_cta_where_ptxas_cannot_meet_the_register_targe
     monkeypatch.setattr(runtime, "compile_kernel", compile_kernel)
     cand = topk_kernels.plan.__wrapped__("bf16_t", 16, 64, 384, 512, 1000, 0, tuning.ForwardTuning(kernel="mma"))
     assert cand.kernel == "gsfi_topk_candidates" and cand.block == 384  # the first compile's plan
+
+    def broken(file, kernel, template, index, *a):
+        if 2 in template[3:5]:
+            raise RuntimeError("something else went wrong")
+        return _FakeKernel()
+
+    monkeypatch.setattr(runtime, "compile_kernel", broken)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not taken for a register limit
+        topk_kernels.plan.__wrapped__("bf16_t", 16, 64, 384, 512, 1000, 0, tuning.ForwardTuning(kernel="mma"))
