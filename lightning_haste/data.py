@@ -712,7 +712,7 @@ class XMCDataModule(LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def _collate(self, data: XMCData) -> _Collate:
-        return _Collate(data, self.sparse_features, self.text_transform, getattr(self, "batch_features", True))
+        return _Collate(data, self.sparse_features, self.text_transform, self.batch_features)
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Batches of the training split in a seeded order (``shuffle_seed``), resumable mid-epoch."""

@@ -694,13 +694,10 @@ class HeadTailOutput(nn.Module):
         head = self.head
         if head is not None:
             x_head = self._head_input(x2d)
-            if self.num_head_labels <= labels_per_chunk:
-                best = ranked_merge(best, head(x_head), self.label_permutation[: self.num_head_labels], k)
-            else:
-                for c0 in range(0, self.num_head_labels, labels_per_chunk):
-                    c1 = min(self.num_head_labels, c0 + labels_per_chunk)
-                    logits = nnf.linear(x_head, head.weight[c0:c1], head.bias[c0:c1] if head.bias is not None else None)
-                    best = ranked_merge(best, logits, self.label_permutation[c0:c1], k)
+            for c0 in range(0, self.num_head_labels, labels_per_chunk):
+                c1 = min(self.num_head_labels, c0 + labels_per_chunk)
+                logits = nnf.linear(x_head, head.weight[c0:c1], head.bias[c0:c1] if head.bias is not None else None)
+                best = ranked_merge(best, logits, self.label_permutation[c0:c1], k)
         if self.tail is not None:
             tail = self.tail
             x_tail = self._tail_input(x2d)

@@ -166,13 +166,20 @@ def make_plan(
     return Plan(fn, grid, block, shared, per_cta, params, kernel, **flags)
 
 
+def shared_ctas_per_sm(shared: int, index: int) -> int:
+    """CTAs of ``shared`` bytes of dynamic shared memory that fit beside each other on one multiprocessor of device
+    ``index`` (the driver reserves 1 KB per CTA), at least 1 and at most 8."""
+    _, _, per_sm = device_limits(index)
+    return max(1, min(8, per_sm // max(shared + 1024, 1)))
+
+
 def groups_per_cta(
     num_groups: int, row_tiles: int, shared: int, index: int, fn: Any = None, threads: int = 256
 ) -> int:
     """Groups per CTA so that one wave of CTAs covers the work (CTAs per multiprocessor as shared memory
     and, when the compiled kernel ``fn`` is given, its registers allow)."""
-    sms, _, per_sm = device_limits(index)
-    per_sm_ctas = max(1, min(8, per_sm // max(shared + 1024, 1)))
+    sms, _, _ = device_limits(index)
+    per_sm_ctas = shared_ctas_per_sm(shared, index)
     regs = int(getattr(fn, "num_regs", 0) or 0) if fn is not None else 0
     if regs:
         per_sm_ctas = max(1, min(per_sm_ctas, 65536 // (regs * threads)))

@@ -64,10 +64,9 @@ def plan(
     if own.min_ctas is not None:
         return main_loop(own.min_ctas)
     p = main_loop(1)
-    _, _, per_sm = runtime.device_limits(index)
     # what the shared memory allows, leaving at least 64 registers a thread (the main loop's accumulators and
     # fragments alone take about that many; ptxas refuses targets it cannot meet)
-    ctas = max(1, min(8, per_sm // (p.shared + 1024), 65536 // (64 * p.block)))
+    ctas = max(1, min(runtime.shared_ctas_per_sm(p.shared, index), 65536 // (64 * p.block)))
     regs = -(-int(getattr(p.fn, "num_regs", 0) or 0) // 8) * 8  # allocated per thread in steps of 8
     if ctas > 1 and regs * p.block * ctas > 65536:
         try:
