@@ -114,6 +114,23 @@ def bench(
     return statistics.median(times)
 
 
+def bench_pipelined(fn: Callable[[int], object], sets: int, reps: int = 100) -> float:
+    """Median milliseconds between CUDA events recorded around each of ``reps`` calls of ``fn(i)`` issued back to
+    back, with one synchronisation at the end (``triton.testing.do_bench``'s way): where the calls do not wait for
+    the GPU, the host queues the next call while the GPU runs this one, as in a validation loop, and a call's time
+    is its GPU time (and the host's where the host is the slower)."""
+    for i in range(2):
+        fn(i % sets)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (begin, end) in enumerate(events):
+        begin.record()
+        fn(i % sets)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(begin.elapsed_time(end) for begin, end in events)
+
+
 def host_ms(fn: Callable[[], object], reps: int = 200) -> float:
     """Mean host milliseconds of one ``fn()`` over ``reps`` calls, without waiting for the GPU in between (what the
     host spends issuing the work); the GPU is drained before and after."""

@@ -7,11 +7,16 @@ Per shape and k (bf16, ``HeadTailOutput`` set up as in benchmarks/step.py: the d
 768 wide whose features 0..383 feed the tail and 384..767 the head where the tail reads 384; medians of CUDA-event
 timings over rotating random inputs, never zeros):
 
-- fused: ``layer.topk(x, k)`` eager, as validation and prediction call it: from the second call of a shape one
-  round of the candidate kernels replayed from the layer's CUDA graph, then one host synchronisation to check the
-  lists (``fused_eager``); the same with the layer's graphs off, every kernel launched by the host
+- fused: ``layer.topk(x, k)`` eager, as validation and prediction call it: from the second call of a shape the
+  layer's CUDA graph replayed, which holds the whole exact top-k where graphs take conditional nodes (the rare
+  further rounds run only where a list overflowed; no host synchronisation: ``conditional_nodes`` in the row)
+  (``fused_eager``); the same with the layer's graphs off, every kernel launched by the host
   (``fused_launched``); and the round alone captured in a CUDA graph by this script (``fused_graph``: GPU time
   without the host);
+- ``fused_eager_host_check``: the same with graphs of one round, the host reading the round's overflow flag after
+  each replay (``RoundGraphs(conditional=False)``; the layer's way where graphs take no conditional nodes);
+  ``fused_pipelined`` and ``fused_pipelined_host_check``: those two with the calls issued back to back and one
+  synchronisation at the end (``triton.testing.do_bench``'s way, as a validation loop issues them);
 - chunked: the pure-PyTorch path over chunks of labels with a running top-k (the path before the kernels, with
   the ranking order), eager;
 - dense: ``F.linear(X[B, H], W[L, H]) + torch.topk`` at the exact L and at L rounded up to a multiple of 16
@@ -45,11 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared timing helpers, shapes and history file
 
 from lightning_haste import HeadTailOutput  # noqa: E402
-from lightning_haste.topk import RoundGraphs  # noqa: E402
+from lightning_haste.topk import RoundGraphs, conditional_blocks_supported  # noqa: E402
 
 HEAD_RATIO = {"Amazon-670K": 0.10, "AmazonTitles-670K": 0.10, "Amazon-3M": 0.02, "LF-Paper2Keywords-8.6M": 0.05}
 ENCODER_WIDTH = 768
-HISTORY_METRICS = ("fused_eager", "fused_launched", "fused_graph", "chunked_eager", "dense_best_eager",
+HISTORY_METRICS = ("fused_eager", "fused_pipelined", "fused_eager_host_check", "fused_pipelined_host_check",
+                   "fused_launched", "fused_graph", "chunked_eager", "dense_best_eager",
                    "dense_best_graph", "tail_forward_graph")
 
 
@@ -116,6 +122,16 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
     row["head_labels"] = layer.num_head_labels
     with torch.no_grad():
         row["fused_eager"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
+        row["fused_pipelined"] = C.bench_pipelined(lambda i: layer.topk(xs[i], k), sets)
+        row["conditional_nodes"] = layer.topk_graphs.conditional and conditional_blocks_supported(xs[0].device)
+        # the graph of one round, the host reading its overflow flag after each replay (the layer's way where
+        # graphs take no conditional nodes)
+        graphs, layer.topk_graphs = layer.topk_graphs, RoundGraphs(2, conditional=False)
+        row["fused_eager_host_check"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
+        row["fused_pipelined_host_check"] = C.bench_pipelined(lambda i: layer.topk(xs[i], k), sets)
+        ids_host_check = layer.topk(xs[0], k)[1]
+        layer.topk_graphs = graphs
+        row["ids_equal_host_check"] = float((ids_host_check == layer.topk(xs[0], k)[1]).float().mean())
         with _graphs_off(layer):
             row["fused_launched"] = C.bench(lambda i: layer.topk(xs[i], k), sets)
         # the round the layer's graph replays, captured here by the script
@@ -152,6 +168,9 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
         row[f"dense_best_{mode}"] = min(options) if options else None
     tail = row["tail_forward_graph"]
     row["fused_eager_over_tail_forward"] = row["fused_eager"] / tail
+    for key in ("fused_pipelined", "fused_eager_host_check", "fused_pipelined_host_check"):
+        if row.get(key) is not None:
+            row[f"{key}_over_tail_forward"] = row[key] / tail
     row["fused_launched_over_tail_forward"] = row["fused_launched"] / tail
     row["fused_graph_over_tail_forward"] = row["fused_graph"] / tail if row["fused_graph"] else None
     if row["dense_best_eager"]:
@@ -160,6 +179,17 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
+    print("\n| shape | k | conditional nodes | fused eager | fused pipelined | host check: eager | host check: "
+          "pipelined | tail forward | eager / forward | pipelined / forward | host check: eager / forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        def g(key: str, digits: int = 3) -> str:
+            v = r.get(key)
+            return "-" if v is None else f"{v:.{digits}f}"
+        print(f"| {r['shape']} | {r['k']} | {r.get('conditional_nodes')} | {g('fused_eager')} | {g('fused_pipelined')} | "
+              f"{g('fused_eager_host_check')} | {g('fused_pipelined_host_check')} | {g('tail_forward_graph')} | "
+              f"{g('fused_eager_over_tail_forward', 2)} | {g('fused_pipelined_over_tail_forward', 2)} | "
+              f"{g('fused_eager_host_check_over_tail_forward', 2)} |")
     print("\n| shape | k | fused eager | fused launched | fused graph | chunked eager | dense+topk eager "
           "| dense+topk graph | tail forward | fused eager / forward | fused launched / forward | fused eager / dense "
           "| peak / bf16 [B,L] | graph kept / bf16 [B,L] |")

@@ -625,8 +625,9 @@ class HeadTailOutput(nn.Module):
 
         def one_round(static_x: Tensor) -> tuple[Tensor, ...]:
             if whole:
+                pool = self.topk_graphs.pool
                 on_device = topk_rounds.DeviceRounds(
-                    topk_rounds.conditional_block, lambda u, s, i: fallback(u, s, i, static_x))
+                    lambda flag: topk_rounds.conditional_block(flag, pool), lambda u, s, i: fallback(u, s, i, static_x))
                 fused = self._fused_topk(static_x, k, synchronize=False, on_device=on_device)
                 assert fused is not None, "only keys whose eager call ran the kernels are captured"
                 return fused[0], fused[1]

@@ -24,11 +24,12 @@ The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one a
 
 A round is a dozen or more kernel launches and their torch glue, which at small shapes costs the host more time than
 the GPU needs for the work: :class:`RoundGraphs` captures one round per input shape in a CUDA graph and replays it
-for the calls that follow (validation and prediction call the top-k with one batch shape over and over). With
-``RoundGraphs(conditional=True)`` (experimental), where torch captures conditional nodes
-(:func:`conditional_blocks_supported`), the graph holds the whole exact top-k: the further rounds and the chunked
-fallback are conditional blocks that run only where the GPU found a list that overflowed (:class:`DeviceRounds`),
-so a replayed call reads nothing back and the host never waits for the GPU.
+for the calls that follow (validation and prediction call the top-k with one batch shape over and over). Where the
+graph can hold conditional nodes (:func:`conditional_blocks_supported`: torch adds them from 2.12 on, and
+:mod:`lightning_haste.kernels.graphs` through the CUDA driver before that), it holds the whole exact top-k: the
+further rounds and the chunked fallback are conditional blocks that run only where the GPU found a list that
+overflowed (:class:`DeviceRounds`), so a replayed call reads nothing back and the host never waits for the GPU;
+elsewhere the host reads the round's overflow flag after each replay.
 """
 
 from __future__ import annotations
@@ -258,16 +259,18 @@ class DeviceRounds:
 
 def conditional_blocks_supported(device: torch.device) -> bool:
     """Whether CUDA graphs captured on ``device`` can hold conditional nodes (:func:`conditional_block`): a CUDA
-    12.4+ build of torch with ``CUDAGraph.begin_capture_to_if_node``, and a small graph with one that replays
-    right on this device and driver (tried once per device; never while a capture is under way)."""
+    12.4+ build of torch, with ``CUDAGraph.begin_capture_to_if_node`` or else CuPy 14+ to add the nodes
+    (:mod:`lightning_haste.kernels.graphs`), and a small graph with nested blocks that allocate, which replays right
+    on this device and driver (tried once per device; never while a capture is under way)."""
     if device.type != "cuda" or torch.version.cuda is None or getattr(torch.version, "hip", None):
-        return False
-    graph_type = torch.cuda.CUDAGraph
-    if not all(hasattr(graph_type, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
-                                                       "end_capture_to_conditional_node")):
         return False
     if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 4):
         return False
+    if not _torch_captures_conditionals():
+        from . import kernels  # noqa: PLC0415 - the CUDA path only
+
+        if not kernels.graphs.available():
+            return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CONDITIONAL_PROBES:
         if torch.cuda.is_current_stream_capturing():
@@ -279,22 +282,40 @@ def conditional_blocks_supported(device: torch.device) -> bool:
 _CONDITIONAL_PROBES: dict[int, bool] = {}
 
 
+def _torch_captures_conditionals() -> bool:
+    graph_type = torch.cuda.CUDAGraph
+    return all(hasattr(graph_type, name) for name in (
+        "get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node"))
+
+
 def _probe_conditional_block(index: int) -> bool:
-    """Capture ``out += 1`` under a conditional node and replay it with the flag off and on."""
+    """Capture two nested blocks that allocate (what :func:`fused_topk`'s blocks do) and replay them with the
+    flags off, the outer on, and both on."""
     try:
         with torch.cuda.device(index):
-            flag = torch.zeros((), dtype=torch.bool, device="cuda")
-            out = torch.zeros(1, dtype=torch.int32, device="cuda")
+            if not _torch_captures_conditionals():
+                from . import kernels  # noqa: PLC0415 - the CUDA path only
+
+                kernels.graphs.prepare_libraries(torch.device("cuda", index))
+            outer = torch.zeros((), dtype=torch.bool, device="cuda")
+            inner = torch.zeros((), dtype=torch.bool, device="cuda")
+            out = torch.zeros(2, dtype=torch.int32, device="cuda")
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                with conditional_block(flag):
-                    out.add_(1)
-            graph.replay()
-            flag.fill_(True)
-            graph.replay()
-            ok = int(out.item()) == 1
+            pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                with conditional_block(outer, pool):
+                    out[0:1].add_(torch.ones(1, dtype=torch.int32, device="cuda"))
+                    with conditional_block(inner, pool):
+                        ones = torch.ones(1, 1, device="cuda")  # a GEMM, as the top-k's blocks run
+                        out[1:2].add_(nnf.linear(ones, ones * 10).round().int().flatten())
+            seen = []
+            for outer_on, inner_on in ((False, True), (True, False), (True, True)):
+                outer.fill_(outer_on)
+                inner.fill_(inner_on)
+                graph.replay()
+                seen.append(out.tolist())
             del graph
-            return ok
+            return seen == [[0, 0], [1, 0], [2, 10]]
     except Exception as exc:  # noqa: BLE001 - any failure means: no conditional nodes here
         warnings.warn(f"CUDA graphs with conditional nodes do not work here ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the top-k's graph holds one round and "
@@ -303,15 +324,25 @@ def _probe_conditional_block(index: int) -> bool:
 
 
 @contextlib.contextmanager
-def conditional_block(flag: Tensor) -> Iterator[None]:
+def conditional_block(flag: Tensor, pool: Optional[tuple[int, int]] = None) -> Iterator[None]:
     """Capture the block's work into a conditional node of the CUDA graph being captured: at replay it runs only
-    where the 0-d bool tensor ``flag`` is true (its allocations still come from the graph's pool)."""
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-    graph.begin_capture_to_if_node(flag)
-    try:
+    where the 0-d bool tensor ``flag`` is true. Its allocations come from the capture's memory pool ``pool`` (the
+    ``pool`` given to ``torch.cuda.graph``; needed where torch cannot add the node itself and
+    :mod:`lightning_haste.kernels.graphs` does)."""
+    if _torch_captures_conditionals():
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        graph.begin_capture_to_if_node(flag)
+        try:
+            yield
+        finally:
+            graph.end_capture_to_conditional_node()
+        return
+    if pool is None:
+        raise ValueError("this torch adds no conditional nodes itself: conditional_block needs the capture's pool")
+    from . import kernels  # noqa: PLC0415 - the CUDA path only
+
+    with kernels.graphs.conditional_block(flag, pool):
         yield
-    finally:
-        graph.end_capture_to_conditional_node()
 
 
 def _tail_candidates(
@@ -395,15 +426,16 @@ class RoundGraphs:
     each graph's input copy and outputs, in segments that the caching allocator rounds up (a request of 1-10 MiB
     takes 20 MiB).
 
-    ``conditional=True`` (experimental, off by default): where torch captures conditional nodes
-    (:func:`conditional_blocks_supported`), a graph holds the whole exact top-k, the further rounds and the
-    fallback as conditional blocks (:class:`DeviceRounds`), so that a replayed call reads nothing back; their work
-    allocates on streams of its own, which the pool keeps besides the first round's. Off by default until its GPU
-    tests have run on a device whose torch captures conditional nodes.
+    ``conditional`` (default): where graphs can hold conditional nodes (:func:`conditional_blocks_supported`), a
+    graph holds the whole exact top-k, the further rounds and the fallback as conditional blocks
+    (:class:`DeviceRounds`), so that a replayed call reads nothing back; their work allocates on streams of its
+    own, which the pool keeps besides the first round's. ``conditional=False``, or where graphs cannot hold such
+    nodes: a graph holds one round, and the host reads its overflow flag after each replay (one synchronisation a
+    call) and completes the rows that overflowed eagerly.
 
     Not kept by ``copy.deepcopy`` or pickling (a copy starts empty)."""
 
-    def __init__(self, max_graphs: int = 2, conditional: bool = False) -> None:
+    def __init__(self, max_graphs: int = 2, conditional: bool = True) -> None:
         if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 0:
             raise ValueError(f"max_graphs must be a non-negative int, got {max_graphs!r}")
         if not isinstance(conditional, bool):
@@ -418,6 +450,12 @@ class RoundGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    @property
+    def pool(self) -> Optional[tuple]:
+        """The memory pool the graphs share (None before the first capture): what a conditional block captured in
+        a graph allocates comes from it (:func:`conditional_block`)."""
+        return self._pool
+
     def clear(self) -> None:
         """Drop every graph and its memory (returned to torch's caching allocator)."""
         self._graphs.clear()
@@ -431,7 +469,7 @@ class RoundGraphs:
         return {"max_graphs": self.max_graphs, "conditional": self.conditional}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_graphs"], state.get("conditional", False))  # type: ignore[misc]
+        self.__init__(state["max_graphs"], state.get("conditional", True))  # type: ignore[misc]
 
     def replay(
         self, key: Hashable, x: Tensor, round_fn: Callable[[Tensor], tuple[Tensor, ...]]
@@ -479,6 +517,10 @@ class RoundGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         static_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # filled by each replay, this one included
+        if self.conditional and not _torch_captures_conditionals():
+            from . import kernels  # noqa: PLC0415 - the CUDA path only
+
+            kernels.graphs.prepare_libraries(x.device)  # the blocks' head GEMMs: cuBLAS's handles made out here
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: a capture fails only on this thread's illegal calls, not on e.g. a pinning thread's

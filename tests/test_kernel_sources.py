@@ -70,6 +70,8 @@ def _instantiations():
     lines += [f"(void*)&gsfi_topk_{kernel}<{dtype}>," for kernel in ("dense_candidates", "merge")
               for dtype in ("bf16_t", "f16_t")]
     lines += [f"(void*)&gsfi_topk_bound<{dtype}, {v}>," for dtype in ("bf16_t", "f16_t") for v in ("u16", "float")]
+    # the value of a CUDA graph's conditional node, from each flag type the launcher takes
+    lines += [f"(void*)&graph_set_conditional<{t}>," for t in ("bool", "int", "long long", "unsigned char")]
     return "\n".join(lines)
 
 

@@ -299,10 +299,23 @@ def test_round_graphs_bookkeeping_without_a_device():
     assert len(off._seen) == 0
     with pytest.raises(TypeError, match="conditional"):
         fused.RoundGraphs(2, conditional=1)
-    whole = fused.RoundGraphs(3, conditional=True)
-    assert copy.deepcopy(whole).conditional and pickle.loads(pickle.dumps(whole)).conditional
-    assert not graphs.conditional  # off by default
+    one_round = fused.RoundGraphs(3, conditional=False)
+    assert not copy.deepcopy(one_round).conditional and not pickle.loads(pickle.dumps(one_round)).conditional
+    assert graphs.conditional  # on by default (where graphs can hold conditional nodes)
     assert not fused.conditional_blocks_supported(torch.device("cpu"))
+
+
+def test_a_conditional_block_checks_its_flag_before_touching_the_graph():
+    from lightning_haste import kernels
+
+    pool = (0, 1)
+    for flag in (torch.zeros((), dtype=torch.bool), torch.zeros(2, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="one-element bool or integer CUDA tensor"):
+            with kernels.graphs.conditional_block(flag, pool):
+                pass
+    with pytest.raises(ValueError, match="one-element bool or integer CUDA tensor"):
+        with kernels.graphs.conditional_block(torch.zeros((), dtype=torch.float32), pool):
+            pass
 
 
 def test_a_layer_on_cpu_keeps_no_graphs():

@@ -11,6 +11,8 @@ Layout of the package (data flows one way: layer -> op -> launcher -> ``cuda/*.c
 - one module per operation, holding its shared-memory size formula, variant choice, cached plan and
   launcher: :mod:`.forward`, :mod:`.grad_input`, :mod:`.grad_weight`, :mod:`.loss` (the fused loss of
   the tail, on the forward's main loop) and :mod:`.topk` (the tail's top-k candidates, on the same loop).
+- :mod:`.graphs`: conditional nodes in a CUDA graph being captured (``cuda/graph_conditional.cu`` sets their
+  value on the GPU), for the top-k's rare further rounds where torch cannot add such nodes itself.
 
 The ``torch.library`` custom ops that make these launchers visible to ``torch.compile`` live in
 :mod:`lightning_haste.ops`. ``cuda/README.md`` lists the steps to add a kernel.
@@ -19,7 +21,7 @@ Everything here takes and returns torch tensors; memory comes from torch's cachi
 launches go to torch's current stream, with no host synchronisation.
 """
 
-from . import forward, grad_input, grad_weight, layout, loss, runtime, topk, tuning
+from . import forward, grad_input, grad_weight, graphs, layout, loss, runtime, topk, tuning
 from .forward import gsfi_forward
 from .grad_input import gsfi_grad_input
 from .grad_weight import gsfi_grad_weight
@@ -34,6 +36,7 @@ __all__ = [
     "grad_input",
     "grad_out_for_kernels",
     "grad_weight",
+    "graphs",
     "gsfi_forward",
     "gsfi_grad_input",
     "gsfi_grad_weight",
