@@ -186,7 +186,8 @@ def print_table(rows: list[dict]) -> None:
         def g(key: str, digits: int = 3) -> str:
             v = r.get(key)
             return "-" if v is None else f"{v:.{digits}f}"
-        print(f"| {r['shape']} | {r['k']} | {r.get('conditional_nodes')} | {g('fused_eager')} | {g('fused_pipelined')} | "
+        print(f"| {r['shape']} | {r['k']} | {r.get('conditional_nodes')} | {g('fused_eager')} | "
+              f"{g('fused_pipelined')} | "
               f"{g('fused_eager_host_check')} | {g('fused_pipelined_host_check')} | {g('tail_forward_graph')} | "
               f"{g('fused_eager_over_tail_forward', 2)} | {g('fused_pipelined_over_tail_forward', 2)} | "
               f"{g('fused_eager_host_check_over_tail_forward', 2)} |")
