@@ -36,8 +36,9 @@ _FLAG_TYPES = {torch.bool: "bool", torch.int32: "int", torch.int64: "long long",
 
 # cuda.h: CUgraphNodeParams is 256 bytes (type, 3 reserved ints, a union of 29 long longs, one more long long); the
 # conditional node's parameters lie in the union at offset 16: handle (u64), type (u32), size (u32), phGraph_out
-# (CUgraph *), ctx (CUcontext).
+# (CUgraph *), ctx (CUcontext). tests/test_graph_driver_abi.py checks these numbers against the toolkit's cuda.h.
 _NODE_PARAMS_BYTES = 256
+_OFFSET_TYPE, _OFFSET_HANDLE, _OFFSET_COND_TYPE, _OFFSET_SIZE, _OFFSET_BODIES, _OFFSET_CTX = 0, 16, 24, 28, 32, 40
 _NODE_TYPE_CONDITIONAL = 13
 _COND_TYPE_IF = 0
 _COND_ASSIGN_DEFAULT = 1
@@ -192,13 +193,15 @@ def conditional_block(flag: Tensor, pool: tuple[int, int]) -> Iterator[None]:
     runtime.launch(_set_plan(index, _FLAG_TYPES[flag.dtype]), (handle.value, flag.data_ptr()), index)
     graph, deps, _, count = _capture_frontier(lib, parent)  # now after the kernel that sets the value
     params = ctypes.create_string_buffer(_NODE_PARAMS_BYTES)
-    struct.pack_into("@i", params, 0, _NODE_TYPE_CONDITIONAL)
-    struct.pack_into("@QII", params, 16, handle.value, _COND_TYPE_IF, 1)
-    struct.pack_into("@Q", params, 40, context.value or 0)
+    struct.pack_into("@i", params, _OFFSET_TYPE, _NODE_TYPE_CONDITIONAL)
+    struct.pack_into("@Q", params, _OFFSET_HANDLE, handle.value)
+    struct.pack_into("@I", params, _OFFSET_COND_TYPE, _COND_TYPE_IF)
+    struct.pack_into("@I", params, _OFFSET_SIZE, 1)  # one body: the "if" branch
+    struct.pack_into("@Q", params, _OFFSET_CTX, context.value or 0)
     node = ctypes.c_void_p()
     # default edges (no edge data): the node waits for all of its dependencies to complete
     _check(lib.cuGraphAddNode_v2(ctypes.byref(node), graph, deps, None, count, params), "cuGraphAddNode")
-    (bodies,) = struct.unpack_from("@Q", params, 32)
+    (bodies,) = struct.unpack_from("@Q", params, _OFFSET_BODIES)
     body = ctypes.cast(bodies, ctypes.POINTER(ctypes.c_void_p))[0]
     _check(lib.cuStreamUpdateCaptureDependencies_v2(parent, ctypes.byref(node), None, 1, _SET_CAPTURE_DEPENDENCIES),
            "cuStreamUpdateCaptureDependencies")
