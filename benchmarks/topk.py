@@ -178,32 +178,38 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
     return row
 
 
+def _print_markdown(rows: list[dict], columns: list[tuple[str, str, int]]) -> None:
+    """A markdown table of ``rows``: shape, k, then one column per ``(header, key, digits)`` ("-" where missing;
+    ``digits`` 0: the value as it is)."""
+    def cell(row: dict, key: str, digits: int) -> str:
+        value = row.get(key)
+        return "-" if value is None else str(value) if digits == 0 else f"{value:.{digits}f}"
+
+    print("\n| shape | k | " + " | ".join(header for header, _, _ in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for r in rows:
+        print(f"| {r['shape']} | {r['k']} | " + " | ".join(cell(r, key, d) for _, key, d in columns) + " |")
+
+
 def print_table(rows: list[dict]) -> None:
-    print("\n| shape | k | conditional nodes | fused eager | fused pipelined | host check: eager | host check: "
-          "pipelined | tail forward | eager / forward | pipelined / forward | host check: eager / forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        def g(key: str, digits: int = 3) -> str:
-            v = r.get(key)
-            return "-" if v is None else f"{v:.{digits}f}"
-        print(f"| {r['shape']} | {r['k']} | {r.get('conditional_nodes')} | {g('fused_eager')} | "
-              f"{g('fused_pipelined')} | "
-              f"{g('fused_eager_host_check')} | {g('fused_pipelined_host_check')} | {g('tail_forward_graph')} | "
-              f"{g('fused_eager_over_tail_forward', 2)} | {g('fused_pipelined_over_tail_forward', 2)} | "
-              f"{g('fused_eager_host_check_over_tail_forward', 2)} |")
-    print("\n| shape | k | fused eager | fused launched | fused graph | chunked eager | dense+topk eager "
-          "| dense+topk graph | tail forward | fused eager / forward | fused launched / forward | fused eager / dense "
-          "| peak / bf16 [B,L] | graph kept / bf16 [B,L] |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        def f(key: str, digits: int = 3) -> str:
-            v = r.get(key)
-            return "-" if v is None else f"{v:.{digits}f}"
-        print(f"| {r['shape']} | {r['k']} | {f('fused_eager')} | {f('fused_launched')} | {f('fused_graph')} | "
-              f"{f('chunked_eager')} | {f('dense_best_eager')} | {f('dense_best_graph')} | "
-              f"{f('tail_forward_graph')} | {f('fused_eager_over_tail_forward', 2)} | "
-              f"{f('fused_launched_over_tail_forward', 2)} | {f('fused_eager_over_dense_eager', 2)} | "
-              f"{f('peak_over_bf16_logits', 3)} | {f('graph_kept_over_bf16_logits', 3)} |")
+    _print_markdown(rows, [
+        ("conditional nodes", "conditional_nodes", 0), ("fused eager", "fused_eager", 3),
+        ("fused pipelined", "fused_pipelined", 3), ("host check: eager", "fused_eager_host_check", 3),
+        ("host check: pipelined", "fused_pipelined_host_check", 3), ("tail forward", "tail_forward_graph", 3),
+        ("eager / forward", "fused_eager_over_tail_forward", 2),
+        ("pipelined / forward", "fused_pipelined_over_tail_forward", 2),
+        ("host check: eager / forward", "fused_eager_host_check_over_tail_forward", 2),
+    ])
+    _print_markdown(rows, [
+        ("fused eager", "fused_eager", 3), ("fused launched", "fused_launched", 3), ("fused graph", "fused_graph", 3),
+        ("chunked eager", "chunked_eager", 3), ("dense+topk eager", "dense_best_eager", 3),
+        ("dense+topk graph", "dense_best_graph", 3), ("tail forward", "tail_forward_graph", 3),
+        ("fused eager / forward", "fused_eager_over_tail_forward", 2),
+        ("fused launched / forward", "fused_launched_over_tail_forward", 2),
+        ("fused eager / dense", "fused_eager_over_dense_eager", 2),
+        ("peak / bf16 [B,L]", "peak_over_bf16_logits", 3),
+        ("graph kept / bf16 [B,L]", "graph_kept_over_bf16_logits", 3),
+    ])
 
 
 def main() -> None:

@@ -259,9 +259,9 @@ class DeviceRounds:
 
 def conditional_blocks_supported(device: torch.device) -> bool:
     """Whether CUDA graphs captured on ``device`` can hold conditional nodes (:func:`conditional_block`): a CUDA
-    12.4+ build of torch, with ``CUDAGraph.begin_capture_to_if_node`` or else CuPy 14+ to add the nodes
-    (:mod:`lightning_haste.kernels.graphs`), and a small graph with nested blocks that allocate, which replays right
-    on this device and driver (tried once per device; never while a capture is under way)."""
+    12.4+ build of torch, with ``CUDAGraph.begin_capture_to_if_node`` or else a CUDA 12.4+ driver through which
+    :mod:`lightning_haste.kernels.graphs` adds the nodes, and a small graph with nested blocks that allocate, which
+    replays right on this device and driver (tried once per device; never while a capture is under way)."""
     if device.type != "cuda" or torch.version.cuda is None or getattr(torch.version, "hip", None):
         return False
     if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 4):
@@ -288,15 +288,21 @@ def _torch_captures_conditionals() -> bool:
         "get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node"))
 
 
+def _prepare_conditional_capture(device: torch.device) -> None:
+    """What a capture with conditional blocks needs done before it starts: where the package adds the nodes itself,
+    this thread's cuBLAS handles (:func:`lightning_haste.kernels.graphs.prepare_libraries`)."""
+    if not _torch_captures_conditionals():
+        from . import kernels  # noqa: PLC0415 - the CUDA path only
+
+        kernels.graphs.prepare_libraries(device)
+
+
 def _probe_conditional_block(index: int) -> bool:
     """Capture two nested blocks that allocate (what :func:`fused_topk`'s blocks do) and replay them with the
     flags off, the outer on, and both on."""
     try:
         with torch.cuda.device(index):
-            if not _torch_captures_conditionals():
-                from . import kernels  # noqa: PLC0415 - the CUDA path only
-
-                kernels.graphs.prepare_libraries(torch.device("cuda", index))
+            _prepare_conditional_capture(torch.device("cuda", index))
             outer = torch.zeros((), dtype=torch.bool, device="cuda")
             inner = torch.zeros((), dtype=torch.bool, device="cuda")
             out = torch.zeros(2, dtype=torch.int32, device="cuda")
@@ -517,10 +523,8 @@ class RoundGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         static_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # filled by each replay, this one included
-        if self.conditional and not _torch_captures_conditionals():
-            from . import kernels  # noqa: PLC0415 - the CUDA path only
-
-            kernels.graphs.prepare_libraries(x.device)  # the blocks' head GEMMs: cuBLAS's handles made out here
+        if self.conditional:
+            _prepare_conditional_capture(x.device)  # the blocks' head GEMMs: cuBLAS's handles made out here
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: a capture fails only on this thread's illegal calls, not on e.g. a pinning thread's

@@ -154,9 +154,9 @@ def _body_stream(index: int, depth: int) -> Any:
     return stream
 
 
-def _capture_frontier(lib: Any, stream: int) -> tuple[int, ctypes.c_void_p, ctypes.c_void_p, int]:
-    """``(graph, dependencies, edge data, count)`` of the capture under way on ``stream``: the graph and the nodes
-    that work captured next would depend on."""
+def _capture_frontier(lib: Any, stream: int) -> tuple[int, ctypes.c_void_p, int]:
+    """``(graph, dependencies, count)`` of the capture under way on ``stream``: the graph and the nodes that work
+    captured next would depend on (their edge data is not kept: a node added on them waits for all of them)."""
     status, capture_id, graph = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_void_p()
     deps, edges, count = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_size_t()
     _check(lib.cuStreamGetCaptureInfo_v3(stream, ctypes.byref(status), ctypes.byref(capture_id), ctypes.byref(graph),
@@ -164,7 +164,7 @@ def _capture_frontier(lib: Any, stream: int) -> tuple[int, ctypes.c_void_p, ctyp
            "cuStreamGetCaptureInfo")
     if status.value != _CAPTURE_STATUS_ACTIVE:
         raise RuntimeError("conditional_block must be used while torch captures a CUDA graph on the current stream")
-    return graph.value, deps, edges, count.value
+    return graph.value, deps, count.value
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def conditional_block(flag: Tensor, pool: tuple[int, int]) -> Iterator[None]:
     begin_body_routing, begin_stream_routing, end_routing, release_pool = routing
     index = flag.device.index if flag.device.index is not None else torch.cuda.current_device()
     parent = runtime.current_stream(index)
-    graph, _, _, _ = _capture_frontier(lib, parent)
+    graph, _, _ = _capture_frontier(lib, parent)
     context = ctypes.c_void_p()
     _check(lib.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
     handle = ctypes.c_uint64()
@@ -191,7 +191,7 @@ def conditional_block(flag: Tensor, pool: tuple[int, int]) -> Iterator[None]:
            "cuGraphConditionalHandleCreate")
     flag = flag.contiguous()
     runtime.launch(_set_plan(index, _FLAG_TYPES[flag.dtype]), (handle.value, flag.data_ptr()), index)
-    graph, deps, _, count = _capture_frontier(lib, parent)  # now after the kernel that sets the value
+    graph, deps, count = _capture_frontier(lib, parent)  # now after the kernel that sets the value
     params = ctypes.create_string_buffer(_NODE_PARAMS_BYTES)
     struct.pack_into("@i", params, _OFFSET_TYPE, _NODE_TYPE_CONDITIONAL)
     struct.pack_into("@Q", params, _OFFSET_HANDLE, handle.value)
