@@ -127,8 +127,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB) gsfi_topk_candidates_sm90(
 }
 
 // The candidates of a chunk of dense logits [B][ld] (cols columns, rounded values of the input dtype T) at
-// position offset + column: the same rule and lists as gsfi_topk_candidates. CTA (blockIdx.x, blockIdx.y = row)
-// reads the row's columns blockIdx.x * 256 + threadIdx.x, stepping by gridDim.x * 256 (coalesced).
+// position offset + column: the same rule and lists as gsfi_topk_candidates. A row is read in 16-byte vectors of
+// eight logits from its first 16-byte boundary on (the row's start moves with ld): CTA (blockIdx.x, blockIdx.y =
+// row) takes vectors blockIdx.x * 256 + threadIdx.x, stepping by gridDim.x * 256 (coalesced), and CTA 0 of the row
+// also the few columns before the first boundary and after the last whole vector. A thread's candidates of one
+// vector take one atomicAdd for their slots.
 template <class T>
 __global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
     const u16* __restrict__ logits, long long ld, int cols, const float* __restrict__ threshold,
@@ -136,13 +139,46 @@ __global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
   const int b = blockIdx.y;
   const float bound = threshold[b];
   if (bound != bound) return;
-  for (int j = blockIdx.x * 256 + threadIdx.x; j < cols; j += gridDim.x * 256) {
-    const float z = Ops<T>::to_float(logits[(long long)b * ld + j]);
-    if (z < bound) continue;
-    const int slot = atomicAdd(count + b, 1);
-    if (slot < cap) {
-      score[(long long)b * cap + slot] = z;
-      position[(long long)b * cap + slot] = offset + j;
+  const u16* row = logits + (long long)b * ld;
+  const int lead = min(cols, (int)(((16u - ((unsigned)(size_t)row & 15u)) & 15u) >> 1));
+  const int vectors = (cols - lead) >> 3;
+  float* row_score = score + (long long)b * cap;
+  int* row_position = position + (long long)b * cap;
+  if (blockIdx.x == 0) {
+    const int rest = cols - lead - 8 * vectors;  // both below 8
+    if (threadIdx.x < lead + rest) {
+      const int j = threadIdx.x < lead ? threadIdx.x : lead + 8 * vectors + (threadIdx.x - lead);
+      const float z = Ops<T>::to_float(row[j]);
+      if (!(z < bound)) {
+        const int slot = atomicAdd(count + b, 1);
+        if (slot < cap) {
+          row_score[slot] = z;
+          row_position[slot] = offset + j;
+        }
+      }
+    }
+  }
+  const uint4* body = reinterpret_cast<const uint4*>(row + lead);
+  for (int v = blockIdx.x * 256 + threadIdx.x; v < vectors; v += gridDim.x * 256) {
+    const uint4 q = body[v];
+    const unsigned words[4] = {q.x, q.y, q.z, q.w};
+    float z[8];
+    unsigned hits = 0u;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      z[u] = Ops<T>::to_float((u16)(words[u >> 1] >> (16 * (u & 1))));
+      if (!(z[u] < bound)) hits |= 1u << u;
+    }
+    if (!hits) continue;
+    int slot = atomicAdd(count + b, __popc(hits));
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (!((hits >> u) & 1u)) continue;
+      if (slot < cap) {
+        row_score[slot] = z[u];
+        row_position[slot] = offset + lead + 8 * v + u;
+      }
+      ++slot;
     }
   }
 }
@@ -178,32 +214,43 @@ __device__ __forceinline__ float order_float(unsigned key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// maxima[j] for j < m: the largest of value(c) over the strided block c = j, j + m, ... < n (each an actual value of
-// a distinct entry; a NaN counts as +inf, which ranks above every number). Every thread of the CTA takes blocks
-// threadIdx.x, threadIdx.x + blockDim.x, ...; the caller puts a barrier before reading them.
-template <class Value>
-__device__ __forceinline__ void block_maxima(Value value, int n, int m, float* maxima) {
-  for (int j = threadIdx.x; j < m; j += blockDim.x) {
-    float best = -__int_as_float(0x7f800000);
-#pragma unroll 4
-    for (int c = j; c < n; c += m) {
-      const float v = value(c);
-      if (v != v) {
-        best = __int_as_float(0x7f800000);
-        break;
-      }
-      if (v > best) best = v;
-    }
-    maxima[j] = best;
-  }
+// A value's key for block maxima: float_order, with NaN as +inf (a NaN ranks above every number, so +inf is still a
+// bound).
+__device__ __forceinline__ unsigned max_key(float v) {
+  return float_order(v != v ? __int_as_float(0x7f800000) : v);
 }
 
-// The k-th largest of v[0, n) in shared memory (1 <= k <= n, no NaN), found by radix selection on float_order:
-// four passes over 8-bit digits from the top, each a histogram of the values that share the digits chosen so far
-// and a scan of its 256 bins for the one holding the k-th largest; exact, as a sort would give it, but 4 passes of
-// n / 256 reads per thread instead of a bitonic sort's log2(n) (log2(n) + 1) / 2 passes. Every thread of the CTA
-// (blockDim.x == 256) calls it and gets the value; v is read only. Ends with a barrier.
-__device__ __forceinline__ float kth_largest(const float* v, int n, int k) {
+// keys[j] for j < m: the key (max_key) of the largest of value(c) over the strided block c = j, j + m, ... < n, each
+// an actual value of a distinct entry. Thread t takes blocks t, t + blockDim.x, ...; a block's entries are read in
+// batches of eight with no dependence between their loads (taken entry by entry, each load would wait for the one
+// before: a row's few thousand entries would cost tens of memory latencies). Every thread of the CTA calls it; it
+// ends with a barrier.
+template <class Value>
+__device__ __forceinline__ void block_maxima(Value value, int n, int m, unsigned* keys) {
+  constexpr int BATCH = 8;
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    unsigned best = float_order(-__int_as_float(0x7f800000));
+    for (int c0 = j; c0 < n; c0 += BATCH * m) {
+      float v[BATCH];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        const int c = c0 + u * m;
+        v[u] = c < n ? value(c) : -__int_as_float(0x7f800000);
+      }
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) best = max(best, max_key(v[u]));
+    }
+    keys[j] = best;
+  }
+  __syncthreads();
+}
+
+// The k-th largest of the values whose keys (float_order) are keys[0, n) in shared memory (1 <= k <= n), found by
+// radix selection: four passes over 8-bit digits from the top, each a histogram of the keys that share the digits
+// chosen so far and a scan of its 256 bins for the one holding the k-th largest; exact, as a sort would give it,
+// but 4 passes of n / 256 reads per thread instead of a bitonic sort's log2(n) (log2(n) + 1) / 2 passes. Every
+// thread of the CTA (blockDim.x == 256) calls it and gets the value; keys is read only. Ends with a barrier.
+__device__ __forceinline__ float kth_largest(const unsigned* keys, int n, int k) {
   __shared__ unsigned histogram[256];
   __shared__ unsigned warp_total[8];
   __shared__ unsigned chosen;
@@ -215,7 +262,7 @@ __device__ __forceinline__ float kth_largest(const float* v, int n, int k) {
     histogram[threadIdx.x] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += 256) {
-      const unsigned key = float_order(v[i]);
+      const unsigned key = keys[i];
       if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
@@ -268,24 +315,32 @@ __device__ __forceinline__ float key_score(long long key) {
 // and -0.0 against 0.0 included); only those slots are kept (about 2-3 k of them). The kept slots become ranking
 // keys (the label id through label_permutation), sorted in shared memory (sort_descending, over the next power of
 // two at or above max(kept, k); empty slots hold the lowest key), and the best k are written: out_score [B][k] in
-// the input dtype
-// (the scores are values of it), out_id [B][k]. The order in which slots are kept does not matter: the keys are
-// distinct (one per label) and sorted. Rows whose threshold is NaN took no candidates in this round and are left
-// as they are. Dynamic shared memory: 8 bytes a key for the next power of two at or above max(width, k) (the m
-// maxima, 4 bytes each, use the same space first: a list is cut only when n > 2 m, and n <= width).
+// the input dtype (the scores are values of it), out_id [B][k]. The order in which slots are kept does not matter:
+// the keys are distinct (one per label) and sorted. Rows whose threshold is NaN took no candidates in this round
+// and are left as they are. With `unresolved` (else null), every row also writes unresolved[b] = count[b] > cap
+// (its list overflowed: the merge saw only part of it), and a row that overflowed sets *any_unresolved to 1 (the
+// caller zeroed it; a flag the GPU hands to a conditional node, with no reduction launched for it). Dynamic shared
+// memory: 8 bytes a key for the next power of two at or above max(width, k) (the m maxima' keys, 4 bytes each, use
+// the same space first: a list is cut only when n > 2 m, and n <= width).
 template <class T>
 __global__ void __launch_bounds__(256) gsfi_topk_merge(
     const int* __restrict__ count, const float* __restrict__ score, const int* __restrict__ position, int cap,
     int width, const long long* __restrict__ label_permutation, const float* __restrict__ threshold, int k,
-    u16* __restrict__ out_score, long long* __restrict__ out_id) {
+    u16* __restrict__ out_score, long long* __restrict__ out_id, bool* __restrict__ unresolved,
+    bool* __restrict__ any_unresolved) {
   extern __shared__ __align__(16) unsigned char smem[];
   long long* keys = reinterpret_cast<long long*>(smem);
   __shared__ int kept;
   __shared__ float cut;
   const int b = blockIdx.x;
+  const int listed = count[b];
+  if (unresolved != nullptr && threadIdx.x == 0) {
+    unresolved[b] = listed > cap;
+    if (listed > cap) *any_unresolved = true;
+  }
   const float bound = threshold[b];
   if (bound != bound) return;
-  const int n = min(min(count[b], cap), width);
+  const int n = min(min(listed, cap), width);
   const float* row = score + (long long)b * cap;
   int m = 32;
   while (m < 4 * k && m < 512) m <<= 1;
@@ -294,9 +349,8 @@ __global__ void __launch_bounds__(256) gsfi_topk_merge(
     cut = -__int_as_float(0x7f800000);
   }
   if (n > 2 * m && m >= 2 * k) {
-    float* maxima = reinterpret_cast<float*>(smem);
+    unsigned* maxima = reinterpret_cast<unsigned*>(smem);
     block_maxima([row](int c) { return row[c]; }, n, m, maxima);
-    __syncthreads();
     const float t = kth_largest(maxima, m, k);
     if (threadIdx.x == 0) cut = t;
   }
@@ -337,24 +391,35 @@ template <class T> struct BoundValue<T, float> {
 // c % m), each block's maximum is an actual score of a distinct entry, and the k-th best of the m maxima is the
 // bound (kth_largest, in shared memory; NaN counts as +inf, which still bounds: a NaN ranks above every number).
 // threshold[b] becomes the larger of itself and the bound (a row with n < k keeps its own); rows whose threshold is
-// NaN are skipped. One CTA of 256 threads per row; dynamic shared memory: 4 bytes for each of `blocks` maxima.
+// NaN are skipped. With `reset_count` (else null), the call's first bound, before any candidate: threshold[b] is
+// not read but set (to the bound, or -inf where n < k), reset_count[b] (the lists' counts) and *reset_flag (where
+// not null) are zeroed: the launches that would fill them otherwise. One CTA of 256 threads per row; dynamic shared
+// memory: 4 bytes for each of `blocks` maxima.
 template <class T, class V>
 __global__ void __launch_bounds__(256) gsfi_topk_bound(const V* __restrict__ values, long long ld, int cols,
                                                       const int* __restrict__ count, int blocks, int k,
-                                                      float* __restrict__ threshold) {
+                                                      float* __restrict__ threshold, int* __restrict__ reset_count,
+                                                      bool* __restrict__ reset_flag) {
   extern __shared__ __align__(16) unsigned char smem[];
-  float* maxima = reinterpret_cast<float*>(smem);
+  unsigned* maxima = reinterpret_cast<unsigned*>(smem);
   const int b = blockIdx.x;
-  const float current = threshold[b];
+  const bool reset = reset_count != nullptr;
+  if (reset && threadIdx.x == 0) {
+    reset_count[b] = 0;
+    if (reset_flag != nullptr && b == 0) *reset_flag = false;
+  }
+  const float current = reset ? -__int_as_float(0x7f800000) : threshold[b];
   if (current != current) return;
   const int n = count != nullptr ? min(count[b], cols) : cols;
-  if (n < k) return;
+  if (n < k) {
+    if (reset && threadIdx.x == 0) threshold[b] = current;
+    return;
+  }
   const int m = min(n, blocks);
   const V* row = values + (long long)b * ld;
   block_maxima([row](int c) { return BoundValue<T, V>::get(row[c]); }, n, m, maxima);
-  __syncthreads();
   const float bound = kth_largest(maxima, m, k);
   // (Under CuPy's -ftz=true the comparisons here see subnormals as zero, so the bound may be off by a value of
   // that class: the candidate kernels compare in the same way, so every score at or above the true bound passes.)
-  if (threadIdx.x == 0 && bound > current) threshold[b] = bound;
+  if (threadIdx.x == 0 && (reset || bound > current)) threshold[b] = bound > current ? bound : current;
 }

@@ -455,7 +455,8 @@ def _head_tail_topk_op(
                                               num_head, num_tail, label_permutation, k, memory_budget)
     if unresolved.numel() == 0:  # the eager function's "none": the op's outputs have fixed shapes
         unresolved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    return scores, ids, unresolved
+    # the kernels' outputs are views of one buffer, and an op's outputs may not alias each other
+    return scores.clone(), ids.clone(), unresolved.clone()
 
 
 @_head_tail_topk_op.register_fake

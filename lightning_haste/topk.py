@@ -10,14 +10,16 @@ tensor-core tiles); the row's top-k is the top-k of its list in the ranking orde
 approximate: every label that can be in the top-k, ties included, is in the list.
 
 Where the bound comes from, per row: the k-th best of the maxima of blocks of the first columns of the head's first
-chunk (:func:`block_bound`), then the k-th best of the row's list after each chunk (the list holds every score seen
-at or above the bound, so this is the k-th best of all the head's scores so far), and, when the head is small
-against the tail, the same after each of the tail's first segments of groups (segments that double what was seen: a
-sample that costs nothing extra, those groups are not scored again). A label not yet seen then enters the list with
-probability about ``k / seen``. A list that overflows (more candidates than slots) is retried with the k-th best of
-its stored candidates as the new bound, which rises each time unless the row holds more than ``cap`` scores tied at
-the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved, for the caller's exact
-chunked path.
+chunk (:func:`block_bound`), then the k-th best of the row's list after the head's last chunk and after an earlier
+chunk where the bound so far would let more than a sixteenth of a list of the next one through (the list holds
+every score seen at or above the bound, so this is the k-th best of all the head's scores so far), and, when the
+head is small against the tail, the same after each of the tail's first segments of groups (segments that double
+what was seen: a sample that costs nothing extra, those groups are not scored again). A label not yet seen then
+enters the list with probability about ``k / seen``. A list that overflows (more candidates than slots) is retried
+with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds more than
+``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved,
+for the caller's exact chunked path. The first round's first bound also zeroes the lists' counts and the overflow
+flag, and its merge flags the rows whose list overflowed: no launches of their own.
 
 The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
@@ -152,12 +154,23 @@ def fused_topk(
     chunk = head_chunk_columns(batch, num_labels, num_head, k, memory_budget)
     num_groups = tail_index.shape[0] if tail_index is not None else 0
     xt = kernels.layout.transpose_input(x_tail) if num_tail else None
-    count, score, position = kernels.topk.candidate_buffers(batch, cap, device)
-    best_scores = torch.empty(batch, k, dtype=dtype, device=device)
-    best_ids = torch.empty(batch, k, dtype=torch.long, device=device)
+    # The first bound (from the head's first chunk) sets the bounds and zeroes the counts and the overflow flag in
+    # its own launch; without a head, they are filled here.
+    resets = num_head > 0
+    count, score, position = kernels.topk.candidate_buffers(batch, cap, device, zeroed=not resets)
+    # The outputs in one buffer (ids, scores, the rows whose list overflowed, whether any did), in the order of
+    # :func:`_pack`: a graph that returns them copies nothing to pack them.
+    outputs = torch.empty(batch * k * 8 + batch * k * 2 + batch + 1, dtype=torch.uint8, device=device)
+    best_ids = outputs[: batch * k * 8].view(torch.long).view(batch, k)
+    best_scores = outputs[batch * k * 8 : batch * k * 10].view(dtype).view(batch, k)
+    unresolved = outputs[batch * k * 10 : batch * k * 10 + batch].view(torch.bool)
+    any_unresolved = outputs[-1:].view(torch.bool).view(())
+    if not resets:
+        any_unresolved.zero_()
 
     def one_round(threshold: Tensor, first: bool, chunk: int = chunk) -> None:
         """The candidates of every row whose threshold is not NaN (raised in place on the first round), merged."""
+        bound_from = 0  # the scores whose k-th best (nearly) the first round's bound is
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
@@ -168,14 +181,19 @@ def fused_topk(
                 # several times the mean; the bound from the list after the chunk is the chunk's exact k-th best
                 # either way.
                 sample = min(c1 - c0, max(FIRST_SAMPLE_PER_BLOCK * bound_blocks(k), -(-8 * k * (c1 - c0) // cap)))
-                kernels.topk.gsfi_topk_bound(logits[:, :sample], k, threshold, bound_blocks(k))
+                kernels.topk.gsfi_topk_bound(logits[:, :sample], k, threshold, bound_blocks(k), reset_count=count,
+                                             reset_flag=any_unresolved)
+                bound_from = sample
             kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
-            if first and (c1 < num_head or num_tail):
-                # The list holds every score seen so far at or above the bound: its k-th best is the k-th best of
-                # all the head's chunks so far (exact up to LIST_BLOCKS candidates), where a chunk's own block
-                # maxima would bound by that chunk alone; the next chunk and the tail then add about k * (their
-                # labels / the labels seen) candidates.
+            # The list holds every score seen so far at or above the bound: its k-th best is the k-th best of all
+            # the head's chunks so far (exact up to LIST_BLOCKS candidates), where a chunk's own block maxima would
+            # bound by that chunk alone; the next chunk and the tail then add about k * (their labels / the labels
+            # seen) candidates. Raised so before the tail, and before the next chunk where the bound so far would
+            # let more than a sixteenth of a list of it through (a launch saved where it would not).
+            next_chunk = min(num_head, c1 + chunk) - c1
+            if first and ((c1 >= num_head and num_tail) or k * next_chunk > (cap // 16) * bound_from):
                 kernels.topk.gsfi_topk_bound(score, k, threshold, LIST_BLOCKS, count, dtype)
+                bound_from = c1
             logits = None  # freed before the next chunk's logits are allocated: one chunk at a time
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more
@@ -195,9 +213,10 @@ def fused_topk(
         _tail_candidates(kernels, xt, batch, tail_weight, tail_bias, tail_index, group_size, num_tail, num_head,
                          g0, num_groups, threshold, count, score, position)
         # Every row of this round (threshold not NaN) is merged, each sorting only its own list; an overflowed
-        # one is merged again in the next round or flagged unresolved.
+        # one is merged again in the next round or flagged unresolved (the first round's merge flags them).
+        flags = (unresolved, any_unresolved) if first else (None, None)
         kernels.topk.gsfi_topk_merge(count, score, position, cap, label_permutation, threshold, k, best_scores,
-                                     best_ids)
+                                     best_ids, *flags)
 
     def retry(threshold: Tensor, stuck: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(threshold, progress, stuck)`` of the next round: overflowed rows again with the k-th best of their
@@ -210,15 +229,16 @@ def fused_topk(
         count.zero_()
         return torch.where(progress, raised, math.nan).contiguous(), progress, stuck
 
-    threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=device)
+    threshold = torch.empty(batch, dtype=torch.float32, device=device)
+    if not resets:
+        threshold.fill_(-math.inf)
     one_round(threshold, first=True)
     if not synchronize and on_device is None:
-        return best_scores, best_ids, count > cap
+        return best_scores, best_ids, unresolved
     if not synchronize:
         # The rare rounds as conditional blocks of the caller's graph: they run only where a list overflowed, a
         # flag the GPU computes; the host reads nothing.
-        unresolved = count > cap
-        with on_device.when(unresolved.any()):
+        with on_device.when(any_unresolved):
             # A block's work allocates on a stream of its own, so the graph's pool keeps its memory besides the
             # first round's: smaller head chunks here (a quarter) keep that small.
             stuck = None
@@ -552,6 +572,12 @@ def _pack(outputs: tuple[Tensor, ...]) -> tuple[Tensor, tuple[tuple[int, int, in
         layout.append((i, offset, flat.numel(), outputs[i].dtype, tuple(outputs[i].shape)))
         pieces.append(flat)
         offset += flat.numel()
+    first = pieces[0]
+    storage = first.untyped_storage().data_ptr()
+    if all(p.untyped_storage().data_ptr() == storage and p.data_ptr() == first.data_ptr() + start
+           for p, (_, start, _, _, _) in zip(pieces, layout, strict=True)):
+        # already laid out so, in one buffer (fused_topk's outputs): a view, no copy
+        return first.as_strided((offset,), (1,), first.storage_offset()), tuple(layout)
     return torch.cat(pieces), tuple(layout)
 
 

@@ -94,8 +94,10 @@ def test_fused_topk_does_not_read_unwritten_list_slots(monkeypatch):
     layer, x = _layer(case, seed=5)
     want = layer.topk(x, case[6])
 
-    def poisoned(batch, cap, device):
-        count = torch.zeros(batch, dtype=torch.int32, device=device)
+    def poisoned(batch, cap, device, zeroed=True):
+        # counts that are not zeroed here are zeroed by the first bound: poisoned too
+        count = torch.zeros(batch, dtype=torch.int32, device=device) if zeroed else torch.full(
+            (batch,), 2**20, dtype=torch.int32, device=device)
         score = torch.full((batch, cap), math.nan, device=device)
         position = torch.full((batch, cap), 2**30, dtype=torch.int32, device=device)
         return count, score, position
@@ -413,13 +415,76 @@ def test_replayed_topk_under_inference_mode_as_validation_runs_it():
     assert len(layer.topk_graphs) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_merge_flags_the_rows_whose_list_overflowed(dtype):
+    # With the flag outputs, every row writes unresolved[b] = count[b] > cap (rows with a NaN threshold too) and
+    # the flag is set where one overflowed and left as the caller zeroed it where none did (outputs poisoned).
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    batch, cap, k, num_labels = 37, 512, 5, 4000
+    score = torch.randn(batch, cap, generator=gen, device="cuda").to(dtype).float()
+    position = torch.stack([torch.randperm(num_labels, generator=gen, device="cuda")[:cap] for _ in range(batch)])
+    permutation = torch.randperm(num_labels, generator=gen, device="cuda")
+    threshold = torch.zeros(batch, device="cuda")
+    threshold[4] = math.nan
+    for overflowed in ([], [0, 4, 36]):
+        count = torch.randint(k, cap + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+        count[overflowed] = cap + 1 + torch.arange(len(overflowed), device="cuda", dtype=torch.int32)
+        unresolved = torch.ones(batch, dtype=torch.bool, device="cuda")
+        flag = torch.zeros((), dtype=torch.bool, device="cuda")
+        out_score = torch.empty(batch, k, device="cuda", dtype=dtype)
+        out_id = torch.empty(batch, k, device="cuda", dtype=torch.long)
+        kernels.topk.gsfi_topk_merge(count, score, position.int(), cap, permutation, threshold, k, out_score,
+                                     out_id, unresolved, flag)
+        assert torch.equal(unresolved, count > cap)
+        assert bool(flag) == bool(overflowed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [1, 5, 7, 8, 9, 15, 16, 2051, 40013])
+@torch.no_grad()
+def test_dense_candidate_lists_hold_exactly_the_logits_at_or_above_the_bound(cols, dtype):
+    # Rows that start anywhere against a 16-byte boundary (a chunk of columns at an odd offset of a wider tensor:
+    # the kernel reads the columns before the first boundary and after the last whole vector one by one), NaN and
+    # infinite logits, ties at the bound; rows with a NaN threshold take none, -inf every logit, +inf only +inf and
+    # NaN; lists counting on from a nonzero count; nothing written past the count (buffers poisoned).
+    gen = torch.Generator(device="cuda").manual_seed(cols)
+    batch, offset = 45, 3
+    wide = torch.randn(batch, cols + 11, generator=gen, device="cuda").to(dtype)
+    special = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0], device="cuda").to(dtype)
+    where = torch.rand(batch, cols + 11, generator=gen, device="cuda") < 0.03
+    wide = torch.where(where, special[torch.randint(0, 5, wide.shape, generator=gen, device="cuda")], wide)
+    logits = wide[:, 5 : 5 + cols]
+    z = logits.float()
+    passing = (torch.rand(batch, generator=gen, device="cuda") * cols).long()
+    threshold = z.nan_to_num(nan=-math.inf).sort(dim=1, descending=True).values.gather(1, passing[:, None])[:, 0]
+    threshold = threshold.contiguous()
+    threshold[0], threshold[1], threshold[2] = math.nan, -math.inf, math.inf
+    cap = cols + 20
+    start = torch.randint(0, 8, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    count = start.clone()
+    score = torch.full((batch, cap), 1234.5, device="cuda")
+    position = torch.full((batch, cap), -1, dtype=torch.int32, device="cuda")
+    kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, offset)
+    for b in range(batch):
+        s0, n = int(start[b]), int(count[b])
+        want = (~(z[b] < threshold[b])).nonzero().flatten() if b != 0 else z.new_empty(0, dtype=torch.long)
+        assert n - s0 == want.numel(), b
+        got_pos, order = (position[b, s0:n].long() - offset).sort()
+        assert torch.equal(got_pos, want), b
+        assert torch.equal(score[b, s0:n][order].nan_to_num(nan=7.0), z[b, want].nan_to_num(nan=7.0)), b
+        assert bool((score[b, n:] == 1234.5).all()) and bool((position[b, n:] == -1).all()), b
+
+
 @pytest.mark.parametrize("k", [1, 5, 100, 128])
-@pytest.mark.parametrize("source", ["logits", "lists"])
+@pytest.mark.parametrize("source", ["logits", "lists", "first"])
 @torch.no_grad()
 def test_bound_kernel_equals_the_block_maxima_reference(k, source):
     # The kernel's k-th best of the block maxima (a radix selection) against block_bound's torch.topk, exactly:
     # NaN (as +inf), +-inf, -0.0 / 0.0 and heavy ties among random values, rows of fewer blocks than the kernel's,
     # rows with fewer than k entries (kept as they are), a NaN threshold (skipped) and one already above the bound.
+    # "first": the call's first bound, which sets the bounds (the old ones poisoned; -inf where fewer than k) and
+    # zeroes the lists' counts and the overflow flag.
     gen = torch.Generator(device="cuda").manual_seed(100 + k)
     batch, cols = 48, 9000
     blocks = fused.bound_blocks(k)
@@ -436,13 +501,21 @@ def test_bound_kernel_equals_the_block_maxima_reference(k, source):
     threshold = torch.full((batch,), -math.inf, device="cuda")
     threshold[5], threshold[6] = math.nan, 1e30
     lists = source == "lists"
-    before = threshold.clone()
+    if source == "first":
+        values = values[:, : k - 1] if k == 128 else values  # (k = 128: every row with fewer than k entries)
+        threshold.fill_(math.nan)
+        before = torch.full_like(threshold, -math.inf)
+        reset_count = torch.full((batch,), 77, dtype=torch.int32, device="cuda")
+        flag = torch.ones((), dtype=torch.bool, device="cuda")
+        kernels.topk.gsfi_topk_bound(values, k, threshold, blocks, reset_count=reset_count, reset_flag=flag)
+        assert not bool(reset_count.any()) and not bool(flag)
+    before = threshold.clone() if source != "first" else before
     if lists:
         kernels.topk.gsfi_topk_bound(values.float(), k, threshold, blocks, count, torch.bfloat16)
-    else:
+    elif source == "logits":
         kernels.topk.gsfi_topk_bound(values, k, threshold, blocks)
     for b in range(batch):
-        n = min(int(count[b]), cols) if lists else cols
+        n = min(int(count[b]), cols) if lists else values.shape[1]
         want = fused.block_bound(values[b : b + 1, :n], k, blocks) if n else None
         expected = before[b] if want is None or math.isnan(before[b]) else torch.maximum(before[b], want[0])
         assert torch.equal(threshold[b], expected) or (math.isnan(threshold[b]) and math.isnan(expected)), b

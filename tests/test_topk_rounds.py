@@ -49,8 +49,14 @@ class Lists:
         self.launches["dense"] += 1
         self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
 
-    def bound(self, values, k, threshold, blocks, count=None, dtype=None):
+    def bound(self, values, k, threshold, blocks, count=None, dtype=None, reset_count=None, reset_flag=None):
         assert blocks == (fused.bound_blocks(k) if count is None else fused.LIST_BLOCKS)
+        if reset_count is not None:  # the first bound: the bounds set, the counts and the flag zeroed
+            assert count is None
+            threshold.fill_(-float("inf"))
+            reset_count.zero_()
+            if reset_flag is not None:
+                reset_flag.zero_()
         for b in range(values.shape[0]):
             if float(threshold[b]) != float(threshold[b]):
                 continue
@@ -59,8 +65,12 @@ class Lists:
             if bound is not None:
                 threshold[b] = torch.maximum(threshold[b], bound[0])
 
-    def merge(self, count, score, position, width, label_permutation, threshold, k, out_score, out_id):
+    def merge(self, count, score, position, width, label_permutation, threshold, k, out_score, out_id,
+              unresolved=None, any_unresolved=None):
         self.launches["merge"] += 1
+        if unresolved is not None:
+            unresolved.copy_(count > score.shape[1])
+            any_unresolved |= unresolved.any()
         for b in range(count.shape[0]):
             if float(threshold[b]) != float(threshold[b]):
                 continue
@@ -385,3 +395,20 @@ def test_graph_outputs_pack_into_one_buffer_and_unpack_as_views():
     for got, want in zip(unpacked, outputs, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
         assert got.numel() == 0 or got.untyped_storage().data_ptr() == copy.untyped_storage().data_ptr()
+
+
+def test_outputs_already_laid_out_in_one_buffer_pack_without_a_copy():
+    # fused_topk's outputs are views of one buffer in the packing order: packed as a view of it; a buffer in
+    # another order, or a gap, is copied as any outputs are
+    batch, k = 3, 4
+    buffer = torch.arange(8 + batch * k * 10 + batch + 1, dtype=torch.uint8)[8:]  # not at its storage's start
+    ids = buffer[: batch * k * 8].view(torch.long).view(batch, k)
+    scores = buffer[batch * k * 8 : batch * k * 10].view(torch.bfloat16).view(batch, k)
+    flags = buffer[batch * k * 10 : batch * k * 10 + batch].view(torch.bool)
+    packed, layout = fused._pack((scores, ids, flags))
+    assert packed.data_ptr() == buffer.data_ptr() and packed.numel() == batch * k * 10 + batch
+    for got, want in zip(fused._unpack(packed.clone(), layout), (scores, ids, flags), strict=True):
+        assert torch.equal(got, want)
+    gap = buffer[batch * k * 10 + 1 : batch * k * 10 + 1 + batch].view(torch.bool)
+    packed, _ = fused._pack((scores, ids, gap))
+    assert packed.data_ptr() != buffer.data_ptr()

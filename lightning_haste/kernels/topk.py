@@ -35,10 +35,11 @@ __all__ = [
 PARAMS = struct.Struct("@QiQQQQQQQiiiiiii")
 #: gsfi_topk_dense_candidates parameters: logits, ld, cols, threshold, count, score, position, cap, offset.
 DENSE_PARAMS = struct.Struct("@QqiQQQQii")
-#: gsfi_topk_bound parameters: values, ld, cols, count, blocks, k, threshold.
-BOUND_PARAMS = struct.Struct("@QqiQiiQ")
-#: gsfi_topk_merge parameters: count, score, position, cap, width, label_permutation, threshold, k, out_score, out_id.
-MERGE_PARAMS = struct.Struct("@QQQiiQQiQQ")
+#: gsfi_topk_bound parameters: values, ld, cols, count, blocks, k, threshold, reset_count, reset_flag.
+BOUND_PARAMS = struct.Struct("@QqiQiiQQQ")
+#: gsfi_topk_merge parameters: count, score, position, cap, width, label_permutation, threshold, k, out_score, out_id,
+#: unresolved, any_unresolved.
+MERGE_PARAMS = struct.Struct("@QQQiiQQiQQQQ")
 
 
 @functools.lru_cache(maxsize=256)
@@ -87,9 +88,10 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def candidate_buffers(batch: int, cap: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Fresh ``(count [B] int32, zeroed; score [B, cap] float32; position [B, cap] int32)`` lists."""
-    count = torch.zeros(batch, dtype=torch.int32, device=device)
+def candidate_buffers(batch: int, cap: int, device: torch.device, zeroed: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Fresh ``(count [B] int32, zeroed unless ``zeroed=False`` (for a first bound that zeroes it:
+    :func:`gsfi_topk_bound`'s ``reset_count``); score [B, cap] float32; position [B, cap] int32)`` lists."""
+    count = (torch.zeros if zeroed else torch.empty)(batch, dtype=torch.int32, device=device)
     score = torch.empty(batch, cap, dtype=torch.float32, device=device)
     position = torch.empty(batch, cap, dtype=torch.int32, device=device)
     return count, score, position
@@ -134,11 +136,11 @@ def gsfi_topk_candidates(
 
 @functools.lru_cache(maxsize=256)
 def dense_plan(dtype: str, batch: int, cols: int, index: int) -> runtime.Plan:
-    """``gsfi_topk_dense_candidates``: a row of CTAs per batch row, each CTA 256 columns at a time, about sixteen
-    CTAs per multiprocessor in all (enough to hide the memory latency of a streaming read)."""
+    """``gsfi_topk_dense_candidates``: a row of CTAs per batch row, each CTA 256 vectors of eight columns at a time,
+    about sixteen CTAs per multiprocessor in all (enough to hide the memory latency of a streaming read)."""
     fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_dense_candidates", (dtype,), index)
     sms, _, _ = runtime.device_limits(index)
-    across = max(1, min(math.ceil(cols / 256), math.ceil(16 * sms / batch)))
+    across = max(1, min(math.ceil(cols / 2048), math.ceil(16 * sms / batch)))
     return runtime.make_plan(fn, (across, batch), 256, 0, 0, index, DENSE_PARAMS, "gsfi_topk_dense_candidates")
 
 
@@ -182,12 +184,17 @@ def merge_plan(dtype: str, batch: int, width: int, k: int, index: int) -> runtim
 
 def gsfi_topk_merge(
     count: Tensor, score: Tensor, position: Tensor, width: int, label_permutation: Tensor, threshold: Tensor,
-    k: int, out_score: Tensor, out_id: Tensor,
+    k: int, out_score: Tensor, out_id: Tensor, unresolved: Optional[Tensor] = None,
+    any_unresolved: Optional[Tensor] = None,
 ) -> None:
     """Write the ranked top-k of each row's list (its first ``min(count, cap, width)`` slots; positions mapped to
     label ids through ``label_permutation``) into ``out_score [B, k]`` (bfloat16/float16: the scores are values
     of that dtype) and ``out_id [B, k]`` (int64), in the order of :mod:`lightning_haste.ranking`. Rows whose
-    ``threshold`` is NaN are left as they are. Every row must list at least ``k`` candidates."""
+    ``threshold`` is NaN are left as they are. Every row must list at least ``k`` candidates.
+
+    With ``unresolved`` (bool ``[B]``) and ``any_unresolved`` (a 0-d bool tensor, zeroed by the caller), also
+    ``unresolved[b] = count[b] > cap`` for every row, and ``any_unresolved`` set where one is: the round's
+    overflow flag without a launch of its own."""
     batch = count.shape[0]
     cap = _check_lists(threshold, count, score, position, batch, count)
     if not 0 < width <= cap:
@@ -198,11 +205,17 @@ def gsfi_topk_merge(
         raise ValueError(f"out_id must be a contiguous int64 tensor of shape ({batch}, {k})")
     if label_permutation.dtype != torch.int64 or not label_permutation.is_contiguous():
         raise ValueError("label_permutation must be a contiguous int64 tensor")
+    if (unresolved is None) != (any_unresolved is None):
+        raise ValueError("unresolved and any_unresolved come together")
+    if unresolved is not None and any_unresolved is not None:
+        for name, t, shape in (("unresolved", unresolved, (batch,)), ("any_unresolved", any_unresolved, ())):
+            if t.dtype != torch.bool or tuple(t.shape) != shape or t.device != count.device or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous bool tensor of shape {shape} on {count.device}")
     index = count.device.index
     width = min(cap, _pow2_at_least(max(width, k)))  # the sort's span: few distinct plans
     p = merge_plan(KERNEL_DTYPES[out_score.dtype], batch, width, k, index)
     args = (ptr(count), ptr(score), ptr(position), cap, width, ptr(label_permutation), ptr(threshold), k,
-            ptr(out_score), ptr(out_id))
+            ptr(out_score), ptr(out_id), ptr(unresolved), ptr(any_unresolved))
     runtime.launch(p, args, index)
 
 
@@ -217,13 +230,18 @@ def bound_plan(dtype: str, values: str, batch: int, blocks: int, index: int) -> 
 
 def gsfi_topk_bound(
     values: Tensor, k: int, threshold: Tensor, blocks: int, count: Optional[Tensor] = None,
-    dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None, reset_count: Optional[Tensor] = None, reset_flag: Optional[Tensor] = None,
 ) -> None:
     """Raise ``threshold [B]`` (float32) to a lower bound of each row's k-th best score in ``values [B, n]``
     (bfloat16/float16 logits, or float32 list scores of which a row's first ``count[b]`` count): the k-th best of
     the maxima of ``min(n, blocks)`` strided blocks of the row (each an actual score of a distinct entry; NaN as
     +inf). Rows with fewer than ``k`` entries, and rows whose threshold is NaN, keep theirs. ``dtype``: the 16-bit
-    dtype of the layer (for float32 ``values``)."""
+    dtype of the layer (for float32 ``values``).
+
+    ``reset_count`` (int32 ``[B]``; with 16-bit ``values`` and no ``count``): the call's first bound, before any
+    candidate is listed: ``threshold`` is set, not raised (its old values are not read; ``-inf`` where a row has
+    fewer than ``k`` entries), and ``reset_count`` and ``reset_flag`` (a 0-d bool tensor, optional) are zeroed in
+    the same launch."""
     if values.dim() != 2 or values.stride(1) != 1:
         raise ValueError("values must be 2-D with contiguous rows")
     batch, cols = values.shape
@@ -239,8 +257,20 @@ def gsfi_topk_bound(
         raise ValueError(f"count must be an int32 tensor of shape ({batch},)")
     if not 0 < k <= blocks <= 4096:
         raise ValueError(f"need 0 < k <= blocks <= 4096, got k={k}, blocks={blocks}")
+    if reset_count is not None:
+        if count is not None or kind != "u16":
+            raise ValueError("reset_count goes with the first bound: 16-bit values and no count")
+        if reset_count.dtype != torch.int32 or tuple(reset_count.shape) != (batch,) or not reset_count.is_contiguous():
+            raise ValueError(f"reset_count must be a contiguous int32 tensor of shape ({batch},)")
+        if reset_flag is not None and (reset_flag.dtype != torch.bool or reset_flag.dim() != 0):
+            raise ValueError("reset_flag must be a 0-d bool tensor")
+    elif reset_flag is not None:
+        raise ValueError("reset_flag goes with reset_count")
     if cols == 0:
+        if reset_count is not None:
+            raise ValueError("a first bound needs values to read")
         return
     index = values.device.index
     p = bound_plan(KERNEL_DTYPES[dtype], kind, batch, blocks, index)
-    runtime.launch(p, (ptr(values), values.stride(0), cols, ptr(count), blocks, k, ptr(threshold)), index)
+    runtime.launch(p, (ptr(values), values.stride(0), cols, ptr(count), blocks, k, ptr(threshold), ptr(reset_count),
+                       ptr(reset_flag)), index)
