@@ -25,8 +25,11 @@ timings over rotating random inputs, never zeros):
   fused top-k <= 1.3 x this;
 - peak memory of the first three ``topk`` calls of a shape (eager, captured, replayed) above what was allocated
   before, and the memory the layer's graph keeps between calls, each against one bf16 [B, L] tensor;
-- ``--profile``: the CUDA kernels of one ``topk`` with the kernels launched one by one, by total time, and their
-  count (torch.profiler).
+- ``--profile``: instead of the timings, the CUDA kernels of one ``topk`` per shape and k with the kernels launched
+  one by one, by total time, and their count (torch.profiler). A mode of its own: once torch.profiler's CUDA
+  activity has run in a process, the replays of graphs with conditional nodes captured after it took 2.2-4.2 ms
+  at the shapes here instead of 0.24-1.7 ms (torch 2.11, CUDA 13.0, H100; why was not established), so no timing
+  follows it.
 
 ``--history`` (default benchmarks/results/history.csv; '' for none) appends ``date,commit,device,script,shape,
 metric,ms`` rows, the shape named ``<shape>/k<k>``.
@@ -113,7 +116,18 @@ def _profile(layer: HeadTailOutput, x: torch.Tensor, k: int) -> str:
     return f"{launches:.0f} kernels per call\n{table}"
 
 
-def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
+def profile_shape(shape: C.Shape, k: int) -> None:
+    """Print the kernels of one ``topk`` of ``shape`` (``--profile``)."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(shape.B, ENCODER_WIDTH, device="cuda", generator=gen).bfloat16()
+    layer = _layer(shape)
+    with torch.no_grad():
+        print(f"profile {shape.name} k={k}: {_profile(layer, x, k)}", flush=True)
+    layer = None  # noqa: F841
+    _free()
+
+
+def run_shape(shape: C.Shape, k: int, sets: int) -> dict:
     B, L = shape.B, shape.L
     gen = torch.Generator(device="cuda").manual_seed(1)
     xs = [torch.randn(B, ENCODER_WIDTH, device="cuda", generator=gen).bfloat16() for _ in range(sets)]
@@ -157,8 +171,6 @@ def run_shape(shape: C.Shape, k: int, sets: int, profile: bool = False) -> dict:
         row["ids_equal_chunked"] = float((fused_ids == chunked_ids).float().mean())
         with _graphs_off(layer):
             row["ids_equal_launched"] = float((fused_ids == layer.topk(xs[0], k)[1]).float().mean())
-        if profile:
-            print(f"profile {shape.name} k={k}: {_profile(layer, xs[0], k)}", flush=True)
     layer = None  # noqa: F841 - frees the layer before the dense baselines
     _free()
     for name, labels in (("dense_exact", L), ("dense_l16", C.round_up(L, 16))):
@@ -225,10 +237,15 @@ def main() -> None:
     shapes = C.select_shapes(args.shapes)
     ks = [int(v) for v in args.ks.split(",")]
     print(f"device {torch.cuda.get_device_name()}")
+    if args.profile:
+        for shape in shapes:
+            for k in ks:
+                profile_shape(shape, k)
+        return
     rows = []
     for shape in shapes:
         for k in ks:
-            row = run_shape(shape, k, args.sets, args.profile)
+            row = run_shape(shape, k, args.sets)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)
