@@ -11,11 +11,11 @@ approximate: every label that can be in the top-k, ties included, is in the list
 
 Where the bound comes from, per row: the k-th best of the maxima of blocks of the first columns of the head's first
 chunk (:func:`block_bound`), then the k-th best of the row's list after the head's last chunk and after an earlier
-chunk where the bound so far would let more than a sixteenth of a list of the next one through (the list holds
-every score seen at or above the bound, so this is the k-th best of all the head's scores so far), and, when the
-head is small against the tail, the same after each of the tail's first segments of groups (segments that double
-what was seen: a sample that costs nothing extra, those groups are not scored again). A label not yet seen then
-enters the list with probability about ``k / seen``. A list that overflows (more candidates than slots) is retried
+chunk where the bound would otherwise have let more than a sixteenth of a list through by the end of the next one
+(the list holds every score seen at or above the bound, so this is the k-th best of all the head's scores so far),
+and, when the head is small against the tail, the same after each of the tail's first segments of groups (segments
+that double what was seen: a sample that costs nothing extra, those groups are not scored again). A label not yet
+seen then enters the list with probability about ``k / seen``. A list that overflows (more candidates than slots) is retried
 with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds more than
 ``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved,
 for the caller's exact chunked path. The first round's first bound also zeroes the lists' counts and the overflow
@@ -171,6 +171,7 @@ def fused_topk(
     def one_round(threshold: Tensor, first: bool, chunk: int = chunk) -> None:
         """The candidates of every row whose threshold is not NaN (raised in place on the first round), merged."""
         bound_from = 0  # the scores whose k-th best (nearly) the first round's bound is
+        bound_at = 0  # the head labels seen when the bound was last raised
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
@@ -189,11 +190,14 @@ def fused_topk(
             # the head's chunks so far (exact up to LIST_BLOCKS candidates), where a chunk's own block maxima would
             # bound by that chunk alone; the next chunk and the tail then add about k * (their labels / the labels
             # seen) candidates. Raised so before the tail, and before the next chunk where the bound so far would
-            # let more than a sixteenth of a list of it through (a launch saved where it would not).
+            # have let more than a sixteenth of a list through by the end of it, counting every label it has met
+            # since it was raised (a launch saved where it would not: two chunks of a head under a bound from a
+            # sample of the first).
             next_chunk = min(num_head, c1 + chunk) - c1
-            if first and ((c1 >= num_head and num_tail) or k * next_chunk > (cap // 16) * bound_from):
+            if first and ((c1 >= num_head and num_tail)
+                          or k * (c1 - bound_at + next_chunk) > (cap // 16) * bound_from):
                 kernels.topk.gsfi_topk_bound(score, k, threshold, LIST_BLOCKS, count, dtype)
-                bound_from = c1
+                bound_from = bound_at = c1
             logits = None  # freed before the next chunk's logits are allocated: one chunk at a time
         g0 = 0
         # While the scores seen so far make a weak bound (a bound from n scores lets about k * m / n of m more

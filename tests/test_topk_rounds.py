@@ -68,6 +68,7 @@ class Lists:
     def merge(self, count, score, position, width, label_permutation, threshold, k, out_score, out_id,
               unresolved=None, any_unresolved=None):
         self.launches["merge"] += 1
+        self.longest = max(getattr(self, "longest", 0), int(count.max()))
         if unresolved is not None:
             unresolved.copy_(count > score.shape[1])
             any_unresolved |= unresolved.any()
@@ -412,3 +413,15 @@ def test_outputs_already_laid_out_in_one_buffer_pack_without_a_copy():
     gap = buffer[batch * k * 10 + 1 : batch * k * 10 + 1 + batch].view(torch.bool)
     packed, _ = fused._pack((scores, ids, gap))
     assert packed.data_ptr() != buffer.data_ptr()
+
+
+def test_many_head_chunks_keep_the_lists_short(lists):
+    # Fifteen head chunks under one bound from a sample of the first would each add about k candidates: the bound
+    # is raised from the list wherever the labels met since it was last raised would pass more than a sixteenth of
+    # a list, so the lists stay far below their capacity (256 slots here)
+    layer, x = _layer(20000, 0.9)
+    k = 12
+    scores, ids, unresolved = _run(layer, x, k, 2**30)
+    want_scores, want_ids = ranked_topk(layer(x), torch.arange(20000), k)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores) and unresolved.numel() == 0
+    assert lists.longest <= 128, lists.longest
