@@ -15,11 +15,11 @@ chunk where the bound would otherwise have let more than a sixteenth of a list t
 (the list holds every score seen at or above the bound, so this is the k-th best of all the head's scores so far),
 and, when the head is small against the tail, the same after each of the tail's first segments of groups (segments
 that double what was seen: a sample that costs nothing extra, those groups are not scored again). A label not yet
-seen then enters the list with probability about ``k / seen``. A list that overflows (more candidates than slots) is retried
-with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds more than
-``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as unresolved,
-for the caller's exact chunked path. The first round's first bound also zeroes the lists' counts and the overflow
-flag, and its merge flags the rows whose list overflowed: no launches of their own.
+seen then enters the list with probability about ``k / seen``. A list that overflows (more candidates than slots)
+is retried with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds
+more than ``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as
+unresolved, for the caller's exact chunked path. The first round's first bound also zeroes the lists' counts and the
+overflow flag, and its merge flags the rows whose list overflowed: no launches of their own.
 
 The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
