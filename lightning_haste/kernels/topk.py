@@ -89,8 +89,9 @@ def _pow2_at_least(n: int) -> int:
 
 
 def candidate_buffers(batch: int, cap: int, device: torch.device, zeroed: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Fresh ``(count [B] int32, zeroed unless ``zeroed=False`` (for a first bound that zeroes it:
-    :func:`gsfi_topk_bound`'s ``reset_count``); score [B, cap] float32; position [B, cap] int32)`` lists."""
+    """Fresh ``(count [B] int32, score [B, cap] float32, position [B, cap] int32)`` lists, ``count`` zeroed (left
+    as allocated with ``zeroed=False``, for a first bound that zeroes it: :func:`gsfi_topk_bound`'s
+    ``reset_count``)."""
     count = (torch.zeros if zeroed else torch.empty)(batch, dtype=torch.int32, device=device)
     score = torch.empty(batch, cap, dtype=torch.float32, device=device)
     position = torch.empty(batch, cap, dtype=torch.int32, device=device)
