@@ -1,7 +1,7 @@
 """Top-k of the output layer (inference, validation) against honest baselines in the same run.
 
     PYTHONPATH=. python3 benchmarks/topk.py [--shapes official,B512-L131K-K128,B512-L670K-K128] [--ks 5,100]
-        [--json PATH] [--history PATH] [--commit HASH]
+        [--json PATH] [--history PATH] [--commit HASH] [--tuning "topk.chunk_columns=0 ..."]
 
 Per shape and k (bf16, ``HeadTailOutput`` set up as in benchmarks/step.py: the data set's head ratio, an encoder
 768 wide whose features 0..383 feed the tail and 384..767 the head where the tail reads 384; medians of CUDA-event
@@ -31,6 +31,9 @@ timings over rotating random inputs, never zeros):
   at the shapes here instead of 0.24-1.7 ms (torch 2.11, CUDA 13.0, H100; why was not established), so no timing
   follows it.
 
+``--tuning``: kernel settings for the whole run (:func:`lightning_haste.kernels.tuning.parse` items), named in each
+row and in the history's shape (``<shape>/k<k>/<tuning>``).
+
 ``--history`` (default benchmarks/results/history.csv; '' for none) appends ``date,commit,device,script,shape,
 metric,ms`` rows, the shape named ``<shape>/k<k>``.
 """
@@ -53,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402 - the shared timing helpers, shapes and history file
 
 from lightning_haste import HeadTailOutput  # noqa: E402
+from lightning_haste.kernels import tuning  # noqa: E402
 from lightning_haste.topk import RoundGraphs, conditional_blocks_supported  # noqa: E402
 
 HEAD_RATIO = {"Amazon-670K": 0.10, "AmazonTitles-670K": 0.10, "Amazon-3M": 0.02, "LF-Paper2Keywords-8.6M": 0.05}
@@ -233,7 +237,13 @@ def main() -> None:
     parser.add_argument("--history", default=str(C.HISTORY))
     parser.add_argument("--commit")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tuning", default="")
     args = parser.parse_args()
+    with tuning.use(tuning.parse(args.tuning)):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     shapes = C.select_shapes(args.shapes)
     ks = [int(v) for v in args.ks.split(",")]
     print(f"device {torch.cuda.get_device_name()}")
@@ -246,6 +256,8 @@ def main() -> None:
     for shape in shapes:
         for k in ks:
             row = run_shape(shape, k, args.sets)
+            if args.tuning:
+                row["tuning"] = args.tuning
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)
@@ -254,7 +266,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "commit": commit,
                                                "rows": rows}, indent=1))
     written = C.append_history(
-        args.history, ((f"{r['shape']}/k{r['k']}", m, r.get(m)) for r in rows for m in HISTORY_METRICS),
+        args.history, ((f"{r['shape']}/k{r['k']}" + (f"/{args.tuning}" if args.tuning else ""), m, r.get(m))
+                       for r in rows for m in HISTORY_METRICS),
         script="topk.py", device=C.device_short_name(), commit=commit,
     )
     print(f"{written} rows appended to {args.history}" if written else "no history written")

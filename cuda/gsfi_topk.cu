@@ -291,6 +291,111 @@ __device__ __forceinline__ float kth_largest(const unsigned* keys, int n, int k)
   return order_float(prefix);
 }
 
+// The whole first-round work on one chunk of the head's dense logits [B][ld] (cols columns, rounded values of T,
+// at positions offset + column), for chunks short enough that one CTA per row reads them (256 threads; the
+// caller decides): what gsfi_topk_bound (first), gsfi_topk_dense_candidates and gsfi_topk_bound (from the list)
+// do in three launches, in one. With `sample` >= 0, the call's first bound (every row): the bound is the k-th best
+// of the maxima of min(sample, blocks) strided blocks of the row's first `sample` columns (-inf where sample < k),
+// the row's list starts empty and *reset_flag (where not null) is zeroed; with sample < 0 the row's bound is
+// threshold[b] (NaN: the row is skipped) and its list goes on from count[b]. Every logit z with !(z < bound) is then
+// appended to the row's list as gsfi_topk_dense_candidates appends it (16-byte vectors from the row's first 16-byte
+// boundary; the slots from a shared-memory count: the CTA owns the row's list). With `raise_bound` != 0, the bound then
+// rises to the k-th best of the maxima of min(n, list_blocks) strided blocks of the list's n = min(count, cap)
+// scores where n >= k, as gsfi_topk_bound raises it from a list (the list holds every score seen at or above the
+// old bound, so its k-th best is that of all of them). threshold[b] and count[b] are written at the end. Dynamic
+// shared memory: 4 bytes for each of max(blocks, list_blocks) maxima.
+template <class T>
+__global__ void __launch_bounds__(256) gsfi_topk_chunk(
+    const u16* __restrict__ logits, long long ld, int cols, int sample, int blocks, int k, int list_blocks,
+    int raise_bound, float* __restrict__ threshold, int* __restrict__ count, float* __restrict__ score,
+    int* __restrict__ position, int cap, int offset, bool* __restrict__ reset_flag) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned* maxima = reinterpret_cast<unsigned*>(smem);
+  __shared__ int listed;
+  const int b = blockIdx.x;
+  const bool reset = sample >= 0;
+  if (reset && reset_flag != nullptr && b == 0 && threadIdx.x == 0) *reset_flag = false;
+  const u16* row = logits + (long long)b * ld;
+  float bound;
+  if (reset) {
+    bound = -__int_as_float(0x7f800000);
+    if (sample >= k) {
+      const int m = min(sample, blocks);
+      block_maxima([row](int c) { return Ops<T>::to_float(row[c]); }, sample, m, maxima);
+      bound = kth_largest(maxima, m, k);
+    }
+  } else {
+    bound = threshold[b];
+    if (bound != bound) return;
+  }
+  if (threadIdx.x == 0) listed = reset ? 0 : count[b];
+  __syncthreads();
+  float* row_score = score + (long long)b * cap;
+  int* row_position = position + (long long)b * cap;
+  const int lead = min(cols, (int)(((16u - ((unsigned)(size_t)row & 15u)) & 15u) >> 1));
+  const int vectors = (cols - lead) >> 3;
+  const int rest = cols - lead - 8 * vectors;  // both below 8
+  if (threadIdx.x < lead + rest) {
+    const int j = threadIdx.x < lead ? threadIdx.x : lead + 8 * vectors + (threadIdx.x - lead);
+    const float z = Ops<T>::to_float(row[j]);
+    if (!(z < bound)) {
+      const int slot = atomicAdd(&listed, 1);
+      if (slot < cap) {
+        row_score[slot] = z;
+        row_position[slot] = offset + j;
+      }
+    }
+  }
+  // Four vectors a thread at a time, loaded before any is looked at: independent loads in flight (a row of tens
+  // of thousands of columns would otherwise cost a memory latency per 256 vectors).
+  constexpr int BATCH = 4;
+  const uint4* body = reinterpret_cast<const uint4*>(row + lead);
+  for (int v0 = threadIdx.x; v0 < vectors; v0 += BATCH * 256) {
+    uint4 q[BATCH];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) q[u] = v0 + u * 256 < vectors ? body[v0 + u * 256] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const int v = v0 + u * 256;
+      if (v >= vectors) break;
+      const unsigned words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+      float z[8];
+      unsigned hits = 0u;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        z[e] = Ops<T>::to_float((u16)(words[e >> 1] >> (16 * (e & 1))));
+        if (!(z[e] < bound)) hits |= 1u << e;
+      }
+      if (!hits) continue;
+      int slot = atomicAdd(&listed, __popc(hits));
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (!((hits >> e) & 1u)) continue;
+        if (slot < cap) {
+          row_score[slot] = z[e];
+          row_position[slot] = offset + lead + 8 * v + e;
+        }
+        ++slot;
+      }
+    }
+  }
+  __syncthreads();  // the list's scores, written by this CTA's threads, are visible to all of them
+  const int total = listed;
+  if (raise_bound) {
+    const int n = min(total, cap);
+    if (n >= k) {
+      const int m = min(n, list_blocks);
+      block_maxima([row_score](int c) { return row_score[c]; }, n, m, maxima);
+      const float raised = kth_largest(maxima, m, k);
+      if (raised > bound) bound = raised;
+    }
+  }
+  if (threadIdx.x == 0) {
+    count[b] = total;
+    threshold[b] = bound;
+  }
+}
+
 // The ranking key of a score and a label id, as lightning_haste.ranking.rank_keys makes it: the float32 bits mapped
 // to an integer of the same order (negative numbers' magnitude bits flipped; -0.0 as 0.0, every NaN as the
 // canonical NaN, which ranks above +inf) in the high 32 bits, 2^32 - 1 - id in the low ones.

@@ -633,7 +633,7 @@ class HeadTailOutput(nn.Module):
                 return fused[0], fused[1]
             fused = self._fused_topk(static_x, k, synchronize=False)
             assert fused is not None, "only keys whose eager call ran the kernels are captured"
-            return (*fused, fused[2].any())  # the flag in the graph: the host reads one byte, launches nothing
+            return fused  # with the round's overflow flag, which its merge wrote: the host reads one byte
 
         with torch.no_grad():
             return self.topk_graphs.replay(key, x2d.detach(), one_round)
@@ -661,10 +661,11 @@ class HeadTailOutput(nn.Module):
 
     def _fused_topk(
         self, x2d: Tensor, k: int, synchronize: bool = True, on_device: Optional[topk_rounds.DeviceRounds] = None,
-    ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    ) -> Optional[tuple[Tensor, ...]]:
         """``(scores, ids, unresolved)`` of :func:`lightning_haste.ops.head_tail_topk` (autocast off, on arguments
         cast to its dtype), or of one round without a host synchronisation (``synchronize=False``, for a CUDA
-        graph); None where the tail does not run the kernels."""
+        graph: with the round's overflow flag after them, unless ``on_device`` completes the rounds); None where
+        the tail does not run the kernels."""
         fused = self._fused_topk_arguments(x2d)
         if fused is None:
             return None

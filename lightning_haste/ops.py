@@ -434,7 +434,7 @@ def _head_tail_topk(
     x: Tensor, head_weight: Optional[Tensor], head_bias: Optional[Tensor], tail_weight: Tensor,
     tail_bias: Optional[Tensor], tail_index: Tensor, slices: list[int], num_head: int, num_tail: int,
     label_permutation: Tensor, k: int, memory_budget: int, synchronize: bool = True, on_device=None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     from .topk import fused_topk  # noqa: PLC0415 - the CUDA path only
 
     group_size = tail_weight.shape[0] // tail_index.shape[0]

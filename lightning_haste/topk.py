@@ -19,7 +19,9 @@ seen then enters the list with probability about ``k / seen``. A list that overf
 is retried with the k-th best of its stored candidates as the new bound, which rises each time unless the row holds
 more than ``cap`` scores tied at the boundary; rows that still overflow after :data:`MAX_ROUNDS` are returned as
 unresolved, for the caller's exact chunked path. The first round's first bound also zeroes the lists' counts and the
-overflow flag, and its merge flags the rows whose list overflowed: no launches of their own.
+overflow flag, and its merge flags the rows whose list overflowed: no launches of their own. A head chunk of at most
+:data:`CHUNK_COLUMNS` columns takes one launch for its bound, candidates and bound from the lists
+(``gsfi_topk_chunk``, a CTA a row), a longer one three (its candidates spread over many CTAs a row).
 
 The lists (at most a twenty-fourth) and a head chunk (at most a sixteenth; one at a time) stay below an eighth of a
 16-bit ``[batch, num_labels]`` tensor.
@@ -82,6 +84,10 @@ def head_chunk_columns(batch: int, num_labels: int, num_head: int, k: int, memor
 
 #: Blocks per k of a bound from block maxima (:func:`block_bound`), and the fewest and most blocks.
 BLOCKS_PER_K, MIN_BLOCKS, MAX_BLOCKS = 8, 1024, 4096
+#: The longest head chunk whose first-round work one launch does, a CTA a row (``gsfi_topk_chunk``: the bound, the
+#: candidates and the bound from the lists), where three launches would otherwise take it
+#: (:class:`~lightning_haste.kernels.tuning.TopkTuning` overrides it).
+CHUNK_COLUMNS = 16384
 #: Columns per block of the first head chunk that its first bound reads.
 FIRST_SAMPLE_PER_BLOCK = 8
 #: Blocks of a bound from a row's list: a list of at most this many candidates gives the exact k-th best of every
@@ -130,7 +136,7 @@ def fused_topk(
     tail_weight: Optional[Tensor], tail_bias: Optional[Tensor], tail_index: Optional[Tensor], group_size: int,
     num_head: int, num_tail: int, label_permutation: Tensor, k: int, memory_budget: int, synchronize: bool = True,
     on_device: Optional[DeviceRounds] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """``(scores [B, k], label ids [B, k], unresolved [B] bool)`` of the layer's top-k in the ranking order.
 
     ``x_head`` / ``x_tail``: the head's and the tail's inputs ``[B, H_head]`` / ``[B, H_tail]`` (bfloat16 or
@@ -140,7 +146,8 @@ def fused_topk(
 
     ``unresolved`` is empty when every row was resolved. ``synchronize=False`` makes one round with no host
     synchronisation (so that it can be captured in a CUDA graph): rows whose list overflowed come back unresolved
-    (``unresolved`` is then always ``[B]``). With ``on_device`` as well, the further rounds and the fallback run in
+    (``unresolved`` is then always ``[B]``), followed by a 0-d bool tensor, whether any did (all four views of
+    one buffer, in this order). With ``on_device`` as well, the further rounds and the fallback run in
     its conditional blocks instead (:class:`DeviceRounds`): still no host synchronisation, and every row resolved."""
     from . import kernels  # noqa: PLC0415 - the CUDA path only; kernels imports no CuPy itself
 
@@ -152,6 +159,8 @@ def fused_topk(
     cap = max(k, min(candidate_capacity(batch, num_labels, k, memory_budget),
                      kernels.topk.max_merge_slots(device.index)))
     chunk = head_chunk_columns(batch, num_labels, num_head, k, memory_budget)
+    own = kernels.tuning.current().topk
+    chunk_columns = CHUNK_COLUMNS if own.chunk_columns is None else own.chunk_columns
     num_groups = tail_index.shape[0] if tail_index is not None else 0
     xt = kernels.layout.transpose_input(x_tail) if num_tail else None
     # The first bound (from the head's first chunk) sets the bounds and zeroes the counts and the overflow flag in
@@ -175,6 +184,7 @@ def fused_topk(
         for c0 in range(0, num_head, chunk):
             c1 = min(num_head, c0 + chunk)
             logits = nnf.linear(x_head, head_weight[c0:c1], head_bias[c0:c1] if head_bias is not None else None)
+            sample = None
             if first and c0 == 0:
                 # The first bound: the k-th best of the block maxima of the chunk's first columns (8 per block,
                 # more where the chunk is long). It only has to keep this chunk's candidates well within a list:
@@ -182,10 +192,7 @@ def fused_topk(
                 # several times the mean; the bound from the list after the chunk is the chunk's exact k-th best
                 # either way.
                 sample = min(c1 - c0, max(FIRST_SAMPLE_PER_BLOCK * bound_blocks(k), -(-8 * k * (c1 - c0) // cap)))
-                kernels.topk.gsfi_topk_bound(logits[:, :sample], k, threshold, bound_blocks(k), reset_count=count,
-                                             reset_flag=any_unresolved)
                 bound_from = sample
-            kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
             # The list holds every score seen so far at or above the bound: its k-th best is the k-th best of all
             # the head's chunks so far (exact up to LIST_BLOCKS candidates), where a chunk's own block maxima would
             # bound by that chunk alone; the next chunk and the tail then add about k * (their labels / the labels
@@ -194,9 +201,21 @@ def fused_topk(
             # since it was raised (a launch saved where it would not: two chunks of a head under a bound from a
             # sample of the first).
             next_chunk = min(num_head, c1 + chunk) - c1
-            if first and ((c1 >= num_head and num_tail)
-                          or k * (c1 - bound_at + next_chunk) > (cap // 16) * bound_from):
-                kernels.topk.gsfi_topk_bound(score, k, threshold, LIST_BLOCKS, count, dtype)
+            raise_bound = first and ((c1 >= num_head and num_tail)
+                                     or k * (c1 - bound_at + next_chunk) > (cap // 16) * bound_from)
+            if c1 - c0 <= chunk_columns:
+                # one launch, a CTA a row: the bound, the candidates and the bound from the lists
+                kernels.topk.gsfi_topk_chunk(
+                    logits, k, threshold, count, score, position, c0, blocks=bound_blocks(k), list_blocks=LIST_BLOCKS,
+                    sample=sample, reset_flag=any_unresolved if sample is not None else None, raise_bound=raise_bound)
+            else:
+                if sample is not None:
+                    kernels.topk.gsfi_topk_bound(logits[:, :sample], k, threshold, bound_blocks(k), reset_count=count,
+                                                 reset_flag=any_unresolved)
+                kernels.topk.gsfi_topk_dense_candidates(logits, threshold, count, score, position, c0)
+                if raise_bound:
+                    kernels.topk.gsfi_topk_bound(score, k, threshold, LIST_BLOCKS, count, dtype)
+            if raise_bound:
                 bound_from = bound_at = c1
             logits = None  # freed before the next chunk's logits are allocated: one chunk at a time
         g0 = 0
@@ -238,7 +257,7 @@ def fused_topk(
         threshold.fill_(-math.inf)
     one_round(threshold, first=True)
     if not synchronize and on_device is None:
-        return best_scores, best_ids, unresolved
+        return best_scores, best_ids, unresolved, any_unresolved
     if not synchronize:
         # The rare rounds as conditional blocks of the caller's graph: they run only where a list overflowed, a
         # flag the GPU computes; the host reads nothing.
@@ -255,10 +274,11 @@ def fused_topk(
                 unresolved.zero_()
         return best_scores, best_ids, unresolved
     stuck: Optional[Tensor] = None  # rows whose bound stopped rising: more than a list of scores tie at it
-    for _ in range(MAX_ROUNDS - 1):
+    for r in range(MAX_ROUNDS - 1):
         # The round's one host synchronisation, after all its work is queued (the GPU is not left idle while the
-        # host waits and then launches the merge): did any list overflow?
-        if int(count.max()) <= cap:
+        # host waits and then launches the merge): did any list overflow? (The first round's merge wrote the flag;
+        # later merges do not.)
+        if not (bool(any_unresolved) if r == 0 else int(count.max()) > cap):
             return best_scores, best_ids, stuck if stuck is not None else count.new_empty(0, dtype=torch.bool)
         threshold, progress, stuck = retry(threshold, stuck)
         if not bool(progress.any()):
@@ -286,7 +306,13 @@ def conditional_blocks_supported(device: torch.device) -> bool:
     12.4+ build of torch, with ``CUDAGraph.begin_capture_to_if_node`` or else a CUDA 12.4+ driver through which
     :mod:`lightning_haste.kernels.graphs` adds the nodes, and a small graph with nested blocks that allocate, which
     replays right on this device and driver (tried once per device; never while a capture is under way)."""
-    if device.type != "cuda" or torch.version.cuda is None or getattr(torch.version, "hip", None):
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    probed = _CONDITIONAL_PROBES.get(index)
+    if probed is not None:  # the answer of the checks below once they reached the probe (validation asks every call)
+        return probed
+    if torch.version.cuda is None or getattr(torch.version, "hip", None):
         return False
     if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 4):
         return False
@@ -295,7 +321,6 @@ def conditional_blocks_supported(device: torch.device) -> bool:
 
         if not kernels.graphs.available():
             return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CONDITIONAL_PROBES:
         if torch.cuda.is_current_stream_capturing():
             return False

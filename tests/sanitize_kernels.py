@@ -6,6 +6,7 @@
 ``SANITIZE_ONLY=topk`` runs the top-k kernels alone.
 """
 
+import itertools
 import os
 
 import torch
@@ -59,15 +60,16 @@ for batch, in_features, out_features, group_size, fan_in, settings in CASES:
 torch.use_deterministic_algorithms(False)
 
 # The top-k candidate kernels (head and tail lists, a sample of the tail's first groups, a retried overflow; the
-# Hopper main loop at batches of at most 128 rows and groups of 32 or more), each shape called three times: eager,
-# captured in a CUDA graph, replayed.
-for batch, num_labels, group_size, fan_in, head_ratio, k in ((37, 3001, 16, 64, 0.1, 5), (70, 2000, 32, 24, 0.0, 100),
-                                                             (128, 5000, 64, 128, 0.05, 20)):
+# Hopper main loop at batches of at most 128 rows and groups of 32 or more; the head's chunks in one launch each and
+# in three), each shape called three times: eager, captured in a CUDA graph, replayed.
+for (batch, num_labels, group_size, fan_in, head_ratio, k), chunk_columns in itertools.product(
+        ((37, 3001, 16, 64, 0.1, 5), (70, 2000, 32, 24, 0.0, 100), (128, 5000, 64, 128, 0.05, 20)), (None, 0)):
     output = lh.HeadTailOutput(300, torch.arange(num_labels, 0, -1), head_ratio=head_ratio, fan_in=fan_in,
                                group_size=group_size, device="cuda", dtype=torch.bfloat16)
     features = torch.randn(batch, 300, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), tuning.use(tuning.TopkTuning(chunk_columns=chunk_columns)):
         for _ in range(3):
             top_scores, top_ids = output.topk(features, k)
     torch.cuda.synchronize()
-    print("topk", batch, num_labels, group_size, fan_in, head_ratio, k, "ok", float(top_scores.float().sum()))
+    print("topk", batch, num_labels, group_size, fan_in, head_ratio, k, chunk_columns, "ok",
+          float(top_scores.float().sum()))

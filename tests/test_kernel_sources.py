@@ -67,7 +67,7 @@ def _instantiations():
     lines += [f"(void*)&gsfi_topk_candidates_sm90<{dtype}, {g}, {kp}, 1, {w}, {n}>,"
               for dtype, g, kp, w, n in (("bf16_t", 32, 128, 3, 4), ("f16_t", 64, 80, 2, 3), ("bf16_t", 128, 512, 1, 3),
                                          ("f16_t", 8, 16, 3, 3))]
-    lines += [f"(void*)&gsfi_topk_{kernel}<{dtype}>," for kernel in ("dense_candidates", "merge")
+    lines += [f"(void*)&gsfi_topk_{kernel}<{dtype}>," for kernel in ("dense_candidates", "chunk", "merge")
               for dtype in ("bf16_t", "f16_t")]
     lines += [f"(void*)&gsfi_topk_bound<{dtype}, {v}>," for dtype in ("bf16_t", "f16_t") for v in ("u16", "float")]
     # the value of a CUDA graph's conditional node, from each flag type the launcher takes
@@ -109,6 +109,7 @@ _ARITHMETIC_PATHS = """
 (void*)&gsfi_topk_candidates<f16_t, 16, 64, false, 2, 8, 3>,
 (void*)&gsfi_topk_candidates_sm90<bf16_t, 64, 128, 1, 3, 3>,
 (void*)&gsfi_topk_dense_candidates<bf16_t>,
+(void*)&gsfi_topk_chunk<f16_t>,
 (void*)&gsfi_topk_merge<f16_t>,
 (void*)&gsfi_topk_bound<bf16_t, u16>,
 (void*)&gsfi_topk_bound<f16_t, float>,

@@ -567,3 +567,76 @@ def test_candidate_lists_hold_exactly_the_logits_at_or_above_the_bound(case, own
         assert torch.equal(got_pos, want), b
         assert torch.equal(score[b, :n][order], z[b, want]), b
         assert bool(score[b, n:].isnan().all()) and bool((position[b, n:] == -1).all()), b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [1, 7, 9, 2051, 16384, 40013])
+@pytest.mark.parametrize("mode", ["first", "first_raise", "next", "next_raise"])
+@torch.no_grad()
+def test_chunk_kernel_equals_its_three_launches(mode, cols, dtype):
+    # gsfi_topk_chunk (one CTA a row) against gsfi_topk_bound, gsfi_topk_dense_candidates and gsfi_topk_bound from
+    # the lists, launched one by one on copies of the same lists: the same bounds, counts and lists (as sets of
+    # (position, score); their order depends on timing), nothing written past the count (poisoned buffers). Rows
+    # that start anywhere against a 16-byte boundary, NaN, +-inf and -0.0 logits, ties; "first": the call's first
+    # bound from a sample of the columns (the old bounds and counts poisoned, the flag set); "next": bounds given
+    # (a NaN row is skipped, -inf and +inf rows), lists counting on from a nonzero count; "_raise": the bound then
+    # raised from the lists; a few rows overflow their lists (their kept entries depend on timing, so only their
+    # counts and the validity of what they hold are compared).
+    gen = torch.Generator(device="cuda").manual_seed(cols + len(mode))
+    batch, offset, k = 40, 1000, 5
+    wide = torch.randn(batch, cols + 11, generator=gen, device="cuda").to(dtype)
+    special = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0], device="cuda").to(dtype)
+    where = torch.rand(batch, cols + 11, generator=gen, device="cuda") < 0.02
+    wide = torch.where(where, special[torch.randint(0, 5, wide.shape, generator=gen, device="cuda")], wide)
+    wide[3] = wide[3].round()  # ties everywhere
+    logits = wide[:, 3 : 3 + cols]
+    z = logits.float()
+    first = mode.startswith("first")
+    raise_bound = mode.endswith("raise")
+    blocks, list_blocks = fused.bound_blocks(k), fused.LIST_BLOCKS
+    sample = min(cols, 8192) if first else None
+    cap = 512
+    if first:
+        threshold = torch.full((batch,), 3.0, device="cuda")
+        start = torch.full((batch,), 77, dtype=torch.int32, device="cuda")
+    else:
+        passing = (torch.rand(batch, generator=gen, device="cuda") * min(cols, 600)).long()
+        threshold = z.nan_to_num(nan=-math.inf).sort(dim=1, descending=True).values.gather(1, passing[:, None])[:, 0]
+        threshold = threshold.contiguous()
+        threshold[0], threshold[1], threshold[2] = math.nan, -math.inf, math.inf
+        start = torch.randint(0, 8, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    score = torch.full((batch, cap), 1234.5, device="cuda")
+    position = torch.full((batch, cap), -1, dtype=torch.int32, device="cuda")
+    if not first:  # the candidates listed before, in the first start[b] slots
+        earlier = torch.arange(8, device="cuda")[None, :] < start[:, None]
+        score = torch.where(earlier, torch.randn(batch, 8, generator=gen, device="cuda").to(dtype).float(), 1234.5)
+        score = nnf.pad(score, (0, cap - 8), value=1234.5)
+        position = nnf.pad(torch.where(earlier, torch.arange(8, device="cuda"), -1).int(), (0, cap - 8), value=-1)
+    lists = [(threshold.clone(), start.clone(), score.clone(), position.clone()) for _ in range(2)]
+    flags = [torch.ones((), dtype=torch.bool, device="cuda") for _ in range(2)]
+    t1, c1, s1, p1 = lists[0]
+    kernels.topk.gsfi_topk_chunk(logits, k, t1, c1, s1, p1, offset, blocks=blocks, list_blocks=list_blocks,
+                                 sample=sample, reset_flag=flags[0] if first else None, raise_bound=raise_bound)
+    t2, c2, s2, p2 = lists[1]
+    if first:
+        kernels.topk.gsfi_topk_bound(logits[:, :sample], k, t2, blocks, reset_count=c2, reset_flag=flags[1])
+    kernels.topk.gsfi_topk_dense_candidates(logits, t2, c2, s2, p2, offset)
+    overflowed = c2 > cap
+    if raise_bound:
+        kernels.topk.gsfi_topk_bound(s2, k, t2, list_blocks, c2, dtype)
+    torch.cuda.synchronize()
+    assert torch.equal(c1, c2)
+    assert bool(flags[0]) == (not first)
+    for b in range(batch):
+        n = min(int(c1[b]), cap)
+        if not overflowed[b] or not raise_bound:
+            assert torch.equal(t1[b], t2[b]) or (math.isnan(t1[b]) and math.isnan(t2[b])), b
+        got = sorted(zip(p1[b, :n].tolist(), s1[b, :n].nan_to_num(nan=7.0).tolist(), strict=True))
+        if not overflowed[b]:
+            want = sorted(zip(p2[b, :n].tolist(), s2[b, :n].nan_to_num(nan=7.0).tolist(), strict=True))
+            assert got == want, b
+        else:  # the kept entries depend on timing: each is a real logit of its position (or an earlier candidate)
+            for pos, value in got:
+                if pos >= offset:
+                    assert value == z[b, pos - offset].nan_to_num(nan=7.0).item(), b
+        assert bool((s1[b, n:] == 1234.5).all()) and bool((p1[b, n:] == -1).all()), b

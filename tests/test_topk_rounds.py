@@ -21,7 +21,7 @@ class Lists:
 
     def __init__(self, seed: int) -> None:
         self.gen = torch.Generator().manual_seed(seed)
-        self.launches = {"tail": 0, "dense": 0, "merge": 0}
+        self.launches = {"tail": 0, "dense": 0, "chunk": 0, "merge": 0}
 
     def append(self, z: torch.Tensor, positions: torch.Tensor, threshold, count, score, position) -> None:
         cap = score.shape[1]
@@ -65,6 +65,18 @@ class Lists:
             if bound is not None:
                 threshold[b] = torch.maximum(threshold[b], bound[0])
 
+    def chunk(self, logits, k, threshold, count, score, position, offset, *, blocks, list_blocks, sample=None,
+              reset_flag=None, raise_bound=False):
+        # gsfi_topk_chunk's contract: the three launches it stands for, in one
+        self.launches["chunk"] += 1
+        assert blocks == fused.bound_blocks(k) and list_blocks == fused.LIST_BLOCKS
+        assert logits.shape[1] <= self.chunk_columns
+        if sample is not None:
+            self.bound(logits[:, :sample], k, threshold, blocks, reset_count=count, reset_flag=reset_flag)
+        self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
+        if raise_bound:
+            self.bound(score, k, threshold, list_blocks, count, logits.dtype)
+
     def merge(self, count, score, position, width, label_permutation, threshold, k, out_score, out_id,
               unresolved=None, any_unresolved=None):
         self.launches["merge"] += 1
@@ -83,16 +95,25 @@ class Lists:
             out_id[b] = ids[order]
 
 
-@pytest.fixture
-def lists(monkeypatch):
+@pytest.fixture(params=["chunk_launch", "three_launches"])
+def lists(request, monkeypatch):
+    # every head chunk by gsfi_topk_chunk (one launch; the default for chunks as short as these), or by the bound,
+    # candidate and list-bound kernels (three launches)
     stand_in = Lists(seed=0)
+    stand_in.chunk_columns = fused.CHUNK_COLUMNS if request.param == "chunk_launch" else 0
+    with kernels.tuning.use(kernels.tuning.TopkTuning(chunk_columns=stand_in.chunk_columns)):
+        yield from _standing_in(stand_in, monkeypatch)
+
+
+def _standing_in(stand_in, monkeypatch):
     monkeypatch.setattr(kernels.topk, "gsfi_topk_candidates", stand_in.tail)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_dense_candidates", stand_in.dense)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_merge", stand_in.merge)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_bound", stand_in.bound)
+    monkeypatch.setattr(kernels.topk, "gsfi_topk_chunk", stand_in.chunk)
     monkeypatch.setattr(kernels.runtime, "zero_", lambda t: t.zero_())
     monkeypatch.setattr(kernels.topk, "max_merge_slots", lambda index: 2**14)  # an H100's, without a device
-    return stand_in
+    yield stand_in
 
 
 def _run(layer: lh.HeadTailOutput, x: torch.Tensor, k: int, budget: int, **kwargs):
@@ -276,7 +297,8 @@ def test_the_tail_is_bounded_by_the_kth_best_of_the_whole_head(lists, monkeypatc
     chunks = -(-layer.num_head_labels // fused.head_chunk_columns(13, 5000, layer.num_head_labels, k, budget))
     scores, ids, unresolved = _run(layer, x, k, budget)
     head_logits = layer.head(x[:, layer.head_slice[0] : layer.head_slice[1]])
-    assert chunks > 2 and lists.launches["dense"] == chunks and len(seen) == 1
+    assert chunks > 2 and lists.launches["dense" if lists.chunk_columns == 0 else "chunk"] == chunks
+    assert len(seen) == 1
     kth = head_logits.float().topk(k, dim=1).values[:, -1]
     assert torch.equal(seen[0], kth)
     want_scores, want_ids = ranked_topk(layer(x), torch.arange(5000), k)

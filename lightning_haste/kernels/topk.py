@@ -26,8 +26,9 @@ from .layout import KERNEL_DTYPES, kernel_sizes, ptr
 from .tuning import ForwardTuning, TopkTuning, current
 
 __all__ = [
-    "candidate_buffers", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_dense_candidates", "gsfi_topk_merge",
-    "bound_plan", "gsfi_topk_bound", "max_merge_slots", "merge_plan", "merge_shared_bytes", "plan",
+    "candidate_buffers", "chunk_plan", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_chunk",
+    "gsfi_topk_dense_candidates", "gsfi_topk_merge", "bound_plan", "gsfi_topk_bound", "max_merge_slots", "merge_plan",
+    "merge_shared_bytes", "plan",
 ]
 
 #: gsfi_topk_candidates parameters: XT, ldxt, W, idx, bias, threshold, count, score, position, cap, offset, B, H,
@@ -37,6 +38,9 @@ PARAMS = struct.Struct("@QiQQQQQQQiiiiiii")
 DENSE_PARAMS = struct.Struct("@QqiQQQQii")
 #: gsfi_topk_bound parameters: values, ld, cols, count, blocks, k, threshold, reset_count, reset_flag.
 BOUND_PARAMS = struct.Struct("@QqiQiiQQQ")
+#: gsfi_topk_chunk parameters: logits, ld, cols, sample, blocks, k, list_blocks, raise_bound, threshold, count, score,
+#: position, cap, offset, reset_flag.
+CHUNK_PARAMS = struct.Struct("@QqiiiiiiQQQQiiQ")
 #: gsfi_topk_merge parameters: count, score, position, cap, width, label_permutation, threshold, k, out_score, out_id,
 #: unresolved, any_unresolved.
 MERGE_PARAMS = struct.Struct("@QQQiiQQiQQQQ")
@@ -275,3 +279,46 @@ def gsfi_topk_bound(
     p = bound_plan(KERNEL_DTYPES[dtype], kind, batch, blocks, index)
     runtime.launch(p, (ptr(values), values.stride(0), cols, ptr(count), blocks, k, ptr(threshold), ptr(reset_count),
                        ptr(reset_flag)), index)
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_plan(dtype: str, batch: int, blocks: int, index: int) -> runtime.Plan:
+    """``gsfi_topk_chunk``: one CTA of 256 threads per row (the kernel's selection takes exactly 256), a float for
+    each of ``blocks`` block maxima in shared memory."""
+    fn = runtime.compile_kernel("gsfi_topk", "gsfi_topk_chunk", (dtype,), index)
+    return runtime.make_plan(fn, (batch, 1), 256, 4 * blocks, 0, index, CHUNK_PARAMS, "gsfi_topk_chunk")
+
+
+def gsfi_topk_chunk(
+    logits: Tensor, k: int, threshold: Tensor, count: Tensor, score: Tensor, position: Tensor, offset: int, *,
+    blocks: int, list_blocks: int, sample: Optional[int] = None, reset_flag: Optional[Tensor] = None,
+    raise_bound: bool = False,
+) -> None:
+    """A first round's work on a chunk of dense logits ``[B, cols]`` (bfloat16/float16, contiguous rows) in one
+    launch, one CTA per row: with ``sample``, first :func:`gsfi_topk_bound`'s first bound from the row's first
+    ``sample`` columns (``blocks`` block maxima; the lists emptied, ``reset_flag`` zeroed: the lists' old counts and
+    ``threshold``'s old values are not read); then :func:`gsfi_topk_dense_candidates` (positions ``offset +
+    column``); then, with ``raise_bound``, :func:`gsfi_topk_bound` from the lists (``list_blocks`` block maxima).
+    The same lists and bounds as those three launches; for chunks that one CTA reads in about the time the three
+    take (the caller's choice: :class:`~lightning_haste.kernels.tuning.TopkTuning`)."""
+    if logits.dtype not in KERNEL_DTYPES or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be a 2-D bfloat16/float16 tensor with contiguous rows")
+    batch, cols = logits.shape
+    cap = _check_lists(threshold, count, score, position, batch, logits)
+    if not 0 < k <= min(blocks, list_blocks) or max(blocks, list_blocks) > 4096:
+        raise ValueError(f"need 0 < k <= blocks, list_blocks <= 4096, got k={k}, blocks={blocks}, "
+                         f"list_blocks={list_blocks}")
+    if sample is not None and not 0 < sample <= cols:
+        raise ValueError(f"sample must lie in [1, {cols}], got {sample}")
+    if reset_flag is not None:
+        if sample is None:
+            raise ValueError("reset_flag goes with a first bound (sample)")
+        if reset_flag.dtype != torch.bool or reset_flag.dim() != 0 or reset_flag.device != logits.device:
+            raise ValueError(f"reset_flag must be a 0-d bool tensor on {logits.device}")
+    if not 0 <= offset < 2**31 - cols:
+        raise ValueError(f"offset must lie in [0, 2**31 - cols), got {offset}")
+    index = logits.device.index
+    p = chunk_plan(KERNEL_DTYPES[logits.dtype], batch, max(blocks, list_blocks), index)
+    args = (ptr(logits), logits.stride(0), cols, -1 if sample is None else sample, blocks, k, list_blocks,
+            int(raise_bound), ptr(threshold), ptr(count), ptr(score), ptr(position), cap, offset, ptr(reset_flag))
+    runtime.launch(p, args, index)

@@ -147,12 +147,18 @@ class TopkTuning:
         min_ctas: CTAs per multiprocessor its registers must leave room for (``__launch_bounds__``' minimum,
             1-8; by default the ones the shared memory allows where the registers would leave fewer and that
             does not spill, else 1).
+        chunk_columns: the longest chunk of the head's logits whose first-round work (bound, candidates, bound
+            from the lists) one launch of ``gsfi_topk_chunk`` does, one CTA a row; longer chunks take three
+            launches, the candidates' spread over many CTAs a row (0: always three; by default
+            :data:`lightning_haste.topk.CHUNK_COLUMNS`).
     """
 
     min_ctas: Optional[int] = None
+    chunk_columns: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_int(type(self).__name__, "min_ctas", self.min_ctas, 1, 8)
+        _check_int(type(self).__name__, "chunk_columns", self.chunk_columns, 0, 2**31 - 1)
 
 
 KernelTuning = Union[ForwardTuning, GradInputTuning, GradWeightTuning, TopkTuning]
