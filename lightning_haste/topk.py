@@ -161,6 +161,11 @@ def fused_topk(
     chunk = head_chunk_columns(batch, num_labels, num_head, k, memory_budget)
     own = kernels.tuning.current().topk
     chunk_columns = CHUNK_COLUMNS if own.chunk_columns is None else own.chunk_columns
+    if synchronize and num_head and chunk > chunk_columns >= max(k, chunk // 4):
+        # This call's head chunks take three launches, but the further rounds that a later CUDA graph of this
+        # shape captures (head chunks of a quarter) take gsfi_topk_chunk: loaded now, outside any capture.
+        kernels.topk.chunk_plan(kernels.layout.KERNEL_DTYPES[dtype], batch, max(bound_blocks(k), LIST_BLOCKS),
+                                device.index)
     num_groups = tail_index.shape[0] if tail_index is not None else 0
     xt = kernels.layout.transpose_input(x_tail) if num_tail else None
     # The first bound (from the head's first chunk) sets the bounds and zeroes the counts and the overflow flag in
@@ -308,8 +313,7 @@ def conditional_blocks_supported(device: torch.device) -> bool:
     replays right on this device and driver (tried once per device; never while a capture is under way)."""
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    probed = _CONDITIONAL_PROBES.get(index)
+    probed = _CONDITIONAL_PROBES.get(device.index) if device.index is not None else None
     if probed is not None:  # the answer of the checks below once they reached the probe (validation asks every call)
         return probed
     if torch.version.cuda is None or getattr(torch.version, "hip", None):
@@ -321,6 +325,7 @@ def conditional_blocks_supported(device: torch.device) -> bool:
 
         if not kernels.graphs.available():
             return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CONDITIONAL_PROBES:
         if torch.cuda.is_current_stream_capturing():
             return False

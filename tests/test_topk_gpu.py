@@ -577,22 +577,29 @@ def test_chunk_kernel_equals_its_three_launches(mode, cols, dtype):
     # gsfi_topk_chunk (one CTA a row) against gsfi_topk_bound, gsfi_topk_dense_candidates and gsfi_topk_bound from
     # the lists, launched one by one on copies of the same lists: the same bounds, counts and lists (as sets of
     # (position, score); their order depends on timing), nothing written past the count (poisoned buffers). Rows
-    # that start anywhere against a 16-byte boundary, NaN, +-inf and -0.0 logits, ties; "first": the call's first
-    # bound from a sample of the columns (the old bounds and counts poisoned, the flag set); "next": bounds given
-    # (a NaN row is skipped, -inf and +inf rows), lists counting on from a nonzero count; "_raise": the bound then
-    # raised from the lists; a few rows overflow their lists (their kept entries depend on timing, so only their
-    # counts and the validity of what they hold are compared).
+    # that start anywhere against a 16-byte boundary; random rows (finite bounds: the selections and the
+    # vectorised pass at work), rows 10-13 with NaN, +-inf and -0.0 logits, row 3 ties everywhere. "first": the
+    # call's first bound from a sample of the columns (the whole chunk up to 8,192 columns; the old bounds and
+    # counts poisoned, the flag set), row 4 constant (every logit ties at the bound: its list overflows); "next":
+    # bounds given (row 0 NaN: skipped, row 1 -inf, row 2 +inf), lists counting on from a nonzero count, row 5
+    # from a full list that had overflowed (count above the capacity: nothing is written, the count goes on);
+    # "_raise": the bound then raised from the lists. Rows that overflow keep entries that depend on timing: only
+    # their counts and the validity of what they hold are compared.
     gen = torch.Generator(device="cuda").manual_seed(cols + len(mode))
     batch, offset, k = 40, 1000, 5
     wide = torch.randn(batch, cols + 11, generator=gen, device="cuda").to(dtype)
     special = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0], device="cuda").to(dtype)
-    where = torch.rand(batch, cols + 11, generator=gen, device="cuda") < 0.02
+    where = torch.rand(batch, cols + 11, generator=gen, device="cuda") < 0.03
+    where[:10] = False
+    where[14:] = False
     wide = torch.where(where, special[torch.randint(0, 5, wide.shape, generator=gen, device="cuda")], wide)
     wide[3] = wide[3].round()  # ties everywhere
-    logits = wide[:, 3 : 3 + cols]
-    z = logits.float()
     first = mode.startswith("first")
     raise_bound = mode.endswith("raise")
+    if first:
+        wide[4] = 0.25
+    logits = wide[:, 3 : 3 + cols]
+    z = logits.float()
     blocks, list_blocks = fused.bound_blocks(k), fused.LIST_BLOCKS
     sample = min(cols, 8192) if first else None
     cap = 512
@@ -605,13 +612,14 @@ def test_chunk_kernel_equals_its_three_launches(mode, cols, dtype):
         threshold = threshold.contiguous()
         threshold[0], threshold[1], threshold[2] = math.nan, -math.inf, math.inf
         start = torch.randint(0, 8, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+        start[5] = cap + 3
     score = torch.full((batch, cap), 1234.5, device="cuda")
     position = torch.full((batch, cap), -1, dtype=torch.int32, device="cuda")
-    if not first:  # the candidates listed before, in the first start[b] slots
-        earlier = torch.arange(8, device="cuda")[None, :] < start[:, None]
-        score = torch.where(earlier, torch.randn(batch, 8, generator=gen, device="cuda").to(dtype).float(), 1234.5)
-        score = nnf.pad(score, (0, cap - 8), value=1234.5)
-        position = nnf.pad(torch.where(earlier, torch.arange(8, device="cuda"), -1).int(), (0, cap - 8), value=-1)
+    if not first:  # the candidates listed before, in the first min(start[b], cap) slots
+        earlier = torch.arange(cap, device="cuda")[None, :] < start[:, None]
+        values = torch.randn(batch, cap, generator=gen, device="cuda").to(dtype).float()
+        score = torch.where(earlier, values, score)
+        position = torch.where(earlier, torch.arange(cap, dtype=torch.int32, device="cuda"), position)
     lists = [(threshold.clone(), start.clone(), score.clone(), position.clone()) for _ in range(2)]
     flags = [torch.ones((), dtype=torch.bool, device="cuda") for _ in range(2)]
     t1, c1, s1, p1 = lists[0]
@@ -640,3 +648,9 @@ def test_chunk_kernel_equals_its_three_launches(mode, cols, dtype):
                 if pos >= offset:
                     assert value == z[b, pos - offset].nan_to_num(nan=7.0).item(), b
         assert bool((s1[b, n:] == 1234.5).all()) and bool((p1[b, n:] == -1).all()), b
+    if first and raise_bound and k <= sample == cols:
+        # the raised bound of a random row is its exact k-th best: the list holds every logit at or above the first
+        # bound, the row's top k among them, and is shorter than list_blocks
+        for b in range(14, batch):
+            if not overflowed[b]:
+                assert t1[b] == z[b].topk(k).values[-1], b

@@ -70,7 +70,8 @@ class Lists:
         # gsfi_topk_chunk's contract: the three launches it stands for, in one
         self.launches["chunk"] += 1
         assert blocks == fused.bound_blocks(k) and list_blocks == fused.LIST_BLOCKS
-        assert logits.shape[1] <= self.chunk_columns
+        own = kernels.tuning.current().topk.chunk_columns
+        assert logits.shape[1] <= (fused.CHUNK_COLUMNS if own is None else own)  # the rule in force
         if sample is not None:
             self.bound(logits[:, :sample], k, threshold, blocks, reset_count=count, reset_flag=reset_flag)
         self.append(logits, offset + torch.arange(logits.shape[1]), threshold, count, score, position)
@@ -111,6 +112,7 @@ def _standing_in(stand_in, monkeypatch):
     monkeypatch.setattr(kernels.topk, "gsfi_topk_merge", stand_in.merge)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_bound", stand_in.bound)
     monkeypatch.setattr(kernels.topk, "gsfi_topk_chunk", stand_in.chunk)
+    monkeypatch.setattr(kernels.topk, "chunk_plan", lambda *args: None)  # loaded ahead for captured rounds
     monkeypatch.setattr(kernels.runtime, "zero_", lambda t: t.zero_())
     monkeypatch.setattr(kernels.topk, "max_merge_slots", lambda index: 2**14)  # an H100's, without a device
     yield stand_in
@@ -447,3 +449,21 @@ def test_many_head_chunks_keep_the_lists_short(lists):
     want_scores, want_ids = ranked_topk(layer(x), torch.arange(20000), k)
     assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores) and unresolved.numel() == 0
     assert lists.longest <= 128, lists.longest
+
+
+def test_the_chunk_kernel_of_captured_rounds_is_loaded_by_the_eager_call(lists, monkeypatch):
+    # head chunks of 1,200 columns take three launches under chunk_columns=400, but the further rounds a graph of
+    # the shape captures take chunks of a quarter (300), which gsfi_topk_chunk does: the eager call loads its plan
+    # (outside any capture), and only where that is so
+    layer, x = _layer(20000, 0.3)
+    loaded = []
+    monkeypatch.setattr(kernels.topk, "chunk_plan", lambda *args: loaded.append(args))
+    k = 5
+    assert fused.head_chunk_columns(13, 20000, layer.num_head_labels, k, 2**30) == 1200
+    for chunk_columns, synchronize, want in ((400, True, 1), (400, False, 0), (1200, True, 0), (299, True, 0)):
+        loaded.clear()
+        with kernels.tuning.use(kernels.tuning.TopkTuning(chunk_columns=chunk_columns)):
+            _run(layer, x, k, 2**30, synchronize=synchronize)
+        assert len(loaded) == want, (chunk_columns, synchronize)
+        if want:
+            assert loaded[0][1:3] == (13, max(fused.bound_blocks(k), fused.LIST_BLOCKS))
