@@ -126,41 +126,44 @@ __global__ void __launch_bounds__(NWG * 128, MINB) gsfi_topk_candidates_sm90(
   forward_tiles_sm90<T, G, KP, NWG, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
 }
 
-// The candidates of a chunk of dense logits [B][ld] (cols columns, rounded values of the input dtype T) at
-// position offset + column: the same rule and lists as gsfi_topk_candidates. A row is read in 16-byte vectors of
-// eight logits from its first 16-byte boundary on (the row's start moves with ld): CTA (blockIdx.x, blockIdx.y =
-// row) takes vectors blockIdx.x * 256 + threadIdx.x, stepping by gridDim.x * 256 (coalesced), and CTA 0 of the row
-// also the few columns before the first boundary and after the last whole vector. A thread's candidates of one
-// vector take one atomicAdd for their slots.
+// A row of dense 16-bit logits (raw bits of T) being appended to its list: read in 16-byte vectors of eight logits
+// from its first 16-byte boundary on (the row's start moves with ld), the `lead` columns before that boundary and
+// the `rest` after the last whole vector one by one. A logit z is a candidate where !(z < bound); its slot comes
+// from *listed (the row's count in global memory, or a CTA's shared count of a row it owns), one atomicAdd for all
+// the candidates of a vector; slots at and beyond cap are not written.
 template <class T>
-__global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
-    const u16* __restrict__ logits, long long ld, int cols, const float* __restrict__ threshold,
-    int* __restrict__ count, float* __restrict__ score, int* __restrict__ position, int cap, int offset) {
-  const int b = blockIdx.y;
-  const float bound = threshold[b];
-  if (bound != bound) return;
-  const u16* row = logits + (long long)b * ld;
-  const int lead = min(cols, (int)(((16u - ((unsigned)(size_t)row & 15u)) & 15u) >> 1));
-  const int vectors = (cols - lead) >> 3;
-  float* row_score = score + (long long)b * cap;
-  int* row_position = position + (long long)b * cap;
-  if (blockIdx.x == 0) {
-    const int rest = cols - lead - 8 * vectors;  // both below 8
-    if (threadIdx.x < lead + rest) {
-      const int j = threadIdx.x < lead ? threadIdx.x : lead + 8 * vectors + (threadIdx.x - lead);
-      const float z = Ops<T>::to_float(row[j]);
-      if (!(z < bound)) {
-        const int slot = atomicAdd(count + b, 1);
-        if (slot < cap) {
-          row_score[slot] = z;
-          row_position[slot] = offset + j;
-        }
-      }
+struct DenseRow {
+  const u16* row;
+  int cols;
+  float* row_score;
+  int* row_position;
+  int cap, offset;
+  int lead, vectors, rest;
+  __device__ __forceinline__ DenseRow(const u16* row_, int cols_, float* row_score_, int* row_position_, int cap_,
+                                      int offset_)
+      : row(row_), cols(cols_), row_score(row_score_), row_position(row_position_), cap(cap_), offset(offset_) {
+    lead = min(cols, (int)(((16u - ((unsigned)(size_t)row & 15u)) & 15u) >> 1));
+    vectors = (cols - lead) >> 3;
+    rest = cols - lead - 8 * vectors;  // both below 8
+  }
+
+  __device__ __forceinline__ const uint4* body() const { return reinterpret_cast<const uint4*>(row + lead); }
+
+  // The columns before the first boundary and after the last whole vector, a thread each (threads below lead + rest).
+  __device__ __forceinline__ void append_edges(float bound, int* listed) const {
+    if (threadIdx.x >= lead + rest) return;
+    const int j = threadIdx.x < lead ? threadIdx.x : lead + 8 * vectors + (threadIdx.x - lead);
+    const float z = Ops<T>::to_float(row[j]);
+    if (z < bound) return;
+    const int slot = atomicAdd(listed, 1);
+    if (slot < cap) {
+      row_score[slot] = z;
+      row_position[slot] = offset + j;
     }
   }
-  const uint4* body = reinterpret_cast<const uint4*>(row + lead);
-  for (int v = blockIdx.x * 256 + threadIdx.x; v < vectors; v += gridDim.x * 256) {
-    const uint4 q = body[v];
+
+  // The candidates of vector v, whose 16 bytes are q.
+  __device__ __forceinline__ void append_vector(const uint4& q, int v, float bound, int* listed) const {
     const unsigned words[4] = {q.x, q.y, q.z, q.w};
     float z[8];
     unsigned hits = 0u;
@@ -169,8 +172,8 @@ __global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
       z[u] = Ops<T>::to_float((u16)(words[u >> 1] >> (16 * (u & 1))));
       if (!(z[u] < bound)) hits |= 1u << u;
     }
-    if (!hits) continue;
-    int slot = atomicAdd(count + b, __popc(hits));
+    if (!hits) return;
+    int slot = atomicAdd(listed, __popc(hits));
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       if (!((hits >> u) & 1u)) continue;
@@ -181,6 +184,26 @@ __global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
       ++slot;
     }
   }
+};
+
+// The candidates of a chunk of dense logits [B][ld] (cols columns, rounded values of the input dtype T) at
+// position offset + column: the same rule and lists as gsfi_topk_candidates. A row is read in 16-byte vectors of
+// eight logits from its first 16-byte boundary on (the row's start moves with ld): CTA (blockIdx.x, blockIdx.y =
+// row) takes vectors blockIdx.x * 256 + threadIdx.x, stepping by gridDim.x * 256 (coalesced), and CTA 0 of the row
+// also the few columns before the first boundary and after the last whole vector (DenseRow).
+template <class T>
+__global__ void __launch_bounds__(256) gsfi_topk_dense_candidates(
+    const u16* __restrict__ logits, long long ld, int cols, const float* __restrict__ threshold,
+    int* __restrict__ count, float* __restrict__ score, int* __restrict__ position, int cap, int offset) {
+  const int b = blockIdx.y;
+  const float bound = threshold[b];
+  if (bound != bound) return;
+  const u16* row = logits + (long long)b * ld;
+  const DenseRow<T> span{row, cols, score + (long long)b * cap, position + (long long)b * cap, cap, offset};
+  if (blockIdx.x == 0) span.append_edges(bound, count + b);
+  const uint4* body = span.body();
+  for (int v = blockIdx.x * 256 + threadIdx.x; v < span.vectors; v += gridDim.x * 256)
+    span.append_vector(body[v], v, bound, count + b);
 }
 
 // Sorts v[0, size) of shared memory in descending order (size a power of two; bitonic: log2(size) * (log2(size) +
@@ -298,8 +321,8 @@ __device__ __forceinline__ float kth_largest(const unsigned* keys, int n, int k)
 // of the maxima of min(sample, blocks) strided blocks of the row's first `sample` columns (-inf where sample < k),
 // the row's list starts empty and *reset_flag (where not null) is zeroed; with sample < 0 the row's bound is
 // threshold[b] (NaN: the row is skipped) and its list goes on from count[b]. Every logit z with !(z < bound) is then
-// appended to the row's list as gsfi_topk_dense_candidates appends it (16-byte vectors from the row's first 16-byte
-// boundary; the slots from a shared-memory count: the CTA owns the row's list). With `raise_bound` != 0, the bound then
+// appended to the row's list by DenseRow, as gsfi_topk_dense_candidates appends it (the slots from a shared-memory
+// count: the CTA owns the row's list). With `raise_bound` != 0, the bound then
 // rises to the k-th best of the maxima of min(n, list_blocks) strided blocks of the list's n = min(count, cap)
 // scores where n >= k, as gsfi_topk_bound raises it from a list (the list holds every score seen at or above the
 // old bound, so its k-th best is that of all of them). threshold[b] and count[b] are written at the end. Dynamic
@@ -330,54 +353,20 @@ __global__ void __launch_bounds__(256) gsfi_topk_chunk(
   }
   if (threadIdx.x == 0) listed = reset ? 0 : count[b];
   __syncthreads();
-  float* row_score = score + (long long)b * cap;
-  int* row_position = position + (long long)b * cap;
-  const int lead = min(cols, (int)(((16u - ((unsigned)(size_t)row & 15u)) & 15u) >> 1));
-  const int vectors = (cols - lead) >> 3;
-  const int rest = cols - lead - 8 * vectors;  // both below 8
-  if (threadIdx.x < lead + rest) {
-    const int j = threadIdx.x < lead ? threadIdx.x : lead + 8 * vectors + (threadIdx.x - lead);
-    const float z = Ops<T>::to_float(row[j]);
-    if (!(z < bound)) {
-      const int slot = atomicAdd(&listed, 1);
-      if (slot < cap) {
-        row_score[slot] = z;
-        row_position[slot] = offset + j;
-      }
-    }
-  }
+  const DenseRow<T> span{row, cols, score + (long long)b * cap, position + (long long)b * cap, cap, offset};
+  span.append_edges(bound, &listed);
   // Four vectors a thread at a time, loaded before any is looked at: independent loads in flight (a row of tens
   // of thousands of columns would otherwise cost a memory latency per 256 vectors).
   constexpr int BATCH = 4;
-  const uint4* body = reinterpret_cast<const uint4*>(row + lead);
-  for (int v0 = threadIdx.x; v0 < vectors; v0 += BATCH * 256) {
+  const uint4* body = span.body();
+  for (int v0 = threadIdx.x; v0 < span.vectors; v0 += BATCH * 256) {
     uint4 q[BATCH];
 #pragma unroll
-    for (int u = 0; u < BATCH; ++u) q[u] = v0 + u * 256 < vectors ? body[v0 + u * 256] : make_uint4(0u, 0u, 0u, 0u);
+    for (int u = 0; u < BATCH; ++u)
+      q[u] = v0 + u * 256 < span.vectors ? body[v0 + u * 256] : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-    for (int u = 0; u < BATCH; ++u) {
-      const int v = v0 + u * 256;
-      if (v >= vectors) break;
-      const unsigned words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-      float z[8];
-      unsigned hits = 0u;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        z[e] = Ops<T>::to_float((u16)(words[e >> 1] >> (16 * (e & 1))));
-        if (!(z[e] < bound)) hits |= 1u << e;
-      }
-      if (!hits) continue;
-      int slot = atomicAdd(&listed, __popc(hits));
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (!((hits >> e) & 1u)) continue;
-        if (slot < cap) {
-          row_score[slot] = z[e];
-          row_position[slot] = offset + lead + 8 * v + e;
-        }
-        ++slot;
-      }
-    }
+    for (int u = 0; u < BATCH; ++u)
+      if (v0 + u * 256 < span.vectors) span.append_vector(q[u], v0 + u * 256, bound, &listed);
   }
   __syncthreads();  // the list's scores, written by this CTA's threads, are visible to all of them
   const int total = listed;
@@ -385,6 +374,7 @@ __global__ void __launch_bounds__(256) gsfi_topk_chunk(
     const int n = min(total, cap);
     if (n >= k) {
       const int m = min(n, list_blocks);
+      const float* row_score = span.row_score;
       block_maxima([row_score](int c) { return row_score[c]; }, n, m, maxima);
       const float raised = kth_largest(maxima, m, k);
       if (raised > bound) bound = raised;
