@@ -164,8 +164,7 @@ def fused_topk(
     if synchronize and num_head and chunk > chunk_columns >= max(k, chunk // 4):
         # This call's head chunks take three launches, but the further rounds that a later CUDA graph of this
         # shape captures (head chunks of a quarter) take gsfi_topk_chunk: loaded now, outside any capture.
-        kernels.topk.chunk_plan(kernels.layout.KERNEL_DTYPES[dtype], batch, max(bound_blocks(k), LIST_BLOCKS),
-                                device.index)
+        kernels.topk.chunk_plan_of(dtype, batch, bound_blocks(k), LIST_BLOCKS, device.index)
     num_groups = tail_index.shape[0] if tail_index is not None else 0
     xt = kernels.layout.transpose_input(x_tail) if num_tail else None
     # The first bound (from the head's first chunk) sets the bounds and zeroes the counts and the overflow flag in

@@ -26,7 +26,7 @@ from .layout import KERNEL_DTYPES, kernel_sizes, ptr
 from .tuning import ForwardTuning, TopkTuning, current
 
 __all__ = [
-    "candidate_buffers", "chunk_plan", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_chunk",
+    "candidate_buffers", "chunk_plan", "chunk_plan_of", "dense_plan", "gsfi_topk_candidates", "gsfi_topk_chunk",
     "gsfi_topk_dense_candidates", "gsfi_topk_merge", "bound_plan", "gsfi_topk_bound", "max_merge_slots", "merge_plan",
     "merge_shared_bytes", "plan",
 ]
@@ -289,6 +289,12 @@ def chunk_plan(dtype: str, batch: int, blocks: int, index: int) -> runtime.Plan:
     return runtime.make_plan(fn, (batch, 1), 256, 4 * blocks, 0, index, CHUNK_PARAMS, "gsfi_topk_chunk")
 
 
+def chunk_plan_of(dtype: torch.dtype, batch: int, blocks: int, list_blocks: int, index: int) -> runtime.Plan:
+    """The plan :func:`gsfi_topk_chunk` launches for ``[batch, cols]`` logits of ``dtype`` with these block counts
+    (also how a caller loads the kernel before a CUDA graph capture that launches it)."""
+    return chunk_plan(KERNEL_DTYPES[dtype], batch, max(blocks, list_blocks), index)
+
+
 def gsfi_topk_chunk(
     logits: Tensor, k: int, threshold: Tensor, count: Tensor, score: Tensor, position: Tensor, offset: int, *,
     blocks: int, list_blocks: int, sample: Optional[int] = None, reset_flag: Optional[Tensor] = None,
@@ -318,7 +324,7 @@ def gsfi_topk_chunk(
     if not 0 <= offset < 2**31 - cols:
         raise ValueError(f"offset must lie in [0, 2**31 - cols), got {offset}")
     index = logits.device.index
-    p = chunk_plan(KERNEL_DTYPES[logits.dtype], batch, max(blocks, list_blocks), index)
+    p = chunk_plan_of(logits.dtype, batch, blocks, list_blocks, index)
     args = (ptr(logits), logits.stride(0), cols, -1 if sample is None else sample, blocks, k, list_blocks,
             int(raise_bound), ptr(threshold), ptr(count), ptr(score), ptr(position), cap, offset, ptr(reset_flag))
     runtime.launch(p, args, index)
