@@ -58,7 +58,14 @@ __device__ __forceinline__ float screen_bound(float b) {
   return add_f32(s, -5.9604645e-8f);
 }
 
-template <class T, int GP>
+// ONE_SITE: how the lanes that pass the screen append. false: a copy of the append (the rule, an atomic and two
+// stores) per sum of the slice, unrolled: GP / 2 copies. true: the rule for every sum into a mask (bit 4 n + e),
+// then one copy of the atomic and the stores in a loop over the mask's bits, the value picked by selects. The
+// copies' code slows the main loop around it even in slices where no lane passes the screen, more so the more
+// copies there are, while the loop costs every appending lane a few more instructions; which wins depends on the
+// kernel and the group size, and the kernels below take the one measured faster for them
+// (benchmarks/candidates.py; benchmarks/RESULTS.md).
+template <class T, int GP, bool ONE_SITE>
 struct EmitCandidates {
   const float* __restrict__ threshold;
   int* __restrict__ count;
@@ -84,21 +91,52 @@ struct EmitCandidates {
 #pragma unroll
       for (int e = 0; e < 4; ++e) maybe |= !(add_f32(acc[n][e], bias_v[n][e & 1]) < screen[e >> 1]);
     if (!maybe) return;
+    if constexpr (ONE_SITE) {
+      static_assert(GP / 8 * 4 <= 64, "the mask holds at most 64 sums");
+      float z[GP / 8][4];
+      unsigned long long listed = 0;
 #pragma unroll
-    for (int n = 0; n < GP / 8; ++n)
+      for (int n = 0; n < GP / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
-        const float z = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
-        // (a NaN bound fails bound == bound: the row takes no candidates)
-        if (bound[h] != bound[h] || j >= cols || z < bound[h]) continue;
-        const int row = row0 + (lane >> 2) + h * 8;
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
+          z[n][e] = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
+          // (a NaN bound fails bound == bound: the row takes no candidates)
+          if (bound[h] == bound[h] && j < cols && !(z[n][e] < bound[h])) listed |= 1ull << (n * 4 + e);
+        }
+      while (listed != 0) {
+        const int i = __ffsll((long long)listed) - 1;
+        listed &= listed - 1;
+        float value = 0.f;
+#pragma unroll
+        for (int n = 0; n < GP / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) value = n * 4 + e == i ? z[n][e] : value;
+        const int n = i >> 2, e = i & 3;
+        const int row = row0 + (lane >> 2) + (e >> 1) * 8, j = n * 8 + 2 * (lane & 3) + (e & 1);
         const int slot = atomicAdd(count + row, 1);
         if (slot < cap) {
-          score[(long long)row * cap + slot] = z;
+          score[(long long)row * cap + slot] = value;
           position[(long long)row * cap + slot] = offset + g * G + j;
         }
       }
+    } else {
+#pragma unroll
+      for (int n = 0; n < GP / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
+          const float z = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
+          // (a NaN bound fails bound == bound: the row takes no candidates)
+          if (bound[h] != bound[h] || j >= cols || z < bound[h]) continue;
+          const int row = row0 + (lane >> 2) + h * 8;
+          const int slot = atomicAdd(count + row, 1);
+          if (slot < cap) {
+            score[(long long)row * cap + slot] = z;
+            position[(long long)row * cap + slot] = offset + g * G + j;
+          }
+        }
+    }
   }
 };
 
@@ -111,7 +149,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) gsfi_topk_candidates(
     const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
     float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,
     int num_groups) {
-  EmitCandidates<T, gsfi_pad16(G)> emit{threshold, count, score, position, cap, B, G, offset};
+  // one append site from groups of 32 labels (16 sums a lane per slice) on
+  EmitCandidates<T, gsfi_pad16(G), (gsfi_pad16(G) >= 32)> emit{threshold, count, score, position, cap, B, G, offset};
   forward_tiles<T, G, KP, RESIDENT, NW, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
 }
 
@@ -122,7 +161,8 @@ __global__ void __launch_bounds__(NWG * 128, MINB) gsfi_topk_candidates_sm90(
     const u16* __restrict__ bias, const float* __restrict__ threshold, int* __restrict__ count,
     float* __restrict__ score, int* __restrict__ position, int cap, int offset, int B, int H, int L, int K,
     int num_groups) {
-  EmitCandidates<T, G> emit{threshold, count, score, position, cap, B, G, offset};
+  // one append site from groups of 64 labels on (at 32 the copies measured faster here)
+  EmitCandidates<T, G, (G >= 64)> emit{threshold, count, score, position, cap, B, G, offset};
   forward_tiles_sm90<T, G, KP, NWG, NSW>(XT, ldxt, W, idx, bias, B, H, L, K, num_groups, emit);
 }
 
