@@ -4,7 +4,8 @@ Batches are dicts ``{"features": Tensor [B, F] (dense float32, or int64 for inte
 "targets": a ``[B, num_labels]`` torch sparse CSR tensor of the positives (on the host), "index": Tensor [B]}``
 plus, for raw-text data, ``"texts"`` and what a ``text_transform`` makes of them (e.g. ``"tokens"``; such batches
 carry no ``"features"`` unless asked: ``XMCDataModule(batch_features=True)``); targets stay sparse all the way to the
-loss and the metrics.
+loss and the metrics. An evaluation batch under several processes may carry ``"repeated"``, a bool ``[B]`` mask of
+the rows repeated to even out the processes (:class:`EvaluationSampler`), which the metrics leave out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 __all__ = [
+    "EvaluationSampler",
     "XMCData",
     "XMCDataModule",
     "XMCFormatError",
@@ -377,6 +379,26 @@ class _Rows(Dataset):
         return i
 
 
+class EvaluationSampler(DistributedSampler):
+    """The distributed sampler of an evaluation split (validation, test): process ``r`` of ``W`` takes rows ``r,
+    r + W, ...`` in order, and, as ``DistributedSampler`` does, every process gets the same number of rows (so each
+    runs the same steps), the last ones repeating the split's first rows. Unlike it, a repeat is drawn as
+    ``len(dataset) + row``: the split's collate function marks such rows (the batch's ``"repeated"`` mask, the row
+    index itself in ``"index"``), and :class:`~lightning_haste.module.HasteXMCModule` leaves them out of its
+    metrics, so that every row of the split counts once and a metric under DDP equals the one of a single process.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        padding = self.total_size - n
+        repeats = [n + row for row in itertools.islice(itertools.cycle(range(n)), padding)] if n else []
+        indices = list(range(n)) + repeats
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+
 class _ResumingIndexSampler:
     """A loader's batch (or index) sampler that draws each iteration in its loader's epoch and starts at the batch
     its loader says: the batches an interrupted epoch delivered are skipped by their indices, so nothing is read or
@@ -556,10 +578,17 @@ class _Collate:
         self.features = features
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
-        rows_np = np.asarray(rows)
+        rows_np = np.asarray(rows, dtype=np.int64)
+        # EvaluationSampler draws the rows it repeats to even out the processes as len + row
+        repeated = rows_np >= len(self.data)
+        if repeated.any():
+            rows_np = np.where(repeated, rows_np - len(self.data), rows_np)
+            rows = rows_np.tolist()
         # One CSR for the batch's positives (not a tensor per row): the loss reads it on the host in one piece
         targets = targets_csr(self.data.labels[rows_np])
-        batch = {"targets": targets, "index": torch.from_numpy(rows_np.astype(np.int64))}
+        batch = {"targets": targets, "index": torch.from_numpy(rows_np)}
+        if repeated.any():
+            batch["repeated"] = torch.from_numpy(repeated)
         if self.features:
             batch["features"] = self._features(rows_np)
         if self.data.texts is not None:
@@ -585,7 +614,7 @@ class _Collate:
 
 
 #: Batch entries that stay on the host when a batch moves to the device.
-_HOST_KEYS = ("targets", "texts")
+_HOST_KEYS = ("targets", "texts", "repeated")
 
 
 class XMCDataModule(LightningDataModule):
@@ -742,13 +771,25 @@ class XMCDataModule(LightningDataModule):
             return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def _evaluation_loader(self, data: Optional[XMCData]) -> DataLoader:
+        """A validation or test split's loader: under several processes with :class:`EvaluationSampler` (the rows
+        repeated to even out the processes marked, for the metrics to count each row once), else in order."""
+        trainer = self.trainer
+        if data is None or trainer is None or trainer.world_size <= 1:
+            return self._loader(data, False)
+        rows = _Rows(data)
+        return DataLoader(rows, batch_size=self.batch_size, num_workers=self.num_workers,
+                          sampler=EvaluationSampler(rows, num_replicas=trainer.world_size, rank=trainer.global_rank),
+                          collate_fn=self._collate(data), pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
     def val_dataloader(self) -> Union[DataLoader, list]:
         if self.val_data is None:  # val_fraction=0 and no val split: nothing to validate
             return []
-        return self._loader(self.val_data, False)
+        return self._evaluation_loader(self.val_data)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_data, False)
+        return self._evaluation_loader(self.test_data)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_data, False)

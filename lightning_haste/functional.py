@@ -52,14 +52,24 @@ def _uses_kernels(x: Tensor, weight: Tensor, group_index: Tensor, backend: str) 
     return supported
 
 
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs the layers in for the input ``x``, or None where it leaves them alone:
+    autocast off on ``x``'s device (CUDA or CPU), or ``x`` in float64, which autocast never casts (as for
+    ``F.linear``: a float64 model stays float64 under a bf16-mixed trainer)."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _autocast_arguments(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """``(x, *tensors)``, under ``torch.autocast`` cast to the autocast dtype (None stays None), so that the layer
-    runs in it as ``F.linear`` does."""
-    device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    runs in it as ``F.linear`` does: each floating-point tensor but a float64 one, which autocast leaves as it is
+    (a float64 tensor beside 16-bit ones then fails the caller's dtype check, as it fails ``F.linear``)."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
         return (x, *tensors)
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    cast = lambda t: t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)  # noqa: E731
     return tuple(cast(t) for t in (x, *tensors))
 
 

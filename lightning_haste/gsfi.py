@@ -16,6 +16,7 @@ from ._checks import (
     check_group_index,
     check_memory_budget,
     check_positive_int,
+    check_same_device_dtype,
     num_groups_for,
 )
 
@@ -244,6 +245,25 @@ class GroupSharedFanIn(nn.Module):
         if index.device != self.weight.device:
             raise ValueError(f"group_index is on {index.device} but weight is on {self.weight.device}")
 
+    def check_parameters(self) -> None:
+        """Check ``weight`` and ``bias`` against the layer's shape (cheap, on every call): a parameter replaced by one
+        of another shape, dtype or device would otherwise be read as if it had the layer's layout."""
+        weight, bias = self.weight, self.bias
+        check_float_tensor("weight", weight)
+        if tuple(weight.shape) != (self.num_groups * self.group_size, self.fan_in):
+            raise ValueError(
+                f"weight must have shape ({self.num_groups * self.group_size}, {self.fan_in}) "
+                f"[num_groups * group_size, fan_in], got {tuple(weight.shape)}; it was replaced by a tensor of another "
+                "shape"
+            )
+        if bias is not None:
+            check_float_tensor("bias", bias)
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(
+                    f"bias must have shape ({self.out_features},) [out_features], got {tuple(bias.shape)}"
+                )
+            check_same_device_dtype("weight", weight, bias=bias)
+
     def check_group_index(self, *, force: bool = False) -> None:
         """Validate ``group_index``: its layout on every call, its values when it changed.
 
@@ -320,16 +340,18 @@ class GroupSharedFanIn(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
+        self.check_parameters()
         weight, bias = self.weight, self.bias
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but weight has dtype {weight.dtype}; cast one of them "
-                "(no implicit precision change is made)"
-            )
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but weight is on {weight.device}; move them to one device")
         self.check_group_index()
         x, weight, bias = F._autocast_arguments(x, weight, bias)
+        if x.dtype != weight.dtype:
+            under = " under autocast, which leaves float64 as it is" if torch.is_autocast_enabled(x.device.type) else ""
+            raise TypeError(
+                f"x has dtype {x.dtype} but weight has dtype {weight.dtype}{under}; cast one of them "
+                "(no implicit precision change is made)"
+            )
         return F.apply_checked(
             x, weight, self.group_index, bias, self.out_features, self.memory_budget, self.backend
         )

@@ -293,16 +293,48 @@ class HeadTailOutput(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
-        parameter = next(iter(self.parameters()), None)
-        if parameter is not None:
-            if torch.is_autocast_enabled(x.device.type):
-                # autocast casts input and weights to one dtype, as for nn.Linear (an encoder's 16-bit output
-                # meets float32 weights there): only the device must agree
-                if x.device != parameter.device:
-                    raise ValueError(f"x is on {x.device} but weight is on {parameter.device}; move them to one device")
-            else:
-                check_same_device_dtype("weight", parameter, x=x)
+        self._check_parameters()
+        parameters = {name: t for name, t in self._part_parameters().items() if t is not None}
+        for name, parameter in parameters.items():
+            if x.device != parameter.device:
+                raise ValueError(f"x is on {x.device} but {name} is on {parameter.device}; move them to one device")
+        if F.autocast_dtype(x) is not None:
+            # autocast casts input and weights to one dtype, as for nn.Linear (an encoder's 16-bit output meets
+            # float32 weights there), but leaves float64 as it is
+            for name, parameter in parameters.items():
+                if parameter.dtype == torch.float64:
+                    raise TypeError(
+                        f"{name} has dtype torch.float64, which autocast leaves as it is, but x ({x.dtype}) is cast "
+                        "to the autocast dtype; cast the layer or the input (no implicit precision change is made)"
+                    )
+        else:
+            for name, parameter in parameters.items():
+                check_same_device_dtype(name, parameter, x=x)
         return x.reshape(-1, self.in_features)
+
+    def _check_parameters(self) -> None:
+        """Check every part's parameters against the layer's shape (cheap, on every call), so that a parameter
+        replaced by one of another shape is not read with the layer's layout by the fused loss and top-k."""
+        head, tail = self.head, self.tail
+        if head is not None:
+            width = self.head_slice[1] - self.head_slice[0]
+            check_float_tensor("head.weight", head.weight)
+            if tuple(head.weight.shape) != (self.num_head_labels, width):
+                raise ValueError(
+                    f"head.weight must have shape ({self.num_head_labels}, {width}) [head labels, head features], "
+                    f"got {tuple(head.weight.shape)}"
+                )
+            if head.bias is not None:
+                check_float_tensor("head.bias", head.bias)
+                if tuple(head.bias.shape) != (self.num_head_labels,):
+                    raise ValueError(
+                        f"head.bias must have shape ({self.num_head_labels},), got {tuple(head.bias.shape)}"
+                    )
+                check_same_device_dtype("head.weight", head.weight, **{"head.bias": head.bias})
+        if tail is not None:
+            tail.check_parameters()
+        if head is not None and tail is not None:
+            check_same_device_dtype("head.weight", head.weight, **{"tail.weight": tail.weight})
 
     def _head_input(self, x2d: Tensor) -> Tensor:
         return x2d[:, self.head_slice[0] : self.head_slice[1]]
@@ -381,8 +413,11 @@ class HeadTailOutput(nn.Module):
         if freq.size != self.num_labels:
             raise ValueError(f"label_frequencies has {freq.size} entries for {self.num_labels} labels")
         num_instances = check_positive_int("num_instances", num_instances)
-        if not smoothing > 0:
-            raise ValueError(f"smoothing must be > 0, got {smoothing}")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not (
+                math.isfinite(smoothing) and smoothing > 0):
+            raise ValueError(f"smoothing must be a finite number > 0, got {smoothing!r}")
+        if not np.isfinite(freq).all():
+            raise ValueError("label_frequencies must be finite (no NaN or inf)")
         if (freq < 0).any() or (freq > num_instances).any():
             raise ValueError(f"label_frequencies must lie in [0, num_instances={num_instances}]")
         parts = [m for m in (self.head, self.tail) if m is not None]
@@ -444,10 +479,10 @@ class HeadTailOutput(nn.Module):
         ``topk_casts``, for ops that need no gradient), the tail's index validated, and when the tail runs the
         CUDA kernels (``kernels``) its parameters as they take them (contiguous, the index int32)."""
         tail = self.tail
-        device_type = x2d.device.type
-        autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+        autocast_dtype = F.autocast_dtype(x2d)
+        autocast = autocast_dtype is not None
         if autocast and cached_casts and x2d.is_cuda and not torch.compiler.is_compiling():
-            x2d = x2d.to(torch.get_autocast_dtype(device_type))
+            x2d = x2d.to(autocast_dtype)
             head_weight, head_bias, tail_weight, tail_bias = self._cached_casts(x2d.dtype)
         else:
             x2d, head_weight, head_bias, tail_weight, tail_bias = F._autocast_arguments(
@@ -603,8 +638,8 @@ class HeadTailOutput(nn.Module):
         # validated here, outside the capture (inside it a no-op, as the index has not changed since)
         self.tail.check_group_index()
         device_type = x2d.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        autocast_dtype = torch.get_autocast_dtype(device_type) if autocast else None
+        autocast_dtype = F.autocast_dtype(x2d)
+        autocast = autocast_dtype is not None
         if autocast:
             # the graph reads the parameters' cached copies: refreshed here, before it replays (and before a capture,
             # which then finds them current)
@@ -650,12 +685,12 @@ class HeadTailOutput(nn.Module):
             return None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
         head, tail = self.head, self.tail
-        autocast = torch.is_autocast_enabled("cuda")
+        autocast_dtype = F.autocast_dtype(x2d)
         params = (head.weight if head is not None else None, head.bias if head is not None else None, tail.weight,
                   tail.bias, tail.group_index, self.label_permutation)
         return (
             tuple(x2d.shape), x2d.dtype, x2d.device, k, self.memory_budget, (*self.head_slice, *self.tail_slice),
-            autocast, torch.get_autocast_dtype("cuda") if autocast else None, kernels.tuning.current(), tail.backend,
+            autocast_dtype is not None, autocast_dtype, kernels.tuning.current(), tail.backend,
             torch.is_inference_mode_enabled(), *(described(t) for t in params),
         )
 

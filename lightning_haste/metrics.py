@@ -1,7 +1,8 @@
 """Extreme multi-label ranking metrics as torchmetrics: P@k, nDCG@k, PSP@k.
 
 Each metric takes the top-k predicted label ids ``[N, >= max k]`` (or a ``[N, L]`` score tensor, from which
-the top-k is taken) and the targets as a list of 1-D tensors of positive label ids (or a ``torch.sparse_csr``
+the top-k is taken in the package's ranking order: score descending, ties broken by the smaller label id, NaN above
+``+inf``) and the targets as a list of 1-D tensors of positive label ids (or a ``torch.sparse_csr``
 / ``scipy.sparse`` matrix). Hits are found by matching ``(row, label)`` keys, never through a dense
 ``[N, L]`` target matrix. States are sums (``dist_reduce_fx="sum"``), so the values are exact under DDP.
 """
@@ -19,6 +20,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from .loss import sparse_targets
+from .ranking import ranked_topk
 
 __all__ = ["PrecisionAtK", "NDCGAtK", "PSPrecisionAtK", "inverse_propensities"]
 
@@ -62,7 +64,9 @@ def _topk_ids(preds: Tensor, k: int) -> Tensor:
     if preds.is_floating_point():
         if preds.shape[1] < k:
             raise ValueError(f"scores have {preds.shape[1]} labels, fewer than k={k}")
-        return preds.topk(k, dim=1).indices
+        # the package's one ranking order (score descending, ties to the smaller label id, NaN first), as the
+        # layers' top-k ranks: a metric over scores then agrees with one over those top-k ids
+        return ranked_topk(preds, torch.arange(preds.shape[1], device=preds.device), k)[1]
     if preds.shape[1] < k:
         raise ValueError(f"preds has {preds.shape[1]} ids per row, fewer than the largest k={k}")
     if preds.dtype.is_complex or preds.dtype == torch.bool:
@@ -111,11 +115,13 @@ class PrecisionAtK(_AtK):
     def update(self, preds: Tensor, targets: Targets) -> None:
         top, crow, col = self._prepare(preds, targets)
         hits = _hits(top, crow, col).double().cumsum(dim=1)
-        self.total += torch.stack([hits[:, k - 1].sum() / k for k in self.ks]).to(self.total)
+        # whole hit counts (exact in float64 up to 2^53): their sum does not depend on the order of the batches or
+        # on how the rows were split over processes, so P@k under DDP equals P@k of one process to the last bit
+        self.total += torch.stack([hits[:, k - 1].sum() for k in self.ks]).to(self.total)
         self.count += top.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
-        return {f"P@{k}": self.total[i] / self.count.clamp(min=1) for i, k in enumerate(self.ks)}
+        return {f"P@{k}": self.total[i] / (k * self.count.clamp(min=1)) for i, k in enumerate(self.ks)}
 
 
 class NDCGAtK(_AtK):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
@@ -138,6 +139,19 @@ def _target_labels(targets: SparseTargets) -> Optional[int]:
     """The label count of a matrix of targets (torch sparse or SciPy), None for lists of ids."""
     shape = getattr(targets, "shape", None)
     return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
+def _select_rows(targets: SparseTargets, keep: Tensor) -> SparseTargets:
+    """The rows of ``targets`` (per-row ids, torch sparse CSR or SciPy) where the bool mask ``keep`` is set."""
+    if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
+        crow, col = targets.crow_indices().cpu().numpy(), targets.col_indices().cpu().numpy()
+        kept = sp.csr_matrix((targets.values().cpu().numpy(), col, crow), shape=tuple(targets.shape))[keep.numpy()]
+        return torch.sparse_csr_tensor(torch.from_numpy(kept.indptr.astype(np.int64)),
+                                       torch.from_numpy(kept.indices.astype(np.int64)), torch.from_numpy(kept.data),
+                                       size=kept.shape)
+    if hasattr(targets, "tocsr"):  # SciPy
+        return targets.tocsr()[keep.numpy()]
+    return [t for t, k in zip(targets, keep.tolist(), strict=True) if k]
 
 
 def _num_rows(targets: SparseTargets) -> int:
@@ -510,14 +524,23 @@ class HasteXMCModule:
             # lists of ids are range-checked by PSP@k; a matrix of another width is a split of another data set
             raise ValueError(f"the {split} batch's targets have {labels} labels, the model {self.output.num_labels}")
         _, top = self.output.topk(self.encode(batch), max(self.haste["k"]))
+        targets = batch["targets"]
+        repeated = batch.get("repeated")
+        if repeated is not None:
+            # rows a distributed evaluation repeated to even out the processes (XMCDataModule's EvaluationSampler)
+            # count once: on the process that holds the original
+            keep = ~repeated.cpu()
+            top, targets = top[keep.to(top.device)], _select_rows(targets, keep)
         for name in ("p", "ndcg", "psp"):
-            self.haste_metrics[f"{split}_{name}"].update(top, batch["targets"])
+            self.haste_metrics[f"{split}_{name}"].update(top, targets)
 
     def _log_metrics(self, split: str) -> None:
         for name in ("p", "ndcg", "psp"):
             metric = self.haste_metrics[f"{split}_{name}"]
             for key, value in metric.compute().items():
-                self.log(f"{split}/{key}", value, prog_bar=key in ("P@1", "P@5"), sync_dist=False)
+                # the metric's states were summed over the processes already: every process holds the same value,
+                # whose max is that value exactly (and Lightning then neither averages it again nor warns)
+                self.log(f"{split}/{key}", value, prog_bar=key in ("P@1", "P@5"), sync_dist=True, reduce_fx="max")
             metric.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -22,8 +22,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 __all__ = ["TopKPredictionWriter", "FORMATS", "read_predictions"]
 
 #: The output formats: ``"npz"`` (``scipy.sparse.load_npz`` reads it: a ``[rows, num_labels]`` CSR matrix of
-#: float32 scores, each row's k labels in descending score order) and ``"txt"`` (header ``rows num_labels``, then
-#: ``label:score`` pairs per row, the format of ``lightning_haste.data.read_label_matrix``).
+#: float32 scores, float64 where the model predicts float64, each row's k labels in descending score order) and
+#: ``"txt"`` (header ``rows num_labels``, then ``label:score`` pairs per row, the format of
+#: ``lightning_haste.data.read_label_matrix``, each score with the digits that read it back exactly).
 FORMATS = ("npz", "txt")
 _CHUNK_ROWS = 65536
 
@@ -39,6 +40,9 @@ class TopKPredictionWriter(BasePredictionWriter):
     Row ``i`` of the output is the ``i``-th smallest row index predicted (a batch's ``"index"`` entry, as
     ``XMCDataModule`` batches carry it, else Lightning's batch indices): for a whole split, its row order. Under
     DDP every process writes its part; the first merges them (rows repeated by the distributed sampler once).
+    Each batch's prediction is checked before anything of it is written: ``(scores, ids)`` of one shape ``[B, k]``
+    with ``k >= 1`` and the same ``k`` and score dtype in every batch, integer ids in ``[0, num_labels)`` (the
+    module's ``output.num_labels``) and distinct within a row.
     """
 
     def __init__(self, path: Union[str, os.PathLike], formats: Sequence[str] = FORMATS) -> None:
@@ -51,6 +55,7 @@ class TopKPredictionWriter(BasePredictionWriter):
         self.formats = formats
         self._files: dict[str, Any] = {}
         self._k: Optional[int] = None
+        self._score_dtype: Optional[np.dtype] = None
         self.written: list[Path] = []
 
     # -- per process --------------------------------------------------------------------------------
@@ -64,26 +69,34 @@ class TopKPredictionWriter(BasePredictionWriter):
         parts.mkdir(parents=True)
         self._files = {name: open(parts / f"{name}.bin", "wb") for name in ("rows", "ids", "scores")}
         self._k = None
+        self._score_dtype = None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        scores, ids = prediction
-        if ids.dim() != 2 or scores.shape != ids.shape:
-            raise ValueError(f"predict_step must return (scores, ids) of one shape [B, k], got {tuple(scores.shape)} "
-                             f"and {tuple(ids.shape)}")
+        num_labels = getattr(getattr(pl_module, "output", None), "num_labels", None)
+        scores, ids = _checked_prediction(prediction, num_labels)
+        # every check before anything is written: a bad batch leaves the part files as they were
         if self._k is None:
             self._k = int(ids.shape[1])
         elif ids.shape[1] != self._k:
             raise ValueError(f"every batch must predict the same k, got {ids.shape[1]} after {self._k}")
+        if self._score_dtype is None:
+            self._score_dtype = scores.dtype
+        elif scores.dtype != self._score_dtype:
+            raise ValueError(f"every batch must predict scores of one dtype, got {scores.dtype} after "
+                             f"{self._score_dtype}")
         index = batch.get("index") if isinstance(batch, dict) else None
         rows = index.cpu().numpy() if index is not None else np.asarray(batch_indices)
+        if rows.shape != (ids.shape[0],):
+            raise ValueError(f"the batch has {ids.shape[0]} predicted rows but {rows.size} row indices")
         self._files["rows"].write(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
-        self._files["ids"].write(ids.detach().cpu().numpy().astype(np.int64).tobytes())
-        self._files["scores"].write(scores.detach().float().cpu().numpy().astype(np.float32).tobytes())
+        self._files["ids"].write(ids.tobytes())
+        self._files["scores"].write(scores.tobytes())
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         for fh in self._files.values():
             fh.close()
-        (self._parts(trainer.global_rank) / "k").write_text(str(self._k or 0))
+        dtype = np.dtype(self._score_dtype or np.float32)
+        (self._parts(trainer.global_rank) / "k").write_text(f"{self._k or 0} {dtype.name}")
         trainer.strategy.barrier("TopKPredictionWriter")
         if trainer.is_global_zero:
             num_labels = int(pl_module.output.num_labels)
@@ -93,17 +106,22 @@ class TopKPredictionWriter(BasePredictionWriter):
 
     # -- the merge (first process) ------------------------------------------------------------------
     def _merge(self, world_size: int, num_labels: int) -> list[Path]:
-        ks = {int((self._parts(r) / "k").read_text()) for r in range(world_size)} - {0}
+        described = [(self._parts(r) / "k").read_text().split() for r in range(world_size)]
+        ks = {int(k) for k, _ in described} - {0}
         if len(ks) > 1:
             raise ValueError(f"the processes predicted different k: {sorted(ks)}")
         k = ks.pop() if ks else 0
+        dtypes = {np.dtype(name) for count, name in described if int(count)}
+        if len(dtypes) > 1:
+            raise ValueError(f"the processes predicted scores of different dtypes: {sorted(d.name for d in dtypes)}")
+        score_dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
         rows, ids, scores = [], [], []
         for r in range(world_size):
             parts = self._parts(r)
             rows.append(np.fromfile(parts / "rows.bin", dtype=np.int64))
             n = rows[-1].size
             ids.append(np.memmap(parts / "ids.bin", dtype=np.int64, mode="r", shape=(n, k)) if n else None)
-            scores.append(np.memmap(parts / "scores.bin", dtype=np.float32, mode="r", shape=(n, k)) if n else None)
+            scores.append(np.memmap(parts / "scores.bin", dtype=score_dtype, mode="r", shape=(n, k)) if n else None)
         all_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         source = np.concatenate([np.full(r.size, i) for i, r in enumerate(rows)]) if rows else all_rows
         offset = np.concatenate([np.arange(r.size) for r in rows]) if rows else all_rows
@@ -115,7 +133,7 @@ class TopKPredictionWriter(BasePredictionWriter):
             for c0 in range(0, n, _CHUNK_ROWS):
                 src, off = order[0][c0 : c0 + _CHUNK_ROWS], order[1][c0 : c0 + _CHUNK_ROWS]
                 chunk_ids = np.empty((src.size, k), np.int64)
-                chunk_scores = np.empty((src.size, k), np.float32)
+                chunk_scores = np.empty((src.size, k), score_dtype)
                 for r in np.unique(src):
                     pick = src == r
                     chunk_ids[pick] = ids[r][off[pick]]
@@ -125,9 +143,9 @@ class TopKPredictionWriter(BasePredictionWriter):
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         written = []
         if "npz" in self.formats:
-            written.append(_write_npz(self.stem.with_suffix(".npz"), n, k, num_labels, chunks))
+            written.append(_write_npz(self.stem.with_suffix(".npz"), n, k, num_labels, score_dtype, chunks))
         if "txt" in self.formats:
-            written.append(_write_txt(self.stem.with_suffix(".txt"), n, num_labels, chunks))
+            written.append(_write_txt(self.stem.with_suffix(".txt"), n, num_labels, score_dtype, chunks))
         return written
 
 
@@ -140,25 +158,61 @@ def _write_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype:
             fh.write(np.ascontiguousarray(piece, dtype=dtype).tobytes())
 
 
-def _write_npz(path: Path, n: int, k: int, num_labels: int, chunks) -> Path:
+def _write_npz(path: Path, n: int, k: int, num_labels: int, score_dtype: np.dtype, chunks) -> Path:
     """A CSR matrix as ``scipy.sparse.save_npz`` lays it out (members format, shape, data, indices, indptr)."""
     index_dtype = np.int32 if max(num_labels, n * k) < 2**31 else np.int64
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_member(zf, "format", (), np.dtype("S3"), [np.array(b"csr", dtype="S3")])
         _write_member(zf, "shape", (2,), np.int64, [np.array([n, num_labels])])
-        _write_member(zf, "data", (n * k,), np.float32, (s.ravel() for _, s in chunks()))
+        _write_member(zf, "data", (n * k,), score_dtype, (s.ravel() for _, s in chunks()))
         _write_member(zf, "indices", (n * k,), index_dtype, (i.ravel() for i, _ in chunks()))
         _write_member(zf, "indptr", (n + 1,), index_dtype, [np.arange(n + 1, dtype=np.int64) * k])
     return path
 
 
-def _write_txt(path: Path, n: int, num_labels: int, chunks) -> Path:
+def _write_txt(path: Path, n: int, num_labels: int, score_dtype: np.dtype, chunks) -> Path:
+    # as many significant digits as read the score back exactly: 9 for float32, 17 for float64
+    spec = ".17g" if score_dtype == np.float64 else ".9g"
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(f"{n} {num_labels}\n")
         for chunk_ids, chunk_scores in chunks():
             for row_ids, row_scores in zip(chunk_ids, chunk_scores, strict=True):
-                fh.write(" ".join(f"{i}:{s:.6g}" for i, s in zip(row_ids, row_scores, strict=True)) + "\n")
+                fh.write(" ".join(f"{i}:{s:{spec}}" for i, s in zip(row_ids, row_scores.tolist(), strict=True)) + "\n")
     return path
+
+
+def _checked_prediction(prediction: Any, num_labels: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ids)`` of one batch as the part files store them (ids int64; scores float64 where predicted in
+    float64, else float32, which holds a 16-bit or float32 score exactly), after checking them: a pair of
+    ``[B, k]`` tensors, ``k >= 1``, integer ids in ``[0, num_labels)`` and distinct within a row."""
+    import torch  # noqa: PLC0415 - the writer is imported with Lightning, which imports torch anyway
+
+    if not isinstance(prediction, (tuple, list)) or len(prediction) != 2 or not all(
+            isinstance(t, torch.Tensor) for t in prediction):
+        raise TypeError("predict_step must return a pair of tensors (scores, ids) for TopKPredictionWriter, got "
+                        f"{type(prediction).__name__}")
+    scores, ids = prediction
+    if ids.dim() != 2 or scores.shape != ids.shape:
+        raise ValueError(f"predict_step must return (scores, ids) of one shape [B, k], got {tuple(scores.shape)} "
+                         f"and {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("predict_step returned k = 0 labels per row; the writer needs k >= 1")
+    if not scores.is_floating_point():
+        raise TypeError(f"the predicted scores must be floating point, got {scores.dtype}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"the predicted label ids must be integers, got {ids.dtype}")
+    ids_np = ids.detach().cpu().numpy().astype(np.int64, copy=False)
+    if ids_np.size:
+        if ids_np.min() < 0 or (num_labels is not None and ids_np.max() >= num_labels):
+            bound = f"[0, {num_labels})" if num_labels is not None else ">= 0"
+            raise ValueError(f"the predicted label ids must lie in {bound}, got ids from {ids_np.min()} to "
+                             f"{ids_np.max()}")
+        ordered = np.sort(ids_np, axis=1)
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise ValueError("each row's predicted label ids must be distinct")
+    target = np.float64 if scores.dtype == torch.float64 else np.float32
+    scores_np = scores.detach().to(torch.float64 if target is np.float64 else torch.float32).cpu().numpy()
+    return np.ascontiguousarray(scores_np), np.ascontiguousarray(ids_np)
 
 
 def read_predictions(path: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray]:

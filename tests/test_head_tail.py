@@ -224,6 +224,16 @@ def test_bias_from_the_label_prior_sets_every_label_in_original_order():
         layer.init_bias_from_prior_(freq[:5], num_instances=100)
     with pytest.raises(ValueError, match=r"\[0, num_instances=10\]"):
         layer.init_bias_from_prior_(freq, num_instances=10)
+    before = [b.clone() for b in (layer.head.bias, layer.tail.bias)]
+    for bad in (np.nan, np.inf):
+        broken = freq.astype(np.float64)
+        broken[7] = bad
+        with pytest.raises(ValueError, match="finite"):
+            layer.init_bias_from_prior_(broken, num_instances=100)
+    for smoothing in (float("inf"), float("nan"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match="smoothing"):
+            layer.init_bias_from_prior_(freq, num_instances=100, smoothing=smoothing)
+    assert all(torch.equal(b, c) for b, c in zip(before, (layer.head.bias, layer.tail.bias)))  # nothing was set
     no_bias = HeadTailOutput(24, freq, head_ratio=0.1, fan_in=8, group_size=8, bias=False)
     with pytest.raises(ValueError, match="no biases"):
         no_bias.init_bias_from_prior_(freq, num_instances=100)
@@ -268,3 +278,44 @@ def test_autocast_takes_a_16_bit_encoder_output_with_float32_weights_as_nn_linea
     assert x.grad is not None and layer.tail.weight.grad.dtype == torch.float32
     with pytest.raises(TypeError, match="dtype"):
         layer(h.detach())  # outside autocast the dtypes must agree
+
+
+def test_autocast_leaves_a_float64_layer_in_float64_as_nn_linear_does():
+    generator = torch.Generator().manual_seed(1)
+    layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4, dtype=torch.float64,
+                           generator=generator)
+    x = torch.randn(5, 24, dtype=torch.float64, generator=generator)
+    targets = [torch.tensor([1, 2]), torch.tensor([0]), torch.tensor([39]), torch.tensor([7, 8, 9]), torch.tensor([3])]
+    plain = (layer(x), layer.loss(x, targets), *layer.topk(x, 4), layer.logits_for(x, [0, 5]), layer.tail(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = (layer(x), layer.loss(x, targets), *layer.topk(x, 4), layer.logits_for(x, [0, 5]), layer.tail(x))
+    for got, expected in zip(under, plain):
+        assert got.dtype == expected.dtype
+        assert torch.equal(got, expected)  # not computed in bfloat16 and cast back: the same float64 values
+    assert plain[0].dtype == torch.float64
+    # a float64 input to a float32 layer: autocast casts the weights but not the input, so the dtypes disagree
+    layer32 = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for call in (lambda: layer32(x), lambda: layer32.loss(x, targets), lambda: layer32.topk(x, 4),
+                     lambda: layer32.tail(x)):
+            with pytest.raises(TypeError, match="float64"):
+                call()
+        # and a float32 input to a float64 layer: the input is cast, the float64 weights are not
+        with pytest.raises(TypeError, match="float64"):
+            layer(x.float())
+
+
+def test_parameters_replaced_by_ones_of_another_shape_are_rejected_before_use():
+    x = torch.randn(3, 24)
+    targets = [torch.tensor([1])] * 3
+    for part, name, shape in (("tail", "weight", (5, 8)), ("tail", "bias", (7,)), ("head", "weight", (8, 20)),
+                              ("head", "bias", (3,))):
+        layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
+        setattr(getattr(layer, part), name, torch.nn.Parameter(torch.randn(shape)))
+        for call in (lambda: layer(x), lambda: layer.loss(x, targets), lambda: layer.topk(x, 2)):
+            with pytest.raises(ValueError, match=f"{name} must have shape"):
+                call()
+    layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
+    layer.tail.bias = torch.nn.Parameter(torch.randn(layer.tail.out_features, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bias has dtype"):
+        layer(x)

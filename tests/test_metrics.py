@@ -332,3 +332,24 @@ def test_all_metrics_on_random_malformed_input_raise_cleanly_or_match_brute_forc
     expected = _reference_at_k(top, positives, sorted(set(ks)), inv)
     for key, value in got.items():
         assert value == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
+
+
+def test_scores_are_ranked_by_the_package_rule_ties_to_the_smaller_label_id():
+    rng = np.random.default_rng(5)
+    scores = torch.from_numpy(rng.integers(0, 3, size=(50, 30)).astype(np.float64))  # many ties
+    scores[3, 17] = float("nan")  # NaN ranks above +inf: label 17 is row 3's first
+    scores[4, 20] = float("inf")
+    targets = [np.sort(rng.choice(30, size=rng.integers(1, 6), replace=False)) for _ in range(50)]
+    order = np.argsort(-np.nan_to_num(scores.numpy(), nan=np.inf, posinf=1e300), axis=1, kind="stable")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for metric in (PrecisionAtK((1, 3, 5)), NDCGAtK((1, 3, 5))):
+            by_scores, by_ids = metric.clone(), metric.clone()
+            by_scores.update(scores.to(dtype), [torch.from_numpy(t) for t in targets])
+            by_ids.update(torch.from_numpy(order[:, :5].copy()), [torch.from_numpy(t) for t in targets])
+            got, expected = by_scores.compute(), by_ids.compute()
+            assert got.keys() == expected.keys()
+            for key in got:
+                assert torch.equal(got[key], expected[key]), (dtype, key)
+    single = PrecisionAtK(1)
+    single.update(torch.ones(1, 10), [torch.tensor([8])])  # all tied: the rule picks label 0, not a positive
+    assert float(single.compute()["P@1"]) == 0.0

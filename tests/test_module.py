@@ -457,3 +457,30 @@ def test_cli_model_fits_from_plain_dataloaders_with_num_features():
         assert trainer.global_step == 3 and model.output.in_features == (hidden or 24)
     with pytest.raises(ValueError, match="num_features"):
         HasteXMC(num_features=0)
+
+
+@pytest.mark.parametrize("n, replicas", [(77, 4), (10, 3), (2, 5), (12, 4), (0, 2)])
+def test_evaluation_sampler_gives_every_row_once_and_marks_the_repeats(n, replicas):
+    rows = range(n)
+    drawn = [list(lh.data.EvaluationSampler(rows, num_replicas=replicas, rank=r)) for r in range(replicas)]
+    assert len({len(d) for d in drawn}) == 1  # every process runs the same number of rows
+    originals = sorted(i for d in drawn for i in d if i < n)
+    assert originals == list(range(n))
+    assert all(n <= i < 2 * n for d in drawn for i in d if i >= n)  # a repeat is drawn as len + row
+
+
+def test_metrics_under_ddp_count_each_row_once_and_equal_one_process():
+    # 151 test rows on 4 processes: the sampler repeats 1 row to even them out; nothing may count it twice
+    dm = XMCDataModule.synthetic(seed=3, num_train=400, num_test=151, num_labels=120, num_features=32,
+                                 batch_size=16)
+    model = BowModel(fan_in=8, group_size=8, head_ratio=0.1, grouping=None, k=(1, 3, 5))
+    _trainer(max_steps=6, limit_val_batches=0).fit(model, dm)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single = Trainer(accelerator="cpu", devices=1, **quiet).test(model, dm, verbose=False)[0]
+    ddp = Trainer(accelerator="cpu", devices=4, strategy="ddp_spawn", **quiet).test(model, dm, verbose=False)[0]
+    assert sorted(single) == sorted(ddp) and len(single) == 9
+    for key in single:
+        if key.startswith("test/P@"):
+            assert single[key] == ddp[key], key  # whole hit counts: the same to the last bit
+        else:  # float64 sums in another order
+            assert single[key] == pytest.approx(ddp[key], rel=1e-13, abs=0), key

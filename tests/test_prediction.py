@@ -76,3 +76,69 @@ def test_writer_validates_its_arguments():
         TopKPredictionWriter("x", formats=("csv",))
     with pytest.raises(ValueError, match="formats"):
         TopKPredictionWriter("x", formats=())
+
+
+class _Fixed(LightningModule):
+    """A module whose predict_step returns the given (scores, ids) for every batch."""
+
+    def __init__(self, scores, ids, num_labels=10):
+        super().__init__()
+        self.output = torch.nn.Module()
+        self.output.num_labels = num_labels
+        self.scores, self.ids = scores, ids
+
+    def predict_step(self, batch, batch_idx):
+        return self.scores, self.ids
+
+
+def _predict(tmp_path, scores, ids, formats=prediction.FORMATS):
+    data = torch.utils.data.DataLoader(torch.zeros(scores.shape[0], 1), batch_size=scores.shape[0])
+    writer = TopKPredictionWriter(tmp_path / "p", formats=formats)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer]).predict(
+        _Fixed(scores, ids), data, return_predictions=False)
+    return writer
+
+
+@pytest.mark.parametrize("ids, error, match", [
+    (torch.tensor([[3, 10]]), ValueError, r"\[0, 10\)"),
+    (torch.tensor([[3, -1]]), ValueError, r"\[0, 10\)"),
+    (torch.tensor([[3.7, 1.0]]), TypeError, "integers"),
+    (torch.tensor([[True, False]]), TypeError, "integers"),
+    (torch.tensor([[4, 4]]), ValueError, "distinct"),
+    (torch.zeros(1, 0, dtype=torch.long), ValueError, "k >= 1"),
+    (torch.tensor([[1, 2, 3]]), ValueError, "one shape"),
+])
+def test_writer_rejects_ids_that_would_make_a_corrupt_matrix(tmp_path, ids, error, match):
+    scores = torch.randn(1, 2) if ids.shape != (1, 0) else torch.zeros(1, 0)
+    with pytest.raises(error, match=match):
+        _predict(tmp_path, scores, ids)
+    assert not (tmp_path / "p.npz").exists() and not (tmp_path / "p.txt").exists()
+
+
+def test_writer_rejects_integer_scores(tmp_path):
+    with pytest.raises(TypeError, match="floating"):
+        _predict(tmp_path, torch.tensor([[2, 1]]), torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_writer_keeps_every_score_exactly_in_both_formats(tmp_path, dtype):
+    generator = torch.Generator().manual_seed(11)
+    scores = (torch.randn(6, 4, dtype=torch.float64, generator=generator) * 1e3).to(dtype)
+    scores = scores.sort(dim=1, descending=True).values
+    scores[0, 0] = 1e300 if dtype == torch.float64 else scores[0, 0]  # beyond float32: kept in float64
+    ids = torch.stack([torch.randperm(10, generator=generator)[:4] for _ in range(6)])
+    _predict(tmp_path, scores, ids)
+    expected = scores.to(torch.float64).numpy()
+    got_ids, got_scores = read_predictions(tmp_path / "p.npz")
+    assert got_scores.dtype == (np.float64 if dtype == torch.float64 else np.float32)
+    np.testing.assert_array_equal(got_ids, ids.numpy())
+    np.testing.assert_array_equal(got_scores.astype(np.float64), expected)
+    lines = (tmp_path / "p.txt").read_text().splitlines()
+    assert lines[0] == "6 10"
+    for row, line in enumerate(lines[1:]):
+        pairs = [pair.split(":") for pair in line.split()]
+        assert [int(i) for i, _ in pairs] == ids[row].tolist()
+        text_scores = np.array([float(v) for _, v in pairs])
+        if dtype != torch.float64:
+            text_scores = text_scores.astype(np.float32).astype(np.float64)
+        np.testing.assert_array_equal(text_scores, expected[row])
