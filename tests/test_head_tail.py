@@ -233,7 +233,7 @@ def test_bias_from_the_label_prior_sets_every_label_in_original_order():
     for smoothing in (float("inf"), float("nan"), 0.0, -1.0, True):
         with pytest.raises(ValueError, match="smoothing"):
             layer.init_bias_from_prior_(freq, num_instances=100, smoothing=smoothing)
-    assert all(torch.equal(b, c) for b, c in zip(before, (layer.head.bias, layer.tail.bias)))  # nothing was set
+    assert all(torch.equal(b, c) for b, c in zip(before, (layer.head.bias, layer.tail.bias), strict=True))  # nothing set
     no_bias = HeadTailOutput(24, freq, head_ratio=0.1, fan_in=8, group_size=8, bias=False)
     with pytest.raises(ValueError, match="no biases"):
         no_bias.init_bias_from_prior_(freq, num_instances=100)
@@ -289,7 +289,7 @@ def test_autocast_leaves_a_float64_layer_in_float64_as_nn_linear_does():
     plain = (layer(x), layer.loss(x, targets), *layer.topk(x, 4), layer.logits_for(x, [0, 5]), layer.tail(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = (layer(x), layer.loss(x, targets), *layer.topk(x, 4), layer.logits_for(x, [0, 5]), layer.tail(x))
-    for got, expected in zip(under, plain):
+    for got, expected in zip(under, plain, strict=True):
         assert got.dtype == expected.dtype
         assert torch.equal(got, expected)  # not computed in bfloat16 and cast back: the same float64 values
     assert plain[0].dtype == torch.float64
