@@ -233,7 +233,8 @@ def test_bias_from_the_label_prior_sets_every_label_in_original_order():
     for smoothing in (float("inf"), float("nan"), 0.0, -1.0, True):
         with pytest.raises(ValueError, match="smoothing"):
             layer.init_bias_from_prior_(freq, num_instances=100, smoothing=smoothing)
-    assert all(torch.equal(b, c) for b, c in zip(before, (layer.head.bias, layer.tail.bias), strict=True))  # nothing set
+    after = (layer.head.bias, layer.tail.bias)
+    assert all(torch.equal(b, c) for b, c in zip(before, after, strict=True))  # nothing was set
     no_bias = HeadTailOutput(24, freq, head_ratio=0.1, fan_in=8, group_size=8, bias=False)
     with pytest.raises(ValueError, match="no biases"):
         no_bias.init_bias_from_prior_(freq, num_instances=100)
@@ -312,9 +313,9 @@ def test_parameters_replaced_by_ones_of_another_shape_are_rejected_before_use():
                               ("head", "bias", (3,))):
         layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
         setattr(getattr(layer, part), name, torch.nn.Parameter(torch.randn(shape)))
-        for call in (lambda: layer(x), lambda: layer.loss(x, targets), lambda: layer.topk(x, 2)):
+        for call in (layer, lambda inp: layer.loss(inp, targets), lambda inp: layer.topk(inp, 2)):  # noqa: B023
             with pytest.raises(ValueError, match=f"{name} must have shape"):
-                call()
+                call(x)
     layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
     layer.tail.bias = torch.nn.Parameter(torch.randn(layer.tail.out_features, dtype=torch.float64))
     with pytest.raises(TypeError, match="bias has dtype"):
