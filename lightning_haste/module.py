@@ -556,8 +556,9 @@ class HasteXMCModule:
         self._log_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> tuple[Tensor, Tensor]:
-        """Top-k ``(scores, label ids)`` in original label ids."""
-        return self.output.topk(self.encode(batch), max(self.haste["k"]))
+        """Top-k ``(scores, label ids)`` in original label ids (no autograd graph, also when called by hand)."""
+        with torch.no_grad():
+            return self.output.topk(self.encode(batch), max(self.haste["k"]))
 
     # -- optimisation -----------------------------------------------------------------------------
     def haste_parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -216,10 +216,49 @@ def _checked_prediction(prediction: Any, num_labels: Optional[int]) -> tuple[np.
 
 
 def read_predictions(path: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids [rows, k], scores [rows, k])`` from a writer's ``.npz`` (each row in descending score order)."""
+    """``(scores [rows, k], ids [rows, k])`` of a :class:`TopKPredictionWriter`'s output, each row in descending score
+    order, in the order of :meth:`HeadTailOutput.topk`'s ``(scores, ids)``.
+
+    ``path``: the ``.npz`` or the ``.txt`` file, or the path given to the writer without a suffix (its ``.npz`` where
+    that exists, else its ``.txt``). Scores come back in the dtype written (float32, or float64 where predicted so;
+    from text as float64)."""
     import scipy.sparse as sp  # noqa: PLC0415
 
+    path = Path(path)
+    if path.suffix not in (".npz", ".txt"):
+        candidates = [path.with_name(path.name + suffix) for suffix in (".npz", ".txt")]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise FileNotFoundError(f"neither {candidates[0]} nor {candidates[1]} exists")
+        path = found[0]
+    if path.suffix == ".txt":
+        return _read_text_predictions(path)
     matrix = sp.load_npz(path)
-    k = int(np.diff(matrix.indptr).max()) if matrix.shape[0] else 0
-    return matrix.indices.reshape(-1, k).astype(np.int64), matrix.data.reshape(-1, k)
+    counts = np.diff(matrix.indptr)
+    k = int(counts.max()) if matrix.shape[0] else 0
+    if matrix.shape[0] and int(counts.min()) != k:
+        raise ValueError(f"{path}: rows hold {int(counts.min())} to {k} labels; a writer's file holds k in every row")
+    return matrix.data.reshape(-1, k), matrix.indices.reshape(-1, k).astype(np.int64)
 
+
+def _read_text_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, encoding="utf-8") as fh:
+        header = fh.readline().split()
+        if len(header) != 2 or not all(h.isdigit() for h in header):
+            raise ValueError(f"{path}:1: expected the header 'rows num_labels', got {' '.join(header)!r}")
+        rows = int(header[0])
+        ids: list[list[int]] = []
+        scores: list[list[float]] = []
+        for lineno, line in enumerate(fh, start=2):
+            try:
+                pairs = [pair.split(":") for pair in line.split()]
+                ids.append([int(i) for i, _ in pairs])
+                scores.append([float(v) for _, v in pairs])
+            except ValueError as error:
+                raise ValueError(f"{path}:{lineno}: expected 'label:score' pairs ({error})") from None
+    if len(ids) != rows:
+        raise ValueError(f"{path}: the header says {rows} rows, the file has {len(ids)}")
+    if len({len(r) for r in ids}) > 1:
+        raise ValueError(f"{path}: the rows hold different numbers of labels; a writer's file holds k in every row")
+    k = len(ids[0]) if ids else 0
+    return np.array(scores, dtype=np.float64).reshape(rows, k), np.array(ids, dtype=np.int64).reshape(rows, k)

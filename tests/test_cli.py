@@ -31,7 +31,7 @@ def test_cli_fits_and_tests_with_the_shipped_config(tmp_path):
     out = _run(["-m", "lightning_haste.cli", "predict", f"--config={config}", *small, f"--ckpt_path={ckpt}",
                 f"--predictions={tmp_path / 'pred'}"], tmp_path)
     assert "pred.npz" in out
-    ids, scores = read_predictions(tmp_path / "pred.npz")
+    scores, ids = read_predictions(tmp_path / "pred.npz")
     assert ids.shape == (100, 5) and (np.diff(scores, axis=1) <= 0).all()
     assert read_label_matrix(tmp_path / "pred.txt").shape == (100, 200)
 

@@ -45,7 +45,7 @@ def test_writer_streams_the_top_k_in_row_order_to_npz_and_text(tmp_path, monkeyp
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
     assert trainer.predict(model, dm, return_predictions=False) is None
     scores, ids = _expected(model, dm)
-    got_ids, got_scores = read_predictions(tmp_path / "out" / "predictions.npz")
+    got_scores, got_ids = read_predictions(tmp_path / "out" / "predictions.npz")
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_scores, scores)
     matrix = sp.load_npz(tmp_path / "out" / "predictions.npz")
@@ -65,7 +65,7 @@ def test_writer_under_ddp_writes_every_row_once_in_order(tmp_path):
                       callbacks=[writer])
     trainer.predict(model, dm, return_predictions=False)
     scores, ids = _expected(model, dm)
-    got_ids, got_scores = read_predictions(tmp_path / "ddp.npz")
+    got_scores, got_ids = read_predictions(tmp_path / "ddp.npz")
     assert got_ids.shape == (77, 3)  # 77 rows on 2 processes: the sampler repeats one, written once
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_allclose(got_scores, scores, rtol=1e-6, atol=1e-6)
@@ -129,7 +129,7 @@ def test_writer_keeps_every_score_exactly_in_both_formats(tmp_path, dtype):
     ids = torch.stack([torch.randperm(10, generator=generator)[:4] for _ in range(6)])
     _predict(tmp_path, scores, ids)
     expected = scores.to(torch.float64).numpy()
-    got_ids, got_scores = read_predictions(tmp_path / "p.npz")
+    got_scores, got_ids = read_predictions(tmp_path / "p.npz")
     assert got_scores.dtype == (np.float64 if dtype == torch.float64 else np.float32)
     np.testing.assert_array_equal(got_ids, ids.numpy())
     np.testing.assert_array_equal(got_scores.astype(np.float64), expected)
@@ -142,3 +142,21 @@ def test_writer_keeps_every_score_exactly_in_both_formats(tmp_path, dtype):
         if dtype != torch.float64:
             text_scores = text_scores.astype(np.float32).astype(np.float64)
         np.testing.assert_array_equal(text_scores, expected[row])
+
+
+def test_read_predictions_takes_the_writers_path_and_either_format(tmp_path):
+    generator = torch.Generator().manual_seed(12)
+    scores = torch.randn(5, 3, generator=generator).sort(dim=1, descending=True).values
+    ids = torch.stack([torch.randperm(10, generator=generator)[:3] for _ in range(5)])
+    _predict(tmp_path, scores, ids)
+    for path in (tmp_path / "p", tmp_path / "p.npz", tmp_path / "p.txt"):
+        got_scores, got_ids = read_predictions(path)  # the order of topk: (scores, ids)
+        np.testing.assert_array_equal(got_ids, ids.numpy())
+        np.testing.assert_array_equal(got_scores.astype(np.float32), scores.numpy())
+    (tmp_path / "p.npz").unlink()
+    np.testing.assert_array_equal(read_predictions(tmp_path / "p")[1], ids.numpy())  # the .txt, then
+    with pytest.raises(FileNotFoundError, match="neither"):
+        read_predictions(tmp_path / "q")
+    (tmp_path / "bad.txt").write_text("2 10\n1:0.5\n3:x\n")
+    with pytest.raises(ValueError, match="bad.txt:3"):
+        read_predictions(tmp_path / "bad.txt")
