@@ -62,8 +62,27 @@ class XMCData:
     texts: Optional[list[str]] = field(default=None)
 
     def __post_init__(self) -> None:
+        if not sp.issparse(self.labels):
+            raise TypeError(f"labels must be a SciPy sparse [N, L] matrix of 0/1 (e.g. scipy.sparse.csr_matrix(y)), "
+                            f"got {type(self.labels).__name__}")
+        if self.labels.ndim != 2 or getattr(self.features, "ndim", None) != 2:
+            raise ValueError(f"features and labels must be 2-D, got shapes {getattr(self.features, 'shape', None)} "
+                             f"and {self.labels.shape}")
         if self.features.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{self.features.shape[0]} feature rows but {self.labels.shape[0]} label rows")
+        labels = self.labels.tocsr()
+        if labels.nnz and not np.isin(labels.data, (0, 1)).all():
+            raise ValueError("labels must be 0/1: a stored value other than 0 and 1 has no meaning as a positive "
+                             f"(found {labels.data[~np.isin(labels.data, (0, 1))][0]!r})")
+        if labels.nnz and ((labels.data == 0).any() or not labels.has_canonical_format):
+            # a stored 0 is no positive and a label stored twice in a row one (the loss's and the metrics' rule):
+            # made canonical once, so that the label counts, the batches' targets and the grouping agree (on a
+            # copy: the caller's matrix stays as it was)
+            labels = labels.copy()
+            labels.sum_duplicates()
+            labels.data = (labels.data > 0).astype(labels.data.dtype)
+            labels.eliminate_zeros()
+        self.labels = labels
 
     @property
     def num_labels(self) -> int:
@@ -112,9 +131,15 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise XMCFormatError(f"{path}:{lineno + 1}: broken gzip data ({error})") from None
 
 
+def _is_id(token: str) -> bool:
+    """A non-negative integer written in ASCII digits only (``int`` also takes ``+1``, ``1_0`` and other scripts'
+    digits, which these formats do not have)."""
+    return token.isascii() and token.isdigit()
+
+
 def _header(path: Path, line: str, count: int) -> list[int]:
     parts = line.split()
-    if len(parts) != count or not all(p.isdigit() for p in parts):
+    if len(parts) != count or not all(_is_id(p) for p in parts):
         raise XMCFormatError(f"{path}:1: header must be {count} non-negative integers, got {line.strip()!r}")
     return [int(p) for p in parts]
 
@@ -123,6 +148,8 @@ def _pairs(path: Path, lineno: int, tokens: Sequence[str], limit: int, what: str
     ids, values = [], []
     for token in tokens:
         key, sep, value = token.partition(":")
+        if not _is_id(key) or "_" in value or not value.isascii():  # int and float take "+1", "1_0", "\u0661"
+            raise XMCFormatError(f"{path}:{lineno}: bad token {token!r} (expected id:value)")
         try:
             index, number = int(key), float(value) if sep else None
         except ValueError:
@@ -186,7 +213,7 @@ def read_bow(path: Union[str, os.PathLike], *, dtype: Any = np.float32) -> XMCDa
         head, rest = ("", tokens) if not tokens or ":" in tokens[0] else (tokens[0], tokens[1:])
         labels = []
         for token in filter(None, head.split(",")):
-            if not token.isdigit():
+            if not _is_id(token):
                 raise XMCFormatError(f"{path}:{lineno}: bad label {token!r}")
             if int(token) >= num_labels:
                 raise XMCFormatError(f"{path}:{lineno}: label id {token} out of range [0, {num_labels})")
@@ -229,13 +256,18 @@ def _shortest(values: np.ndarray) -> list[str]:
 def write_bow(path: Union[str, os.PathLike], data: XMCData) -> None:
     """Write ``data`` in the repository's sparse bag-of-words format, the inverse of :func:`read_bow`: every
     feature value as the shortest decimal that reads back to the same float32 (or float64: read it with
-    ``dtype=np.float64``), only the non-zero labels, features and labels in any SciPy sparse format or dense."""
+    ``dtype=np.float64``), integer features as exact integers (read them with ``dtype=np.float64`` where they
+    exceed 2^24, float32's exact integers), only the non-zero labels, features and labels in any SciPy sparse format
+    or dense."""
     features = sp.csr_matrix(data.features)
-    if features.dtype not in (np.float32, np.float64):
-        features = features.astype(np.float32)
+    integers = np.issubdtype(features.dtype, np.integer) or features.dtype == np.bool_
+    if integers:
+        features = features.astype(np.int64) if features.dtype != np.uint64 else features
+    elif features.dtype not in (np.float32, np.float64):
+        features = features.astype(np.float32)  # float16: exact in float32
     features.sum_duplicates()
     features.eliminate_zeros()
-    if features.nnz and not np.isfinite(features.data).all():
+    if not integers and features.nnz and not np.isfinite(features.data).all():
         raise ValueError("write_bow: the features hold non-finite values, which read_bow would reject")
     labels = sp.csr_matrix(data.labels)
     labels.sum_duplicates()
@@ -245,7 +277,7 @@ def write_bow(path: Union[str, os.PathLike], data: XMCData) -> None:
         for i in range(len(data)):
             row_labels = ",".join(map(str, labels.indices[labels.indptr[i] : labels.indptr[i + 1]]))
             row = slice(features.indptr[i], features.indptr[i + 1])
-            texts = _shortest(features.data[row])
+            texts = [str(v) for v in features.data[row].tolist()] if integers else _shortest(features.data[row])
             feats = " ".join(f"{j}:{v}" for j, v in zip(features.indices[row], texts, strict=True))
             fh.write(f"{row_labels} {feats}\n" if row_labels else f" {feats}\n")
 
@@ -281,7 +313,7 @@ def read_filter_labels(path: Union[str, os.PathLike], labels: sp.csr_matrix) -> 
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(_is_id(p) for p in parts):
             raise XMCFormatError(f"{path}:{lineno}: expected 'instance label', got {line.strip()!r}")
         i, j = int(parts[0]), int(parts[1])
         if i >= labels.shape[0] or j >= labels.shape[1]:
@@ -688,6 +720,8 @@ class XMCDataModule(LightningDataModule):
         for name, split in (("val", val), ("test", test)):
             if split is not None and split.num_labels != train.num_labels:
                 raise ValueError(f"{name} has {split.num_labels} labels, train {train.num_labels}")
+            if split is not None and split.num_features != train.num_features:
+                raise ValueError(f"{name} has {split.num_features} features, train {train.num_features}")
         if val is None and val_fraction > 0:
             train, val = split_train_val(train, val_fraction, val_seed)
         self.train_data, self.val_data, self.test_data = train, val, test

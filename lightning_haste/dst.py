@@ -69,7 +69,12 @@ def slot_scores(layer: GroupSharedFanIn, score: str = "mean") -> Tensor:
 
 
 def regrown_weight_mask(layer: GroupSharedFanIn, regrown: Tensor) -> Tensor:
-    """Bool mask shaped like ``layer.weight``: the weights of regrown slots (padding labels excluded)."""
+    """Bool mask shaped like ``layer.weight``: the weights of regrown slots (padding labels excluded). ``regrown``:
+    bool ``[num_groups, fan_in]``, the slots a rewire regrew."""
+    if not isinstance(regrown, Tensor) or regrown.dtype != torch.bool or tuple(regrown.shape) != (
+            layer.num_groups, layer.fan_in):
+        raise ValueError(f"regrown must be a bool tensor of shape ({layer.num_groups}, {layer.fan_in}) "
+                         "[num_groups, fan_in]")
     mask = regrown.repeat_interleave(layer.group_size, dim=0)
     mask[layer.out_features :] = False
     return mask
@@ -346,6 +351,8 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, param: Tensor, mask
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...) is zeroed where ``mask`` is True and left
     unchanged elsewhere. Returns how many state tensors were touched.
     """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     if mask.shape != param.shape:
         raise ValueError(f"mask must have the parameter's shape {tuple(param.shape)}, got {tuple(mask.shape)}")
     touched = 0

@@ -212,10 +212,27 @@ def group_shared_fanin_columns(
 ) -> Tensor:
     """Logits of selected labels only: ``group_shared_fanin(x, ...)[..., positions]`` without the rest.
 
-    ``positions`` is a 1-D integer tensor of label positions (rows of ``weight``). Differentiable
-    through autograd; temporaries are chunked over the selected labels. Arguments are assumed to
-    have been validated by the caller (the layers do so).
+    ``positions`` is a 1-D integer tensor of label positions (rows of ``weight``; with a ``bias``, below its length,
+    so that no padding label of the last group is selected). Differentiable through autograd; temporaries are
+    chunked over the selected labels. The arguments are checked as :func:`group_shared_fanin` checks them.
     """
+    if isinstance(x, Tensor) and isinstance(weight, Tensor):
+        x, weight, bias = _autocast_arguments(x, weight, bias)
+    out_features = _check_layer_arguments(x, weight, group_index, bias, None if bias is None else bias.shape[0], True)
+    if not isinstance(positions, Tensor) or positions.dim() != 1:
+        raise ValueError("positions must be a 1-D tensor of label positions")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must hold integers, got {positions.dtype}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= out_features):
+        raise ValueError(f"positions must lie in [0, {out_features}), got {int(positions.min())} to "
+                         f"{int(positions.max())}")
+    return _columns_checked(x, weight, group_index, positions, bias, check_memory_budget(memory_budget))
+
+
+def _columns_checked(
+    x: Tensor, weight: Tensor, group_index: Tensor, positions: Tensor, bias: Optional[Tensor], memory_budget: int
+) -> Tensor:
+    """:func:`group_shared_fanin_columns` on validated arguments (the layers validate theirs once)."""
     num_groups, fan_in = group_index.shape
     group_size = weight.shape[0] // num_groups
     lead = x.shape[:-1]

@@ -12,6 +12,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ._checks import check_positive_int
+
 __all__ = [
     "LabelGrouping",
     "group_labels",
@@ -90,16 +92,25 @@ def label_embeddings_from_features(
     """
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
+    elif not sp.issparse(X):
+        X = np.asarray(X)
     if not sp.issparse(Y):
         raise TypeError(f"Y must be a scipy.sparse matrix, got {type(Y).__name__}")
     if not sp.issparse(X) and np.ndim(X) != 2:
         raise ValueError(f"X must be 2-D, got shape {np.shape(X)}")
+    chunk_labels = check_positive_int("chunk_labels", chunk_labels)
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
     if X.shape[0] == 0 or Y.shape[1] == 0:
         raise ValueError("X and Y must not be empty")
+    values = X.data if sp.issparse(X) else X
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise TypeError(f"X must hold real numbers, got dtype {values.dtype}")
+    if not np.isfinite(values).all():
+        raise ValueError("X holds NaN or infinite values: the label embeddings would be NaN")
     Xn = _normalize_rows(X)
     Yt = sp.csr_matrix(Y.T, dtype=np.float32)
+    Yt.eliminate_zeros()  # a stored 0 is no positive
     Yt.data[:] = 1.0
     num_labels = Yt.shape[0]
     parts = [Yt[c : c + chunk_labels] @ Xn for c in range(0, num_labels, chunk_labels)]
@@ -163,9 +174,19 @@ class LabelGrouping:
 
     def for_labels(self, label_ids: np.ndarray, num_labels: int, fill: int = -1) -> np.ndarray:
         """Per-label group ids ``[num_labels]`` for a grouping that was built on the subset ``label_ids``
-        (e.g. the tail): label ``label_ids[i]`` gets ``group_ids[i]``, every other label ``fill``."""
+        (e.g. the tail): label ``label_ids[i]`` gets ``group_ids[i]``, every other label ``fill``. ``label_ids``:
+        one distinct id in ``[0, num_labels)`` per label of the grouping."""
+        num_labels = int(num_labels)
+        ids = np.asarray(label_ids)
+        if ids.ndim != 1 or ids.shape[0] != self.num_labels:
+            raise ValueError(f"label_ids must be 1-D with one id per label of the grouping ({self.num_labels}), "
+                             f"got shape {ids.shape}")
+        if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= num_labels):
+            raise ValueError(f"label_ids must be integers in [0, num_labels={num_labels})")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("label_ids must be distinct (a label in two places would take one group id)")
         out = np.full(num_labels, fill, dtype=np.int64)
-        out[np.asarray(label_ids)] = self.group_ids
+        out[ids] = self.group_ids
         return out
 
     def cohesion(self, embeddings: Any) -> float:

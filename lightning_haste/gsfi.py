@@ -45,6 +45,14 @@ def bank_interleaved_order(group_index: Tensor) -> Tensor:
 
     Returns an int64 ``[num_groups, fan_in]`` permutation to apply with ``gather(1, order)``.
     """
+    if not isinstance(group_index, Tensor) or group_index.dim() != 2:
+        raise ValueError("group_index must be a 2-D tensor [num_groups, fan_in]")
+    if group_index.dtype not in INDEX_DTYPES:
+        raise TypeError(f"group_index must have dtype torch.int32 or torch.int64, got {group_index.dtype}")
+    if group_index.numel() == 0:
+        return torch.zeros(group_index.shape, dtype=torch.long, device=group_index.device)
+    if int(group_index.min()) < 0:
+        raise ValueError("group_index holds negative feature ids")
     features = group_index.long()
     residue = features % BANK_RESIDUES
     by_class = torch.argsort(residue * (int(features.max()) + 1) + features, dim=1)

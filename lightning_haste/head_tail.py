@@ -18,7 +18,13 @@ from . import functional as F
 from . import loss as fused_loss
 from . import ops
 from . import topk as topk_rounds
-from ._checks import check_float_tensor, check_memory_budget, check_positive_int, check_same_device_dtype
+from ._checks import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_memory_budget,
+    check_positive_int,
+    check_same_device_dtype,
+)
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
 from .ranking import ranked_merge
@@ -179,6 +185,8 @@ class HeadTailOutput(nn.Module):
         self.register_buffer("label_permutation", permutation.to(device))
         self.register_buffer("label_position", position.to(device))
 
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]} or None, got {dtype}")
         factory = {"device": device, "dtype": dtype}
         self.head: Optional[nn.Linear] = None
         self.tail: Optional[GroupSharedFanIn] = None
@@ -383,13 +391,10 @@ class HeadTailOutput(nn.Module):
         if tail_cols.numel():
             tail = self.tail
             tail.check_group_index()
-            logits = F.group_shared_fanin_columns(
-                self._tail_input(x2d),
-                tail.weight,
-                tail.group_index,
-                positions[tail_cols] - self.num_head_labels,
-                tail.bias,
-                memory_budget=self.memory_budget,
+            tail_x, tail_weight, tail_bias = F._autocast_arguments(self._tail_input(x2d), tail.weight, tail.bias)
+            logits = F._columns_checked(
+                tail_x, tail_weight, tail.group_index, positions[tail_cols] - self.num_head_labels, tail_bias,
+                self.memory_budget,
             )
             parts.append((tail_cols, logits))
         dtype = parts[0][1].dtype if parts else x2d.dtype

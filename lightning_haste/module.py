@@ -14,11 +14,12 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_float_tensor, check_positive_int
 from ._reference import accumulation_dtype
 from .grouping import group_labels, label_embeddings_from_features, split_head_tail
 from .head_tail import FeatureSlice, HeadTailOutput
 from .loss import SparseTargets, check_reduction, dense_part, divisor, sparse_targets
-from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK
+from .metrics import NDCGAtK, PrecisionAtK, PSPrecisionAtK, _check_ks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sharded import ShardedHeadTailOutput
@@ -33,6 +34,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _positives(logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
+    check_float_tensor("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [rows, labels], got shape {tuple(logits.shape)}")
     rows, labels = sparse_targets(targets, logits.shape[0], logits.shape[1])
@@ -89,6 +91,17 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
     return array
+
+
+def _check_real(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number within ``[low, high]`` (ends open where said)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
 
 
 def _check_given_statistics(
@@ -315,6 +328,20 @@ class HasteXMCModule:
                 parameters (DDP refuses a model with none to synchronise); checkpoints hold the whole layer, so
                 they load on any number of ranks, sharded or not.
         """
+        # every setting checked here, when the model is made, not at the first use deep inside Trainer.fit
+        if in_features is not None:
+            check_positive_int("in_features", in_features)
+        fan_in = check_positive_int("fan_in", fan_in)
+        group_size = check_positive_int("group_size", group_size)
+        if in_features is not None and fan_in > in_features:
+            raise ValueError(f"fan_in={fan_in} exceeds in_features={in_features}")
+        _check_real("head_ratio", head_ratio, low=0.0, high=1.0)
+        for name, value in (("psp_a", psp_a), ("psp_b", psp_b), ("output_weight_decay", output_weight_decay)):
+            _check_real(name, value, low=0.0)
+        _check_real("output_momentum", output_momentum, low=0.0, high=1.0, high_open=True)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        k = _check_ks(k)
         if output_bias not in ("default", "prior"):
             raise ValueError(f"output_bias must be 'default' or 'prior', got {output_bias!r}")
         if loss not in ("bce", "squared_hinge"):
@@ -327,8 +354,7 @@ class HasteXMCModule:
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         for name, value in (("encoder_lr", encoder_lr), ("output_lr", output_lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            _check_real(name, value, low=0.0, low_open=True)
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
             raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
         if fused_optimizers is not None and not isinstance(fused_optimizers, bool):

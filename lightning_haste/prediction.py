@@ -244,7 +244,7 @@ def read_predictions(path: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndar
 def _read_text_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, encoding="utf-8") as fh:
         header = fh.readline().split()
-        if len(header) != 2 or not all(h.isdigit() for h in header):
+        if len(header) != 2 or not all(h.isascii() and h.isdigit() for h in header):
             raise ValueError(f"{path}:1: expected the header 'rows num_labels', got {' '.join(header)!r}")
         rows = int(header[0])
         ids: list[list[int]] = []

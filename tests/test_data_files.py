@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_haste import HeadTailOutput
+from lightning_haste import data as lh_data
 from lightning_haste.data import (
     XMCData,
     XMCDataModule,
@@ -273,3 +274,46 @@ def test_label_reader_on_random_malformed_bytes_raises_cleanly_or_reads_right(tm
     assert expected is not None, text
     assert got.shape == expected.shape and np.array_equal(got.toarray(), expected)
     assert got.has_canonical_format and np.all(got.data == 1)
+
+
+def test_write_bow_keeps_integer_features_exact(tmp_path):
+    x = np.array([[2**24 + 1, 0, 3], [0, -(2**40) - 7, 1]], dtype=np.int64)
+    y = sp.csr_matrix(np.array([[1, 0], [0, 1]]))
+    write_bow(tmp_path / "i.txt", XMCData(sp.csr_matrix(x), y))
+    assert "0:16777217" in (tmp_path / "i.txt").read_text()
+    assert np.array_equal(read_bow(tmp_path / "i.txt", dtype=np.float64).features.toarray(), x.astype(np.float64))
+    write_bow(tmp_path / "b.txt", XMCData(sp.csr_matrix(x != 0), y))
+    assert np.array_equal(read_bow(tmp_path / "b.txt").features.toarray(), (x != 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("token", ["+1:1", "1_0:1", "\u00b2:1", "1:1_0", "0:\u0661"])
+def test_bow_ids_and_values_are_plain_ascii_numbers(tmp_path, token):
+    (tmp_path / "d.txt").write_text(f"1 20 3\n0 {token}\n", encoding="utf-8")
+    with pytest.raises(XMCFormatError, match="d.txt:2"):
+        read_bow(tmp_path / "d.txt")
+    (tmp_path / "y.txt").write_text(f"1 20\n{token}\n", encoding="utf-8")
+    with pytest.raises(XMCFormatError, match="y.txt:2"):
+        read_label_matrix(tmp_path / "y.txt")
+
+
+def test_xmc_data_takes_0_1_labels_and_counts_what_the_targets_hold():
+    features = np.zeros((3, 4), np.float32)
+    with pytest.raises(TypeError, match="SciPy sparse"):
+        XMCData(features, np.eye(3, 5))
+    with pytest.raises(ValueError, match="0/1"):
+        XMCData(features, sp.csr_matrix(np.array([[2, 0], [0, 1], [1, 1]])))
+    # a stored 0 is no positive and a label stored twice one: counts, targets and the caller's matrix agree
+    labels = sp.csr_matrix((np.array([1.0, 0.0, 1.0, 1.0]), np.array([0, 1, 1, 1]), np.array([0, 2, 4, 4])),
+                           shape=(3, 2))
+    data = XMCData(features, labels)
+    assert data.label_frequencies().tolist() == [1, 1]
+    assert data.labels.toarray().tolist() == [[1, 0], [0, 1], [0, 0]]
+    assert labels.nnz == 4  # not changed in place
+    assert lh_data.targets_csr(data.labels).to_dense().tolist() == [[1, 0], [0, 1], [0, 0]]
+
+
+def test_every_split_must_have_the_training_feature_count():
+    train, test = synthetic_xmc(40, 10, 12, 6, seed=1)
+    _, other = synthetic_xmc(10, 5, 12, 7, seed=2)
+    with pytest.raises(ValueError, match="test has 7 features, train 6"):
+        XMCDataModule(train, test=other)

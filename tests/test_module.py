@@ -484,3 +484,28 @@ def test_metrics_under_ddp_count_each_row_once_and_equal_one_process():
             assert single[key] == ddp[key], key  # whole hit counts: the same to the last bit
         else:  # float64 sums in another order
             assert single[key] == pytest.approx(ddp[key], rel=1e-13, abs=0), key
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(head_ratio=1.5), "head_ratio must lie in"),
+    (dict(head_ratio=float("nan")), "head_ratio must be a finite number"),
+    (dict(fan_in=0), "fan_in must be >= 1"),
+    (dict(in_features=16, fan_in=32), "fan_in=32 exceeds in_features=16"),
+    (dict(group_size=-1), "group_size must be >= 1"),
+    (dict(k=(0,)), "k must be a positive integer"),
+    (dict(k="5"), "k must be a positive integer"),
+    (dict(psp_a=-1), "psp_a must lie in"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(output_momentum=1.0), "output_momentum must lie in"),
+    (dict(output_weight_decay=-1e-4), "output_weight_decay must lie in"),
+    (dict(output_lr=float("inf")), "output_lr must be a finite number"),
+    (dict(encoder_lr=0.0), "encoder_lr must lie in"),
+])
+def test_configure_haste_rejects_bad_settings_when_the_model_is_made(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        BowModel(**kwargs)
+
+
+def test_configure_haste_takes_a_single_k():
+    model = BowModel(k=5)
+    assert model.haste["k"] == (5,)

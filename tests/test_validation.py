@@ -1,8 +1,12 @@
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 import lightning_haste as lh
 from lightning_haste import functional as LF
+from lightning_haste.grouping import LabelGrouping, label_embeddings_from_features
+from lightning_haste.module import sparse_bce_with_logits, sparse_squared_hinge
 
 
 def _layer(**kw):
@@ -138,3 +142,60 @@ def test_functional_argument_errors():
         LF.group_shared_fanin(torch.randn(0, 6), weight, idx)
     with pytest.raises(ValueError, match="memory_budget"):
         LF.group_shared_fanin(x, weight, idx, memory_budget=-1)
+
+
+def test_selected_columns_are_checked_as_the_layer_function_checks():
+    layer = _layer()  # 12 labels in groups of 4 over 10 features, fan-in 3
+    x = torch.randn(2, 10)
+    got = LF.group_shared_fanin_columns(x, layer.weight, layer.group_index, torch.tensor([0, 11, 5]), layer.bias)
+    torch.testing.assert_close(got, layer(x)[:, [0, 11, 5]])
+    for positions, error, match in ((torch.tensor([12]), ValueError, r"\[0, 12\)"),
+                                    (torch.tensor([-1]), ValueError, r"\[0, 12\)"),
+                                    (torch.tensor([1.0]), TypeError, "integers"),
+                                    (torch.tensor([[1]]), ValueError, "1-D")):
+        with pytest.raises(error, match=match):
+            LF.group_shared_fanin_columns(x, layer.weight, layer.group_index, positions, layer.bias)
+    with pytest.raises(TypeError, match="dtype"):
+        LF.group_shared_fanin_columns(x.double(), layer.weight, layer.group_index, torch.tensor([0]), layer.bias)
+
+
+def test_small_public_helpers_reject_what_they_cannot_use():
+    with pytest.raises(TypeError, match="dtype"):
+        lh.HeadTailOutput(8, [3, 2, 1, 1], head_ratio=0.5, fan_in=2, group_size=2, dtype=torch.int64)
+    layer = _layer()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.randn(2, 10)).sum().backward()
+    optimizer.step()
+    for mask in (torch.ones_like(layer.weight), torch.ones_like(layer.weight, dtype=torch.long)):
+        with pytest.raises(TypeError, match="bool"):
+            lh.reset_optimizer_state_(optimizer, layer.weight, mask)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        lh.dst.regrown_weight_mask(layer, torch.ones(2, 3, dtype=torch.bool))
+    assert lh.bank_interleaved_order(torch.zeros(0, 4, dtype=torch.long)).shape == (0, 4)
+    with pytest.raises(TypeError, match="int32 or torch.int64"):
+        lh.bank_interleaved_order(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="negative"):
+        lh.bank_interleaved_order(torch.tensor([[0, -1]]))
+    for loss in (sparse_bce_with_logits, sparse_squared_hinge):
+        with pytest.raises(TypeError, match="logits"):
+            loss(torch.ones(2, 3, dtype=torch.long), [torch.tensor([0])] * 2)
+
+
+def test_grouping_helpers_check_their_input():
+    grouping = LabelGrouping(np.array([0, 0, 1, 1]), 2)
+    assert grouping.for_labels(np.array([5, 1, 2, 3]), 6).tolist() == [-1, 0, 1, 1, -1, 0]
+    for ids, match in ((np.array([-1, 1, 2, 3]), "integers in"), (np.array([1, 1, 2, 3]), "distinct"),
+                       (np.array([1, 2, 3]), "one id per label"), (np.array([0.0, 1, 2, 3]), "integers in")):
+        with pytest.raises(ValueError, match=match):
+            grouping.for_labels(ids, 6)
+    y = sp.csr_matrix(np.array([[1, 0], [0, 1], [1, 1]]))
+    x = [[1.0, 2.0], [0.5, 0.0], [3.0, 1.0]]
+    assert label_embeddings_from_features(x, y).shape == (2, 2)  # a nested list is taken as an array
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        label_embeddings_from_features(np.array([[np.nan, 1.0], [0, 1], [1, 1]]), y)
+    with pytest.raises(ValueError, match="chunk_labels"):
+        label_embeddings_from_features(x, y, chunk_labels=0)
+    stored_zero = sp.csr_matrix((np.array([1.0, 0.0]), np.array([0, 1]), np.array([0, 2, 2, 2])), shape=(3, 2))
+    emb = label_embeddings_from_features(np.eye(3, 2), stored_zero, seed=3)
+    fallback = label_embeddings_from_features(np.eye(3, 2), sp.csr_matrix(np.array([[1, 0], [0, 0], [0, 0]])), seed=3)
+    assert np.array_equal(emb, fallback)  # a stored 0 is no positive: label 1 has none either way
