@@ -123,7 +123,10 @@ def main(args: Optional[list[str]] = None) -> None:
         def after_fit(self) -> None:
             if self.trainer.is_global_zero:
                 table = _metrics_table(self.trainer.callback_metrics, "val/")
-                print("final validation metrics:\n" + table if table else "no validation ran")
+                step, last = getattr(self.model, "haste_validated_at_step", None), self.trainer.global_step
+                when = f" (step {step})" if step == last else f" (validated at step {step}; training ended at {last})"
+                print(f"final validation metrics{when}:\n" + table if table and step is not None
+                      else "no validation ran")
 
     from .data import XMCFormatError  # noqa: PLC0415
 

@@ -574,6 +574,10 @@ class HasteXMCModule:
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and not trainer.sanity_checking:
+            #: the optimizer step at which the last validation ran (``None`` before any)
+            self.haste_validated_at_step = self.global_step
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")

@@ -25,7 +25,11 @@ def test_cli_fits_and_tests_with_the_shipped_config(tmp_path):
              "--data.init_args.num_features=64", "--data.init_args.batch_size=32", "--model.hidden=32",
              "--model.fan_in=16", f"--trainer.default_root_dir={tmp_path}"]
     out = _run(["-m", "lightning_haste.cli", "fit", f"--config={config}", *small], tmp_path)
-    assert "final validation metrics:" in out and "P@1" in out
+    assert "final validation metrics (step 12):" in out and "P@1" in out
+    stale = [a if a != "--trainer.val_check_interval=6" else "--trainer.val_check_interval=5" for a in small]
+    out = _run(["-m", "lightning_haste.cli", "fit", f"--config={config}", *stale,
+                f"--trainer.default_root_dir={tmp_path / 'stale'}"], tmp_path)
+    assert "final validation metrics (validated at step 10; training ended at 12):" in out
     ckpt = next(tmp_path.rglob("*.ckpt"))
     _run(["-m", "lightning_haste.cli", "test", f"--config={config}", *small, f"--ckpt_path={ckpt}"], tmp_path)
     out = _run(["-m", "lightning_haste.cli", "predict", f"--config={config}", *small, f"--ckpt_path={ckpt}",
