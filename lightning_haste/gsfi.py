@@ -348,8 +348,12 @@ class GroupSharedFanIn(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
-        self.check_parameters()
         weight, bias = self.weight, self.bias
+        key = (id(weight), weight.data_ptr(), weight.shape,  # a new dtype or device: a new storage
+               None if bias is None else (id(bias), bias.data_ptr(), bias.shape))
+        if key != getattr(self, "_checked_parameters_key", None):  # checked when they change, not on every call
+            self.check_parameters()
+            self._checked_parameters_key = key
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but weight is on {weight.device}; move them to one device")
         self.check_group_index()

@@ -301,28 +301,42 @@ class HeadTailOutput(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
-        self._check_parameters()
-        parameters = {name: t for name, t in self._part_parameters().items() if t is not None}
-        for name, parameter in parameters.items():
+        parameter = self._checked_parameters()
+        if parameter is not None:
+            # the parameters share one device and dtype (checked with their shapes when they last changed)
             if x.device != parameter.device:
-                raise ValueError(f"x is on {x.device} but {name} is on {parameter.device}; move them to one device")
-        if F.autocast_dtype(x) is not None:
-            # autocast casts input and weights to one dtype, as for nn.Linear (an encoder's 16-bit output meets
-            # float32 weights there), but leaves float64 as it is
-            for name, parameter in parameters.items():
+                raise ValueError(f"x is on {x.device} but the layer is on {parameter.device}; move them to one device")
+            if F.autocast_dtype(x) is not None:
+                # autocast casts input and weights to one dtype, as for nn.Linear (an encoder's 16-bit output meets
+                # float32 weights there), but leaves float64 as it is
                 if parameter.dtype == torch.float64:
                     raise TypeError(
-                        f"{name} has dtype torch.float64, which autocast leaves as it is, but x ({x.dtype}) is cast "
-                        "to the autocast dtype; cast the layer or the input (no implicit precision change is made)"
+                        "the layer's parameters have dtype torch.float64, which autocast leaves as it is, but x "
+                        f"({x.dtype}) is cast to the autocast dtype; cast the layer or the input (no implicit "
+                        "precision change is made)"
                     )
-        else:
-            for name, parameter in parameters.items():
-                check_same_device_dtype(name, parameter, x=x)
+            elif x.dtype != parameter.dtype:
+                raise TypeError(f"x has dtype {x.dtype} but the layer's parameters have dtype {parameter.dtype}; cast "
+                                "one of them (no implicit precision change is made)")
         return x.reshape(-1, self.in_features)
 
+    def _checked_parameters(self) -> Optional[Tensor]:
+        """The first parameter, after :meth:`_check_parameters` where any parameter changed since the last check
+        (another object, storage or shape: ``.to()``, ``.half()``, an assignment), so that a call pays for a key of a
+        few integers, not for the checks."""
+        # straight from the submodules' parameter dicts (an assignment replaces the entry there): attribute access
+        # through nn.Module.__getattr__ would cost more than the key
+        parts = [t for name in ("head", "tail") if (m := self._modules.get(name)) is not None
+                 for t in m._parameters.values() if t is not None]
+        key = [(id(t), t.data_ptr(), t.shape) for t in parts]  # a new dtype or device: a new storage
+        if key != getattr(self, "_checked_parameters_key", None):
+            self._check_parameters()
+            self._checked_parameters_key = key
+        return parts[0] if parts else None
+
     def _check_parameters(self) -> None:
-        """Check every part's parameters against the layer's shape (cheap, on every call), so that a parameter
-        replaced by one of another shape is not read with the layer's layout by the fused loss and top-k."""
+        """Check every part's parameters against the layer's shape and each other (one device and dtype), so that a
+        parameter replaced by one of another shape is not read with the layer's layout by the fused loss and top-k."""
         head, tail = self.head, self.tail
         if head is not None:
             width = self.head_slice[1] - self.head_slice[0]
@@ -343,6 +357,8 @@ class HeadTailOutput(nn.Module):
             tail.check_parameters()
         if head is not None and tail is not None:
             check_same_device_dtype("head.weight", head.weight, **{"tail.weight": tail.weight})
+        if head is None and tail is None:
+            raise ValueError("the layer has neither a head nor a tail")
 
     def _head_input(self, x2d: Tensor) -> Tensor:
         return x2d[:, self.head_slice[0] : self.head_slice[1]]

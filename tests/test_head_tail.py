@@ -312,6 +312,7 @@ def test_parameters_replaced_by_ones_of_another_shape_are_rejected_before_use():
     for part, name, shape in (("tail", "weight", (5, 8)), ("tail", "bias", (7,)), ("head", "weight", (8, 20)),
                               ("head", "bias", (3,))):
         layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
+        layer(x)  # checked once: a later replacement is still noticed
         setattr(getattr(layer, part), name, torch.nn.Parameter(torch.randn(shape)))
         for call in (layer, lambda inp: layer.loss(inp, targets), lambda inp: layer.topk(inp, 2)):  # noqa: B023
             with pytest.raises(ValueError, match=f"{name} must have shape"):
@@ -320,3 +321,13 @@ def test_parameters_replaced_by_ones_of_another_shape_are_rejected_before_use():
     layer.tail.bias = torch.nn.Parameter(torch.randn(layer.tail.out_features, dtype=torch.float64))
     with pytest.raises(TypeError, match="bias has dtype"):
         layer(x)
+    layer = HeadTailOutput(24, np.arange(40), head_ratio=0.2, fan_in=8, group_size=4)
+    expected = layer(x)
+    layer.double()  # new storages in place of the checked ones: checked again, and they agree
+    torch.testing.assert_close(layer(x.double()), expected.double())
+    with pytest.raises(TypeError, match="float64"):
+        layer(x)
+    with torch.no_grad():
+        layer.tail.weight.data = layer.tail.weight.data[:-4]  # the same object, another shape
+    with pytest.raises(ValueError, match="weight must have shape"):
+        layer(x.double())
