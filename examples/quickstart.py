@@ -56,7 +56,7 @@ def log_prior(frequencies: np.ndarray, num_train: int) -> torch.Tensor:
     return torch.from_numpy(np.log(p) - np.log1p(-p)).float()
 
 
-def train(model: Model, train_data, frequencies: np.ndarray, epochs: int, batch_size: int, seed: int):
+def train(model: Model, train_data, epochs: int, batch_size: int, seed: int):
     """The package's default recipe in a plain loop: BCE summed over every (row, label) entry, AdamW for the encoder
     (2e-3, trained from scratch), SGD with momentum for the output layer (0.05: the rate that goes with the summed
     loss), a linear warm-up over 5 % of the steps, then a cosine decay. The HASTE layer computes the loss fused with
@@ -151,7 +151,7 @@ def main() -> None:
                 output.init_bias_from_prior_(frequencies, args.train)
             else:
                 output.bias.copy_(log_prior(frequencies, args.train))
-        train(model, train_data, frequencies, args.epochs, args.batch_size, args.seed)
+        train(model, train_data, args.epochs, args.batch_size, args.seed)
         seconds = time.perf_counter() - t0
         params = sum(p.numel() for p in model.output.parameters())
         results[name] = (evaluate(model, test_data), params, seconds)

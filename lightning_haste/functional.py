@@ -54,12 +54,16 @@ def _uses_kernels(x: Tensor, weight: Tensor, group_index: Tensor, backend: str) 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` runs the layers in for the input ``x``, or None where it leaves them alone:
-    autocast off on ``x``'s device (CUDA or CPU), or ``x`` in float64, which autocast never casts (as for
+    autocast off on ``x``'s device type, or ``x`` in float64, which autocast never casts (as for
     ``F.linear``: a float64 model stays float64 under a bf16-mixed trainer)."""
     device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+    if x.dtype == torch.float64:
         return None
-    return torch.get_autocast_dtype(device_type)
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def _autocast_arguments(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:

@@ -104,7 +104,8 @@ def label_embeddings_from_features(
     if X.shape[0] == 0 or Y.shape[1] == 0:
         raise ValueError("X and Y must not be empty")
     values = X.data if sp.issparse(X) else X
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+    if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_) or np.issubdtype(
+            values.dtype, np.complexfloating):
         raise TypeError(f"X must hold real numbers, got dtype {values.dtype}")
     if not np.isfinite(values).all():
         raise ValueError("X holds NaN or infinite values: the label embeddings would be NaN")

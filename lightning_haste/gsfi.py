@@ -254,8 +254,9 @@ class GroupSharedFanIn(nn.Module):
             raise ValueError(f"group_index is on {index.device} but weight is on {self.weight.device}")
 
     def check_parameters(self) -> None:
-        """Check ``weight`` and ``bias`` against the layer's shape (cheap, on every call): a parameter replaced by one
-        of another shape, dtype or device would otherwise be read as if it had the layer's layout."""
+        """Check ``weight`` and ``bias`` against the layer's shape (the forward does when either changed: another
+        object, storage or shape): a parameter replaced by one of another shape, dtype or device would otherwise be
+        read as if it had the layer's layout."""
         weight, bias = self.weight, self.bias
         check_float_tensor("weight", weight)
         if tuple(weight.shape) != (self.num_groups * self.group_size, self.fan_in):
@@ -349,11 +350,14 @@ class GroupSharedFanIn(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
         weight, bias = self.weight, self.bias
-        key = (id(weight), weight.data_ptr(), weight.shape,  # a new dtype or device: a new storage
-               None if bias is None else (id(bias), bias.data_ptr(), bias.shape))
-        if key != getattr(self, "_checked_parameters_key", None):  # checked when they change, not on every call
-            self.check_parameters()
-            self._checked_parameters_key = key
+        if torch.compiler.is_compiling():
+            self.check_parameters()  # shape checks trace; data pointers do not (and compiled code checks once)
+        else:
+            key = (id(weight), weight.data_ptr(), weight.shape,  # a new dtype or device: a new storage
+                   None if bias is None else (id(bias), bias.data_ptr(), bias.shape))
+            if key != getattr(self, "_checked_parameters_key", None):  # checked when they change, not every call
+                self.check_parameters()
+                self._checked_parameters_key = key
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but weight is on {weight.device}; move them to one device")
         self.check_group_index()

@@ -326,8 +326,14 @@ class HeadTailOutput(nn.Module):
         few integers, not for the checks."""
         # straight from the submodules' parameter dicts (an assignment replaces the entry there): attribute access
         # through nn.Module.__getattr__ would cost more than the key
-        parts = [t for name in ("head", "tail") if (m := self._modules.get(name)) is not None
-                 for t in m._parameters.values() if t is not None]
+        parts = []
+        for name in ("head", "tail"):
+            part = self._modules.get(name)
+            if part is not None:
+                parts.extend(t for t in part._parameters.values() if t is not None)
+        if torch.compiler.is_compiling():  # shape checks trace; data pointers do not
+            self._check_parameters()
+            return parts[0] if parts else None
         key = [(id(t), t.data_ptr(), t.shape) for t in parts]  # a new dtype or device: a new storage
         if key != getattr(self, "_checked_parameters_key", None):
             self._check_parameters()

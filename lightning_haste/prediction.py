@@ -143,9 +143,11 @@ class TopKPredictionWriter(BasePredictionWriter):
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         written = []
         if "npz" in self.formats:
-            written.append(_write_npz(self.stem.with_suffix(".npz"), n, k, num_labels, score_dtype, chunks))
+            npz = self.stem.with_name(self.stem.name + ".npz")  # appended: "model.best" gives "model.best.npz"
+            written.append(_write_npz(npz, n, k, num_labels, score_dtype, chunks))
         if "txt" in self.formats:
-            written.append(_write_txt(self.stem.with_suffix(".txt"), n, num_labels, score_dtype, chunks))
+            txt = self.stem.with_name(self.stem.name + ".txt")
+            written.append(_write_txt(txt, n, num_labels, score_dtype, chunks))
         return written
 
 

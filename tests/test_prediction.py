@@ -160,3 +160,14 @@ def test_read_predictions_takes_the_writers_path_and_either_format(tmp_path):
     (tmp_path / "bad.txt").write_text("2 10\n1:0.5\n3:x\n")
     with pytest.raises(ValueError, match="bad.txt:3"):
         read_predictions(tmp_path / "bad.txt")
+
+
+def test_writer_appends_its_suffixes_to_a_dotted_path(tmp_path):
+    scores, ids = torch.tensor([[2.0, 1.0]]), torch.tensor([[3, 4]])
+    data = torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1)
+    for name in ("model.best", "model.last"):  # two writers that must not overwrite each other's files
+        writer = TopKPredictionWriter(tmp_path / name, formats="npz")
+        Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer]).predict(
+            _Fixed(scores, ids), data, return_predictions=False)
+        assert [p.name for p in writer.written] == [f"{name}.npz"]
+        np.testing.assert_array_equal(read_predictions(tmp_path / name)[1], ids.numpy())

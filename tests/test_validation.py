@@ -191,6 +191,10 @@ def test_grouping_helpers_check_their_input():
     y = sp.csr_matrix(np.array([[1, 0], [0, 1], [1, 1]]))
     x = [[1.0, 2.0], [0.5, 0.0], [3.0, 1.0]]
     assert label_embeddings_from_features(x, y).shape == (2, 2)  # a nested list is taken as an array
+    binary = np.array([[True, False], [False, True], [True, True]])  # binary bag-of-words features
+    expected = label_embeddings_from_features(binary.astype(np.float32), y)
+    np.testing.assert_allclose(label_embeddings_from_features(binary, y), expected, rtol=1e-6)
+    np.testing.assert_allclose(label_embeddings_from_features(sp.csr_matrix(binary), y).toarray(), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="NaN or infinite"):
         label_embeddings_from_features(np.array([[np.nan, 1.0], [0, 1], [1, 1]]), y)
     with pytest.raises(ValueError, match="chunk_labels"):
@@ -199,3 +203,10 @@ def test_grouping_helpers_check_their_input():
     emb = label_embeddings_from_features(np.eye(3, 2), stored_zero, seed=3)
     fallback = label_embeddings_from_features(np.eye(3, 2), sp.csr_matrix(np.array([[1, 0], [0, 0], [0, 0]])), seed=3)
     assert np.array_equal(emb, fallback)  # a stored 0 is no positive: label 1 has none either way
+
+
+def test_an_input_on_another_device_type_is_refused_as_such():
+    layer = lh.HeadTailOutput(8, [3, 2, 1, 1], head_ratio=0.5, fan_in=2, group_size=2)
+    for call in (layer, layer.tail):
+        with pytest.raises(ValueError, match="meta"):
+            call(torch.empty(2, 8, device="meta"))
