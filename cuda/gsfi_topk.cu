@@ -72,6 +72,18 @@ struct EmitCandidates {
   float* __restrict__ score;
   int* __restrict__ position;
   int cap, B, G, offset;
+  // The exact rule: the rounded logit z of column j (of cols real ones) at or above the row's bound; a NaN bound
+  // fails bound == bound (the row takes no candidates), a NaN z never compares below it.
+  static __device__ __forceinline__ bool taken(float z, float bound, int j, int cols) {
+    return bound == bound && j < cols && !(z < bound);
+  }
+  __device__ __forceinline__ void append(int row, float z, int label) const {
+    const int slot = atomicAdd(count + row, 1);
+    if (slot < cap) {
+      score[(long long)row * cap + slot] = z;
+      position[(long long)row * cap + slot] = label;
+    }
+  }
   __device__ __forceinline__ void operator()(const float (&acc)[GP / 8][4], const float (&bias_v)[GP / 8][2],
                                              unsigned char*, int row0, int g, int cols, int lane) {
     // This lane's two rows of the slice, lane / 4 and lane / 4 + 8; their bounds are read once per slice.
@@ -101,8 +113,7 @@ struct EmitCandidates {
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
           z[n][e] = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
-          // (a NaN bound fails bound == bound: the row takes no candidates)
-          if (bound[h] == bound[h] && j < cols && !(z[n][e] < bound[h])) listed |= 1ull << (n * 4 + e);
+          if (taken(z[n][e], bound[h], j, cols)) listed |= 1ull << (n * 4 + e);
         }
       while (listed != 0) {
         const int i = __ffsll((long long)listed) - 1;
@@ -114,11 +125,7 @@ struct EmitCandidates {
           for (int e = 0; e < 4; ++e) value = n * 4 + e == i ? z[n][e] : value;
         const int n = i >> 2, e = i & 3;
         const int row = row0 + (lane >> 2) + (e >> 1) * 8, j = n * 8 + 2 * (lane & 3) + (e & 1);
-        const int slot = atomicAdd(count + row, 1);
-        if (slot < cap) {
-          score[(long long)row * cap + slot] = value;
-          position[(long long)row * cap + slot] = offset + g * G + j;
-        }
+        append(row, value, offset + g * G + j);
       }
     } else {
 #pragma unroll
@@ -127,6 +134,8 @@ struct EmitCandidates {
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1, j = n * 8 + 2 * (lane & 3) + (e & 1);
           const float z = Ops<T>::to_float(Ops<T>::from_float(add_f32(acc[n][e], bias_v[n][e & 1])));
+          // The copy per sum written out, not through taken() and append(): through them the wgmma kernel's loop
+          // at groups of 32 compiled slower (measured; docs/kernel-notes.md, "One copy of the exact rule").
           // (a NaN bound fails bound == bound: the row takes no candidates)
           if (bound[h] != bound[h] || j >= cols || z < bound[h]) continue;
           const int row = row0 + (lane >> 2) + h * 8;
