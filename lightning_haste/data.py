@@ -1,6 +1,7 @@
 """XMC data: Extreme Classification Repository readers, a synthetic long-tailed generator, a DataModule.
 
-Batches are dicts ``{"features": Tensor [B, F] (dense float32, or int64 for integer inputs) or sparse CSR,
+Batches are dicts ``{"features": Tensor [B, F] (dense float32 or, with ``features_dtype=torch.float64``, float64;
+int64 for integer inputs) or sparse CSR,
 "targets": a ``[B, num_labels]`` torch sparse CSR tensor of the positives (on the host), "index": Tensor [B]}``
 plus, for raw-text data, ``"texts"`` and what a ``text_transform`` makes of them (e.g. ``"tokens"``; such batches
 carry no ``"features"`` unless asked: ``XMCDataModule(batch_features=True)``); targets stay sparse all the way to the
@@ -603,11 +604,12 @@ def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
 
 class _Collate:
     def __init__(self, data: XMCData, sparse_features: bool, text_transform: Optional[Callable] = None,
-                 features: bool = True):
+                 features: bool = True, float_dtype: Any = np.float32):
         self.data = data
         self.sparse = sparse_features
         self.text_transform = text_transform
         self.features = features
+        self.float_dtype = float_dtype
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
         rows_np = np.asarray(rows, dtype=np.int64)
@@ -632,8 +634,8 @@ class _Collate:
     def _features(self, rows_np: np.ndarray) -> torch.Tensor:
         feats = self.data.features[rows_np]
         # Integer inputs (token ids, say) stay integers (int64): a float32 copy would lose ids above 2^24, and
-        # a bfloat16 one above 256. Everything else becomes float32.
-        dtype = np.int64 if np.issubdtype(feats.dtype, np.integer) else np.float32
+        # a bfloat16 one above 256. Everything else becomes the module's features_dtype (float32 by default).
+        dtype = np.int64 if np.issubdtype(feats.dtype, np.integer) else self.float_dtype
         if sp.issparse(feats):
             feats = feats.tocsr()
             if self.sparse:
@@ -659,7 +661,7 @@ class XMCDataModule(LightningDataModule):
         val_fraction, val_seed: the held-out fraction of ``train`` and the seed of its draw.
         label_embeddings: optional ``[num_labels, d]`` label embeddings for the grouping (default: PIFA).
         batch_size: instances per batch.
-        sparse_features: yield sparse CSR feature batches (else dense float32).
+        sparse_features: yield sparse CSR feature batches (else dense).
         text_transform: for raw-text data, a function of a batch's texts returning a dict of tensors to add to the
             batch (e.g. a tokenizer's ``input_ids`` and ``attention_mask`` under ``"tokens"``); it runs in the
             loader's worker processes, off the training step's path.
@@ -675,6 +677,9 @@ class XMCDataModule(LightningDataModule):
             which takes its share); ``None`` (default): the seed given to ``lightning.seed_everything``, else 0.
         pin_memory: page-locked batches (their copy to the GPU is asynchronous); ``None`` (default): when CUDA is
             available.
+        features_dtype: the dtype of floating-point features in batches: ``torch.float32`` (default; float64 data
+            is rounded to it, as a float32 model takes it) or ``torch.float64`` (float64 data kept exact, for a
+            float64 model). Integer features (token ids, say) stay int64 either way.
 
     Exact resume: the training loader is a :class:`ResumableDataLoader` over a seeded sampler, so a fit stopped at
     any step and resumed from a checkpoint (``Trainer.fit(..., ckpt_path=...)``, a checkpoint of
@@ -701,8 +706,11 @@ class XMCDataModule(LightningDataModule):
         val_seed: int = 0,
         shuffle_seed: Optional[int] = None,
         batch_features: Optional[bool] = None,
+        features_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if features_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"features_dtype must be torch.float32 or torch.float64, got {features_dtype!r}")
         if batch_features is not None and not isinstance(batch_features, bool):
             raise TypeError(f"batch_features must be a bool or None, got {batch_features!r}")
         if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (numbers.Integral, type(None))):
@@ -735,6 +743,8 @@ class XMCDataModule(LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.batch_features = text_transform is None if batch_features is None else batch_features
+        #: the dtype of floating-point features in batches (integer features stay int64)
+        self.features_dtype = features_dtype
 
     @classmethod
     def synthetic(
@@ -775,7 +785,8 @@ class XMCDataModule(LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def _collate(self, data: XMCData) -> _Collate:
-        return _Collate(data, self.sparse_features, self.text_transform, self.batch_features)
+        return _Collate(data, self.sparse_features, self.text_transform, self.batch_features,
+                        np.float64 if self.features_dtype == torch.float64 else np.float32)
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Batches of the training split in a seeded order (``shuffle_seed``), resumable mid-epoch."""

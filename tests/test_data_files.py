@@ -317,3 +317,22 @@ def test_every_split_must_have_the_training_feature_count():
     _, other = synthetic_xmc(10, 5, 12, 7, seed=2)
     with pytest.raises(ValueError, match="test has 7 features, train 6"):
         XMCDataModule(train, test=other)
+
+
+def test_floating_features_come_in_float32_or_kept_in_float64_on_request():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((12, 5)) * 1e-3 + 1.0  # float64 values that float32 rounds
+    y = sp.csr_matrix((rng.random((12, 3)) < 0.5).astype(np.float32))
+    for sparse in (False, True):
+        features = sp.csr_matrix(x) if sparse else x
+        kept = XMCDataModule(XMCData(features, y), val_fraction=0, batch_size=12, features_dtype=torch.float64,
+                             shuffle=False)
+        batch = next(iter(kept.train_dataloader()))["features"]
+        assert batch.dtype == torch.float64
+        np.testing.assert_array_equal(batch.numpy(), x)
+        rounded = XMCDataModule(XMCData(features, y), val_fraction=0, batch_size=12, shuffle=False)
+        batch = next(iter(rounded.train_dataloader()))["features"]
+        assert batch.dtype == torch.float32
+        np.testing.assert_array_equal(batch.numpy(), x.astype(np.float32))
+    with pytest.raises(TypeError, match="features_dtype"):
+        XMCDataModule(XMCData(x, y), features_dtype=torch.float16)
