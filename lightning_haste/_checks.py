@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -23,6 +25,58 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_real(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number within ``[low, high]`` (ends open where said)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_label_ids(labels: Any, num_labels: int, *, name: str = "labels", what: str = "label ids",
+                    bound_name: str = "num_labels") -> torch.Tensor:
+    """``labels`` (a tensor or a sequence of ids) as a 1-D int64 tensor, validated: integers in
+    ``[0, num_labels)``."""
+    if not isinstance(labels, torch.Tensor):
+        array = np.asarray(labels)
+        # an empty list has no dtype of its own (NumPy says float64): no labels, not float ids
+        labels = torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (integers: {what}), got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        raise ValueError(
+            f"{name} must lie in [0, {num_labels}) ({bound_name}), found values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.to(torch.long)
+
+
+def check_id_rows(ids: torch.Tensor, name: str, num_labels: Optional[int] = None) -> None:
+    """Require every row of the integer ``[N, k]`` tensor ``ids`` to hold distinct ids, non-negative and, with
+    ``num_labels``, below it (top-k predictions: a repeated id would count twice)."""
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (num_labels is not None and high >= num_labels):
+        bound = f"lie in [0, {num_labels})" if num_labels is not None else "be non-negative"
+        raise ValueError(f"{name} must {bound}, found values in [{low}, {high}]")
+    ordered = ids.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError(f"each row's {name} must be distinct")
+
+
+def layout_key(tensors: Iterable[Optional[torch.Tensor]]) -> tuple:
+    """Object, storage and shape of each tensor: the key moves when one is replaced, reshaped through ``.data``,
+    moved or cast (both make a new storage), so that checks of the tensors' layout run only then, not per call.
+    Not traceable (data pointers): under ``torch.compile`` run the checks instead."""
+    return tuple((id(t), t.data_ptr(), t.shape) for t in tensors if t is not None)
 
 
 def check_memory_budget(memory_budget: Any) -> int:

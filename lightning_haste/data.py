@@ -615,13 +615,14 @@ class _Collate:
         rows_np = np.asarray(rows, dtype=np.int64)
         # EvaluationSampler draws the rows it repeats to even out the processes as len + row
         repeated = rows_np >= len(self.data)
-        if repeated.any():
+        any_repeated = bool(repeated.any())
+        if any_repeated:
             rows_np = np.where(repeated, rows_np - len(self.data), rows_np)
             rows = rows_np.tolist()
         # One CSR for the batch's positives (not a tensor per row): the loss reads it on the host in one piece
         targets = targets_csr(self.data.labels[rows_np])
         batch = {"targets": targets, "index": torch.from_numpy(rows_np)}
-        if repeated.any():
+        if any_repeated:
             batch["repeated"] = torch.from_numpy(repeated)
         if self.features:
             batch["features"] = self._features(rows_np)
@@ -777,11 +778,14 @@ class XMCDataModule(LightningDataModule):
     def label_frequencies(self) -> np.ndarray:
         return self.train_data.label_frequencies()
 
-    def _loader(self, data: Optional[XMCData], shuffle: bool) -> DataLoader:
+    def _loader(self, data: Optional[XMCData], shuffle: bool, replicas: int = 1, rank: int = 0) -> DataLoader:
+        """A split's loader; with ``replicas > 1``, this process's share through :class:`EvaluationSampler`."""
         if data is None:
             raise ValueError("this split was not given to the XMCDataModule")
-        return DataLoader(_Rows(data), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self._collate(data), pin_memory=self.pin_memory,
+        rows = _Rows(data)
+        sampler = EvaluationSampler(rows, num_replicas=replicas, rank=rank) if replicas > 1 else None
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=self._collate(data), pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
     def _collate(self, data: XMCData) -> _Collate:
@@ -820,13 +824,9 @@ class XMCDataModule(LightningDataModule):
         """A validation or test split's loader: under several processes with :class:`EvaluationSampler` (the rows
         repeated to even out the processes marked, for the metrics to count each row once), else in order."""
         trainer = self.trainer
-        if data is None or trainer is None or trainer.world_size <= 1:
+        if trainer is None:
             return self._loader(data, False)
-        rows = _Rows(data)
-        return DataLoader(rows, batch_size=self.batch_size, num_workers=self.num_workers,
-                          sampler=EvaluationSampler(rows, num_replicas=trainer.world_size, rank=trainer.global_rank),
-                          collate_fn=self._collate(data), pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return self._loader(data, False, trainer.world_size, trainer.global_rank)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         if self.val_data is None:  # val_fraction=0 and no val split: nothing to validate

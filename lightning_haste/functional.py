@@ -21,6 +21,7 @@ from . import ops
 from ._checks import (
     check_float_tensor,
     check_group_index,
+    check_label_ids,
     check_memory_budget,
     check_positive_int,
     check_same_device_dtype,
@@ -223,13 +224,10 @@ def group_shared_fanin_columns(
     if isinstance(x, Tensor) and isinstance(weight, Tensor):
         x, weight, bias = _autocast_arguments(x, weight, bias)
     out_features = _check_layer_arguments(x, weight, group_index, bias, None if bias is None else bias.shape[0], True)
-    if not isinstance(positions, Tensor) or positions.dim() != 1:
+    if not isinstance(positions, Tensor):
         raise ValueError("positions must be a 1-D tensor of label positions")
-    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-        raise TypeError(f"positions must hold integers, got {positions.dtype}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= out_features):
-        raise ValueError(f"positions must lie in [0, {out_features}), got {int(positions.min())} to "
-                         f"{int(positions.max())}")
+    positions = check_label_ids(positions, out_features, name="positions", what="label positions",
+                                bound_name="out_features")
     return _columns_checked(x, weight, group_index, positions, bias, check_memory_budget(memory_budget))
 
 

@@ -17,6 +17,7 @@ from ._checks import (
     check_memory_budget,
     check_positive_int,
     check_same_device_dtype,
+    layout_key,
     num_groups_for,
 )
 
@@ -353,8 +354,7 @@ class GroupSharedFanIn(nn.Module):
         if torch.compiler.is_compiling():
             self.check_parameters()  # shape checks trace; data pointers do not (and compiled code checks once)
         else:
-            key = (id(weight), weight.data_ptr(), weight.shape,  # a new dtype or device: a new storage
-                   None if bias is None else (id(bias), bias.data_ptr(), bias.shape))
+            key = layout_key((weight, bias))
             if key != getattr(self, "_checked_parameters_key", None):  # checked when they change, not every call
                 self.check_parameters()
                 self._checked_parameters_key = key

@@ -21,9 +21,12 @@ from . import topk as topk_rounds
 from ._checks import (
     FLOAT_DTYPES,
     check_float_tensor,
+    check_label_ids,
     check_memory_budget,
     check_positive_int,
+    check_real,
     check_same_device_dtype,
+    layout_key,
 )
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
@@ -81,25 +84,6 @@ def _check_label_order(permutation: Tensor, position: Tensor, num_labels: int) -
         raise ValueError("label_permutation must hold every label id 0 .. num_labels - 1 exactly once")
     if not torch.equal(pos[perm], torch.arange(num_labels)):
         raise ValueError("label_position must be the inverse of label_permutation")
-
-
-def check_label_ids(labels: Any, num_labels: int) -> Tensor:
-    """``labels`` (a tensor or a sequence of label ids) as a 1-D int64 tensor, validated: integers in
-    ``[0, num_labels)``."""
-    if not isinstance(labels, Tensor):
-        array = np.asarray(labels)
-        # an empty list has no dtype of its own (NumPy says float64): no labels, not float ids
-        labels = torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of label ids, got dtype {labels.dtype}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise ValueError(
-            f"labels must lie in [0, {num_labels}) (num_labels), found values in "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
-    return labels.to(torch.long)
 
 
 class HeadTailOutput(nn.Module):
@@ -334,7 +318,7 @@ class HeadTailOutput(nn.Module):
         if torch.compiler.is_compiling():  # shape checks trace; data pointers do not
             self._check_parameters()
             return parts[0] if parts else None
-        key = [(id(t), t.data_ptr(), t.shape) for t in parts]  # a new dtype or device: a new storage
+        key = layout_key(parts)
         if key != getattr(self, "_checked_parameters_key", None):
             self._check_parameters()
             self._checked_parameters_key = key
@@ -440,9 +424,7 @@ class HeadTailOutput(nn.Module):
         if freq.size != self.num_labels:
             raise ValueError(f"label_frequencies has {freq.size} entries for {self.num_labels} labels")
         num_instances = check_positive_int("num_instances", num_instances)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not (
-                math.isfinite(smoothing) and smoothing > 0):
-            raise ValueError(f"smoothing must be a finite number > 0, got {smoothing!r}")
+        check_real("smoothing", smoothing, low=0.0, low_open=True)
         if not np.isfinite(freq).all():
             raise ValueError("label_frequencies must be finite (no NaN or inf)")
         if (freq < 0).any() or (freq > num_instances).any():

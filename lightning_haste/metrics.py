@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from ._checks import check_id_rows
 from .loss import sparse_targets
 from .ranking import ranked_topk
 
@@ -72,12 +73,7 @@ def _topk_ids(preds: Tensor, k: int) -> Tensor:
     if preds.dtype.is_complex or preds.dtype == torch.bool:
         raise TypeError(f"preds must be integer label ids or floating scores, got dtype {preds.dtype}")
     top = preds[:, :k].long()
-    if top.numel():
-        if int(top.min()) < 0:
-            raise ValueError("predicted label ids must be non-negative")
-        ordered = top.sort(dim=1).values
-        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-            raise ValueError("each row's predicted label ids must be distinct")
+    check_id_rows(top, "predicted label ids")
     return top
 
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float_tensor, check_positive_int
+from ._checks import check_float_tensor, check_positive_int, check_real
 from ._reference import accumulation_dtype
 from .grouping import group_labels, label_embeddings_from_features, split_head_tail
 from .head_tail import FeatureSlice, HeadTailOutput
@@ -93,17 +93,6 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def _check_real(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
-                high_open: bool = False) -> float:
-    """``value`` as a float if it is a finite real number within ``[low, high]`` (ends open where said)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return float(value)
-
-
 def _check_given_statistics(
     label_frequencies: Any, num_train: Any, label_embeddings: Any
 ) -> tuple[Optional[dict[str, Any]], Optional[np.ndarray]]:
@@ -157,11 +146,11 @@ def _target_labels(targets: SparseTargets) -> Optional[int]:
 def _select_rows(targets: SparseTargets, keep: Tensor) -> SparseTargets:
     """The rows of ``targets`` (per-row ids, torch sparse CSR or SciPy) where the bool mask ``keep`` is set."""
     if isinstance(targets, Tensor) and targets.layout == torch.sparse_csr:
+        from .data import _torch_csr  # noqa: PLC0415 - data imports Lightning; the module needs it here only
+
         crow, col = targets.crow_indices().cpu().numpy(), targets.col_indices().cpu().numpy()
         kept = sp.csr_matrix((targets.values().cpu().numpy(), col, crow), shape=tuple(targets.shape))[keep.numpy()]
-        return torch.sparse_csr_tensor(torch.from_numpy(kept.indptr.astype(np.int64)),
-                                       torch.from_numpy(kept.indices.astype(np.int64)), torch.from_numpy(kept.data),
-                                       size=kept.shape)
+        return _torch_csr(kept, kept.data)
     if hasattr(targets, "tocsr"):  # SciPy
         return targets.tocsr()[keep.numpy()]
     return [t for t, k in zip(targets, keep.tolist(), strict=True) if k]
@@ -335,10 +324,10 @@ class HasteXMCModule:
         group_size = check_positive_int("group_size", group_size)
         if in_features is not None and fan_in > in_features:
             raise ValueError(f"fan_in={fan_in} exceeds in_features={in_features}")
-        _check_real("head_ratio", head_ratio, low=0.0, high=1.0)
+        check_real("head_ratio", head_ratio, low=0.0, high=1.0)
         for name, value in (("psp_a", psp_a), ("psp_b", psp_b), ("output_weight_decay", output_weight_decay)):
-            _check_real(name, value, low=0.0)
-        _check_real("output_momentum", output_momentum, low=0.0, high=1.0, high_open=True)
+            check_real(name, value, low=0.0)
+        check_real("output_momentum", output_momentum, low=0.0, high=1.0, high_open=True)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         k = _check_ks(k)
@@ -354,7 +343,7 @@ class HasteXMCModule:
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         for name, value in (("encoder_lr", encoder_lr), ("output_lr", output_lr)):
-            _check_real(name, value, low=0.0, low_open=True)
+            check_real(name, value, low=0.0, low_open=True)
         if grouping not in (None, "faiss-greedy", "balanced-kmeans", "random"):
             raise ValueError(f"grouping must be None, 'faiss-greedy', 'balanced-kmeans' or 'random', got {grouping!r}")
         if fused_optimizers is not None and not isinstance(fused_optimizers, bool):

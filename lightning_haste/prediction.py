@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from ._checks import check_id_rows
 
 __all__ = ["TopKPredictionWriter", "FORMATS", "read_predictions"]
 
@@ -187,8 +190,6 @@ def _checked_prediction(prediction: Any, num_labels: Optional[int]) -> tuple[np.
     """``(scores, ids)`` of one batch as the part files store them (ids int64; scores float64 where predicted in
     float64, else float32, which holds a 16-bit or float32 score exactly), after checking them: a pair of
     ``[B, k]`` tensors, ``k >= 1``, integer ids in ``[0, num_labels)`` and distinct within a row."""
-    import torch  # noqa: PLC0415 - the writer is imported with Lightning, which imports torch anyway
-
     if not isinstance(prediction, (tuple, list)) or len(prediction) != 2 or not all(
             isinstance(t, torch.Tensor) for t in prediction):
         raise TypeError("predict_step must return a pair of tensors (scores, ids) for TopKPredictionWriter, got "
@@ -203,18 +204,10 @@ def _checked_prediction(prediction: Any, num_labels: Optional[int]) -> tuple[np.
         raise TypeError(f"the predicted scores must be floating point, got {scores.dtype}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"the predicted label ids must be integers, got {ids.dtype}")
-    ids_np = ids.detach().cpu().numpy().astype(np.int64, copy=False)
-    if ids_np.size:
-        if ids_np.min() < 0 or (num_labels is not None and ids_np.max() >= num_labels):
-            bound = f"[0, {num_labels})" if num_labels is not None else ">= 0"
-            raise ValueError(f"the predicted label ids must lie in {bound}, got ids from {ids_np.min()} to "
-                             f"{ids_np.max()}")
-        ordered = np.sort(ids_np, axis=1)
-        if (ordered[:, 1:] == ordered[:, :-1]).any():
-            raise ValueError("each row's predicted label ids must be distinct")
-    target = np.float64 if scores.dtype == torch.float64 else np.float32
-    scores_np = scores.detach().to(torch.float64 if target is np.float64 else torch.float32).cpu().numpy()
-    return np.ascontiguousarray(scores_np), np.ascontiguousarray(ids_np)
+    ids = ids.detach().cpu().long()
+    check_id_rows(ids, "predicted label ids", num_labels)
+    scores = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32).cpu()
+    return np.ascontiguousarray(scores.numpy()), np.ascontiguousarray(ids.numpy())
 
 
 def read_predictions(path: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
@@ -244,20 +237,20 @@ def read_predictions(path: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndar
 
 
 def _read_text_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline().split()
-        if len(header) != 2 or not all(h.isascii() and h.isdigit() for h in header):
-            raise ValueError(f"{path}:1: expected the header 'rows num_labels', got {' '.join(header)!r}")
-        rows = int(header[0])
-        ids: list[list[int]] = []
-        scores: list[list[float]] = []
-        for lineno, line in enumerate(fh, start=2):
-            try:
-                pairs = [pair.split(":") for pair in line.split()]
-                ids.append([int(i) for i, _ in pairs])
-                scores.append([float(v) for _, v in pairs])
-            except ValueError as error:
-                raise ValueError(f"{path}:{lineno}: expected 'label:score' pairs ({error})") from None
+    # the header and the rows as the label-file reader takes them (gzip, a byte-order mark, trailing blank lines);
+    # the pairs here, where a score may be NaN or infinite
+    from .data import _header_and_rows  # noqa: PLC0415 - the data module loads on first use of the reader
+
+    (rows, _), lines = _header_and_rows(path, 2)
+    ids: list[list[int]] = []
+    scores: list[list[float]] = []
+    for lineno, line in lines:
+        try:
+            pairs = [pair.split(":") for pair in line.split()]
+            ids.append([int(i) for i, _ in pairs])
+            scores.append([float(v) for _, v in pairs])
+        except ValueError as error:
+            raise ValueError(f"{path}:{lineno}: expected 'label:score' pairs ({error})") from None
     if len(ids) != rows:
         raise ValueError(f"{path}: the header says {rows} rows, the file has {len(ids)}")
     if len({len(r) for r in ids}) > 1:

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import loss as fused_loss
-from ._checks import check_positive_int
-from .head_tail import HeadTailOutput, _check_label_order, check_label_ids
+from ._checks import check_label_ids, check_positive_int
+from .head_tail import HeadTailOutput, _check_label_order
 from .ranking import ranked_topk
 
 __all__ = ["LabelPartition", "ShardedHeadTailOutput", "partition_labels", "merge_topk", "shard_output"]
