@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -602,6 +602,44 @@ def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
     return _torch_csr(labels, np.ones(labels.nnz, dtype=np.float32))
 
 
+class _Batch(dict):
+    """A batch as the loader's collate makes it. From a worker process, its sparse CSR tensors (the targets, sparse
+    features) travel as their dense parts and are rebuilt by the receiving process: torch's own rebuild of a sparse
+    tensor warns there that invariant checks are off and that sparse CSR support is in beta (two warnings a
+    process for every user of a text data set, whose batches are made in workers)."""
+
+    def __reduce__(self) -> tuple:
+        parts = {}
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:
+                parts[key] = _CSRParts(value.crow_indices(), value.col_indices(), value.values(), tuple(value.shape))
+            else:
+                parts[key] = value
+        return _rebuild_batch, (parts,)
+
+
+class _CSRParts(NamedTuple):
+    """A sparse CSR tensor's parts, as a :class:`_Batch` sends it."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+    shape: tuple
+
+
+def _rebuild_batch(parts: dict) -> _Batch:
+    """The :class:`_Batch` whose parts a worker sent (its sparse CSR tensors as :class:`_CSRParts`)."""
+    batch = _Batch()
+    for key, value in parts.items():
+        if isinstance(value, _CSRParts):
+            with warnings.catch_warnings():  # torch's one-time notice that sparse CSR support is in beta
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                value = torch.sparse_csr_tensor(value.crow, value.col, value.values, size=value.shape,
+                                                check_invariants=False)
+        batch[key] = value
+    return batch
+
+
 class _Collate:
     def __init__(self, data: XMCData, sparse_features: bool, text_transform: Optional[Callable] = None,
                  features: bool = True, float_dtype: Any = np.float32):
@@ -621,7 +659,7 @@ class _Collate:
             rows = rows_np.tolist()
         # One CSR for the batch's positives (not a tensor per row): the loss reads it on the host in one piece
         targets = targets_csr(self.data.labels[rows_np])
-        batch = {"targets": targets, "index": torch.from_numpy(rows_np)}
+        batch = _Batch(targets=targets, index=torch.from_numpy(rows_np))
         if any_repeated:
             batch["repeated"] = torch.from_numpy(repeated)
         if self.features:

@@ -2,6 +2,8 @@
 data path of a fit step (targets as one CSR left on the host, tokenising in the loader)."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,6 +183,45 @@ def test_batches_carry_targets_as_one_csr_that_stays_on_the_host():
     assert moved["features"].device.type == "meta"
     assert moved["targets"] is targets  # left on the host for the loss and the metrics
     assert dm.pin_memory is torch.cuda.is_available() and dm.num_workers == 0
+
+
+WORKER_BATCHES = """
+import warnings
+import numpy as np
+import scipy.sparse as sp
+import torch
+from lightning_haste.data import XMCData, XMCDataModule, synthetic_xmc
+if __name__ == "__main__":
+    dense, _ = synthetic_xmc(200, 10, 40, 16, seed=1)
+    train = XMCData(sp.csr_matrix(dense.features), dense.labels)  # sparse features travel as CSR too
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dm = XMCDataModule(train, batch_size=32, num_workers=1, shuffle=False, sparse_features=True, val_fraction=0.0)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+    labels = dm.train_data.labels
+    for i, batch in enumerate(batches):
+        rows = labels[32 * i : 32 * (i + 1)]
+        t = batch["targets"]
+        assert t.layout == torch.sparse_csr and tuple(t.shape) == rows.shape
+        assert np.array_equal(t.crow_indices().numpy(), rows.indptr)
+        assert np.array_equal(t.col_indices().numpy(), rows.indices)
+        assert torch.equal(t.values(), torch.ones(rows.nnz))
+        f = batch["features"]
+        assert f.layout == torch.sparse_csr
+        assert np.allclose(f.to_dense().numpy(), dm.train_data.features[32 * i : 32 * (i + 1)].toarray())
+    print(len(batches), [str(w.message)[:80] for w in seen if "parse" in str(w.message)])
+"""
+
+
+def test_batches_from_worker_processes_arrive_whole_and_without_torch_warnings(tmp_path):
+    # a batch made in a loader worker (text data sets tokenise there) sends its sparse CSR targets as their parts;
+    # torch's own rebuild warned twice in the receiving process (a fresh one: torch warns once per process)
+    script = tmp_path / "workers.py"
+    script.write_text(WORKER_BATCHES)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["7", "[]"], result.stdout + result.stderr[-2000:]
 
 
 def test_targets_csr_round_trip():
