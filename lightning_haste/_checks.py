@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import numpy as np
@@ -72,11 +72,18 @@ def check_id_rows(ids: torch.Tensor, name: str, num_labels: Optional[int] = None
         raise ValueError(f"each row's {name} must be distinct")
 
 
-def layout_key(tensors: Iterable[Optional[torch.Tensor]]) -> tuple:
-    """Object, storage and shape of each tensor: the key moves when one is replaced, reshaped through ``.data``,
-    moved or cast (both make a new storage), so that checks of the tensors' layout run only then, not per call.
-    Not traceable (data pointers): under ``torch.compile`` run the checks instead."""
-    return tuple((id(t), t.data_ptr(), t.shape) for t in tensors if t is not None)
+def check_when_changed(owner: Any, tensors: Iterable[Optional[torch.Tensor]], check: Callable[[], None]) -> None:
+    """Run ``check`` (checks of the tensors' layout) only when one of ``tensors`` changed since ``owner`` last ran
+    it: another object, storage or shape (replaced, reshaped through ``.data``, moved or cast: both make a new
+    storage), so that a call pays for a key of a few integers, not for the checks. Under ``torch.compile`` it always
+    runs (shape checks trace; data pointers do not, and compiled code checks once)."""
+    if torch.compiler.is_compiling():
+        check()
+        return
+    key = tuple((id(t), t.data_ptr(), t.shape) for t in tensors if t is not None)
+    if key != getattr(owner, "_checked_layout_key", None):
+        check()
+        owner._checked_layout_key = key
 
 
 def check_memory_budget(memory_budget: Any) -> int:

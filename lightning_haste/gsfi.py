@@ -17,7 +17,7 @@ from ._checks import (
     check_memory_budget,
     check_positive_int,
     check_same_device_dtype,
-    layout_key,
+    check_when_changed,
     num_groups_for,
 )
 
@@ -351,13 +351,7 @@ class GroupSharedFanIn(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one row")
         weight, bias = self.weight, self.bias
-        if torch.compiler.is_compiling():
-            self.check_parameters()  # shape checks trace; data pointers do not (and compiled code checks once)
-        else:
-            key = layout_key((weight, bias))
-            if key != getattr(self, "_checked_parameters_key", None):  # checked when they change, not every call
-                self.check_parameters()
-                self._checked_parameters_key = key
+        check_when_changed(self, (weight, bias), self.check_parameters)
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but weight is on {weight.device}; move them to one device")
         self.check_group_index()

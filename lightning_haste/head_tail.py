@@ -26,7 +26,7 @@ from ._checks import (
     check_positive_int,
     check_real,
     check_same_device_dtype,
-    layout_key,
+    check_when_changed,
 )
 from .grouping import split_head_tail
 from .gsfi import GroupSharedFanIn, _uniform_
@@ -315,13 +315,7 @@ class HeadTailOutput(nn.Module):
             part = self._modules.get(name)
             if part is not None:
                 parts.extend(t for t in part._parameters.values() if t is not None)
-        if torch.compiler.is_compiling():  # shape checks trace; data pointers do not
-            self._check_parameters()
-            return parts[0] if parts else None
-        key = layout_key(parts)
-        if key != getattr(self, "_checked_parameters_key", None):
-            self._check_parameters()
-            self._checked_parameters_key = key
+        check_when_changed(self, parts, self._check_parameters)
         return parts[0] if parts else None
 
     def _check_parameters(self) -> None:
