@@ -588,12 +588,16 @@ def split_train_val(data: XMCData, val_fraction: float, seed: int = 0) -> tuple[
 
 def _torch_csr(matrix: sp.csr_matrix, values: np.ndarray) -> torch.Tensor:
     """A SciPy CSR matrix's structure with ``values`` as a torch sparse CSR tensor (int64 indices)."""
-    with warnings.catch_warnings():  # torch's one-time notice that sparse CSR support is in beta
+    return _csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int64)),
+                       torch.from_numpy(matrix.indices.astype(np.int64)), torch.from_numpy(values), matrix.shape)
+
+
+def _csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A torch sparse CSR tensor of these parts, built without torch's notices (invariant checks off explicitly:
+    the parts come from a valid CSR matrix; the one-time notice that sparse CSR support is in beta)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int64)),
-            torch.from_numpy(values), size=matrix.shape, check_invariants=False,
-        )
+        return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
 
 def targets_csr(labels: sp.csr_matrix) -> torch.Tensor:
@@ -631,12 +635,7 @@ def _rebuild_batch(parts: dict) -> _Batch:
     """The :class:`_Batch` whose parts a worker sent (its sparse CSR tensors as :class:`_CSRParts`)."""
     batch = _Batch()
     for key, value in parts.items():
-        if isinstance(value, _CSRParts):
-            with warnings.catch_warnings():  # torch's one-time notice that sparse CSR support is in beta
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                value = torch.sparse_csr_tensor(value.crow, value.col, value.values, size=value.shape,
-                                                check_invariants=False)
-        batch[key] = value
+        batch[key] = _csr_tensor(*value) if isinstance(value, _CSRParts) else value
     return batch
 
 
