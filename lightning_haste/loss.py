@@ -392,11 +392,11 @@ def _gradient_pass(
     grads: dict[str, Optional[Tensor]] = {"hw": None, "hb": None, "tw": None, "tb": None}
 
     def overwrite_positives(dz: Tensor, chunk: int, first_label: int) -> None:
-        # one scatter into the chunk's storage (positives are distinct: the order of writes does not matter)
+        # one indexed write (positives are distinct: the order of writes does not matter), through dz's own strides:
+        # a chunk's logits need not be row-major (the pure-PyTorch tail's are column-major for groups of one label)
         a, b = bounds[chunk], bounds[chunk + 1]
         if b > a:
-            flat = rows[a:b] * dz.stride(0) + (positions[a:b] - first_label)
-            dz.as_strided((dz.shape[0] * dz.stride(0),), (1,)).scatter_(0, flat, grad_pos[a:b])
+            dz.index_put_((rows[a:b], positions[a:b] - first_label), grad_pos[a:b])
 
     if head_weight is not None and (need_x or need_hw or need_hb or total is not None):
         h0, h1 = layout.head_slice

@@ -123,6 +123,20 @@ def test_value_and_every_gradient_match_the_float64_reference(loss, budget, slic
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+@pytest.mark.parametrize("budget", [2**28, 2000])
+def test_every_group_size_matches_the_float64_reference(loss, group_size, budget):
+    """Small groups, groups of one label included (their chunk logits are not row-major on the pure-PyTorch
+    path), several rows, positives in every chunk."""
+    layer = _layer(group_size=group_size, memory_budget=budget, seed=group_size)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 40, dtype=torch.float64, generator=gen)
+    targets = _targets(7, layer.num_labels, gen, max_positives=20)
+    _check(layer, x, targets, loss)
+    _check(layer, x, targets, loss, reduction="sum")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("budget", [2**28, 3000])
 def test_sum_reduction_matches_the_float64_reference(loss, budget):
     """``reduction="sum"``: the sum over all rows * labels entries, and its gradients."""
