@@ -593,8 +593,8 @@ class HeadTailOutput(nn.Module):
         The full ``[batch, num_labels]`` logits are never materialised (nor permuted). With the CUDA kernels (a
         bfloat16/float16 layer on CUDA) the tail's scores never leave the kernel either: it keeps only the labels
         that can still reach the top-k (:mod:`lightning_haste.topk`); its temporaries stay below an eighth of a
-        16-bit ``[batch, num_labels]`` tensor. Otherwise the labels are walked in chunks of at most
-        ``memory_budget`` bytes with a running top-k.
+        16-bit ``[batch, num_labels]`` tensor. Otherwise (and for ``k`` above 4096) the labels are walked in
+        chunks of at most ``memory_budget`` bytes with a running top-k.
         """
         k = check_positive_int("k", k)
         if k > self.num_labels:
@@ -703,9 +703,9 @@ class HeadTailOutput(nn.Module):
         """``(scores, ids, unresolved)`` of :func:`lightning_haste.ops.head_tail_topk` (autocast off, on arguments
         cast to its dtype), or of one round without a host synchronisation (``synchronize=False``, for a CUDA
         graph: with the round's overflow flag after them, unless ``on_device`` completes the rounds); None where
-        the tail does not run the kernels."""
+        the tail does not run the kernels or ``k`` is above their largest (``topk.MAX_FUSED_K``)."""
         fused = self._fused_topk_arguments(x2d)
-        if fused is None:
+        if fused is None or k > topk_rounds.MAX_FUSED_K:
             return None
         args, autocast = fused
         with torch.autocast(x2d.device.type, enabled=False) if autocast else contextlib.nullcontext():

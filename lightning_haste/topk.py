@@ -90,6 +90,9 @@ BLOCKS_PER_K, MIN_BLOCKS, MAX_BLOCKS = 8, 1024, 4096
 CHUNK_COLUMNS = 16384
 #: Columns per block of the first head chunk that its first bound reads.
 FIRST_SAMPLE_PER_BLOCK = 8
+#: The largest k of the candidate kernels (a bound takes the k-th best of at most MAX_BLOCKS block maxima); a
+#: larger k runs the chunked top-k.
+MAX_FUSED_K = MAX_BLOCKS
 #: Blocks of a bound from a row's list: a list of at most this many candidates gives the exact k-th best of every
 #: score seen so far (the list holds all of them at or above the old bound), a longer one nearly that.
 LIST_BLOCKS = MAX_BLOCKS
@@ -105,16 +108,18 @@ def block_bound(scores: Tensor, k: int, blocks: Optional[int] = None) -> Optiona
     """A float32 lower bound ``[B]`` of each row's k-th best score in ``scores [B, n]``, or None when ``n < k``: what
     the kernel ``gsfi_topk_bound`` computes on the GPU (the reference of the CPU tests).
 
-    Column ``c`` falls into block ``c mod m`` of ``m = min(n, blocks)`` strided blocks (``blocks`` defaults to
-    :func:`bound_blocks`; a row of at most ``blocks`` entries gets its exact k-th best); each block's
-    maximum is an actual score of a distinct label, so the k-th best of the maxima is a bound. A pass over the
-    scores and a sort of ``m`` values per row instead of a top-k over all ``n``; the bound ranks near the row's
-    ``k``-th best when the scores are not ordered along the columns. NaN counts as ``+inf`` here (a NaN ranks
-    above every number, so ``+inf`` is still a bound)."""
+    Column ``c`` falls into block ``c mod m`` of ``m = min(n, blocks)`` strided blocks (``blocks``, at least ``k``,
+    defaults to :func:`bound_blocks`, or ``k`` where that is larger; a row of at most ``blocks`` entries gets its
+    exact k-th best); each block's maximum is an actual score of a distinct label, so the k-th best of the maxima
+    is a bound. A pass over the scores and a sort of ``m`` values per row instead of a top-k over all ``n``; the
+    bound ranks near the row's ``k``-th best when the scores are not ordered along the columns. NaN counts as
+    ``+inf`` here (a NaN ranks above every number, so ``+inf`` is still a bound)."""
     batch, n = scores.shape
+    if blocks is not None and blocks < k:
+        raise ValueError(f"blocks={blocks} must be >= k={k}: the k-th best of fewer block maxima is no bound")
     if n < k:
         return None
-    blocks = min(n, bound_blocks(k) if blocks is None else blocks)
+    blocks = min(n, max(k, bound_blocks(k)) if blocks is None else blocks)
     padded = nnf.pad(scores.float(), (0, -n % blocks), value=-math.inf)
     maxima = _nan_as_inf(padded).reshape(batch, -1, blocks).amax(dim=1)
     return maxima.topk(k, dim=1).values[:, -1]

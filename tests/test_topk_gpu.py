@@ -476,6 +476,21 @@ def test_dense_candidate_lists_hold_exactly_the_logits_at_or_above_the_bound(col
         assert bool((score[b, n:] == 1234.5).all()) and bool((position[b, n:] == -1).all()), b
 
 
+@pytest.mark.parametrize("k", [300, fused.MAX_FUSED_K, fused.MAX_FUSED_K + 1, 5000])
+@torch.no_grad()
+def test_large_k_equals_the_ranked_forward_logits(k):
+    # k up to the kernels' largest through the kernels, above it through the chunked path (whose head is one
+    # product here, as the forward's): each the ranked logits of the products it runs
+    case = (24, 128, 20011, 16, 32, 0.1, k, torch.bfloat16)
+    layer, x = _layer(case, seed=k)
+    logits = _forward_logits(layer, x, k) if k <= fused.MAX_FUSED_K else layer(x)
+    want_scores, want_ids = ranked_topk(logits, torch.arange(layer.num_labels, device="cuda"), k)
+    for _ in range(3):  # eager, captured, replayed
+        scores, ids = layer.topk(x, k)
+        assert torch.equal(ids, want_ids)
+        assert torch.equal(scores, want_scores)
+
+
 @pytest.mark.parametrize("k", [1, 5, 100, 128])
 @pytest.mark.parametrize("source", ["logits", "lists", "first"])
 @torch.no_grad()

@@ -282,6 +282,27 @@ def test_block_bound_is_a_lower_bound_of_the_kth_best(n):
     assert bound.dtype == torch.float32 and torch.all(bound <= kth)
 
 
+def test_block_bound_takes_at_least_k_blocks():
+    # k above the default blocks (MAX_BLOCKS) takes k blocks; fewer blocks than k given by hand are refused
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 10000, generator=gen)
+    k = fused.MAX_BLOCKS + 1
+    bound = fused.block_bound(scores, k)
+    assert torch.all(bound <= scores.topk(k, dim=1).values[:, -1])
+    with pytest.raises(ValueError, match="blocks=2 must be >= k=3"):
+        fused.block_bound(scores, 3, blocks=2)
+
+
+def test_a_k_above_the_kernels_largest_takes_the_chunked_path(monkeypatch):
+    # the candidate kernels take k up to MAX_FUSED_K (a bound's blocks); above it HeadTailOutput does not call them
+    layer, x = _layer(3000, 0.1)
+    calls = []
+    monkeypatch.setattr(layer, "_fused_topk_arguments", lambda x2d: (calls.append(x2d) or ((), False)))
+    monkeypatch.setattr(lh.ops, "head_tail_topk", lambda *a: pytest.fail("the kernels ran"))
+    assert layer._fused_topk(x, fused.MAX_FUSED_K + 1) is None
+    assert len(calls) == 1  # the arguments (and the tail's index) were still checked
+
+
 def test_the_tail_is_bounded_by_the_kth_best_of_the_whole_head(lists, monkeypatch):
     # Each head chunk's candidates raise the bound to the k-th best of the list, i.e. of every head score so far:
     # the tail then sees the k-th best of the whole head, not of one chunk's block maxima.
