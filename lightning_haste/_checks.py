@@ -38,6 +38,21 @@ def check_real(name: str, value: Any, *, low: float, high: float = math.inf, low
     return float(value)
 
 
+#: The layer's backends: the CUDA kernels where they run, the kernels only, the pure-PyTorch path only.
+BACKENDS = ("auto", "cuda", "torch")
+
+
+def check_backend(backend: Any) -> str:
+    """``backend``, one of :data:`BACKENDS`."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+    return backend
+
+
+#: Unsigned dtypes wider than uint8, which torch's reductions do not cover.
+_UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
+
 def check_label_ids(labels: Any, num_labels: int, *, name: str = "labels", what: str = "label ids",
                     bound_name: str = "num_labels") -> torch.Tensor:
     """``labels`` (a tensor or a sequence of ids) as a 1-D int64 tensor, validated: integers in
@@ -50,6 +65,14 @@ def check_label_ids(labels: Any, num_labels: int, *, name: str = "labels", what:
         raise TypeError(f"{name} must be an integer tensor (integers: {what}), got dtype {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.dtype in _UNSIGNED_WIDE:
+        # torch has no min/max for these: the range is checked in float64 (exact below 2^53; anything larger is out
+        # of range however it rounds), then the ids are int64
+        wide = labels.to(torch.float64)
+        if labels.numel() and float(wide.max()) >= num_labels:
+            raise ValueError(f"{name} must lie in [0, {num_labels}) ({bound_name}), found values in "
+                             f"[{float(wide.min()):.0f}, {float(wide.max()):.0f}]")
+        labels = labels.to(torch.long)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
         raise ValueError(
             f"{name} must lie in [0, {num_labels}) ({bound_name}), found values in "

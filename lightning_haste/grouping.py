@@ -54,7 +54,11 @@ def split_head_tail(label_frequencies: Any, head_ratio: float, group_size: int) 
     if not 0.0 <= float(head_ratio) <= 1.0:
         raise ValueError(f"head_ratio must be in [0, 1], got {head_ratio}")
     num_labels = freq.size
+    # (rounded to 9 decimals first, so that float noise such as 0.07 * 100 = 7.000000000000001 does not add a label;
+    # a positive ratio keeps at least one label, however small)
     head = math.ceil(round(float(head_ratio) * num_labels, 9))
+    if head == 0 and head_ratio > 0:
+        head = 1
     head = min(num_labels, math.ceil(head / group_size) * group_size)
     order = np.lexsort((np.arange(num_labels), -freq))
     return order[:head], order[head:]

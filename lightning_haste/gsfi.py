@@ -12,6 +12,7 @@ from . import functional as F
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_backend,
     check_float_tensor,
     check_group_index,
     check_memory_budget,
@@ -184,8 +185,7 @@ class GroupSharedFanIn(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if backend not in ("auto", "cuda", "torch"):
-            raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+        check_backend(backend)
         self.backend = backend
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)

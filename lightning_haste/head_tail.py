@@ -20,6 +20,7 @@ from . import ops
 from . import topk as topk_rounds
 from ._checks import (
     FLOAT_DTYPES,
+    check_backend,
     check_float_tensor,
     check_label_ids,
     check_memory_budget,
@@ -151,6 +152,7 @@ class HeadTailOutput(nn.Module):
         self.group_size = check_positive_int("group_size", group_size)
         self.fan_in = check_positive_int("fan_in", fan_in)
         self.memory_budget = check_memory_budget(memory_budget)
+        check_backend(backend)  # also where there is no tail to take it
         freq = _as_numpy_1d("label_frequencies", label_frequencies)
         head_ids, tail_ids = split_head_tail(freq, head_ratio, self.group_size)
         freq = freq.astype(np.float64)

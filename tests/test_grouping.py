@@ -108,6 +108,8 @@ def test_split_head_tail():
     assert tail.tolist() == [0, 9, 5, 7, 1, 4]
     assert split_head_tail(freq, 0.0, 4)[0].size == 0
     assert split_head_tail(freq, 1.0, 4)[0].size == 10
+    assert split_head_tail(freq, 1e-12, 4)[0].size == 4  # a positive ratio keeps a group, however small
+    assert split_head_tail(np.ones(100), 0.07, 1)[0].size == 7  # 0.07 * 100 = 7.000000000000001: no 8th label
 
 
 def test_grouping_feeds_head_tail_output_and_round_trips():

@@ -172,6 +172,8 @@ def test_state_dict_round_trip():
         (dict(label_groups=np.zeros(5, dtype=int)), ValueError, "label_groups must have one entry"),
         (dict(label_groups=np.zeros(203)), TypeError, "label_groups must hold integer"),
         (dict(group_size=0), ValueError, "group_size"),
+        (dict(backend="bad"), ValueError, "backend must be"),
+        (dict(backend="bad", head_ratio=1.0), ValueError, "backend must be"),  # no tail to take it: still checked
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -197,6 +199,12 @@ def test_call_errors():
         layer.logits_for(x, [-1])
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         layer.logits_for(x, torch.tensor([0.0]))
+    for unsigned in (np.uint16, np.uint32, np.uint64):  # torch has no min/max for these: checked all the same
+        torch.testing.assert_close(layer.logits_for(x, np.array([0, 7], dtype=unsigned)), layer.logits_for(x, [0, 7]))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 203\)"):
+            layer.logits_for(x, np.array([203], dtype=unsigned))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 203\)"):
+        layer.logits_for(x, np.array([2**63 + 5], dtype=np.uint64))
     with pytest.raises(ValueError, match="k=204 must be <= num_labels=203"):
         layer.topk(x, 204)
     with pytest.raises(ValueError, match="x must have shape"):
