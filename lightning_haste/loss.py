@@ -132,7 +132,9 @@ def sparse_targets(
         _check_sparse_shape(tuple(targets.shape), num_rows, num_labels)
         indptr = targets.crow_indices().cpu().numpy().astype(np.int64)
         labels = targets.col_indices().cpu().numpy().astype(np.int64)
-        keep = targets.values().cpu().numpy() != 0
+        # (Lightning's bf16-true precision casts a batch's floating tensors, the targets' values too: NumPy has no
+        # bfloat16, so the test for stored zeros runs in torch)
+        keep = (targets.values() != 0).cpu().numpy()
         rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(indptr))[keep]
         labels = labels[keep]
     elif hasattr(targets, "tocsr") and hasattr(targets, "shape"):  # scipy.sparse

@@ -149,7 +149,10 @@ def _select_rows(targets: SparseTargets, keep: Tensor) -> SparseTargets:
         from .data import _torch_csr  # noqa: PLC0415 - data imports Lightning; the module needs it here only
 
         crow, col = targets.crow_indices().cpu().numpy(), targets.col_indices().cpu().numpy()
-        kept = sp.csr_matrix((targets.values().cpu().numpy(), col, crow), shape=tuple(targets.shape))[keep.numpy()]
+        values = targets.values().cpu()
+        if values.dtype == torch.bfloat16:  # (bf16-true precision casts the targets' values; NumPy has no bfloat16)
+            values = values.float()
+        kept = sp.csr_matrix((values.numpy(), col, crow), shape=tuple(targets.shape))[keep.numpy()]
         return _torch_csr(kept, kept.data)
     if hasattr(targets, "tocsr"):  # SciPy
         return targets.tocsr()[keep.numpy()]

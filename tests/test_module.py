@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 import zlib
@@ -509,3 +510,25 @@ def test_configure_haste_rejects_bad_settings_when_the_model_is_made(kwargs, mat
 def test_configure_haste_takes_a_single_k():
     model = BowModel(k=5)
     assert model.haste["k"] == (5,)
+
+
+def test_bf16_true_precision_trains_and_evaluates_with_targets_cast_to_bfloat16():
+    # Lightning's bf16-true casts every floating tensor of a batch, the sparse targets' values included: the loss,
+    # the metrics and the rows a distributed evaluation repeated read them without NumPy's missing bfloat16
+    from lightning_haste.module import _select_rows  # noqa: PLC0415
+
+    dm = _dm()
+    model = EncoderModel(dm.num_features, fan_in=16, group_size=8, head_ratio=0.1, encoder_lr=2e-3)
+    trainer = _trainer(max_steps=6, precision="bf16-true", num_sanity_val_steps=0, limit_val_batches=2)
+    trainer.fit(model, dm)
+    assert model.output.tail.weight.dtype == torch.bfloat16
+    metrics = trainer.validate(model, dm, verbose=False)[0]
+    assert all(math.isfinite(v) for v in metrics.values())
+    y = torch.sparse_csr_tensor(torch.tensor([0, 2, 2, 3]), torch.tensor([1, 4, 0]),
+                                torch.tensor([1.0, 0.0, 1.0], dtype=torch.bfloat16), size=(3, 5))
+    torch.testing.assert_close(sparse_bce_with_logits(torch.zeros(3, 5), y),
+                               sparse_bce_with_logits(torch.zeros(3, 5), [torch.tensor([1]), torch.tensor([]),
+                                                                          torch.tensor([0])]))
+    kept = _select_rows(y, torch.tensor([True, False, True]))
+    assert kept.col_indices().tolist() == [1, 4, 0] and kept.crow_indices().tolist() == [0, 2, 3]
+    assert kept.values().tolist() == [1.0, 0.0, 1.0]  # the stored zero stays a stored zero: no positive
