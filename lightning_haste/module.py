@@ -339,10 +339,10 @@ class HasteXMCModule:
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
         check_reduction(loss_reduction)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        if not 0.0 <= warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction of the training steps in [0, 1), got {warmup}")
+        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        check_real("warmup (a fraction of the training steps)", warmup, low=0.0, high=1.0, high_open=True)
+        if not isinstance(label_sharding, bool):  # (bool("false") is True)
+            raise TypeError(f"label_sharding must be True or False, got {label_sharding!r}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         for name, value in (("encoder_lr", encoder_lr), ("output_lr", output_lr)):
@@ -358,7 +358,7 @@ class HasteXMCModule:
             output_bias=output_bias, loss=loss, loss_reduction=loss_reduction, dropout=dropout, k=tuple(k),
             psp_a=psp_a, psp_b=psp_b, encoder_lr=encoder_lr, output_lr=output_lr, output_momentum=output_momentum,
             output_weight_decay=output_weight_decay, fused_optimizers=fused_optimizers, warmup=warmup,
-            lr_schedule=lr_schedule, seed=seed, label_sharding=bool(label_sharding),
+            lr_schedule=lr_schedule, seed=seed, label_sharding=label_sharding,
         )
         self.output_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output = None

@@ -108,9 +108,12 @@ def test_sum_reduction_with_lr_over_batch_makes_the_batchmean_step():
 def test_recipe_settings_are_validated_up_front():
     for kw, match in [({"loss_reduction": "mean"}, "reduction"), ({"dropout": 1.0}, "dropout"),
                       ({"warmup": 1.5}, "warmup"), ({"lr_schedule": "step"}, "lr_schedule"),
-                      ({"output_lr": 0.0}, "output_lr"), ({"encoder_lr": -1.0}, "encoder_lr")]:
+                      ({"output_lr": 0.0}, "output_lr"), ({"encoder_lr": -1.0}, "encoder_lr"),
+                      ({"dropout": None}, "dropout"), ({"warmup": "0.1"}, "warmup")]:
         with pytest.raises(ValueError, match=match):
             BowModel(**kw)
+    with pytest.raises(TypeError, match="label_sharding must be True or False"):
+        BowModel(label_sharding="false")
 
 
 @pytest.mark.parametrize("fused", [None, True, False])
