@@ -3,7 +3,6 @@ output layer; subclass it together with ``LightningModule`` and (optionally) giv
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -608,11 +607,24 @@ class HasteXMCModule:
         if encoder:
             parts.insert(0, torch.optim.AdamW(encoder, lr=cfg["encoder_lr"], fused=fused_arg))
         optimizer = parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
-        total = self._training_steps()
         warmup, schedule = cfg.get("warmup", 0.0), cfg.get("lr_schedule", "constant")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(lr_multiplier, total=total, warmup=warmup, schedule=schedule)
-        )
+        trainer = getattr(self, "_trainer", None)
+        # A fit resumed from a checkpoint learns the step count only once its loops are restored: Lightning answers
+        # estimated_stepping_batches under max_epochs by building the training loader, and a loader built here,
+        # before the restore, never gets its saved position back (the resumed epoch would start over). The
+        # checkpoint restores the scheduler's step and the optimizers' learning rates, so the multiplier of this
+        # first call is overwritten anyway; the count is read at the scheduler's next step.
+        total: Optional[int] = None if trainer is not None and trainer.ckpt_path is not None else self._training_steps()
+
+        def multiplier(step: int) -> float:
+            nonlocal total
+            if total is None:
+                if step == 0:
+                    return 1.0
+                total = self._training_steps()
+            return lr_multiplier(step, total=total, warmup=warmup, schedule=schedule)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _training_steps(self) -> int:

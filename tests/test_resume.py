@@ -59,10 +59,10 @@ def _regrowth():
     return lh.SparseRegrowthCallback(interval=3, prune_fraction=0.3, end=0.9, seed=5, log=False)
 
 
-def _fit(model, callbacks, checkpointing=False, **kw):
+def _fit(model, callbacks, checkpointing=False, bounds=None, **kw):
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=checkpointing,
-                      enable_progress_bar=False, enable_model_summary=False, max_steps=MAX_STEPS,
-                      limit_val_batches=0, callbacks=callbacks)
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=callbacks, **(bounds or {"max_steps": MAX_STEPS}))
     trainer.fit(model, _dm(), **kw)
     return trainer
 
@@ -210,3 +210,23 @@ def test_the_datamodule_deals_each_epoch_out_to_the_ddp_processes():
         shares.append(sum((b["index"].tolist() for b in loader), []))
     assert len(shares[0]) == len(shares[1]) == len(dm.train_data) // 2
     assert sorted(shares[0] + shares[1]) == list(range(len(dm.train_data)))
+
+
+@pytest.mark.parametrize("bounds", [{"max_epochs": 3}, {"max_epochs": 10, "max_steps": MAX_STEPS}])
+def test_a_fit_bounded_by_epochs_resumes_mid_epoch_bit_identical(tmp_path, bounds):
+    # With max_epochs, Lightning counts the training steps (for the learning-rate schedule) by building the
+    # training loader: built before the checkpoint's loop state is restored, the loader would start the resumed
+    # epoch over (more batches of it, a shorter fit).
+    straight, straight_rows = EncoderModel(), RecordBatches()
+    _fit(straight, [_regrowth(), straight_rows], bounds=bounds)
+    first, first_rows = EncoderModel(), RecordBatches()
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(Crash):
+        _fit(first, [_regrowth(), first_rows, saver, CrashAt(6)], checkpointing=True, bounds=bounds)
+    path = next(tmp_path.glob("*step=4.ckpt"))
+    resumed, resumed_rows = EncoderModel(), RecordBatches()
+    _fit(resumed, [_regrowth(), resumed_rows], bounds=bounds, ckpt_path=path)
+    assert first_rows.rows[:4] + resumed_rows.rows == straight_rows.rows
+    expected, got = straight.state_dict(), resumed.state_dict()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
