@@ -115,6 +115,9 @@ def main(args: Optional[list[str]] = None) -> None:
             path = self.config[self.subcommand].get("predictions", "predictions")
             self.prediction_writer = TopKPredictionWriter(path)
             self.trainer.callbacks.append(self.prediction_writer)
+            # the writer streams the top-k to disk: Lightning's own list of every batch's predictions (kept by
+            # default in one process) would hold them all in memory besides
+            self.config_init[self.subcommand]["return_predictions"] = False
 
         def after_predict(self) -> None:
             for written in self.prediction_writer.written:

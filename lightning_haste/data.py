@@ -71,6 +71,9 @@ class XMCData:
                              f"and {self.labels.shape}")
         if self.features.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{self.features.shape[0]} feature rows but {self.labels.shape[0]} label rows")
+        if self.texts is not None and len(self.texts) != self.labels.shape[0]:
+            raise ValueError(f"texts must hold one text per row: {len(self.texts)} texts for {self.labels.shape[0]} "
+                             "rows (a header line, or a text split over two lines?)")
         labels = self.labels.tocsr()
         if labels.nnz and not np.isin(labels.data, (0, 1)).all():
             raise ValueError("labels must be 0/1: a stored value other than 0 and 1 has no meaning as a positive "
@@ -260,7 +263,11 @@ def write_bow(path: Union[str, os.PathLike], data: XMCData) -> None:
     ``dtype=np.float64``), integer features as exact integers (read them with ``dtype=np.float64`` where they
     exceed 2^24, float32's exact integers), only the non-zero labels, features and labels in any SciPy sparse format
     or dense."""
-    features = sp.csr_matrix(data.features)
+    source = data.features
+    if not sp.issparse(source) and np.asarray(source).dtype == np.float16:
+        source = np.asarray(source, dtype=np.float32)  # exact in float32; SciPy has no float16 matrices
+    # a copy: making it canonical below must not rewrite arrays the caller's matrix shares
+    features = sp.csr_matrix(source, copy=True)
     integers = np.issubdtype(features.dtype, np.integer) or features.dtype == np.bool_
     if integers:
         features = features.astype(np.int64) if features.dtype != np.uint64 else features

@@ -65,3 +65,26 @@ def test_cli_reports_bad_data_in_one_line(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 1 and "train.txt:2: feature 1 has a non-finite value" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_predict_streams_without_lightning_keeping_every_batch(tmp_path, monkeypatch):
+    # the writer streams the top-k to disk; Lightning's return_predictions (on by default in one process) would keep
+    # every batch's predictions in memory besides
+    from lightning_haste import prediction  # noqa: PLC0415
+    from lightning_haste.cli import main  # noqa: PLC0415
+
+    held = []
+    original = prediction.TopKPredictionWriter.on_predict_epoch_end
+
+    def spy(self, trainer, pl_module):
+        held.append((trainer.predict_loop.return_predictions, sum(len(p) for p in trainer.predict_loop._predictions)))
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(prediction.TopKPredictionWriter, "on_predict_epoch_end", spy)
+    config = ROOT / "examples" / "configs" / "synthetic.yaml"
+    main(["predict", f"--config={config}", "--trainer.enable_progress_bar=false", "--data.init_args.num_train=200",
+          "--data.init_args.num_test=50", "--data.init_args.num_labels=100", "--data.init_args.num_features=32",
+          "--model.hidden=16", "--model.fan_in=8", f"--trainer.default_root_dir={tmp_path}",
+          f"--predictions={tmp_path / 'pred'}"])
+    assert held == [(False, 0)]
+    assert read_predictions(tmp_path / "pred.npz")[1].shape == (50, 5)

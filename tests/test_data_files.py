@@ -66,6 +66,27 @@ def test_write_bow_keeps_only_non_zero_labels_and_takes_any_sparse_format(tmp_pa
         write_bow(tmp_path / "e.txt", XMCData(sp.csr_matrix(np.array([[np.nan]], np.float32)), sp.csr_matrix((1, 1))))
 
 
+def test_write_bow_leaves_the_callers_arrays_alone_and_takes_dense_float16(tmp_path):
+    # a non-canonical CSR (a duplicate entry, a stored zero): written summed, its arrays untouched
+    data, indices = np.array([2.0, 1.0, 2.0, 5.0, 0.0], np.float32), np.array([2, 0, 2, 1, 3])
+    indptr = np.array([0, 3, 5])
+    x = sp.csr_matrix((data, indices, indptr), shape=(2, 4))
+    saved = data.copy(), indices.copy(), indptr.copy()
+    write_bow(tmp_path / "d.txt", XMCData(x, sp.csr_matrix(np.eye(2, 3))))
+    assert all(np.array_equal(a, b) for a, b in zip((data, indices, indptr), saved, strict=True))
+    assert read_bow(tmp_path / "d.txt").features.toarray().tolist() == [[1, 0, 4, 0], [0, 5, 0, 0]]
+    half = np.array([[0.1, 0.0], [0.0, 65504.0]], dtype=np.float16)
+    write_bow(tmp_path / "h.txt", XMCData(half, sp.csr_matrix(np.eye(2))))
+    assert np.array_equal(read_bow(tmp_path / "h.txt").features.toarray(), half.astype(np.float32))
+
+
+def test_texts_must_match_the_rows():
+    y = sp.csr_matrix(np.eye(2))
+    for texts in (["header", "a", "b"], ["a"]):
+        with pytest.raises(ValueError, match="texts must hold one text per row"):
+            XMCData(np.zeros((2, 1), np.float32), y, texts)
+
+
 def test_compressed_files_read_as_they_are(tmp_path):
     text = "2 4 3\n0,2 3:0.5 1:1\n 0:2\n"
     (tmp_path / "d.txt").write_text(text)
