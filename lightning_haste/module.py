@@ -615,16 +615,7 @@ class HasteXMCModule:
         # checkpoint restores the scheduler's step and the optimizers' learning rates, so the multiplier of this
         # first call is overwritten anyway; the count is read at the scheduler's next step.
         total: Optional[int] = None if trainer is not None and trainer.ckpt_path is not None else self._training_steps()
-
-        def multiplier(step: int) -> float:
-            nonlocal total
-            if total is None:
-                if step == 0:
-                    return 1.0
-                total = self._training_steps()
-            return lr_multiplier(step, total=total, warmup=warmup, schedule=schedule)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        scheduler = _StepScheduler(optimizer, _StepMultiplier(self, total, warmup, schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _training_steps(self) -> int:
@@ -640,6 +631,32 @@ class HasteXMCModule:
                 )
             return 1
         return max(1, int(total))
+
+
+class _StepMultiplier:
+    """The learning-rate multiplier of a step (:func:`lr_multiplier`), with the training's step count read from the
+    module's trainer when first needed where it was not known when the scheduler was made (a resumed fit). An object,
+    not a closure: ``ddp_spawn`` pickles the trainer's schedulers."""
+
+    def __init__(self, module: HasteXMCModule, total: Optional[int], warmup: float, schedule: str) -> None:
+        self.module, self.total, self.warmup, self.schedule = module, total, warmup, schedule
+
+    def __call__(self, step: int) -> float:
+        if self.total is None:
+            if step == 0:  # the scheduler's construction: the checkpoint's restore overwrites this rate
+                return 1.0
+            self.total = self.module._training_steps()
+        return lr_multiplier(step, total=self.total, warmup=self.warmup, schedule=self.schedule)
+
+
+class _StepScheduler(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose state leaves its multiplier out (``LambdaLR`` saves a callable object's attributes: here
+    the module itself); the multiplier is rebuilt by ``configure_optimizers``."""
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["lr_lambdas"] = [None] * len(self.lr_lambdas)
+        return state
 
 
 def lr_multiplier(step: int, *, total: int, warmup: float, schedule: str) -> float:

@@ -66,6 +66,10 @@ class TopKPredictionWriter(BasePredictionWriter):
         return self.stem.parent / f".{self.stem.name}.parts" / f"rank{rank}"
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        # checked before any batch runs: the label count checks every batch's ids and sizes the merged matrix
+        if not isinstance(getattr(getattr(pl_module, "output", None), "num_labels", None), int):
+            raise TypeError("TopKPredictionWriter needs the module's output layer (`output.num_labels`, as "
+                            f"HasteXMCModule has it); {type(pl_module).__name__} has none")
         parts = self._parts(trainer.global_rank)
         if parts.exists():
             shutil.rmtree(parts)
@@ -75,8 +79,12 @@ class TopKPredictionWriter(BasePredictionWriter):
         self._score_dtype = None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        num_labels = getattr(getattr(pl_module, "output", None), "num_labels", None)
-        scores, ids = _checked_prediction(prediction, num_labels)
+        if dataloader_idx:
+            # each loader numbers its rows from 0: merged into one matrix, a second loader's rows would overwrite the
+            # first's
+            raise ValueError("TopKPredictionWriter writes the rows of one predict dataloader; got a batch of "
+                             f"dataloader {dataloader_idx}: predict each with its own trainer.predict and writer")
+        scores, ids = _checked_prediction(prediction, int(pl_module.output.num_labels))
         # every check before anything is written: a bad batch leaves the part files as they were
         if self._k is None:
             self._k = int(ids.shape[1])

@@ -115,6 +115,29 @@ def test_writer_rejects_ids_that_would_make_a_corrupt_matrix(tmp_path, ids, erro
     assert not (tmp_path / "p.npz").exists() and not (tmp_path / "p.txt").exists()
 
 
+class _TwoLoaders(_Fixed):
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return self.scores, self.ids
+
+
+def test_writer_refuses_a_second_dataloader_and_a_module_without_an_output(tmp_path):
+    # a second loader's rows (numbered from 0 again) would overwrite the first's; without output.num_labels the
+    # ids cannot be checked: both refused before anything is written
+    scores, ids = torch.randn(2, 2), torch.tensor([[0, 1], [2, 3]])
+    loaders = [torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=2) for _ in range(2)]
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                      callbacks=[TopKPredictionWriter(tmp_path / "p")])
+    with pytest.raises(ValueError, match="dataloader 1"):
+        trainer.predict(_TwoLoaders(scores, ids), loaders, return_predictions=False)
+    plain = _Fixed(scores, ids)
+    del plain.output
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                      callbacks=[TopKPredictionWriter(tmp_path / "q")])
+    with pytest.raises(TypeError, match="output.num_labels"):
+        trainer.predict(plain, loaders[0], return_predictions=False)
+    assert not any(tmp_path.glob("*.npz")) and not (tmp_path / ".q.parts").exists()
+
+
 def test_writer_rejects_integer_scores(tmp_path):
     with pytest.raises(TypeError, match="floating"):
         _predict(tmp_path, torch.tensor([[2, 1]]), torch.tensor([[0, 1]]))
