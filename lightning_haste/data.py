@@ -802,8 +802,10 @@ class XMCDataModule(LightningDataModule):
     @classmethod
     def from_bow_directory(cls, directory: Union[str, os.PathLike], **kwargs: Any) -> XMCDataModule:
         """A repository data set folder with ``train.txt`` and ``test.txt`` in the bag-of-words format (and
-        optionally ``filter_labels_test.txt``)."""
-        return BowXMCDataModule(str(directory), **kwargs)
+        optionally ``filter_labels_test.txt``); ``kwargs`` are :class:`XMCDataModule`'s (the files are read in
+        float64 for ``features_dtype=torch.float64``)."""
+        train, test = _read_bow_directory(Path(directory), kwargs.get("features_dtype", torch.float32))
+        return cls(train, test=test, **kwargs)
 
     # properties the model reads in setup
     @property
@@ -909,13 +911,25 @@ class BowXMCDataModule(XMCDataModule):
     DataModule with plain arguments (for the CLI)."""
 
     def __init__(self, directory: str, batch_size: int = 256, sparse_features: bool = False, num_workers: int = 0,
-                 val_fraction: float = 0.1):
-        directory_path = Path(directory)
-        if not directory_path.is_dir():
-            raise FileNotFoundError(f"data directory {str(directory_path)!r} does not exist (expected train.txt and "
-                                    "test.txt in it)")
-        train, test = read_bow(directory_path / "train.txt"), read_bow(directory_path / "test.txt")
-        if (directory_path / "filter_labels_test.txt").exists():
-            test = XMCData(test.features, read_filter_labels(directory_path / "filter_labels_test.txt", test.labels))
+                 val_fraction: float = 0.1, val_seed: int = 0, shuffle: bool = True, shuffle_seed: Optional[int] = None,
+                 features_dtype: str = "float32"):
+        dtypes = {"float32": torch.float32, "float64": torch.float64}
+        if features_dtype not in dtypes:
+            raise ValueError(f"features_dtype must be 'float32' or 'float64', got {features_dtype!r}")
+        train, test = _read_bow_directory(Path(directory), dtypes[features_dtype])
         super().__init__(train, test=test, batch_size=batch_size, sparse_features=sparse_features,
-                         num_workers=num_workers, val_fraction=val_fraction)
+                         num_workers=num_workers, val_fraction=val_fraction, val_seed=val_seed, shuffle=shuffle,
+                         shuffle_seed=shuffle_seed, features_dtype=dtypes[features_dtype])
+
+
+def _read_bow_directory(directory: Path, features_dtype: torch.dtype) -> tuple[XMCData, XMCData]:
+    """``(train, test)`` of a repository data set folder, the test labels filtered by ``filter_labels_test.txt``
+    where it exists."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"data directory {str(directory)!r} does not exist (expected train.txt and test.txt "
+                                "in it)")
+    dtype = np.float64 if features_dtype == torch.float64 else np.float32
+    train, test = read_bow(directory / "train.txt", dtype=dtype), read_bow(directory / "test.txt", dtype=dtype)
+    if (directory / "filter_labels_test.txt").exists():
+        test = XMCData(test.features, read_filter_labels(directory / "filter_labels_test.txt", test.labels))
+    return train, test

@@ -187,6 +187,29 @@ def test_bow_directory_trains(tmp_path):
     _trainer(max_steps=10).fit(model, dm)
 
 
+def test_bow_directory_takes_the_datamodule_arguments(tmp_path):
+    # every XMCDataModule argument through from_bow_directory (float64 files read in float64), and the CLI's
+    # plain-argument module with the same settings gives the same split and batches
+    from lightning_haste.data import BowXMCDataModule  # noqa: PLC0415
+
+    gen = np.random.default_rng(6)
+    train = XMCData(gen.standard_normal((50, 6)) * 1e-3 + 1.0, sp.csr_matrix(gen.random((50, 9)) < 0.3))
+    write_bow(tmp_path / "train.txt", train)
+    write_bow(tmp_path / "test.txt", train)
+    settings = dict(batch_size=8, val_fraction=0.2, val_seed=3, shuffle_seed=5)
+    dm = XMCDataModule.from_bow_directory(tmp_path, features_dtype=torch.float64, **settings)
+    cli = BowXMCDataModule(str(tmp_path), features_dtype="float64", **settings)
+    for module in (dm, cli):
+        module.setup("fit")
+    batch, same = next(iter(dm.train_dataloader())), next(iter(cli.train_dataloader()))
+    assert batch["features"].dtype == torch.float64 and torch.equal(batch["features"], same["features"])
+    rows = batch["index"].numpy()
+    assert np.array_equal(batch["features"].numpy(), dm.train_data.features[rows].toarray())
+    assert dm.train_data.features.dtype == np.float64 and len(dm.val_data) == 10
+    with pytest.raises(ValueError, match="features_dtype"):
+        BowXMCDataModule(str(tmp_path), features_dtype="float16")
+
+
 class TextModel(HasteXMCModule, LightningModule):
     """A small text encoder: hashed tokens -> EmbeddingBag -> ReLU."""
 
