@@ -65,19 +65,13 @@ def check_label_ids(labels: Any, num_labels: int, *, name: str = "labels", what:
         raise TypeError(f"{name} must be an integer tensor (integers: {what}), got dtype {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
-    if labels.dtype in _UNSIGNED_WIDE:
-        # torch has no min/max for these: the range is checked in float64 (exact below 2^53; anything larger is out
-        # of range however it rounds), then the ids are int64
-        wide = labels.to(torch.float64)
-        if labels.numel() and float(wide.max()) >= num_labels:
-            raise ValueError(f"{name} must lie in [0, {num_labels}) ({bound_name}), found values in "
-                             f"[{float(wide.min()):.0f}, {float(wide.max()):.0f}]")
-        labels = labels.to(torch.long)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise ValueError(
-            f"{name} must lie in [0, {num_labels}) ({bound_name}), found values in "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
+    if labels.numel():
+        # torch has no min/max for the wide unsigned dtypes: their range is read in float64 (exact below 2^53;
+        # anything larger is out of range however it rounds)
+        ranged = labels.to(torch.float64) if labels.dtype in _UNSIGNED_WIDE else labels
+        low, high = int(ranged.min()), int(ranged.max())
+        if low < 0 or high >= num_labels:
+            raise ValueError(f"{name} must lie in [0, {num_labels}) ({bound_name}), found values in [{low}, {high}]")
     return labels.to(torch.long)
 
 
